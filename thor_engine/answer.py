@@ -166,14 +166,6 @@ def _brace_args(s: str, command: str, n_args: int) -> str:
     out: list[str] = []
     i = 0
     while (j := s.find(command, i)) >= 0:
-        i = j + len(command)
-        out.append(s[j - (j - len("".join(out)) if False else 0) : 0])  # no-op keeps types simple
-        out[-1] = s[len_done(out) if False else 0 : 0]
-        break
-    # A simple, explicit scanner (the loop above is intentionally not used).
-    out = []
-    i = 0
-    while (j := s.find(command, i)) >= 0:
         out.append(s[i:j] + command)
         i = j + len(command)
         if i < len(s) and s[i].isalpha():  # a longer control word, e.g. \fracx
@@ -187,49 +179,46 @@ def _brace_args(s: str, command: str, n_args: int) -> str:
     return "".join(out)
 
 
-def _scan_depth(s: str) -> list[tuple[int, int, str]]:
-    """(index, depth before the character, character) for unescaped top-level scanning."""
-    items: list[tuple[int, int, str]] = []
+def _split_top_level(s: str) -> list[str] | None:
+    """Split at commas outside any bracket; None if the brackets do not balance.
+
+    Any of ``( [ { \\{`` opens and any of ``) ] } \\}`` closes, so half-open intervals
+    like ``[1,2)`` count as balanced.
+    """
+    parts: list[str] = []
     depth = 0
+    start = 0
     i = 0
     while i < len(s):
         c = s[i]
+        step = 1
         if c == "\\":
-            nxt = s[i + 1 : i + 2]
-            items.append((i, depth, "\\" + nxt))
-            depth += {"{": 1, "}": -1}.get(nxt, 0)
-            i += 2
-            continue
-        items.append((i, depth, c))
-        if c in "([{":
+            c = s[i : i + 2]
+            step = 2
+        if c in ("(", "[", "{", "\\{"):
             depth += 1
-        elif c in ")]}":
+        elif c in (")", "]", "}", "\\}"):
             depth -= 1
-        i += 1
-    return items
+            if depth < 0:
+                return None
+        elif c == "," and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+        i += step
+    if depth != 0:
+        return None
+    parts.append(s[start:])
+    return parts
 
 
 def _canonical_set(s: str) -> str:
-    """Sort the elements of a whole-string set ``\\{a,b\\}`` so order does not matter."""
-    if not (s.startswith("\\{") and s.endswith("\\}")) or len(s) < 4:
+    """Sort the elements of a whole-string set ``\\{b,a\\}``: sets are unordered."""
+    if len(s) < 4 or not (s.startswith("\\{") and s.endswith("\\}")):
         return s
-    inner = s[2:-2]
-    scan = _scan_depth(inner)
-    if any(depth < 0 for _, depth, _ in scan) or (scan and _final_depth(inner) != 0):
-        return s
-    cuts = [i for i, depth, c in scan if c == "," and depth == 0]
-    parts = [inner[a + 1 : b] for a, b in zip([-1, *cuts], [*cuts, len(inner)])]
-    if any(not p for p in parts):
+    parts = _split_top_level(s[2:-2])
+    if parts is None or not all(parts):
         return s
     return "\\{" + ",".join(sorted(parts)) + "\\}"
-
-
-def _final_depth(s: str) -> int:
-    scan = _scan_depth(s)
-    if not scan:
-        return 0
-    _, depth, c = scan[-1]
-    return depth + {"(": 1, "[": 1, "{": 1, "\\{": 1, ")": -1, "]": -1, "}": -1, "\\}": -1}.get(c, 0)
 
 
 def _strip_assignment(s: str) -> str:

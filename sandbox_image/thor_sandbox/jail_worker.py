@@ -130,6 +130,7 @@ def _child(req: dict, stdin_fd: int, out_w: int, err_w: int, base_vm: int) -> No
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.chdir(TMP)
         sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8", errors="replace")
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace")
@@ -304,6 +305,9 @@ def main() -> None:
     os.close(devnull)
     for fd in (rfd, wfd):
         os.set_inheritable(fd, False)
+    # As PID 1 we only receive in-namespace signals we handle: handle none (Python
+    # installs a SIGINT handler by default; drop it so a snippet cannot kill us).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     # Not dumpable: a same-uid snippet cannot open /proc/1/fd/* or /proc/1/mem.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 

@@ -1,0 +1,27 @@
+"""Shared fixtures: real services started once per test session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.sandbox_service import SandboxService, run_sandbox
+
+CANARY = "thor-canary-7f3a9c"
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[SandboxService]:
+    """The sandbox service as `make sandbox` runs it (2 workers), with a canary secret in its env."""
+    with run_sandbox({"THOR_CANARY_SECRET": CANARY, "THOR_SANDBOX_DEFAULT_TIMEOUT_S": "5"}) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="session")
+def sandbox_one() -> Iterator[SandboxService]:
+    """A one-worker sandbox, so a snippet's successor is known to run on the same worker."""
+    with run_sandbox(
+        {"THOR_CANARY_SECRET": CANARY, "THOR_SANDBOX_POOL_SIZE": "1", "THOR_SANDBOX_DEFAULT_TIMEOUT_S": "3"}
+    ) as svc:
+        yield svc
