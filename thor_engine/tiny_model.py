@@ -34,8 +34,10 @@ TINY_SPEC: dict[str, int | float | bool] = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    # vLLM's CPU attention supports head sizes 32, 64, 80, ... (not 16).
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
     "max_position_embeddings": 32768,
     "tie_word_embeddings": True,
     "initializer_range": 0.5,
@@ -79,9 +81,6 @@ def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, force: bool = Fal
     its tokenizer, chat template, generation config and special token ids are reused,
     and the vocabulary size matches its ``config.json`` (or the tokenizer length).
     """
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
     out_dir, tokenizer_source = Path(out_dir), Path(tokenizer_source)
     if not (tokenizer_source / "tokenizer.json").is_file() and not (
         tokenizer_source / "tokenizer_config.json"
@@ -90,6 +89,9 @@ def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, force: bool = Fal
     fp = _fingerprint(tokenizer_source)
     if not force and _is_complete(out_dir, fp):
         return out_dir
+
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_source)
     src_cfg: dict = {}
@@ -100,10 +102,8 @@ def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, force: bool = Fal
 
     spec = dict(TINY_SPEC)
     seed = int(spec.pop("seed"))
-    hidden, heads = int(spec["hidden_size"]), int(spec["num_attention_heads"])
     config = Qwen2Config(
         vocab_size=vocab,
-        head_dim=hidden // heads,
         bos_token_id=src_cfg.get("bos_token_id", tok.bos_token_id),
         eos_token_id=src_cfg.get("eos_token_id", tok.eos_token_id),
         pad_token_id=src_cfg.get("pad_token_id", tok.pad_token_id),

@@ -59,6 +59,8 @@ def _describe_validation(exc: RequestValidationError) -> str:
         if err.get("type") == "json_invalid":
             msg = f"request body is not valid JSON ({err.get('ctx', {}).get('error', msg)})"
             loc = "body"
+        if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
+            msg, loc = "request body is empty: send a JSON object", "body"
         parts.append(f"{loc}: {msg.removeprefix('Value error, ')}")
     return "; ".join(parts)
 

