@@ -55,7 +55,7 @@ __all__ = [
 #: Written last into a finished model directory; its presence means "complete".
 MARKER = ".thor-provisioned.json"
 #: Bump when the conversion changes in a way that should rebuild existing directories.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 Log = Callable[[str], None]
 
@@ -330,6 +330,7 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, log: Log = print) -> Path
     log(f"saving bf16 safetensors ({arch}, tie_word_embeddings={tied}) to {out_dir}")
     plain.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
+    _tidy_tokenizer_config(out_dir, int(getattr(config, "max_position_embeddings", 0) or 0))
     # Token ids only: sampling defaults belong to the server, not to the checkpoint
     # (vLLM would otherwise apply them as default sampling parameters).
     eos = [tok.eos_token_id]
@@ -348,6 +349,20 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, log: Log = print) -> Path
     if not (out_dir / "chat_template.jinja").exists():
         (out_dir / "chat_template.jinja").write_text(tok.chat_template)
     return out_dir
+
+
+def _tidy_tokenizer_config(out_dir: Path, max_len: int) -> None:
+    """Make tokenizer_config.json portable: drop load-time keys transformers 5 writes,
+    name a class older transformers know, and bound model_max_length."""
+    path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    for key in ("is_local", "local_files_only"):
+        cfg.pop(key, None)
+    if cfg.get("tokenizer_class") in (None, "TokenizersBackend"):
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if max_len > 0:
+        cfg["model_max_length"] = max_len
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------- entry points

@@ -48,7 +48,10 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
 
 
 def _bind_sockets(settings: SandboxSettings) -> list[socket.socket]:
-    tcp = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose
+    # proto says TCP; without it Nagle + delayed ACK add ~40 ms to every response.
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    tcp = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     tcp.bind((settings.host, settings.port))
     socks = [tcp]

@@ -23,6 +23,7 @@ Standard library only; runs on the jail's Python.
 
 import ast
 import ctypes
+import gc
 import io
 import json
 import linecache
@@ -318,6 +319,10 @@ def main() -> None:
             __import__(name)
         except Exception as exc:  # noqa: BLE001 - reported to the service, which logs it
             failed.append(f"{name}: {exc}")
+    # Move everything imported so far out of the collector's reach: a child's GC then
+    # never touches (and copy-on-write faults) the preloaded heap.
+    gc.collect()
+    gc.freeze()
     base_vm = _vm_size_bytes()
     _send(wfd, {"ready": True, "preload_s": time.monotonic() - t0, "preload_failed": failed,
                 "pid": os.getpid(), "uid": os.getuid(), "vm_bytes": base_vm})

