@@ -1,0 +1,75 @@
+"""The generation backend protocol the decoder drives, and its value types.
+
+Owns: the small interface between the tool-integrated decoder and a token
+generator: one streaming generation request from a list of prompt token ids,
+with stop strings, returning new token ids and their text as they arrive.
+vLLM's AsyncLLMEngine (backends/vllm_backend.py) is the production backend; a
+scripted backend (backends/scripted.py) replays fixed text for deterministic
+unit tests of the decoder loop and is never a default.
+
+Does not own: the TIR loop (decoder.py), tokenisation of observations
+(the decoder uses the backend's tokenizer), or HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Sampling parameters of one generation request (a subset of vLLM's SamplingParams)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    # Stop strings are kept in the output: the decoder needs the closing fence's tokens.
+    include_stop_str_in_output: bool = True
+    logprobs: int | None = None
+
+
+@dataclass
+class GenChunk:
+    """New output of a running generation request (a delta, not cumulative)."""
+
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    # "stop" (EOS or a stop string), "length" (max_tokens) or "abort".
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    # The stop string that ended generation, or None for EOS / not finished.
+    stop_reason: str | int | None = None
+    # Prompt tokens served from the prefix cache (reported once, on the first chunk).
+    num_cached_tokens: int | None = None
+    logprobs: list[dict[int, Any]] | None = field(default=None)
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """What the decoder needs from an inference engine."""
+
+    @property
+    def tokenizer(self) -> Any:
+        """A Hugging Face tokenizer for the served model (encode/decode/chat template)."""
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + generation the engine accepts, in tokens."""
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Token ids that end generation."""
+
+    def generate(self, prompt_token_ids: list[int], params: GenParams, request_id: str) -> AsyncIterator[GenChunk]:
+        """Stream one generation request. Closing the iterator early aborts the request."""
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a running request (no-op if it already finished)."""
+
+    async def num_unfinished_requests(self) -> int:
+        """Requests the engine is still working on (0 when idle): used to verify aborts."""

@@ -1,0 +1,98 @@
+"""THOR decoding options: one typed, validated configuration object per request.
+
+Owns: every knob of the tool-integrated loop with the reference defaults of the
+THOR paper's code (tool budget 10, self-correction with 4 retries and a 500-token
+backtrack, 256-character observation truncation, the empty-observation message)
+and our product defaults (the `notebook` observation profile). The server maps
+its `thor` request field onto this; the trainer builds it directly.
+
+Does not own: sampling parameters (`SamplingOptions` below is only carried
+through), engine arguments, or the sandbox's own limits.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: The reference code's observation when a failed call left no output at all.
+REFERENCE_EMPTY_OBSERVATION = "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'"
+#: The reference code's text that closes an over-budget thinking block.
+THINKING_CUT_TEXT = (
+    "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now."
+    "\n</think>\n\n"
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ObservationConfig(_Strict):
+    """How a sandbox result becomes the text injected after a code block."""
+
+    profile: Literal["notebook", "reference"] = Field(
+        default="notebook",
+        description="reference: THOR's rules exactly. notebook: the same rules, but the sandbox echoes the value "
+        "of a trailing expression (like a notebook cell), so `123 * 457` without print() still yields 56211.",
+    )
+    max_chars: int = Field(default=256, ge=16, description="Observations this long or longer are shortened...")
+    keep_head: int = Field(default=128, ge=0, description="...to their first keep_head characters + '...' + ...")
+    keep_tail: int = Field(default=128, ge=0, description="...their last keep_tail characters.")
+    empty_message: str = Field(default=REFERENCE_EMPTY_OBSERVATION, description="Observation of a failure with no output.")
+    require_stdout: bool = Field(default=True, description="A call that prints nothing counts as failed (reference rule).")
+    timeout_s: float = Field(default=10.0, gt=0, le=300, description="Wall-clock limit of one code execution.")
+
+
+class SelfCorrectionConfig(_Strict):
+    """Backtrack and resample when a tool call fails (THOR's inference-time self-correction)."""
+
+    enabled: bool = True
+    mode: Literal["tokens", "step"] = Field(
+        default="tokens",
+        description="tokens: drop backtrack_tokens tokens before the failed code block (reference). step: go back "
+        "to the start of the reasoning step (paragraph) that led to the failed code.",
+    )
+    backtrack_tokens: int = Field(default=500, ge=0)
+    max_retries: int = Field(default=4, ge=0, description="Consecutive resamples allowed for one call.")
+    retries_consume_budget: bool = Field(default=True, description="Failed, retried calls count against max_tool_calls.")
+    retry_temperature: float = Field(
+        default=0.7, ge=0, le=2,
+        description="Temperature for resampling when the request itself is greedy (temperature 0 would only "
+        "reproduce the same failure).",
+    )
+
+
+class ThorConfig(_Strict):
+    """Options of one tool-integrated generation."""
+
+    max_tool_calls: int = Field(default=10, ge=0, description="Executions allowed per trajectory (reference: 10).")
+    on_tool_budget: Literal["continue", "stop"] = Field(
+        default="continue",
+        description="When the budget is spent: continue to EOS without executing (reference) or stop the "
+        "trajectory with finish_reason 'tool_budget' at the next code block.",
+    )
+    stop_on_tool_error: bool = Field(
+        default=False, description="End the trajectory at the first failed call that is committed (RL rollouts)."
+    )
+    observation: ObservationConfig = ObservationConfig()
+    self_correction: SelfCorrectionConfig = SelfCorrectionConfig()
+    thinking_budget: int | None = Field(
+        default=None, ge=1, description="Reasoning models: tokens allowed inside <think> before it is cut."
+    )
+    thinking_cut_text: str = THINKING_CUT_TEXT
+    code_languages: tuple[str, ...] = Field(
+        default=("python", "py", "python3", "py3"), description="Fence info strings that mark executable code."
+    )
+
+
+class SamplingOptions(_Strict):
+    """Sampling parameters carried through to every generation request of a trajectory."""
+
+    max_tokens: int | None = Field(default=None, ge=1, description="New tokens over the whole trajectory.")
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=-1, ge=-1)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()

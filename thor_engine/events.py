@@ -1,0 +1,113 @@
+"""Typed events of a tool-integrated generation: the one interface for server and trainer.
+
+Owns: the event types a trajectory emits while it runs, in order:
+`TextDelta` (model text, tagged reasoning or answer), `CodeBlock` (a complete block
+about to run), `ToolCall` (its result and observation), `Backtrack` (a failed call
+discarded by self-correction), `Final` (answer, finish reason, usage, tool
+statistics and the token-level trajectory), and `Vote` (majority over n samples).
+Every event carries `sample` (0..n-1). All are pydantic models, so they serialise
+to JSON as they are (`python -m thor_engine --json`).
+
+Does not own: producing them (decoder.py) or presenting them (server/).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class FinishReason(str, Enum):
+    stop = "stop"  # the model ended (EOS or a user stop string)
+    length = "length"  # max_tokens (new tokens over the whole trajectory) reached
+    context_length = "context_length"  # the model's context window is full
+    tool_budget = "tool_budget"  # a code block past max_tool_calls with on_tool_budget=stop
+    tool_error = "tool_error"  # a committed failed call with stop_on_tool_error
+    aborted = "aborted"  # the consumer went away
+
+
+class _Event(BaseModel):
+    sample: int = 0
+
+
+class TextDelta(_Event):
+    type: Literal["text"] = "text"
+    text: str
+    channel: Literal["reasoning", "answer"]
+
+
+class CodeBlock(_Event):
+    type: Literal["code"] = "code"
+    call: int = Field(description="Index of this execution in the trajectory (0-based, retries included).")
+    attempt: int = Field(description="0 for a first try, k for the k-th resample after failures.")
+    language: str
+    code: str
+
+
+class ToolCall(_Event):
+    type: Literal["tool_result"] = "tool_result"
+    call: int
+    attempt: int
+    ok: bool
+    outcome: str
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    observation: str
+    duration_s: float
+    cached: bool = False
+    committed: bool = Field(description="False when self-correction discards this call and resamples.")
+
+
+class Backtrack(_Event):
+    type: Literal["backtrack"] = "backtrack"
+    call: int
+    attempt: int = Field(description="The resample about to start (1 = first retry).")
+    reason: str
+    mode: Literal["tokens", "step"]
+    tokens_dropped: int
+    chars_retracted: int = Field(description="Characters of already-streamed text this backtrack takes back.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = Field(description="Tokens after the prompt in the final trajectory (model + observations).")
+    model_tokens: int
+    observation_tokens: int
+    injected_tokens: int
+    discarded_tokens: int = Field(description="Generated tokens thrown away by backtracks.")
+    generated_tokens: int = Field(description="All tokens the engine generated, discarded ones included.")
+    cached_prompt_tokens: int = Field(description="Prompt tokens of continuation requests served from the prefix cache.")
+    prefilled_prompt_tokens: int = Field(description="Prompt tokens of continuation requests the engine prefilled.")
+    engine_requests: int
+
+
+class ToolStats(BaseModel):
+    calls: int = 0
+    ok: int = 0
+    failed: int = 0
+    committed: int = 0
+    backtracks: int = 0
+    duration_s: float = 0.0
+
+
+class Final(_Event):
+    type: Literal["final"] = "final"
+    text: str = Field(description="The whole completion: reasoning, code, outputs, answer.")
+    answer_text: str = Field(description="Text after the last tool output (or after </think>).")
+    answer: str | None = Field(description="Content of the last \\boxed{} in the completion.")
+    finish_reason: FinishReason
+    usage: Usage
+    tools: ToolStats
+    trajectory: dict | None = Field(default=None, description="Token ids and segment kinds (Trajectory.to_dict()).")
+
+
+class Vote(BaseModel):
+    type: Literal["vote"] = "vote"
+    answer: str | None
+    counts: dict[str, int]
+
+
+Event = TextDelta | CodeBlock | ToolCall | Backtrack | Final | Vote

@@ -1,0 +1,112 @@
+"""A token-level trajectory: token ids with a segment kind per token.
+
+Owns: the exact token sequence of one tool-integrated trajectory (prompt, model
+text, injected observations, injected control text) and the operations the
+decoder needs (append, truncate at a boundary that never crosses a protected
+segment) plus the views the trainer and server need (loss mask, per-kind counts,
+text by kind). Text is always obtained by decoding these tokens; accumulated text
+is never re-tokenised.
+
+Does not own: generation, execution, or formatting of observations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class SegmentKind(str, Enum):
+    prompt = "prompt"  # the rendered request (chat template, system, user)
+    model = "model"  # sampled by the model: trained on
+    observation = "observation"  # tool output injected by the decoder: masked from the loss
+    injected = "injected"  # control text the decoder inserts (e.g. the thinking-budget cut)
+
+
+@dataclass
+class Segment:
+    kind: SegmentKind
+    token_ids: list[int]
+
+
+@dataclass
+class Trajectory:
+    """Token ids with one `SegmentKind` per token, kept as a list of runs."""
+
+    segments: list[Segment] = field(default_factory=list)
+    # Index (in tokens) below which nothing may be removed: the end of the prompt or
+    # of the latest committed observation. Backtracks never cross it.
+    protected: int = 0
+
+    @classmethod
+    def from_prompt(cls, prompt_ids: list[int]) -> Trajectory:
+        t = cls()
+        t.append(prompt_ids, SegmentKind.prompt)
+        t.protect()
+        return t
+
+    def __len__(self) -> int:
+        return sum(len(s.token_ids) for s in self.segments)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for s in self.segments for t in s.token_ids]
+
+    @property
+    def kinds(self) -> list[SegmentKind]:
+        return [s.kind for s in self.segments for _ in s.token_ids]
+
+    def append(self, token_ids: list[int], kind: SegmentKind) -> None:
+        if not token_ids:
+            return
+        if self.segments and self.segments[-1].kind is kind:
+            self.segments[-1].token_ids.extend(token_ids)
+        else:
+            self.segments.append(Segment(kind, list(token_ids)))
+
+    def protect(self) -> None:
+        """Mark everything so far as committed: later truncations stop here."""
+        self.protected = len(self)
+
+    def truncate(self, length: int) -> list[int]:
+        """Drop tokens from the end so that `length` remain; return the dropped ids.
+
+        Raises ValueError when that would cut into the protected prefix.
+        """
+        if length < self.protected:
+            raise ValueError(f"cannot truncate to {length}: tokens below {self.protected} are committed")
+        dropped: list[int] = []
+        excess = len(self) - length
+        while excess > 0 and self.segments:
+            seg = self.segments[-1]
+            if len(seg.token_ids) <= excess:
+                dropped[:0] = seg.token_ids
+                excess -= len(seg.token_ids)
+                self.segments.pop()
+            else:
+                dropped[:0] = seg.token_ids[-excess:]
+                del seg.token_ids[-excess:]
+                excess = 0
+        return dropped
+
+    def count(self, kind: SegmentKind) -> int:
+        return sum(len(s.token_ids) for s in self.segments if s.kind is kind)
+
+    def loss_mask(self) -> list[int]:
+        """1 for tokens the model generated (trained on), 0 for prompt, observations, injections."""
+        return [1 if k is SegmentKind.model else 0 for k in self.kinds]
+
+    def completion_segments(self) -> list[Segment]:
+        """Everything after the prompt."""
+        return [s for s in self.segments if s.kind is not SegmentKind.prompt]
+
+    def text(self, tokenizer: Any, *, include_prompt: bool = False) -> str:
+        segs = self.segments if include_prompt else self.completion_segments()
+        return "".join(tokenizer.decode(s.token_ids, skip_special_tokens=False) for s in segs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "segments": [{"kind": s.kind.value, "token_ids": s.token_ids} for s in self.segments],
+            "protected": self.protected,
+        }
