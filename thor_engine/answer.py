@@ -38,6 +38,7 @@ __all__ = [
     "extract_boxed",
     "majority_vote",
     "normalize_answer",
+    "MAX_ANSWER_CHARS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ def extract_boxed(text: str) -> str | None:
 
 # ------------------------------------------------------------------------ normalisation
 
+MAX_ANSWER_CHARS = 2000
+"""Longer answers are not normalised (see :func:`normalize_answer`)."""
+
 # Unit words dropped from answers. Inside \text{...} any of them goes; as plain text only
 # the multi-letter ones, and only after "<digit><space>", since "5m" may be a product.
 _UNITS = (
@@ -109,14 +113,17 @@ _UNITS = (
     "degree|degrees|deg|radian|radians|dollar|dollars|cent|cents|"
     "unit|units|square units|sq units|sq\\.? ?units|cubic units|percent|%"
 )
+# Commands whose argument is read as plain text; only the upright ones can hold a unit
+# (\mathbf{m} is a vector, not metres).
 _TEXT_CMDS = r"\\(?:text|textrm|textbf|textit|textup|texttt|textnormal|mathrm|mathbf|mathit|mbox)"
+_UNIT_CMDS = r"\\(?:text|textrm|textup|textnormal|mathrm|mbox)"
 _TEXT_UNIT_RE = re.compile(
-    _TEXT_CMDS + r"\s*\{\s*(?:" + _UNITS + r")\s*\}(?:\s*\^\s*\{?\s*[23]\s*\}?)?",
+    _UNIT_CMDS + r"\s*\{\s*(?:" + _UNITS + r")\s*\}(?:\s*\^\s*\{?\s*[23]\s*\}?)?",
     re.IGNORECASE,
 )
 _TEXT_WRAP_RE = re.compile(_TEXT_CMDS + r"\s*\{([^{}]*)\}")
 _PLAIN_UNIT_RE = re.compile(
-    r"(?<=[\d}])\s+(?:" + "|".join(u for u in _UNITS.split("|") if len(u) > 2)
+    r"(?<=[\d}])\s+(?:" + "|".join(u for u in _UNITS.split("|") if len(u) > 1)
     + r")(?:\s*\^\s*\{?[23]\}?)?\s*\.?\s*$",
     re.IGNORECASE,
 )
@@ -239,7 +246,8 @@ def _strip_assignment(s: str) -> str:
 def normalize_answer(s: str) -> str:
     """Canonical string form of an answer; equal strings mean equal answers.
 
-    Applied in order (each step is conservative: it never merges different values):
+    Applied in order; each step only drops what does not change the value in the usual
+    reading of a competition answer:
 
     1. a ``\\boxed{...}`` inside the string is replaced by its content;
     2. math delimiters ``$``, ``\\(..\\)``, ``\\[..\\]`` and dollar signs ``\\$`` go;
@@ -267,8 +275,13 @@ def normalize_answer(s: str) -> str:
     12. a whole-string set ``\\{b,a\\}`` has its elements sorted (sets are unordered).
 
     Case is kept: ``A`` and ``a`` may be different variables.
+
+    Strings longer than :data:`MAX_ANSWER_CHARS` come back only stripped: a few steps
+    are quadratic in nesting depth, and no real final answer is that long.
     """
     s = s.strip()
+    if len(s) > MAX_ANSWER_CHARS:
+        return s
     boxed = extract_boxed(s)
     if boxed is not None:
         s = boxed.strip()
@@ -351,6 +364,8 @@ class _Worker:
             raise
 
     def kill(self) -> None:
+        # The pid comes from the warm-up; if that never answered, fall back to the
+        # executor's (private, long-stable) process table.
         pids = [self.pid] if self.pid else [p.pid for p in (self.executor._processes or {}).values()]
         for pid in pids:
             try:
@@ -374,7 +389,9 @@ class AnswerChecker:
     fresh worker is spawned on next use. Workers are created lazily, at most
     ``max_workers``; waiting for a free one is not counted in ``timeout``.
 
-    Thread-safe. Use as a context manager or call :meth:`close`.
+    Thread-safe. Use as a context manager or call :meth:`close`. Workers are spawned
+    (not forked), so a script using this needs the ``if __name__ == "__main__":`` guard;
+    without it the first worker fails to start and the call raises ``BrokenProcessPool``.
     """
 
     def __init__(self, max_workers: int = 2, startup_timeout: float = 120.0) -> None:
@@ -390,12 +407,11 @@ class AnswerChecker:
 
     def answers_match(self, pred: str, gold: str, timeout: float = 5.0) -> bool:
         """Whether ``pred`` equals ``gold``; False on timeout. Blocks up to ``timeout``."""
-        fast = self._fast_path(pred, gold)
-        if fast is not None:
-            return fast
         norm_pred, norm_gold = normalize_answer(pred), normalize_answer(gold)
+        if not norm_pred or not norm_gold or norm_pred == norm_gold:
+            return bool(norm_pred) and norm_pred == norm_gold
         pairs = [(norm_gold, norm_pred)]
-        raw_gold, raw_pred = _light_clean(gold), _light_clean(pred)
+        raw_pred, raw_gold = _light_clean(pred), _light_clean(gold)
         if (raw_gold, raw_pred) != (norm_gold, norm_pred):
             pairs.append((raw_gold, raw_pred))
         verdict = self._run_verify(pairs, timeout)
@@ -403,22 +419,25 @@ class AnswerChecker:
 
     async def answers_match_async(self, pred: str, gold: str, timeout: float = 5.0) -> bool:
         """:meth:`answers_match` without blocking the event loop."""
-        fast = self._fast_path(pred, gold)
-        if fast is not None:
-            return fast
+        norm_pred, norm_gold = normalize_answer(pred), normalize_answer(gold)
+        if not norm_pred or not norm_gold or norm_pred == norm_gold:
+            return bool(norm_pred) and norm_pred == norm_gold
         return await asyncio.to_thread(self.answers_match, pred, gold, timeout)
 
     def close(self) -> None:
         """Stop all worker processes. Idempotent; later calls to match raise RuntimeError."""
         with self._lock:
             self._closed = True
+        drained: list[_Worker | None] = []
         while True:
             try:
-                worker = self._slots.get_nowait()
+                drained.append(self._slots.get_nowait())
             except queue.Empty:
-                return
+                break
+        for worker in drained:
             if worker is not None:
                 worker.close()
+            self._slots.put(None)  # wakes any waiting caller, which then sees _closed
 
     def __enter__(self) -> AnswerChecker:
         return self
@@ -431,17 +450,13 @@ class AnswerChecker:
     ) -> None:
         self.close()
 
-    @staticmethod
-    def _fast_path(pred: str, gold: str) -> bool | None:
-        norm_pred, norm_gold = normalize_answer(pred), normalize_answer(gold)
-        if not norm_pred or not norm_gold:
-            return False
-        return True if norm_pred == norm_gold else None
-
     def _run_verify(self, pairs: list[tuple[str, str]], timeout: float) -> bool | None:
         worker = self._acquire()
         try:
-            future = worker.executor.submit(_verify_in_worker, pairs, max(1, math.ceil(timeout)))
+            # math-verify's own per-operation alarm (whole seconds) fires a little before
+            # the hard deadline when sympy is interruptible, which spares a respawn.
+            inner_seconds = max(1, math.floor(timeout * 0.8))
+            future = worker.executor.submit(_verify_in_worker, pairs, inner_seconds)
             return future.result(timeout=timeout)
         except (TimeoutError, BrokenProcessPool) as exc:
             logger.warning("answer check abandoned (%s); killing worker %s", type(exc).__name__, worker.pid)

