@@ -5,12 +5,15 @@ The equivalence table runs against the real math-verify in real worker processes
 
 from __future__ import annotations
 
+import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from thor_engine.answer import (
     AnswerChecker,
+    _verify_in_worker,
     answers_match,
     answers_match_async,
     extract_boxed,
@@ -136,6 +139,27 @@ def test_answers_match_table(checker: AnswerChecker, pred: str, gold: str, expec
     assert checker.answers_match(pred, gold) is expected
 
 
+@pytest.mark.parametrize(
+    ("pred", "gold", "expected"),
+    [
+        ("(1, 2)", "(1,2)", True),
+        (r"\sqrt 2", r"\sqrt{2}", True),
+        (r"\{2, 1\}", r"\{1,2\}", True),
+        ("[1, 2)", "[1,2)", True),
+        (r"\text{(B)}", "B", True),
+        ("(0,1)", "[0,1]", False),
+        ("(3, 1)", "(1,3)", False),
+    ],
+)
+def test_math_verify_path_without_normalisation(pred: str, gold: str, expected: bool) -> None:
+    """The reference verifier's failures, raw, straight through the worker function.
+
+    Bare, math-verify reads ``(1, 2)`` as ``2`` and ``(1,2)`` as nothing; wrapped in
+    ``$...$`` both are the same pair. (Runs in the main thread, where its alarms work.)
+    """
+    assert _verify_in_worker([(gold, pred)], 5) is expected
+
+
 def test_table_size() -> None:
     assert len(TABLE) >= 60 and len(UNEQUAL) >= 15
 
@@ -144,6 +168,18 @@ async def test_async_variant(checker: AnswerChecker) -> None:
     assert await checker.answers_match_async("1/2", "0.5") is True
     assert await checker.answers_match_async(r"\sqrt{2}", "2") is False
     assert await checker.answers_match_async("x = 3", "3") is True  # fast path
+
+
+def test_concurrent_threads_share_the_pool(checker: AnswerChecker) -> None:
+    cases = TABLE * 2
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda case: checker.answers_match(case[0], case[1]), cases))
+    assert results == [expected for _, _, expected in cases]
+
+
+async def test_concurrent_async_calls(checker: AnswerChecker) -> None:
+    results = await asyncio.gather(*(checker.answers_match_async(p, g) for p, g, _ in TABLE))
+    assert list(results) == [expected for _, _, expected in TABLE]
 
 
 def test_module_level_default_checker() -> None:

@@ -29,8 +29,10 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from types import TracebackType
+from typing import Self
 
 __all__ = [
+    "MAX_ANSWER_CHARS",
     "AnswerChecker",
     "answers_match",
     "answers_match_async",
@@ -38,7 +40,6 @@ __all__ = [
     "extract_boxed",
     "majority_vote",
     "normalize_answer",
-    "MAX_ANSWER_CHARS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,15 +124,14 @@ _TEXT_UNIT_RE = re.compile(
 )
 _TEXT_WRAP_RE = re.compile(_TEXT_CMDS + r"\s*\{([^{}]*)\}")
 _PLAIN_UNIT_RE = re.compile(
-    r"(?<=[\d}])\s+(?:" + "|".join(u for u in _UNITS.split("|") if len(u) > 1)
+    r"(?<=[\d}])\s+(?:"
+    + "|".join(u for u in _UNITS.split("|") if len(u) > 1)
     + r")(?:\s*\^\s*\{?[23]\}?)?\s*\.?\s*$",
     re.IGNORECASE,
 )
 # "\\" (a row break) is matched first so the "\\ " of a matrix is never read as "\ ".
 _SPACING_RE = re.compile(r"\\\\|\\[!,;: ]|\\q?quad(?![a-zA-Z])|~")
-_SIZING_RE = re.compile(
-    r"\\left\.|\\right\.|\\(?:left|right|[bB]igg?[lr]?|displaystyle)(?![a-zA-Z])"
-)
+_SIZING_RE = re.compile(r"\\left\.|\\right\.|\\(?:left|right|[bB]igg?[lr]?|displaystyle)(?![a-zA-Z])")
 _DEGREE_RE = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ(?![a-zA-Z])|°|\\degree(?![a-zA-Z])")
 _CTRL_SPACE_RE = re.compile(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])")
 _CHOICE_RE = re.compile(r"^\(?([A-Z])\)$")
@@ -366,7 +366,10 @@ class _Worker:
     def kill(self) -> None:
         # The pid comes from the warm-up; if that never answered, fall back to the
         # executor's (private, long-stable) process table.
-        pids = [self.pid] if self.pid else [p.pid for p in (self.executor._processes or {}).values()]
+        if self.pid is not None:
+            pids = [self.pid]
+        else:
+            pids = [p.pid for p in (self.executor._processes or {}).values() if p.pid is not None]
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -439,7 +442,7 @@ class AnswerChecker:
                 worker.close()
             self._slots.put(None)  # wakes any waiting caller, which then sees _closed
 
-    def __enter__(self) -> AnswerChecker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -452,6 +455,7 @@ class AnswerChecker:
 
     def _run_verify(self, pairs: list[tuple[str, str]], timeout: float) -> bool | None:
         worker = self._acquire()
+        returned: _Worker | None = worker  # what goes back to the pool
         try:
             # math-verify's own per-operation alarm (whole seconds) fires a little before
             # the hard deadline when sympy is interruptible, which spares a respawn.
@@ -461,12 +465,12 @@ class AnswerChecker:
         except (TimeoutError, BrokenProcessPool) as exc:
             logger.warning("answer check abandoned (%s); killing worker %s", type(exc).__name__, worker.pid)
             worker.kill()
-            worker = None
+            returned = None
             with self._lock:
                 self.worker_kills += 1
             return False
         finally:
-            self._release(worker)
+            self._release(returned)
 
     def _acquire(self) -> _Worker:
         worker = self._slots.get()
@@ -535,17 +539,13 @@ def majority_vote(answers: list[str | None]) -> str | None:
     ``1/2`` and ``0.5`` form two groups, ``\\frac12`` and ``1/2`` one). None and answers
     that normalise to "" are abstentions. Ties go to the group seen first.
     """
-    groups: dict[str, list] = {}  # normalised -> [count, first original]
+    counts: dict[str, int] = {}
+    first_spelling: dict[str, str] = {}
     for answer in answers:
-        if answer is None:
+        if answer is None or not (key := normalize_answer(answer)):
             continue
-        key = normalize_answer(answer)
-        if not key:
-            continue
-        if key in groups:
-            groups[key][0] += 1
-        else:
-            groups[key] = [1, answer]
-    if not groups:
+        counts[key] = counts.get(key, 0) + 1
+        first_spelling.setdefault(key, answer)
+    if not counts:
         return None
-    return max(groups.values(), key=lambda group: group[0])[1]
+    return first_spelling[max(counts, key=counts.__getitem__)]  # max keeps the first of equals

@@ -156,7 +156,7 @@ class ThorDecoder:
 
     @staticmethod
     def vote(answers: list[str | None]) -> Vote:
-        counts = Counter(normalize_answer(a) for a in answers if a is not None)
+        counts = Counter(n for n in (normalize_answer(a) for a in answers if a is not None) if n)
         return Vote(answer=majority_vote(answers), counts=dict(counts))
 
     # --- one trajectory -----------------------------------------------------------------
