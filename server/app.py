@@ -1,0 +1,419 @@
+"""The FastAPI application: routes, auth, rate limits, streaming, traces, health, metrics.
+
+Owns: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/v1/traces/{id}`,
+`/health` and `/metrics`; Bearer-key auth on `/v1/*`; per-key rate limits from
+the store; SSE streaming with FastAPI's `StreamingResponse` (a client that goes
+away cancels the stream, which aborts the engine requests and sandbox calls);
+aborting non-stream requests whose client disconnected; storing traces.
+
+Does not own: the engine (thor_engine.engine.ThorEngine, created by the
+`build` callable passed to `create_app`), the store (store.py), request shapes
+(protocol.py) or response rendering (responses.py). Knows nothing of tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from thor_engine.engine import PromptTooLong, ThorEngine
+from thor_sandbox.client import SandboxClient, SandboxError, SandboxUnavailable
+
+from .errors import ApiError, error_body, install_handlers
+from .metrics import ServerMetrics
+from .protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest
+from .responses import ResponseBuilder
+from .settings import ServerSettings
+from .store import Store
+
+log = logging.getLogger("server")
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    engine: ThorEngine
+    store: Store
+    sandbox: SandboxClient
+    metrics: ServerMetrics
+    model_name: str
+    api_keys: frozenset[str]
+
+
+Build = Callable[[ServerMetrics], Awaitable[tuple[ServerState, Callable[[], Awaitable[None]]]]]
+
+
+def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | None = None) -> FastAPI:
+    """`build(metrics)` creates the engine, store and sandbox client and returns (state, close)."""
+    metrics = metrics or ServerMetrics()
+    holder: dict[str, ServerState] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state, close = await build(metrics)
+        holder["state"] = state
+        if not state.api_keys:
+            log.warning("no API key configured: the API is open to anyone who can reach it")
+        log.info("serving %s (context %d tokens)", state.model_name, state.engine.max_model_len)
+        try:
+            yield
+        finally:
+            await close()
+
+    app = FastAPI(title="THOR reasoning server", version="0.1.0", lifespan=lifespan)
+    install_handlers(app)
+
+    def S() -> ServerState:
+        state = holder.get("state")
+        if state is None:
+            raise ApiError(503, "the server is starting", type="service_unavailable")
+        return state
+
+    app.add_middleware(FrameMiddleware, metrics=metrics, holder=holder)
+
+    def _client_key(request: Request) -> str:
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            return "key:" + auth[7:].strip()
+        return "addr:" + (request.client.host if request.client else "unknown")
+
+    async def _rate_limit(state: ServerState, request: Request, tokens: int) -> str:
+        key = _client_key(request)
+        s = state.settings
+        if s.requests_per_minute is None and s.tokens_per_minute is None:
+            return key
+        decision = await state.store.rate_limit(
+            key, requests_per_min=s.requests_per_minute, tokens_per_min=s.tokens_per_minute, tokens=tokens
+        )
+        if not decision.allowed:
+            metrics.rate_limited.inc()
+            retry = max(1, int(decision.retry_after_s + 0.999))
+            raise ApiError(429, f"rate limit reached ({decision.limit}); retry in {retry}s", type="rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+        return key
+
+    def _check_model(state: ServerState, body: _SamplingRequest) -> None:
+        if body.model not in (state.model_name, state.engine.model_name):
+            raise ApiError(404, f"The model `{body.model}` does not exist. This server serves `{state.model_name}`.",
+                           type="not_found_error", param="model", code="model_not_found")
+        if body.n > state.settings.max_n:
+            raise ApiError(400, f"n must be at most {state.settings.max_n}", param="n")
+
+    # --- running a request -------------------------------------------------------------
+
+    async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+        task = asyncio.ensure_future(work)
+        try:
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if not done and await request.is_disconnected():
+                    task.cancel()
+                    metrics.aborted.inc()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                    raise ApiError(499, "the client closed the request", type="client_closed_request")
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def _sandbox_error(exc: SandboxError) -> ApiError:
+        if isinstance(exc, SandboxUnavailable):
+            return ApiError(503, f"the code sandbox is unavailable: {exc}", type="service_unavailable",
+                            code="sandbox_unavailable", headers={"Retry-After": "5"})
+        return ApiError(502, f"the code sandbox failed: {exc}", type="server_error", code="sandbox_error")
+
+    async def _run(
+        state: ServerState, request: Request, builder: ResponseBuilder, events: AsyncIterator[Any],
+        stream: bool, include_usage: bool, rate_key: str, summary: dict[str, Any],
+    ) -> Response:
+        async def finish() -> None:
+            usage = builder.usage()
+            if state.settings.tokens_per_minute and usage["completion_tokens"]:
+                await state.store.charge_tokens(rate_key, usage["completion_tokens"])
+            if state.settings.trace_ttl_s and all(c.final for c in builder.choices):
+                await state.store.trace_put(builder.id, builder.trace(summary), state.settings.trace_ttl_s)
+
+        if not stream:
+            async def collect() -> None:
+                async with contextlib.aclosing(events) as evs:
+                    async for ev in evs:
+                        builder.feed(ev)
+
+            try:
+                await _until_disconnect(request, collect())
+            except SandboxError as exc:
+                raise _sandbox_error(exc) from exc
+            await finish()
+            return JSONResponse(builder.response(), headers={"X-Thor-Trace-Id": builder.id})
+
+        async def sse() -> AsyncIterator[str]:
+            completed = False
+            try:
+                async with contextlib.aclosing(events) as evs:
+                    async for ev in evs:
+                        for chunk in builder.feed(ev):
+                            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                if include_usage:
+                    yield f"data: {json.dumps(builder.usage_chunk())}\n\n"
+                completed = True
+            except SandboxError as exc:
+                err = _sandbox_error(exc)
+                yield f"data: {json.dumps(error_body(err.message, err.type, code=err.code))}\n\n"
+            except (asyncio.CancelledError, GeneratorExit):
+                metrics.aborted.inc()
+                raise
+            except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+                log.exception("stream failed")
+                yield f"data: {json.dumps(error_body(f'internal error: {type(exc).__name__}', 'server_error'))}\n\n"
+            if completed:
+                await finish()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          "X-Thor-Trace-Id": builder.id})
+
+    # --- routes --------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        state = S()
+        _check_model(state, body)
+        opts = body.thor
+        tools = opts is None or opts.enabled
+        cfg = (opts.to_config(state.settings.thor) if opts else state.settings.thor)
+        try:
+            prompt = state.engine.chat_prompt(
+                body.chat_messages(),
+                tir_instructions=None if (not tools or (opts and not opts.tir_instructions)) else
+                _tir_default(),
+            )
+            max_tokens = body.effective_max_tokens()
+            state.engine.check_budget(prompt, max_tokens)
+        except PromptTooLong as exc:
+            raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from exc
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="messages") from exc
+        max_tokens = max_tokens or min(state.settings.default_max_tokens, state.engine.max_model_len - prompt.num_tokens)
+        rate_key = await _rate_limit(state, request, prompt.num_tokens)
+        rid = "chatcmpl-" + uuid.uuid4().hex
+        builder = ResponseBuilder(kind="chat", response_id=rid, model=body.model, n=body.n,
+                                  reasoning_fields=state.settings.reasoning_fields, tools_enabled=tools,
+                                  reasoning_model=state.engine.reasoning_model, metrics=metrics)
+        events = state.engine.stream(prompt, cfg, body.sampling(max_tokens), n=body.n,
+                                     vote=bool(opts and opts.vote), request_id=rid)
+        summary = {"route": "/v1/chat/completions", "n": body.n, "stream": body.stream,
+                   "thor": cfg.model_dump(), "max_tokens": max_tokens, "messages": len(body.messages)}
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await _run(state, request, builder, events, body.stream, include_usage, rate_key, summary)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        state = S()
+        _check_model(state, body)
+        try:
+            prompt = state.engine.text_prompt(body.single_prompt())
+            state.engine.check_budget(prompt, body.max_tokens)
+        except PromptTooLong as exc:
+            raise ApiError(400, str(exc), param="prompt", code="context_length_exceeded") from exc
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="prompt") from exc
+        rate_key = await _rate_limit(state, request, prompt.num_tokens)
+        rid = "cmpl-" + uuid.uuid4().hex
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        sampling = body.sampling(body.max_tokens)
+        if body.thor is not None:
+            cfg = body.thor.to_config(state.settings.thor)
+            builder = ResponseBuilder(kind="completion", response_id=rid, model=body.model, n=body.n,
+                                      reasoning_fields=state.settings.reasoning_fields, tools_enabled=True,
+                                      reasoning_model=False, metrics=metrics)
+            events = state.engine.stream(prompt, cfg, sampling, n=body.n, vote=body.thor.vote, request_id=rid)
+            summary = {"route": "/v1/completions", "n": body.n, "stream": body.stream, "thor": cfg.model_dump()}
+            return await _run(state, request, builder, events, body.stream, include_usage, rate_key, summary)
+        return await _plain_completion(state, request, body, prompt, sampling, rid, include_usage)
+
+    async def _plain_completion(state: ServerState, request: Request, body: CompletionRequest, prompt: Any,
+                                sampling: Any, rid: str, include_usage: bool) -> Response:
+        created = int(time.time())
+        texts = [""] * body.n
+        finals: list[dict[str, Any]] = [{} for _ in range(body.n)]
+        lps: list[dict[str, list]] = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                                      for _ in range(body.n)]
+        usage = {"prompt_tokens": prompt.num_tokens, "completion_tokens": 0, "total_tokens": 0}
+        counts = [0] * body.n
+
+        def add_logprobs(i: int, entries: list | None) -> dict | None:
+            if entries is None:
+                return None
+            part = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            for text, lp, tops in entries:
+                offset = len(texts[i]) + sum(len(t) for t in part["tokens"])
+                for d in (part, lps[i]):
+                    d["tokens"].append(text)
+                    d["token_logprobs"].append(lp)
+                    d["top_logprobs"].append(tops)
+                    d["text_offset"].append(offset)
+            return part
+
+        def chunk_of(i: int, text: str, lp: dict | None, finish: str | None, stop_reason: Any) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish,
+                                 "stop_reason": stop_reason}]}
+
+        gen = state.engine.generate_plain(prompt, sampling, n=body.n, logprobs=body.logprobs,
+                                          include_stop_str_in_output=body.include_stop_str_in_output, request_id=rid)
+
+        def account(c: Any) -> None:
+            counts[c.index] = c.completion_tokens
+            if c.finished:
+                finals[c.index] = {"finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+        if not body.stream:
+            async def collect() -> None:
+                async with contextlib.aclosing(gen) as g:
+                    async for c in g:
+                        add_logprobs(c.index, c.logprobs)
+                        texts[c.index] += c.text
+                        account(c)
+
+            await _until_disconnect(request, collect())
+            usage["completion_tokens"] = sum(counts)
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            choices = [{"index": i, "text": texts[i], "logprobs": lps[i] if body.logprobs is not None else None,
+                        "finish_reason": finals[i].get("finish_reason"), "stop_reason": finals[i].get("stop_reason")}
+                       for i in range(body.n)]
+            return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                                 "choices": choices, "usage": usage})
+
+        async def sse() -> AsyncIterator[str]:
+            first = True
+            t0 = time.monotonic()
+            async with contextlib.aclosing(gen) as g:
+                async for c in g:
+                    if first and c.text:
+                        metrics.ttft.observe(time.monotonic() - t0)
+                        first = False
+                    lp = add_logprobs(c.index, c.logprobs)
+                    texts[c.index] += c.text
+                    account(c)
+                    if c.text or c.finished or lp:
+                        yield f"data: {json.dumps(chunk_of(c.index, c.text, lp, c.finish_reason if c.finished else None, c.stop_reason if c.finished else None), ensure_ascii=False)}\n\n"
+            metrics.generated_tokens.inc(sum(counts))
+            if include_usage:
+                usage["completion_tokens"] = sum(counts)
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                yield f"data: {json.dumps({'id': rid, 'object': 'text_completion', 'created': created, 'model': body.model, 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        state = S()
+        return {"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "thor",
+            "max_model_len": state.engine.max_model_len, "root": state.engine.model_name,
+        }]}
+
+    @app.get("/v1/traces/{trace_id}")
+    async def trace(trace_id: str) -> dict[str, Any]:
+        state = S()
+        found = await state.store.trace_get(trace_id)
+        if found is None:
+            raise ApiError(404, f"no trace with id {trace_id!r} (traces are kept {state.settings.trace_ttl_s}s)",
+                           type="not_found_error", param="trace_id")
+        return found
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        state = holder.get("state")
+        if state is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        try:
+            sbx = await state.sandbox.health()
+            sandbox = {"status": sbx.status, "workers_ready": sbx.workers_ready}
+            sandbox_ok = sbx.workers_ready > 0
+        except SandboxError as exc:
+            sandbox, sandbox_ok = {"status": "down", "error": str(exc)}, False
+        store_ok = await state.store.ping()
+        body = {
+            "status": "ok" if sandbox_ok and store_ok else ("degraded" if sandbox_ok else "unavailable"),
+            "engine": {"status": "ok", "model": state.model_name},
+            "sandbox": sandbox,
+            "store": {"status": state.store.status() if callable(getattr(state.store, "status", None))
+                      else str(getattr(state.store, "status", "")), "ok": store_ok},
+        }
+        return JSONResponse(body, status_code=200 if sandbox_ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+class FrameMiddleware:
+    """Pure ASGI middleware (so streams and disconnects pass through untouched): JSON bodies,
+    Bearer-key auth on /v1/*, request counts, latency to the end of the response, in-flight."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics, holder: dict[str, ServerState]) -> None:
+        self.app, self.metrics, self.holder = app, metrics, holder
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        route = "/v1/traces/{id}" if path.startswith("/v1/traces/") else path
+        if route not in KNOWN_ROUTES:
+            route = "other"
+        if method == "POST" and path.startswith("/v1/"):
+            # every POST body is JSON, whatever Content-Type a client sent (curl -d sends a form type)
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
+                (b"content-type", b"application/json")]
+        state = self.holder.get("state")
+        if path.startswith("/v1/") and state is not None and state.api_keys:
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+            if key not in state.api_keys:
+                self.metrics.requests.labels(route=route, status="401").inc()
+                msg = "missing API key: send `Authorization: Bearer <key>`" if not key else "invalid API key"
+                resp = JSONResponse(error_body(msg, "authentication_error", code="invalid_api_key"), status_code=401)
+                await resp(scope, receive, send)
+                return
+        status = 500
+        t0 = time.monotonic()
+
+        async def send_wrapper(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            self.metrics.request_duration.labels(route=route).observe(time.monotonic() - t0)
+
+
+KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/traces/{id}", "/health", "/metrics"}
+
+
+def _tir_default() -> str:
+    from thor_engine.prompting import TIR_INSTRUCTIONS
+
+    return TIR_INSTRUCTIONS

@@ -1,0 +1,71 @@
+"""OpenAI-shaped errors: every 4xx/5xx body is `{"error": {message, type, param, code}}`.
+
+Owns: the `ApiError` exception the routes raise and the FastAPI handlers that turn
+it, validation errors, HTTP errors and unexpected exceptions into that body.
+Does not own: deciding when a request is wrong (protocol.py, app.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("server.errors")
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+        code: str | None = None, headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                        headers=exc.headers)
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        if first.get("type") == "json_invalid":
+            msg, param = "the request body is not valid JSON", None
+        elif first.get("type") == "missing" and not loc:
+            msg = "the request body is empty: send a JSON object"
+        elif param:
+            msg = f"{param}: {msg}"
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        return JSONResponse(error_body(msg + more, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:
+            message = "the request body could not be decoded: send UTF-8 encoded JSON"
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error: %s", exc)
+        return JSONResponse(error_body(f"internal server error: {type(exc).__name__}", "server_error"), status_code=500)
