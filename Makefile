@@ -1,4 +1,5 @@
 # THOR reasoning server: every target sets up what it needs (idempotent).
+#   make serve     the server on 127.0.0.1:8000 (embedded default)
 #   make test      the whole test suite (what .ci/run calls)
 #   make sandbox   the sandbox service in the foreground (127.0.0.1:8080)
 #   make bench-sandbox  sandbox latency/throughput benchmark (figures in README)
@@ -17,9 +18,10 @@ JAIL_PY := .cache/jail-python
 STAMPS := .cache/stamps
 PYTEST_ARGS ?=
 
-.PHONY: help venv vllm models sandbox-env sandbox test bench-sandbox bench-engine clean-envs
+.PHONY: help serve venv vllm models sandbox-env sandbox test bench-sandbox bench-engine clean-envs
 
 help:
+	@echo "make serve          start the THOR server on 127.0.0.1:8000 (default model, local sandbox, in-memory store)"
 	@echo "make test           run the whole test suite (sets up everything it needs)"
 	@echo "make sandbox        run the sandbox service in the foreground (127.0.0.1:8080)"
 	@echo "make bench-sandbox  run the sandbox benchmark, print and save figures"
@@ -78,6 +80,15 @@ sandbox-env: apt-deps $(STAMPS)/jail-python $(STAMPS)/sandbox-venv
 
 sandbox: sandbox-env
 	THOR_SANDBOX_JAIL_PYTHON_HOME=$(abspath $(JAIL_PY)) $(SBX_VENV)/bin/python -m thor_sandbox
+
+# --- serving -------------------------------------------------------------------
+# The embedded default: provisions the default model if missing, starts a local
+# sandbox service and the server on 127.0.0.1:8000 with an in-memory store.
+# SERVE_ARGS adds flags (e.g. SERVE_ARGS="--api-key secret --port 9000").
+SERVE_ARGS ?=
+serve: vllm sandbox-env
+	$(VENV)/bin/python -m thor_engine.model_provision --preset default
+	$(VENV)/bin/python -m server --model default --enforce-eager --max-model-len 8192 $(SERVE_ARGS)
 
 # --- tests and benchmarks ----------------------------------------------------
 test: venv vllm sandbox-env

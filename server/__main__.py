@@ -59,7 +59,11 @@ def _served_name(model: str) -> str:
     return Path(model).name if Path(model).exists() else model
 
 
-def make_build(settings: ServerSettings) -> Callable[[ServerMetrics], Awaitable[tuple[ServerState, Callable]]]:
+def make_build(
+    settings: ServerSettings, info: dict[str, str] | None = None
+) -> Callable[[ServerMetrics], Awaitable[tuple[ServerState, Callable]]]:
+    info = info if info is not None else {}
+
     async def build(metrics: ServerMetrics) -> tuple[ServerState, Callable[[], Awaitable[None]]]:
         from thor_engine.backends.vllm_backend import EngineOptions, VllmBackend
         from thor_engine.engine import ThorEngine
@@ -94,6 +98,7 @@ def make_build(settings: ServerSettings) -> Callable[[ServerMetrics], Awaitable[
             executor = CachingExecutor(SandboxExecutor(sandbox), store, sandbox_identity=url,
                                        ttl_s=settings.tool_cache_ttl_s, metrics=metrics)
             engine = ThorEngine(backend, executor, model_name=name)
+            info["model_name"] = name
             state = ServerState(settings=settings, engine=engine, store=store, sandbox=sandbox, metrics=metrics,
                                 model_name=name, api_keys=frozenset(settings.all_api_keys()))
         except BaseException:
@@ -104,13 +109,38 @@ def make_build(settings: ServerSettings) -> Callable[[ServerMetrics], Awaitable[
     return build
 
 
+def banner(url: str, model: str, auth: bool) -> str:
+    key_h = ' -H "Authorization: Bearer $THOR_API_KEY"' if auth else ""
+    key_py = 'os.environ["THOR_API_KEY"]' if auth else '"none"'
+    return f"""
+THOR server ready at {url}  (model: {model}; Ctrl-C stops it and its local sandbox)
+
+  curl -N {url}/v1/chat/completions{key_h} -H 'Content-Type: application/json' -d '{{
+    "model": "{model}", "stream": true,
+    "messages": [{{"role": "user", "content": "What is 123*457? Use Python."}}]}}'
+
+  python - <<'PY'
+  import os
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key={key_py})
+  for chunk in client.chat.completions.create(
+          model="{model}", stream=True,
+          messages=[{{"role": "user", "content": "What is 123*457? Use Python."}}]):
+      delta = chunk.choices[0].delta if chunk.choices else None
+      if delta is not None:
+          print(getattr(delta, "reasoning_content", None) or delta.content or "", end="", flush=True)
+  PY
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     overrides = parse_args(argv)
     settings = ServerSettings(**overrides)  # type: ignore[arg-type]
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    app = create_app(settings, make_build(settings))
+    info: dict[str, str] = {}
+    app = create_app(settings, make_build(settings, info))
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             access_log=False, timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)
@@ -122,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             for sock in s.sockets:
                 host, port = sock.getsockname()[:2]
                 print(f"THOR_SERVER_LISTENING {host}:{port}", flush=True)
+                print(banner(f"http://{host}:{port}", info.get("model_name", "?"), bool(settings.all_api_keys())),
+                      file=sys.stderr, flush=True)
 
     server.startup = announce  # type: ignore[method-assign]
     server.run()

@@ -349,7 +349,8 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
         store_ok = await state.store.ping()
         body = {
             "status": "ok" if sandbox_ok and store_ok else ("degraded" if sandbox_ok else "unavailable"),
-            "engine": {"status": "ok", "model": state.model_name},
+            "engine": {"status": "ok", "model": state.model_name,
+                       "requests_running": await state.engine.num_unfinished_requests()},
             "sandbox": sandbox,
             "store": {"status": state.store.status() if callable(getattr(state.store, "status", None))
                       else str(getattr(state.store, "status", "")), "ok": store_ok},

@@ -34,3 +34,12 @@ def default_model() -> Path:
     from thor_engine.model_provision import ensure_model
 
     return ensure_model("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_tir_model(default_model: Path) -> Path:
+    """A tiny Qwen2 trained to write THOR trajectories (fast real tool rounds on vLLM)."""
+    from thor_engine.tiny_tir_model import build_tiny_tir_model
+
+    root = Path(__file__).resolve().parents[1]
+    return build_tiny_tir_model(root / ".cache" / "models" / "tiny-tir", default_model)

@@ -1,0 +1,51 @@
+"""Validate JSON bodies against OpenAI's published OpenAPI document (shared/data/schemas)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+SPEC = Path(__file__).resolve().parents[3] / "shared" / "data" / "schemas" / "openai-openapi.yaml"
+
+
+def _nullable(node: Any) -> Any:
+    """OpenAPI 3.0 `nullable: true` -> JSON Schema's null type."""
+    if isinstance(node, dict):
+        node = {k: _nullable(v) for k, v in node.items()}
+        if node.pop("nullable", False):
+            if "type" in node:
+                t = node["type"]
+                node["type"] = [*t, "null"] if isinstance(t, list) else [t, "null"]
+                if "enum" in node:
+                    node["enum"] = [*node["enum"], None]
+            else:
+                node = {"anyOf": [node, {"type": "null"}]}
+        return node
+    if isinstance(node, list):
+        return [_nullable(v) for v in node]
+    return node
+
+
+@functools.cache
+def _spec() -> dict[str, Any]:
+    with open(SPEC) as f:
+        return _nullable(yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+
+
+@functools.cache
+def _registry() -> Registry:
+    return Registry().with_resource("urn:openai", Resource.from_contents(_spec(), default_specification=DRAFT202012))
+
+
+def validate(body: Any, schema_name: str) -> None:
+    """Raise jsonschema.ValidationError when `body` does not match components/schemas/<schema_name>."""
+    if schema_name not in _spec()["components"]["schemas"]:
+        raise KeyError(schema_name)
+    schema = {"$ref": f"urn:openai#/components/schemas/{schema_name}"}
+    jsonschema.Draft202012Validator(schema, registry=_registry()).validate(body)

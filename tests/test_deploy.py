@@ -1,0 +1,730 @@
+"""The GPU serving stack (docker-compose.yml, server/Dockerfile, deploy/): validated without Docker.
+
+There is no Docker engine on the development machines, so the compose file is checked
+against the published Compose specification schema and against what the services need
+(nsjail's capabilities, the GPU reservation, health checks, an internal network); the
+Prometheus configuration and alert rules are checked and unit-tested with the real
+`promtool`; every PromQL expression of the Grafana dashboard and of the alert rules is
+checked against the table of metric names the server and sandbox export, and evaluated
+by a real `prometheus` (Debian's) scraping live sample endpoints.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+COMPOSE_SCHEMA = ROOT.parent / "shared" / "data" / "schemas" / "compose-spec.json"
+PROM_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+PROM_RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
+GRAFANA_DATASOURCE = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+GRAFANA_PROVIDER = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "thor.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "thor.json"
+SERVER_DOCKERFILE = ROOT / "server" / "Dockerfile"
+DEPLOY_README = ROOT / "deploy" / "README.md"
+
+PROMTOOL = shutil.which("promtool")
+PROMETHEUS = shutil.which("prometheus")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool not installed (scripts/apt-deps.sh installs Debian's prometheus)"
+)
+needs_prometheus = pytest.mark.skipif(
+    PROMETHEUS is None, reason="prometheus not installed (scripts/apt-deps.sh installs Debian's prometheus)"
+)
+
+# Every metric the dashboard and the alert rules may chart: name -> type.
+# Server (thor_*, plus vLLM's engine metrics on the same /metrics) and sandbox service.
+METRICS: dict[str, str] = {
+    # server
+    "thor_requests_total": "counter",  # {route, status}
+    "thor_request_duration_seconds": "histogram",  # {route}
+    "thor_time_to_first_token_seconds": "histogram",
+    "thor_generated_tokens_total": "counter",
+    "thor_discarded_tokens_total": "counter",
+    "thor_tool_calls_total": "counter",  # {outcome}
+    "thor_tool_duration_seconds": "histogram",
+    "thor_backtracks_total": "counter",
+    "thor_tool_rounds_per_request": "histogram",
+    "thor_tool_cache_hits_total": "counter",
+    "thor_rate_limited_total": "counter",
+    "thor_requests_in_flight": "gauge",
+    "thor_store_errors_total": "counter",  # {operation}
+    # vLLM engine
+    "vllm:num_requests_running": "gauge",
+    "vllm:num_requests_waiting": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:gpu_cache_usage_perc": "gauge",  # name in older vLLM releases
+    "vllm:prompt_tokens_total": "counter",
+    "vllm:generation_tokens_total": "counter",
+    "vllm:time_to_first_token_seconds": "histogram",
+    # sandbox
+    "thor_sandbox_executions_total": "counter",  # {outcome}
+    "thor_sandbox_execution_duration_seconds": "histogram",  # {outcome}
+    "thor_sandbox_queue_depth": "gauge",
+    "thor_sandbox_workers": "gauge",  # {state}
+    "thor_sandbox_worker_restarts_total": "counter",  # {reason}
+    "thor_sandbox_rejected_total": "counter",  # {reason}
+    # Prometheus' own per-target series
+    "up": "gauge",
+}
+SERIES_NAMES = {
+    series
+    for name, kind in METRICS.items()
+    for series in ([f"{name}_bucket", f"{name}_sum", f"{name}_count"] if kind == "histogram" else [name])
+}
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
+                   "group_left", "group_right", "inf", "nan", "atan2"}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def load_yaml(path: Path):
+    with path.open() as f:
+        return yaml.safe_load(f)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_yaml(COMPOSE_FILE)
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def all_panels(dash: dict) -> Iterator[dict]:
+    for panel in dash["panels"]:
+        yield panel
+        yield from panel.get("panels", [])  # collapsed rows carry their panels
+
+
+def dashboard_exprs(dash: dict) -> list[tuple[str, str]]:
+    return [(p["title"], t["expr"]) for p in all_panels(dash) for t in p.get("targets", []) if t.get("expr")]
+
+
+def rule_exprs() -> list[tuple[str, str]]:
+    rules = load_yaml(PROM_RULES)
+    return [(r.get("alert") or r["record"], r["expr"]) for g in rules["groups"] for r in g["rules"]]
+
+
+def substitute(expr: str) -> str:
+    for var, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(var, value)
+    return expr
+
+
+def metric_names(expr: str) -> set[str]:
+    """Series names a PromQL expression selects (functions, keywords, labels and literals removed)."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)  # string literals
+    s = re.sub(r"\{[^}]*\}", " ", s)  # label matchers
+    s = re.sub(r"\[[^\]]*\]", " ", s)  # range and subquery selectors
+    s = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)  # label lists
+    s = re.sub(r"(?<![A-Za-z0-9_:.])\d+(?:\.\d+)?(?:[eE][+-]?\d+)?", " ", s)  # numbers
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", s):
+        if s[m.end():].lstrip().startswith("("):
+            continue  # a function or an aggregation
+        if m.group().lower() in PROMQL_KEYWORDS:
+            continue
+        names.add(m.group())
+    return names
+
+
+def balanced(expr: str) -> bool:
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    pairs = {")": "(", "]": "[", "}": "{"}
+    stack: list[str] = []
+    for ch in s:
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in pairs:
+            if not stack or stack.pop() != pairs[ch]:
+                return False
+    return not stack
+
+
+def run_promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bind_sources(service: dict) -> list[str]:
+    sources = []
+    for vol in service.get("volumes", []):
+        if isinstance(vol, str):
+            source = vol.split(":", 1)[0]
+            if source.startswith((".", "/", "~")):  # otherwise a named volume
+                sources.append(source)
+        elif vol.get("type") == "bind":
+            sources.append(vol["source"])
+    return sources
+
+
+# ---------------------------------------------------------------------------- compose
+
+
+def test_compose_matches_the_compose_specification(compose):
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+
+def test_compose_has_the_five_services(compose):
+    assert set(compose["services"]) == {"server", "sandbox", "redis", "prometheus", "grafana"}
+
+
+def test_build_contexts_and_dockerfiles_exist(compose):
+    built = {name: svc["build"] for name, svc in compose["services"].items() if "build" in svc}
+    assert set(built) == {"server", "sandbox"}
+    for name, build in built.items():
+        context = (ROOT / build["context"]).resolve()
+        assert context == ROOT, f"{name}: the build context is the repository root"
+        assert (context / build["dockerfile"]).is_file(), f"{name}: {build['dockerfile']} is missing"
+    assert compose["services"]["server"]["build"]["dockerfile"] == "server/Dockerfile"
+    assert compose["services"]["sandbox"]["build"]["dockerfile"] == "sandbox_image/Dockerfile"
+
+
+def test_every_bind_mounted_repository_path_exists(compose):
+    checked = 0
+    for name, svc in compose["services"].items():
+        for source in bind_sources(svc):
+            if source.startswith("/"):
+                continue  # a host path (/sys/fs/cgroup), not part of the repository
+            assert (ROOT / source).exists(), f"{name}: bind source {source} does not exist"
+            checked += 1
+    assert checked >= 5
+
+
+def test_named_volumes_are_declared(compose):
+    declared = set(compose.get("volumes", {}))
+    for name, svc in compose["services"].items():
+        for vol in svc.get("volumes", []):
+            if isinstance(vol, str) and not vol.startswith((".", "/", "~")):
+                assert vol.split(":", 1)[0] in declared, f"{name}: volume {vol} not declared"
+    assert {"model-cache", "prometheus-data", "grafana-data"} <= declared
+
+
+def test_server_service(compose):
+    server = compose["services"]["server"]
+    command = server["command"]
+    assert command[:3] == ["python", "-m", "server"]
+    flags = dict(zip(command[3::2], command[4::2]))
+    assert flags["--host"] == "0.0.0.0" and flags["--port"] == "8000"
+    assert flags["--model"].startswith("${THOR_MODEL:-")
+    assert flags["--sandbox-url"] == "http://sandbox:8080"
+    assert flags["--redis-url"] == "redis://redis:6379/0"
+    # published on the host, container port 8000
+    assert any(str(p).endswith(":8000") for p in server["ports"])
+    # health check on GET /health
+    test = " ".join(server["healthcheck"]["test"])
+    assert "http://127.0.0.1:8000/health" in test
+    # starts after a healthy sandbox and redis
+    assert server["depends_on"]["sandbox"]["condition"] == "service_healthy"
+    assert "redis" in server["depends_on"]
+    # Hugging Face cache on a named volume
+    assert any(v.startswith("model-cache:") for v in server["volumes"])
+
+
+def interpolate_defaults(value: object) -> object:
+    """What compose renders with no variables set: every ${VAR:-default} becomes its default."""
+    if isinstance(value, str):
+        return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+    return value
+
+
+def test_server_command_and_environment_are_real_server_settings(compose, monkeypatch):
+    """The flags and THOR_* variables compose passes are ones `python -m server` accepts, with valid values."""
+    from server.__main__ import parse_args
+    from server.settings import ServerSettings
+
+    server = compose["services"]["server"]
+    for name in list(os.environ):
+        if name.startswith("THOR_"):
+            monkeypatch.delenv(name)
+    for name, value in server["environment"].items():
+        if name.startswith("THOR_"):
+            assert name[len("THOR_"):].lower() in ServerSettings.model_fields, f"{name} is not a server setting"
+            if value is not None:
+                monkeypatch.setenv(name, str(interpolate_defaults(value)))
+    overrides = parse_args([interpolate_defaults(a) for a in server["command"][3:]])
+    settings = ServerSettings(**overrides)
+    assert settings.model == "Qwen/Qwen2.5-Math-7B-Instruct"
+    assert (settings.host, settings.port) == ("0.0.0.0", 8000)
+    assert settings.sandbox_url == "http://sandbox:8080" and settings.redis_url == "redis://redis:6379/0"
+    assert settings.tensor_parallel_size == 1 and settings.gpu_memory_utilization == 0.9
+    monkeypatch.setenv("THOR_API_KEY", "k1,k2")
+    assert ServerSettings().all_api_keys() == {"k1", "k2"}
+
+
+def test_sandbox_environment_is_real_sandbox_settings(compose, monkeypatch):
+    from thor_sandbox.settings import SandboxSettings
+
+    env = compose["services"]["sandbox"]["environment"]
+    for name, value in env.items():
+        assert name.startswith("THOR_SANDBOX_")
+        assert name[len("THOR_SANDBOX_"):].lower() in SandboxSettings.model_fields, f"{name} is not a sandbox setting"
+        monkeypatch.setenv(name, str(interpolate_defaults(value)))
+    settings = SandboxSettings()
+    assert (settings.host, settings.port) == ("0.0.0.0", 8080)
+    assert settings.pool_size == 4 and settings.use_cgroups is True
+
+
+def test_server_reserves_nvidia_gpus(compose):
+    devices = compose["services"]["server"]["deploy"]["resources"]["reservations"]["devices"]
+    assert len(devices) == 1
+    gpu = devices[0]
+    assert gpu["driver"] == "nvidia"
+    assert gpu["capabilities"] == ["gpu"]
+    m = re.fullmatch(r"\$\{(\w+):-(\w+)\}", str(gpu["count"]))
+    assert m and m.group(2) == "1", "GPU count comes from an env var with default 1"
+
+
+def test_sandbox_has_what_nsjail_needs_and_is_not_published(compose):
+    sandbox = compose["services"]["sandbox"]
+    assert "SYS_ADMIN" in sandbox["cap_add"]
+    assert {"seccomp=unconfined", "apparmor=unconfined"} <= set(sandbox["security_opt"])
+    assert sandbox["cgroup"] == "host"
+    mounts = {v["target"]: v for v in sandbox["volumes"] if isinstance(v, dict)}
+    assert mounts["/sys/fs/cgroup"]["source"] == "/sys/fs/cgroup"
+    assert not mounts["/sys/fs/cgroup"].get("read_only", False)
+    assert "privileged" not in sandbox, "SYS_ADMIN + unconfined profiles are enough; never --privileged"
+    assert "ports" not in sandbox, "the sandbox must not be published on the host"
+    assert "8080" in [str(p) for p in sandbox.get("expose", [])]
+    assert "/health" in " ".join(sandbox["healthcheck"]["test"])
+    # the same options the sandbox image documents for `docker run`
+    dockerfile = (ROOT / "sandbox_image" / "Dockerfile").read_text()
+    for option in ("--cap-add SYS_ADMIN", "seccomp=unconfined", "apparmor=unconfined", "/sys/fs/cgroup"):
+        assert option in dockerfile
+
+
+def test_redis_service(compose):
+    redis = compose["services"]["redis"]
+    assert redis["image"].startswith("redis:7")
+    assert "redis-cli" in redis["healthcheck"]["test"]
+    assert "ports" not in redis
+
+
+def test_networks_keep_sandbox_and_redis_internal(compose):
+    networks = compose["networks"]
+    assert networks["backend"]["internal"] is True
+    services = compose["services"]
+    assert services["sandbox"]["networks"] == ["backend"]
+    assert services["redis"]["networks"] == ["backend"]
+    assert {"frontend", "backend"} <= set(services["server"]["networks"])
+    assert {"frontend", "backend"} <= set(services["prometheus"]["networks"])
+    # published services need a non-internal network
+    for name, svc in services.items():
+        if svc.get("ports"):
+            assert any(not (networks.get(n) or {}).get("internal") for n in svc["networks"]), name
+
+
+def test_monitoring_services(compose):
+    services = compose["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert prometheus["image"].startswith("prom/prometheus:")
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    assert any(str(p).endswith(":9090") for p in prometheus["ports"])
+    assert grafana["image"].startswith("grafana/grafana:")
+    assert any(str(p).endswith(":3000") for p in grafana["ports"])
+    # the provider's path is where compose mounts the dashboards
+    provider = load_yaml(GRAFANA_PROVIDER)["providers"][0]
+    targets = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"] if v.startswith("./")}
+    assert targets[provider["options"]["path"]] == "./deploy/grafana/dashboards"
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == provider["options"]["path"] + "/" + DASHBOARD.name
+
+
+def test_env_interpolations_have_defaults_and_are_documented(compose):
+    text = COMPOSE_FILE.read_text()
+    readme = DEPLOY_README.read_text()
+    refs = re.findall(r"\$\{([^}]*)\}", text)
+    assert refs
+    for ref in refs:
+        name, sep, _default = ref.partition(":-")
+        assert sep, f"${{{ref}}} has no default"
+        assert name in readme, f"{name} is not documented in deploy/README.md"
+    for name, value in compose["services"]["server"]["environment"].items():
+        if value is None:  # passed through only when set
+            assert name in readme, f"{name} is not documented in deploy/README.md"
+
+
+def test_server_dockerfile():
+    text = SERVER_DOCKERFILE.read_text()
+    assert re.search(r"^FROM\s+\S+", text, re.M)
+    assert "install-vllm.sh gpu" in text
+    assert re.search(r"pip install \./sandbox_image \.", text)
+    assert re.search(r"^EXPOSE 8000$", text, re.M)
+    assert re.search(r'^CMD \["python", "-m", "server"', text, re.M)
+    assert re.search(r"^HEALTHCHECK .*\n?.*/health", text, re.M)
+    assert re.search(r"^USER (?!root)\w+", text, re.M), "the server does not run as root"
+    # every COPY source exists in the build context (the repository root)
+    sources = 0
+    for line in re.findall(r"^COPY\s+(.+)$", text, re.M):
+        parts = [p for p in line.split() if not p.startswith("--")]
+        for src in parts[:-1]:
+            assert (ROOT / src).exists(), f"COPY source {src} does not exist"
+            sources += 1
+    assert sources >= 5
+
+
+def test_deploy_readme_covers_running_the_stack():
+    readme = DEPLOY_README.read_text()
+    for needle in ("docker compose up -d", "3000", "9090", "8000", "THOR_MODEL", "nvidia", "not run"):
+        assert needle in readme, needle
+
+
+# ---------------------------------------------------------------------------- prometheus
+
+
+def test_prometheus_scrape_config():
+    config = load_yaml(PROM_CONFIG)
+    assert config["global"]["scrape_interval"] == "15s"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["thor-server"]["static_configs"][0]["targets"] == ["server:8000"]
+    assert jobs["thor-sandbox"]["static_configs"][0]["targets"] == ["sandbox:8080"]
+    for name in ("thor-server", "thor-sandbox"):
+        assert jobs[name].get("metrics_path", "/metrics") == "/metrics"
+    assert config["rule_files"] == [PROM_RULES.name]
+
+
+@needs_promtool
+def test_promtool_check_config():
+    result = run_promtool("check", "config", str(PROM_CONFIG))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+@needs_promtool
+def test_promtool_check_rules():
+    result = run_promtool("check", "rules", str(PROM_RULES))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_alert_rule_unit_tests(tmp_path):
+    """The alerts fire on the conditions they describe (and not on healthy series)."""
+    tests = {
+        "rule_files": [str(PROM_RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'up{job="thor-server", instance="server:8000"}', "values": "0x10"},
+                    {"series": 'up{job="thor-sandbox", instance="sandbox:8080"}', "values": "1x10"},
+                    {"series": 'thor_requests_total{route="/v1/chat/completions", status="200"}',
+                     "values": "0+60x20"},
+                    {"series": 'thor_requests_total{route="/v1/chat/completions", status="503"}',
+                     "values": "0+30x20"},
+                    {"series": 'thor_sandbox_rejected_total{reason="queue_full"}', "values": "0+5x20"},
+                    {"series": 'thor_store_errors_total{operation="cache_get"}', "values": "0x20"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "5m", "alertname": "ThorServerDown", "exp_alerts": [{
+                        "exp_labels": {"severity": "critical", "job": "thor-server", "instance": "server:8000"},
+                        "exp_annotations": {"summary": "THOR server server:8000 is not answering /metrics"},
+                    }]},
+                    {"eval_time": "5m", "alertname": "ThorSandboxDown", "exp_alerts": []},
+                    {"eval_time": "15m", "alertname": "ThorHighErrorRate", "exp_alerts": [{
+                        "exp_labels": {"severity": "warning"},
+                        "exp_annotations": {"summary": "More than 5% of THOR requests fail with 5xx"},
+                    }]},
+                    {"eval_time": "15m", "alertname": "ThorSandboxRejecting", "exp_alerts": [{
+                        "exp_labels": {"severity": "warning"},
+                        "exp_annotations": {
+                            "summary": "The sandbox pool is refusing snippets (busy); raise THOR_SANDBOX_POOL_SIZE"},
+                    }]},
+                    {"eval_time": "15m", "alertname": "ThorStoreErrors", "exp_alerts": []},
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "alerts_test.yml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = run_promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------- grafana
+
+
+def test_grafana_datasource_provisioning():
+    ds = load_yaml(GRAFANA_DATASOURCE)["datasources"]
+    assert len(ds) == 1
+    assert ds[0]["type"] == "prometheus" and ds[0]["uid"] == "prometheus"
+    assert ds[0]["url"] == "http://prometheus:9090"
+
+
+def test_dashboard_structure(dashboard):
+    assert dashboard["uid"] and dashboard["title"]
+    assert "${DS_PROMETHEUS}" not in DASHBOARD.read_text()
+    panels = list(all_panels(dashboard))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    charts = [p for p in panels if p["type"] != "row"]
+    assert len(charts) >= 20
+    for p in charts:
+        assert p["datasource"] == {"type": "prometheus", "uid": "prometheus"}, p["title"]
+        assert p["targets"], p["title"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)), p["title"]
+        pos = p["gridPos"]
+        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, p["title"]
+
+
+def test_dashboard_charts_every_required_metric(dashboard):
+    used = set().union(*(metric_names(e) for _, e in dashboard_exprs(dashboard)))
+    base = {re.sub(r"_(bucket|sum|count)$", "", n) if n not in METRICS else n for n in used}
+    missing = set(METRICS) - base
+    assert not missing, f"metrics not charted: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("source", ["dashboard", "alerts"])
+def test_promql_uses_only_known_metrics_and_parses(source, dashboard):
+    exprs = dashboard_exprs(dashboard) if source == "dashboard" else rule_exprs()
+    assert exprs
+    for title, expr in exprs:
+        assert balanced(expr), f"{title}: unbalanced brackets in {expr}"
+        unknown_vars = set(re.findall(r"\$\w+", expr)) - set(GRAFANA_VARIABLES)
+        assert not unknown_vars, f"{title}: unknown variables {unknown_vars}"
+        names = metric_names(expr)
+        assert names, f"{title}: no metric in {expr}"
+        unknown = names - SERIES_NAMES
+        assert not unknown, f"{title}: unknown metric names {sorted(unknown)} in {expr}"
+
+
+def test_metric_name_extraction():
+    expr = ('histogram_quantile(0.95, sum by (le, route) (rate(thor_request_duration_seconds_bucket'
+            '{route=~"/v1/.*"}[5m]))) / clamp_min(sum(rate(thor_requests_total[1m])), 1e-9)'
+            ' or vllm:kv_cache_usage_perc > bool 0.5')
+    assert metric_names(expr) == {"thor_request_duration_seconds_bucket", "thor_requests_total",
+                                  "vllm:kv_cache_usage_perc"}
+    assert not balanced("sum(rate(x[1m])")
+
+
+# ---------------------------------------------------------------------------- live prometheus
+
+
+def sample_registries():
+    """Two registries shaped like the server's and the sandbox's /metrics, with some traffic."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    srv, sbx = CollectorRegistry(), CollectorRegistry()
+    requests = Counter("thor_requests_total", "", ["route", "status"], registry=srv)
+    duration = Histogram("thor_request_duration_seconds", "", ["route"], registry=srv,
+                         buckets=(0.5, 1, 5, 30, 120, 600))
+    ttft = Histogram("thor_time_to_first_token_seconds", "", registry=srv)
+    generated = Counter("thor_generated_tokens_total", "", registry=srv)
+    discarded = Counter("thor_discarded_tokens_total", "", registry=srv)
+    tools = Counter("thor_tool_calls_total", "", ["outcome"], registry=srv)
+    tool_duration = Histogram("thor_tool_duration_seconds", "", registry=srv)
+    backtracks = Counter("thor_backtracks_total", "", registry=srv)
+    rounds = Histogram("thor_tool_rounds_per_request", "", registry=srv, buckets=(0, 1, 2, 3, 5, 10))
+    cache_hits = Counter("thor_tool_cache_hits_total", "", registry=srv)
+    rate_limited = Counter("thor_rate_limited_total", "", registry=srv)
+    in_flight = Gauge("thor_requests_in_flight", "", registry=srv)
+    store_errors = Counter("thor_store_errors_total", "", ["operation"], registry=srv)
+    Gauge("vllm:num_requests_running", "", registry=srv).set(3)
+    Gauge("vllm:num_requests_waiting", "", registry=srv).set(1)
+    Gauge("vllm:kv_cache_usage_perc", "", registry=srv).set(0.42)
+    prompt_tokens = Counter("vllm:prompt_tokens_total", "", registry=srv)
+    gen_tokens = Counter("vllm:generation_tokens_total", "", registry=srv)
+    engine_ttft = Histogram("vllm:time_to_first_token_seconds", "", registry=srv)
+
+    executions = Counter("thor_sandbox_executions_total", "", ["outcome"], registry=sbx)
+    exec_duration = Histogram("thor_sandbox_execution_duration_seconds", "", ["outcome"], registry=sbx)
+    Gauge("thor_sandbox_queue_depth", "", registry=sbx).set(2)
+    workers = Gauge("thor_sandbox_workers", "", ["state"], registry=sbx)
+    workers.labels("idle").set(3)
+    workers.labels("busy").set(1)
+    restarts = Counter("thor_sandbox_worker_restarts_total", "", ["reason"], registry=sbx)
+    rejected = Counter("thor_sandbox_rejected_total", "", ["reason"], registry=sbx)
+
+    def traffic() -> None:
+        requests.labels("/v1/chat/completions", "200").inc(5)
+        requests.labels("/v1/chat/completions", "429").inc()
+        duration.labels("/v1/chat/completions").observe(3.2)
+        ttft.observe(0.08)
+        generated.inc(400)
+        discarded.inc(30)
+        tools.labels("ok").inc(3)
+        tools.labels("error").inc()
+        tool_duration.observe(0.05)
+        backtracks.inc()
+        rounds.observe(2)
+        cache_hits.inc()
+        rate_limited.inc()
+        in_flight.set(4)
+        store_errors.labels("cache_get").inc()
+        prompt_tokens.inc(100)
+        gen_tokens.inc(430)
+        engine_ttft.observe(0.07)
+        executions.labels("ok").inc(3)
+        exec_duration.labels("ok").observe(0.01)
+        restarts.labels("recycled").inc()
+        rejected.labels("queue_full").inc()
+
+    return srv, sbx, traffic
+
+
+def serve_registry(registry) -> http.server.ThreadingHTTPServer:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = generate_latest(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+@pytest.fixture(scope="module")
+def live_prometheus(tmp_path_factory) -> Iterator[str]:
+    """Debian's prometheus running the repository's scrape jobs and alert rules against sample endpoints."""
+    if PROMETHEUS is None:
+        pytest.skip("prometheus not installed (scripts/apt-deps.sh installs Debian's prometheus)")
+    srv, sbx, traffic = sample_registries()
+    traffic()
+    endpoints = {"thor-server": serve_registry(srv), "thor-sandbox": serve_registry(sbx)}
+    stop = threading.Event()
+
+    def keep_traffic() -> None:
+        while not stop.wait(0.5):
+            traffic()
+
+    threading.Thread(target=keep_traffic, daemon=True).start()
+
+    # The repository's config, with each job pointed at its local sample endpoint.
+    config = load_yaml(PROM_CONFIG)
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROM_RULES)]
+    config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] in endpoints]
+    for job in config["scrape_configs"]:
+        host, port = endpoints[job["job_name"]].server_address[:2]
+        job["static_configs"][0]["targets"] = [f"{host}:{port}"]
+    tmp = tmp_path_factory.mktemp("prometheus")
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = (tmp / "prometheus.log").open("w")
+    proc = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"prometheus exited: {(tmp / 'prometheus.log').read_text()}"
+            try:
+                up = httpx.get(f"{url}/api/v1/query", params={"query": "up == 1"}, timeout=2).json()
+                if len(up["data"]["result"]) == len(endpoints):
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the sample targets were never scraped"
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop.set()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        for httpd in endpoints.values():
+            httpd.shutdown()
+            httpd.server_close()
+
+
+def query(url: str, expr: str) -> dict:
+    response = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
+    return body["data"]
+
+
+@pytest.mark.slow
+def test_live_prometheus_scrapes_both_jobs(live_prometheus):
+    targets = httpx.get(f"{live_prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    assert {t["labels"]["job"]: t["health"] for t in targets} == {"thor-server": "up", "thor-sandbox": "up"}
+    assert {t["labels"]["service"] for t in targets} == {"server", "sandbox"}
+
+
+@pytest.mark.slow
+def test_live_prometheus_evaluates_every_dashboard_expression(live_prometheus, dashboard):
+    # wait until rates have two samples in their window
+    deadline = time.monotonic() + 30
+    while not query(live_prometheus, "sum by (status) (rate(thor_requests_total[1m]))")["result"]:
+        assert time.monotonic() < deadline, "rate() never produced a sample"
+        time.sleep(0.5)
+    empty = []
+    for title, expr in dashboard_exprs(dashboard):
+        data = query(live_prometheus, substitute(expr))
+        if not data["result"]:
+            empty.append(f"{title}: {expr}")
+    assert not empty, "expressions with no data although every metric is exported:\n" + "\n".join(empty)
+    statuses = {r["metric"]["status"] for r in query(
+        live_prometheus, "sum by (status) (rate(thor_requests_total[1m]))")["result"]}
+    assert statuses == {"200", "429"}
+    p95 = query(live_prometheus, substitute(
+        "histogram_quantile(0.95, sum by (le) (rate(thor_request_duration_seconds_bucket[$__rate_interval])))"))
+    value = float(p95["result"][0]["value"][1])
+    assert 1 <= value <= 5 and not math.isnan(value)
+    kv = query(live_prometheus, "max(vllm:kv_cache_usage_perc or vllm:gpu_cache_usage_perc)")
+    assert float(kv["result"][0]["value"][1]) == pytest.approx(0.42)
+
+
+@pytest.mark.slow
+def test_live_prometheus_loads_and_evaluates_the_alert_rules(live_prometheus):
+    deadline = time.monotonic() + 30
+    while True:
+        groups = httpx.get(f"{live_prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        if rules and all(r["health"] != "unknown" for r in rules):
+            break
+        assert time.monotonic() < deadline, "the alert rules were never evaluated"
+        time.sleep(0.5)
+    assert {r["name"] for r in rules} == {name for name, _ in rule_exprs()}
+    bad = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
+    assert not bad, bad
+    for name, expr in rule_exprs():
+        query(live_prometheus, expr)

@@ -1,0 +1,411 @@
+"""server.store against both backends: MemoryStore and RedisStore on a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from server.store import (
+    STORE_UNAVAILABLE,
+    MemoryStore,
+    RateDecision,
+    RedisStore,
+    Store,
+    create_store,
+    is_cacheable,
+    tool_cache_key,
+)
+from tests.support.redis_server import RedisServer, run_redis
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with run_redis() as server:
+        yield server
+
+
+@pytest.fixture
+def outage_redis() -> Iterator[RedisServer]:
+    """A private redis-server the test may stop, restart and pause."""
+    with run_redis() as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    s = RedisStore(server.url, key_prefix=f"test-{uuid.uuid4().hex[:8]}:")
+    yield s
+    await s.close()
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+# --------------------------------------------------------------------------- cache
+
+
+async def test_cache_roundtrip_and_expiry(store: Store) -> None:
+    key = tool_cache_key("print(1)", unique("fp"))
+    assert await store.cache_get(key) is None
+    value = {"stdout": "1\n", "stderr": "", "exit_code": 0, "nested": {"a": [1, 2.5, None]}}
+    await store.cache_set(key, value, ttl_s=0.4)
+    assert await store.cache_get(key) == value
+    await asyncio.sleep(0.6)
+    assert await store.cache_get(key) is None
+
+
+async def test_cache_values_are_copies(store: Store) -> None:
+    key = unique("k")
+    value = {"out": [1]}
+    await store.cache_set(key, value, ttl_s=30)
+    value["out"].append(2)
+    got = await store.cache_get(key)
+    assert got == {"out": [1]}
+    assert got is not None
+    got["out"].append(3)
+    assert await store.cache_get(key) == {"out": [1]}
+
+
+async def test_cache_rejects_non_json(store: Store) -> None:
+    with pytest.raises(TypeError):
+        await store.cache_set(unique("k"), {"x": object()}, ttl_s=30)
+
+
+def test_tool_cache_key() -> None:
+    a = tool_cache_key("print(1)", "sandbox-v1")
+    assert a == tool_cache_key("print(1)", "sandbox-v1")
+    assert len(a) == 64 and int(a, 16) >= 0
+    assert a != tool_cache_key("print(1)", "sandbox-v2")
+    assert a != tool_cache_key("print(2)", "sandbox-v1")
+    # the fingerprint/code boundary cannot be shifted to forge a collision
+    assert tool_cache_key("bc", "a") != tool_cache_key("c", "ab")
+
+
+@pytest.mark.parametrize(
+    ("code", "cacheable"),
+    [
+        ("from sympy import factor, symbols\nx = symbols('x')\nprint(factor(x**2 - 1))", True),
+        ("import sympy as sp\nprint(sp.isprime(97), sp.Rational(1, 3) + 1)", True),
+        ("import math\nprint(math.comb(10, 3))", True),
+        ("import numpy as np\nprint(np.linalg.det(np.array([[1, 2], [3, 4]])))", True),
+        ("time = 3\ndistance = 2 * time\nprint(distance)", True),
+        ("operand = 5\nprint(operand)", True),
+        ("print(len({1, 2, 3}))", True),
+        ("import random\nprint(random.randint(1, 6))", False),
+        ("from random import choice\nprint(choice([1, 2]))", False),
+        ("import secrets\nprint(secrets.randbelow(10))", False),
+        ("import time\nprint(time.time())", False),
+        ("from time import perf_counter\nprint(perf_counter())", False),
+        ("import datetime\nprint(datetime.datetime.now())", False),
+        ("from datetime import date\nprint(date.today())", False),
+        ("import uuid\nprint(uuid.uuid4())", False),
+        ("import os\nprint(os.urandom(4))", False),
+        ("import os\nprint(os.getpid())", False),
+        ("import numpy as np\nprint(np.random.rand(3))", False),
+        ("import numpy.random\nprint(numpy.random.rand())", False),
+        ("from numpy import random\nprint(random.rand())", False),
+        ("import numpy as np\nrng = np.random.default_rng(0)\nprint(rng.integers(5))", False),
+        ("import numpy as np\nprint(np.datetime64('now'))", False),
+        ("from sympy import randprime\nprint(randprime(10, 100))", False),
+        ("import sympy\nprint(sympy.randprime(10, 100))", False),
+        ("from sympy.matrices import randMatrix\nprint(randMatrix(2))", False),
+        ("print(hash('abc'))", False),
+        ("print(id(object()))", False),
+        ("print(eval('2+3'))", False),
+        ("m = __import__('random')\nprint(m.random())", False),
+        ("import importlib\nprint(importlib.import_module('math').pi)", False),
+        ("import threading\nprint(threading.active_count())", False),
+        ("print(1", False),  # does not parse
+    ],
+)
+def test_is_cacheable(code: str, cacheable: bool) -> None:
+    assert is_cacheable(code) is cacheable
+
+
+# --------------------------------------------------------------------------- rate limits
+
+
+async def test_rate_limit_requests(store: Store) -> None:
+    key = unique("api-key")
+    for _ in range(3):
+        assert (await store.rate_limit(key, requests_per_min=3, tokens_per_min=None)).allowed
+    denied = await store.rate_limit(key, requests_per_min=3, tokens_per_min=None)
+    assert not denied.allowed
+    assert denied.limit == "requests"
+    assert 15.0 < denied.retry_after_s <= 20.0  # one request per 20 s refills
+    # other keys have their own buckets
+    assert (await store.rate_limit(unique("api-key"), requests_per_min=3, tokens_per_min=None)).allowed
+
+
+async def test_rate_limit_refills(store: Store) -> None:
+    key = unique("api-key")
+    for _ in range(120):
+        assert (await store.rate_limit(key, requests_per_min=120, tokens_per_min=None)).allowed
+    denied = await store.rate_limit(key, requests_per_min=120, tokens_per_min=None)
+    assert not denied.allowed and 0 < denied.retry_after_s <= 0.5
+    await asyncio.sleep(denied.retry_after_s + 0.05)
+    assert (await store.rate_limit(key, requests_per_min=120, tokens_per_min=None)).allowed
+
+
+async def test_rate_limit_tokens_and_charge(store: Store) -> None:
+    key = unique("api-key")
+    ok = await store.rate_limit(key, requests_per_min=None, tokens_per_min=100, tokens=60)
+    assert ok == RateDecision(True, 0.0, None)
+    denied = await store.rate_limit(key, requests_per_min=None, tokens_per_min=100, tokens=60)
+    assert not denied.allowed and denied.limit == "tokens"
+    assert 11.0 < denied.retry_after_s <= 12.0  # 20 missing tokens at 100/min
+    # completion tokens known only afterwards drive the bucket into debt
+    await store.charge_tokens(key, 90)
+    denied = await store.rate_limit(key, requests_per_min=None, tokens_per_min=100, tokens=0)
+    assert not denied.allowed and denied.limit == "tokens"
+    assert 30.0 < denied.retry_after_s <= 31.0  # -50 -> +1 token at 100/min
+    # a request larger than the whole bucket is still possible when the bucket is full
+    big = unique("api-key")
+    assert (await store.rate_limit(big, requests_per_min=None, tokens_per_min=100, tokens=500)).allowed
+    assert not (await store.rate_limit(big, requests_per_min=None, tokens_per_min=100, tokens=1)).allowed
+
+
+async def test_rate_limit_requests_and_tokens_counted_separately(store: Store) -> None:
+    key = unique("api-key")
+    assert (await store.rate_limit(key, requests_per_min=2, tokens_per_min=1000, tokens=10)).allowed
+    assert (await store.rate_limit(key, requests_per_min=2, tokens_per_min=1000, tokens=10)).allowed
+    denied = await store.rate_limit(key, requests_per_min=2, tokens_per_min=1000, tokens=10)
+    assert not denied.allowed and denied.limit == "requests"
+    key2 = unique("api-key")
+    denied = await store.rate_limit(key2, requests_per_min=2, tokens_per_min=10, tokens=10)
+    assert denied.allowed
+    denied = await store.rate_limit(key2, requests_per_min=2, tokens_per_min=10, tokens=10)
+    assert not denied.allowed and denied.limit == "tokens"
+    # a denied request is not charged: the request bucket still has its second unit
+    assert (await store.rate_limit(key2, requests_per_min=2, tokens_per_min=None)).allowed
+
+
+async def test_rate_limit_no_limits_and_bad_values(store: Store) -> None:
+    assert (await store.rate_limit(unique("k"), requests_per_min=None, tokens_per_min=None, tokens=10**9)).allowed
+    await store.charge_tokens(unique("never-seen"), 100)  # nothing to charge: no error
+    with pytest.raises(ValueError):
+        await store.rate_limit("k", requests_per_min=0, tokens_per_min=None)
+    with pytest.raises(ValueError):
+        await store.rate_limit("k", requests_per_min=None, tokens_per_min=10, tokens=-1)
+
+
+async def test_replicas_share_limits(redis_server: RedisServer) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    a = RedisStore(redis_server.url, key_prefix=prefix)
+    b = RedisStore(redis_server.url, key_prefix=prefix)
+    try:
+        key = "shared-key"
+        results = []
+        for i in range(8):
+            replica = a if i % 2 == 0 else b
+            results.append((await replica.rate_limit(key, requests_per_min=5, tokens_per_min=None)).allowed)
+        assert results == [True] * 5 + [False] * 3
+        # tokens charged on one replica are seen by the other
+        await a.rate_limit("tok-key", requests_per_min=None, tokens_per_min=100, tokens=10)
+        await b.charge_tokens("tok-key", 95)
+        assert not (await a.rate_limit("tok-key", requests_per_min=None, tokens_per_min=100)).allowed
+        # the cache and traces are shared too
+        await a.cache_set("k", {"v": 1}, ttl_s=30)
+        assert await b.cache_get("k") == {"v": 1}
+        await b.trace_put("t", {"events": []}, ttl_s=30)
+        assert await a.trace_get("t") == {"events": []}
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_concurrent_requests_are_atomic(redis_server: RedisServer) -> None:
+    stores = [RedisStore(redis_server.url, key_prefix="atomic:") for _ in range(3)]
+    key = unique("k")
+    try:
+        decisions = await asyncio.gather(*(
+            stores[i % 3].rate_limit(key, requests_per_min=10, tokens_per_min=None) for i in range(30)
+        ))
+        assert sum(d.allowed for d in decisions) == 10
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_api_keys_are_not_stored_in_clear(redis_server: RedisServer) -> None:
+    import redis.asyncio as aioredis
+
+    s = RedisStore(redis_server.url, key_prefix="clear:")
+    secret = unique("sk-secret")
+    await s.rate_limit(secret, requests_per_min=5, tokens_per_min=5)
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        keys = [k async for k in client.scan_iter("clear:*")]
+        assert keys and not any(secret in k for k in keys)
+        ttl = await client.pttl(keys[0])
+        assert 0 < ttl <= 61_000  # forgotten once the buckets are full again
+    finally:
+        await client.aclose()
+        await s.close()
+
+
+async def test_memory_rate_limit_with_clock() -> None:
+    now = [1000.0]
+    s = MemoryStore(clock=lambda: now[0])
+    assert (await s.rate_limit("k", requests_per_min=1, tokens_per_min=None)).allowed
+    denied = await s.rate_limit("k", requests_per_min=1, tokens_per_min=None)
+    assert not denied.allowed and denied.retry_after_s == pytest.approx(60.0)
+    now[0] += 30
+    denied = await s.rate_limit("k", requests_per_min=1, tokens_per_min=None)
+    assert denied.retry_after_s == pytest.approx(30.0)
+    now[0] += 30
+    assert (await s.rate_limit("k", requests_per_min=1, tokens_per_min=None)).allowed
+
+
+# --------------------------------------------------------------------------- traces
+
+
+async def test_traces_with_ttl(store: Store) -> None:
+    trace_id = unique("trace")
+    assert await store.trace_get(trace_id) is None
+    trace = {"id": trace_id, "events": [{"type": "tool_result", "ok": True, "ms": 12.5}], "text": "é∑"}
+    await store.trace_put(trace_id, trace, ttl_s=0.4)
+    assert await store.trace_get(trace_id) == trace
+    await asyncio.sleep(0.6)
+    assert await store.trace_get(trace_id) is None
+
+
+async def test_memory_store_is_bounded() -> None:
+    s = MemoryStore(max_cache_entries=3, max_traces=2)
+    for i in range(5):
+        await s.cache_set(f"k{i}", {"i": i}, ttl_s=60)
+        await s.trace_put(f"t{i}", {"i": i}, ttl_s=60)
+    assert [await s.cache_get(f"k{i}") for i in range(5)] == [None, None, {"i": 2}, {"i": 3}, {"i": 4}]
+    assert [await s.trace_get(f"t{i}") for i in range(5)] == [None, None, None, {"i": 3}, {"i": 4}]
+    # reads refresh recency: k2 survives the next insert, k3 is evicted
+    await s.cache_get("k2")
+    await s.cache_set("k5", {"i": 5}, ttl_s=60)
+    assert await s.cache_get("k2") == {"i": 2}
+    assert await s.cache_get("k3") is None
+
+
+async def test_status_ping_and_factory(redis_server: RedisServer) -> None:
+    mem = create_store(None)
+    assert isinstance(mem, MemoryStore) and isinstance(mem, Store)
+    assert mem.status == "memory" and await mem.ping()
+    red = create_store(redis_server.url, rate_limit_fail_open=False)
+    try:
+        assert isinstance(red, RedisStore) and isinstance(red, Store)
+        assert await red.ping()
+        assert red.status == "redis ok"
+    finally:
+        await red.close()
+
+
+# --------------------------------------------------------------------------- outage
+
+
+async def test_outage_and_recovery(outage_redis: RedisServer) -> None:
+    events: list[str] = []
+    s = RedisStore(outage_redis.url, key_prefix="outage:", on_error=events.append)
+    closed = RedisStore(outage_redis.url, key_prefix="outage:", rate_limit_fail_open=False)
+    try:
+        await s.cache_set("k", {"v": 1}, ttl_s=60)
+        assert await s.cache_get("k") == {"v": 1}
+        assert (await closed.rate_limit("key", requests_per_min=100, tokens_per_min=None)).allowed
+
+        outage_redis.stop()
+
+        t0 = time.monotonic()
+        assert await s.cache_get("k") is None
+        assert time.monotonic() - t0 < 1.0
+        t0 = time.monotonic()
+        await s.cache_set("k2", {"v": 2}, ttl_s=60)  # skipped, does not raise
+        await s.trace_put("t", {"e": 1}, ttl_s=60)  # dropped
+        assert await s.trace_get("t") is None
+        assert (await s.rate_limit("key", requests_per_min=1, tokens_per_min=None)).allowed  # fail open
+        assert (await s.rate_limit("key", requests_per_min=1, tokens_per_min=None)).allowed
+        await s.charge_tokens("key", 10)
+        assert time.monotonic() - t0 < 1.0
+        denied = await closed.rate_limit("key", requests_per_min=100, tokens_per_min=None)
+        assert not denied.allowed and denied.limit == STORE_UNAVAILABLE and denied.retry_after_s > 0
+        assert s.status == "redis down" and closed.status == "redis down"
+        assert not await s.ping()
+        assert s.errors_total["cache_get"] >= 1 and s.errors_total["cache_set"] >= 1
+        assert s.errors_total["rate_limit"] == 2 and s.errors_total["trace_put"] == 1
+        assert s.outages_total == 1
+        assert events.count("rate_limit") == 2 and "cache_get" in events
+
+        # many requests during the outage stay fast (the store does not retry each time)
+        t0 = time.monotonic()
+        for _ in range(200):
+            assert await s.cache_get("k") is None
+        assert time.monotonic() - t0 < 1.0
+
+        outage_redis.start()  # same port, empty (no persistence)
+
+        deadline = time.monotonic() + 5.0
+        while True:
+            await s.cache_set("k3", {"v": 3}, ttl_s=60)
+            if await s.cache_get("k3") == {"v": 3}:
+                break
+            assert time.monotonic() < deadline, "store did not recover within 5 s"
+            await asyncio.sleep(0.2)
+        assert s.status == "redis ok"
+        assert s.outages_total == 1
+        # the Lua script is reloaded transparently (Redis lost its script cache)
+        assert (await s.rate_limit("new", requests_per_min=1, tokens_per_min=None)).allowed
+        assert not (await s.rate_limit("new", requests_per_min=1, tokens_per_min=None)).allowed
+        deadline = time.monotonic() + 5.0
+        while not (await closed.rate_limit("key", requests_per_min=100, tokens_per_min=None)).allowed:
+            assert time.monotonic() < deadline, "fail-closed store did not recover within 5 s"
+            await asyncio.sleep(0.2)
+        assert closed.status == "redis ok"
+    finally:
+        await s.close()
+        await closed.close()
+
+
+async def test_hung_redis_times_out(outage_redis: RedisServer) -> None:
+    """A Redis that accepts connections but never answers (SIGSTOP) costs one short timeout."""
+    s = RedisStore(outage_redis.url, key_prefix="hung:")
+    try:
+        await s.cache_set("k", {"v": 1}, ttl_s=60)
+        outage_redis.pause()
+        t0 = time.monotonic()
+        assert await s.cache_get("k") is None
+        assert (await s.rate_limit("key", requests_per_min=1, tokens_per_min=None)).allowed
+        await s.trace_put("t", {}, ttl_s=60)
+        assert time.monotonic() - t0 < 1.0
+        assert s.status == "redis down"
+        outage_redis.resume()
+        deadline = time.monotonic() + 5.0
+        while await s.cache_get("k") != {"v": 1}:
+            assert time.monotonic() < deadline, "store did not recover within 5 s"
+            await asyncio.sleep(0.2)
+        assert s.status == "redis ok"
+    finally:
+        outage_redis.resume()
+        await s.close()
+
+
+async def test_unreachable_at_start(outage_redis: RedisServer) -> None:
+    """A store created while Redis is down works (degraded) and connects once Redis appears."""
+    outage_redis.stop()
+    s = RedisStore(outage_redis.url, key_prefix="late:")
+    try:
+        assert await s.cache_get("k") is None
+        assert (await s.rate_limit("key", requests_per_min=1, tokens_per_min=None)).allowed
+        outage_redis.start()
+        deadline = time.monotonic() + 5.0
+        while not await s.ping():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        await s.cache_set("k", {"v": 1}, ttl_s=60)
+        assert await s.cache_get("k") == {"v": 1}
+    finally:
+        await s.close()
