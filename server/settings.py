@@ -20,7 +20,8 @@ from thor_engine.config import ThorConfig
 class ServerSettings(BaseSettings):
     """Env prefix `THOR_`, e.g. THOR_MODEL, THOR_API_KEY (comma-separated), THOR_REDIS_URL."""
 
-    model_config = SettingsConfigDict(env_prefix="THOR_", extra="ignore", protected_namespaces=())
+    model_config = SettingsConfigDict(env_prefix="THOR_", env_nested_delimiter="__", extra="ignore",
+                                      protected_namespaces=())
 
     # --- engine (vLLM's names)
     model: str = Field(default="default", description="A preset (default, quality, small), an HF directory or hub id.")
