@@ -150,8 +150,11 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("logprobs are not supported on /v1/chat/completions by this server; use /v1/completions")
         if self.tools:
             raise ValueError("function tools are not supported: THOR runs Python code blocks itself (see `thor`)")
-        for m in self.messages:
-            m.text()
+        for i, m in enumerate(self.messages):
+            try:
+                m.text()
+            except ValueError as exc:
+                raise ValueError(f"messages[{i}].content: {exc}") from None
         return self
 
     def effective_max_tokens(self) -> int | None:

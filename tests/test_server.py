@@ -1,0 +1,384 @@
+"""The THOR API server end to end: real server process, real vLLM (CPU) with the tiny TIR
+model, real sandbox service, real redis-server; the official `openai` SDK and raw httpx
+as clients; responses and chunks validated against OpenAI's published schema."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.openapi import validate
+from tests.support.redis_server import run_redis
+from tests.support.sandbox_service import run_sandbox
+from tests.support.thor_server import run_server
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.sandbox]
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key-123"
+MODEL = "tiny-tir"
+MUL = "Compute 17*23."
+DIVZERO = "Divide 10 by zero safely."
+
+
+@pytest.fixture(scope="module")
+def redis_srv():
+    with run_redis() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def server(tiny_tir_model, sandbox, redis_srv):
+    args = ["--model", str(tiny_tir_model), "--served-model-name", MODEL, "--max-model-len", "2048",
+            "--sandbox-url", sandbox.url, "--redis-url", redis_srv.url, "--api-key", KEY]
+    with run_server(args) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def H() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def chat(text: str, **kw):
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], "temperature": 0, **kw}
+
+
+# --- chat completions ---------------------------------------------------------------------
+
+
+def test_sdk_non_stream_runs_code(client, server):
+    resp = client.chat.completions.create(**chat(MUL, max_tokens=200))
+    validate(resp.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionResponse")
+    msg = resp.choices[0].message
+    assert msg.content.endswith("\\boxed{391}.")
+    reasoning = msg.model_extra["reasoning_content"]
+    assert "```python\nprint(17*23)\n```\n```output\n391\n```" in reasoning
+    assert msg.model_extra["reasoning"] == reasoning
+    thor = resp.model_extra["thor"]
+    [call] = thor["choices"][0]["tool_calls"]
+    assert call["ok"] and call["stdout"] == "391\n" and call["code"] == "print(17*23)\n"
+    assert thor["choices"][0]["answer"] == "391"
+    assert resp.usage.completion_tokens > 0 and resp.choices[0].finish_reason == "stop"
+
+
+def test_sdk_stream_with_thor_events_and_usage(client):
+    stream = client.chat.completions.create(**chat(MUL, max_tokens=200), stream=True,
+                                            stream_options={"include_usage": True})
+    reasoning, content, events, usage = "", "", [], None
+    for chunk in stream:
+        validate(chunk.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionStreamResponse")
+        if chunk.usage:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            extra = ch.delta.model_extra or {}
+            reasoning += extra.get("reasoning_content") or ""
+            content += ch.delta.content or ""
+            if "thor" in extra:
+                events.append(extra["thor"])
+    kinds = [e["type"] for e in events]
+    assert kinds == ["tool_call", "tool_result", "answer"]
+    assert events[0]["code"] == "print(17*23)\n"
+    assert events[1]["ok"] and events[1]["observation"] == "391"
+    assert events[2]["answer"] == "391"
+    assert "```output\n391\n```" in reasoning
+    assert content.endswith("\\boxed{391}.")
+    assert usage is not None and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_self_correction_over_the_api(client):
+    resp = client.chat.completions.create(**chat(DIVZERO, max_tokens=300), extra_body={
+        "thor": {"self_correction": {"max_retries": 1, "backtrack_tokens": 0}}})
+    thor = resp.model_extra["thor"]["choices"][0]
+    calls = thor["tool_calls"]
+    assert calls[0]["ok"] is False and calls[0]["committed"] is False
+    assert len(thor["backtracks"]) == 1 and thor["backtracks"][0]["tokens_dropped"] > 0
+    assert thor["usage"]["discarded_tokens"] == thor["backtracks"][0]["tokens_dropped"]
+
+
+def test_thor_options_disable_tools(client):
+    resp = client.chat.completions.create(**chat(MUL, max_tokens=60), extra_body={"thor": {"enabled": False}})
+    assert resp.model_extra["thor"]["choices"][0]["tool_calls"] == []
+
+
+def test_n_samples_and_vote(client):
+    resp = client.chat.completions.create(**chat(MUL, max_tokens=200, n=2), extra_body={"thor": {"vote": True}})
+    assert [c.index for c in resp.choices] == [0, 1]
+    vote = resp.model_extra["thor"]["vote"]
+    assert vote["answer"] == "391" and vote["counts"] == {"391": 2}
+
+
+def test_raw_sse_with_httpx(server):
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=H(), timeout=120,
+                      json=chat(MUL, max_tokens=200, stream=True)) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert len({c["id"] for c in chunks}) == 1
+
+
+# --- completions, models ------------------------------------------------------------------
+
+
+def test_plain_completion_vllm_compatible(client, server):
+    r = httpx.post(server.url + "/v1/completions", headers=H(), json={
+        "model": MODEL, "prompt": "I will compute", "max_tokens": 30, "temperature": 0,
+        "stop": ["```"], "include_stop_str_in_output": True, "logprobs": 2}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    validate(body, "CreateCompletionResponse")
+    choice = body["choices"][0]
+    assert choice["finish_reason"] in ("stop", "length")
+    if choice["finish_reason"] == "stop":
+        assert choice["stop_reason"] == "```" and choice["text"].endswith("```")
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == body["usage"]["completion_tokens"]
+    sdk = client.completions.create(model=MODEL, prompt="I will compute", max_tokens=5, temperature=0)
+    assert sdk.choices[0].text
+
+
+def test_completion_with_thor_runs_loop_on_raw_text(server, tiny_tir_model):
+    from transformers import AutoTokenizer
+
+    from thor_engine.prompting import render_chat
+
+    tok = AutoTokenizer.from_pretrained(tiny_tir_model)
+    prompt = tok.decode(render_chat(tok, [{"role": "user", "content": MUL}]))
+    r = httpx.post(server.url + "/v1/completions", headers=H(), timeout=120, json={
+        "model": MODEL, "prompt": prompt, "max_tokens": 200, "temperature": 0, "thor": {"max_tool_calls": 2}})
+    body = r.json()
+    validate(body, "CreateCompletionResponse")
+    assert "```output\n391\n```" in body["choices"][0]["text"]
+    assert body["thor"]["choices"][0]["answer"] == "391"
+
+
+def test_models(server):
+    body = httpx.get(server.url + "/v1/models", headers=H()).json()
+    validate(body, "ListModelsResponse")
+    assert [m["id"] for m in body["data"]] == [MODEL]
+
+
+# --- auth, errors -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+def test_auth_required(server, headers):
+    r = httpx.post(server.url + "/v1/chat/completions", headers=headers, json=chat(MUL))
+    assert r.status_code == 401
+    validate(r.json(), "ErrorResponse")
+    assert r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server.url + "/health").status_code == 200  # health and metrics stay open
+
+
+def test_sdk_auth_error(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+@pytest.mark.parametrize(
+    "body,status,param_or_code",
+    [
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+        ({"model": MODEL}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 5}, 400, "temperature"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 99}, 400, "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "max_tokens"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400,
+         "context_length_exceeded"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 5000}]}, 400, "context_length_exceeded"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ""}, 400, "stop"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "thor": {"max_tool_calls": -1}}, 400,
+         "thor.max_tool_calls"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "thor": {"bogus": 1}}, 400, "thor.bogus"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400,
+         None),
+        ({"model": MODEL, "messages": "hello"}, 400, "messages"),
+    ],
+)
+def test_bad_requests_are_openai_errors(server, body, status, param_or_code):
+    r = httpx.post(server.url + "/v1/chat/completions", headers=H(), json=body)
+    assert r.status_code == status, r.text
+    err = r.json()
+    validate(err, "ErrorResponse")
+    if param_or_code:
+        assert param_or_code in (err["error"]["param"] or "", err["error"]["code"] or "") or \
+            param_or_code in err["error"]["message"], err
+
+
+@pytest.mark.parametrize("raw", [b"{", b"", b"[]", b'"x"', b"\xff\xfe", b'{"model": 1, "messages": 2}'])
+def test_malformed_bodies_never_5xx(server, raw):
+    for route in ("/v1/chat/completions", "/v1/completions"):
+        r = httpx.post(server.url + route, headers={**H(), "content-type": "application/json"}, content=raw)
+        assert 400 <= r.status_code < 500, (route, raw, r.text)
+        validate(r.json(), "ErrorResponse")
+
+
+def test_completion_bad_inputs(server):
+    for body, needle in [
+        ({"model": MODEL, "prompt": [10**9]}, "out of range"),
+        ({"model": MODEL, "prompt": ""}, "empty"),
+        ({"model": MODEL, "prompt": ["a", "b"]}, "batched prompts"),
+        ({"model": MODEL, "prompt": "x", "logprobs": 50}, "logprobs"),
+    ]:
+        r = httpx.post(server.url + "/v1/completions", headers=H(), json=body)
+        assert r.status_code == 400, r.text
+        assert needle in r.json()["error"]["message"]
+
+
+# --- store: traces, tool cache, Redis outage ---------------------------------------------------
+
+
+def test_trace_is_stored_and_served(client, server):
+    resp = client.chat.completions.create(**chat(MUL, max_tokens=200))
+    trace_id = resp.model_extra["thor"]["trace_id"]
+    r = httpx.get(f"{server.url}/v1/traces/{trace_id}", headers=H())
+    assert r.status_code == 200
+    trace = r.json()
+    assert trace["id"] == trace_id and trace["choices"][0]["answer"] == "391"
+    kinds = [s["kind"] for s in trace["choices"][0]["trajectory"]["segments"]]
+    assert kinds[:3] == ["prompt", "model", "observation"]
+    assert trace["timings"]["total_s"] > 0
+    missing = httpx.get(f"{server.url}/v1/traces/nope", headers=H())
+    assert missing.status_code == 404
+    validate(missing.json(), "ErrorResponse")
+
+
+def test_tool_results_are_cached(client, server):
+    before = metric(server.url, "thor_tool_cache_hits_total")
+    for _ in range(2):
+        resp = client.chat.completions.create(**chat(MUL, max_tokens=200))
+    call = resp.model_extra["thor"]["choices"][0]["tool_calls"][0]
+    assert call["cached"] is True and call["stdout"] == "391\n"
+    assert metric(server.url, "thor_tool_cache_hits_total") >= before + 1
+
+
+def test_redis_outage_under_load_and_recovery(client, server, redis_srv):
+    async def load(n: int) -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, headers=H(), timeout=120) as http:
+            rs = await asyncio.gather(*(http.post("/v1/chat/completions", json=chat(MUL, max_tokens=200))
+                                        for _ in range(n)))
+        return [r.status_code for r in rs]
+
+    redis_srv.stop()
+    try:
+        assert asyncio.run(load(4)) == [200] * 4  # cache bypassed, traces dropped, limits fail open
+        health = httpx.get(server.url + "/health").json()
+        assert health["store"]["ok"] is False and health["status"] == "degraded"
+        assert metric(server.url, "thor_store_errors_total") > 0
+    finally:
+        redis_srv.restart()
+    deadline = time.monotonic() + 20
+    while not httpx.get(server.url + "/health").json()["store"]["ok"]:
+        assert time.monotonic() < deadline, "the store did not recover after Redis came back"
+        time.sleep(0.5)
+    resp = client.chat.completions.create(**chat(MUL, max_tokens=200))
+    trace_id = resp.model_extra["thor"]["trace_id"]
+    assert httpx.get(f"{server.url}/v1/traces/{trace_id}", headers=H()).status_code == 200
+
+
+# --- disconnects, metrics --------------------------------------------------------------------
+
+
+def running(server) -> int:
+    return httpx.get(server.url + "/health").json()["engine"]["requests_running"]
+
+
+def test_stream_disconnect_aborts_engine_request(server):
+    body = chat("Write a long story.", max_tokens=1500, stream=True, temperature=1.0)
+    body["thor"] = {"enabled": False}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=H(), json=body, timeout=60) as r:
+        it = r.iter_lines()
+        for _ in range(10):
+            next(it)
+        assert running(server) == 1
+    deadline = time.monotonic() + 10
+    while running(server):
+        assert time.monotonic() < deadline, "engine request still running after the client left"
+        time.sleep(0.1)
+
+
+def test_non_stream_disconnect_aborts_engine_request(server):
+    body = chat("Write a long story.", max_tokens=1500, temperature=1.0)
+    body["thor"] = {"enabled": False}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", headers=H(), json=body, timeout=1.5)
+    deadline = time.monotonic() + 10
+    while running(server):
+        assert time.monotonic() < deadline, "engine request still running after the client left"
+        time.sleep(0.1)
+
+
+def test_metrics_exposition(server, client):
+    client.chat.completions.create(**chat(MUL, max_tokens=200))
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("thor_requests_total", "thor_request_duration_seconds_bucket", "thor_time_to_first_token_seconds",
+                 "thor_generated_tokens_total", "thor_tool_calls_total", "thor_tool_duration_seconds",
+                 "thor_tool_rounds_per_request", "thor_requests_in_flight", "vllm:"):
+        assert name in text, name
+    assert metric(server.url, "thor_tool_calls_total", outcome="ok") >= 1
+    assert metric(server.url, "thor_requests_total", route="/v1/chat/completions", status="200") >= 1
+
+
+# --- separate servers: rate limits, sandbox down ---------------------------------------------
+
+
+def test_rate_limits_429_with_retry_after(tiny_tir_model, sandbox):
+    args = ["--model", str(tiny_tir_model), "--served-model-name", MODEL, "--max-model-len", "2048",
+            "--sandbox-url", sandbox.url, "--requests-per-minute", "3"]
+    with run_server(args) as srv:
+        body = chat(MUL, max_tokens=5)
+        body["thor"] = {"enabled": False}
+        codes = [httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60) for _ in range(4)]
+        assert [r.status_code for r in codes] == [200, 200, 200, 429]
+        limited = codes[-1]
+        validate(limited.json(), "ErrorResponse")
+        assert int(limited.headers["retry-after"]) >= 1
+        assert limited.json()["error"]["type"] == "rate_limit_error"
+        assert metric(srv.url, "thor_rate_limited_total") == 1
+        sdk = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            sdk.chat.completions.create(**chat(MUL, max_tokens=5), extra_body={"thor": {"enabled": False}})
+
+
+def test_sandbox_down_is_503(tiny_tir_model):
+    with run_sandbox() as sbx:
+        args = ["--model", str(tiny_tir_model), "--served-model-name", MODEL, "--max-model-len", "2048",
+                "--sandbox-url", sbx.url]
+        with run_server(args) as srv:
+            sbx.process.terminate()
+            sbx.process.wait(timeout=30)
+            r = httpx.post(srv.url + "/v1/chat/completions", json=chat(MUL, max_tokens=200), timeout=60)
+            assert r.status_code == 503, r.text
+            validate(r.json(), "ErrorResponse")
+            assert "sandbox" in r.json()["error"]["message"]
+            assert httpx.get(srv.url + "/health").status_code == 503
