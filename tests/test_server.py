@@ -365,7 +365,10 @@ def test_rate_limits_429_with_retry_after(tiny_tir_model, sandbox):
         assert int(limited.headers["retry-after"]) >= 1
         assert limited.json()["error"]["type"] == "rate_limit_error"
         assert metric(srv.url, "thor_rate_limited_total") == 1
+        # limits are per API key: another key has its own budget
         sdk = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        for _ in range(3):
+            sdk.chat.completions.create(**chat(MUL, max_tokens=5), extra_body={"thor": {"enabled": False}})
         with pytest.raises(openai.RateLimitError):
             sdk.chat.completions.create(**chat(MUL, max_tokens=5), extra_body={"thor": {"enabled": False}})
 
