@@ -20,13 +20,12 @@ formatting (observation.py), fence parsing (codeblocks.py) or answer checking
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from .answer import extract_boxed, majority_vote, normalize_answer
 from .backend import GenChunk, GenerationBackend, GenParams
@@ -36,6 +35,7 @@ from .config import SamplingOptions, ThorConfig
 from .events import Backtrack, CodeBlock, Event, Final, FinishReason, TextDelta, ToolCall, ToolStats, Usage, Vote
 from .observation import injection, judge
 from .prompting import is_reasoning_model
+from .streams import merge
 from .tools import ToolExecutor
 from .trajectory import SegmentKind, Trajectory
 
@@ -118,41 +118,18 @@ class ThorDecoder:
                     yield ev
             return
 
-        queue: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
-
-        async def pump(i: int) -> None:
+        def sample(i: int) -> Callable[[], AsyncIterator[Event]]:
             seeded = sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + i})
-            try:
-                async with contextlib.aclosing(self._run(prompt, config, seeded, i, rid, include_trajectory)) as it:
-                    async for ev in it:
-                        await queue.put(ev)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-                await queue.put(exc)
-            finally:
-                await queue.put(None)
+            return lambda: self._run(prompt, config, seeded, i, rid, include_trajectory)
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
         answers: list[str | None] = [None] * n
-        try:
-            remaining = n
-            while remaining:
-                item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, Final):
-                    answers[item.sample] = item.answer
-                yield item
-            if vote:
-                yield self.vote(answers)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async with contextlib.aclosing(merge([sample(i) for i in range(n)])) as merged:
+            async for ev in merged:
+                if isinstance(ev, Final):
+                    answers[ev.sample] = ev.answer
+                yield ev
+        if vote:
+            yield self.vote(answers)
 
     @staticmethod
     def vote(answers: list[str | None]) -> Vote:
@@ -203,7 +180,6 @@ class ThorDecoder:
         rid: str,
         include_trajectory: bool,
     ) -> AsyncIterator[Event]:
-        tok = self.tokenizer
         prompt_text_tail = self._decode(prompt[-8:])
         st = _State(
             traj=Trajectory.from_prompt(prompt),

@@ -13,8 +13,8 @@ itself (decoder.py).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -26,6 +26,7 @@ from .config import SamplingOptions, ThorConfig
 from .decoder import ThorDecoder
 from .events import Event
 from .prompting import TIR_INSTRUCTIONS, render_chat
+from .streams import merge
 from .tools import ToolExecutor
 
 
@@ -129,9 +130,7 @@ class ThorEngine:
         rid = request_id or uuid.uuid4().hex
         max_tokens = sampling.max_tokens or (self.max_model_len - prompt.num_tokens)
         tok = self.backend.tokenizer
-        queue: asyncio.Queue[PlainChunk | BaseException | None] = asyncio.Queue()
-
-        async def one(i: int) -> None:
+        async def one(i: int) -> AsyncIterator[PlainChunk]:
             seed = None if sampling.seed is None else sampling.seed + i
             params = GenParams(
                 max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
@@ -139,40 +138,21 @@ class ThorEngine:
                 logprobs=logprobs,
             )
             produced = 0
-            try:
-                async with contextlib.aclosing(self.backend.generate(list(prompt._ids), params, f"{rid}-{i}")) as gen:
-                    async for chunk in gen:
-                        produced += len(chunk.token_ids)
-                        lp = None
-                        if logprobs is not None and chunk.logprobs:
-                            lp = [_logprob_entry(tok, tid, d) for tid, d in zip(chunk.token_ids, chunk.logprobs)]
-                        await queue.put(PlainChunk(
-                            index=i, text=chunk.text, finished=chunk.finished, finish_reason=chunk.finish_reason,
-                            stop_reason=chunk.stop_reason, logprobs=lp, prompt_tokens=prompt.num_tokens,
-                            completion_tokens=produced,
-                        ))
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-                await queue.put(exc)
-            finally:
-                await queue.put(None)
+            async with contextlib.aclosing(self.backend.generate(list(prompt._ids), params, f"{rid}-{i}")) as gen:
+                async for chunk in gen:
+                    produced += len(chunk.token_ids)
+                    lp = None
+                    if logprobs is not None and chunk.logprobs:
+                        lp = [_logprob_entry(tok, tid, d) for tid, d in zip(chunk.token_ids, chunk.logprobs)]
+                    yield PlainChunk(
+                        index=i, text=chunk.text, finished=chunk.finished, finish_reason=chunk.finish_reason,
+                        stop_reason=chunk.stop_reason, logprobs=lp, prompt_tokens=prompt.num_tokens,
+                        completion_tokens=produced,
+                    )
 
-        tasks = [asyncio.create_task(one(i)) for i in range(n)]
-        try:
-            remaining = n
-            while remaining:
-                item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async with contextlib.aclosing(merge([functools.partial(one, i) for i in range(n)])) as merged:
+            async for item in merged:
+                yield item
 
     async def num_unfinished_requests(self) -> int:
         return await self.backend.num_unfinished_requests()
