@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from .config import ObservationConfig, SamplingOptions, SelfCorrectionConfig, ThorConfig
 from .events import Backtrack, Final, TextDelta, ToolCall, Vote
