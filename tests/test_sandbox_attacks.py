@@ -178,7 +178,7 @@ def test_allocating_4gb_is_oom(sandbox_one):
 def test_infinite_loop_times_out(sandbox_one):
     r = run(sandbox_one, "while True: pass", timeout=1.5)
     assert r["outcome"] == "timeout", r
-    assert 1.4 < r["duration_s"] < 4
+    assert 1.4 < r["duration_s"] < 6  # killed at its timeout, not left running
     assert_still_serves(sandbox_one)
 
 
@@ -186,7 +186,7 @@ def test_sleep_past_timeout(sandbox_one):
     r = run(sandbox_one, "import time; print('start', flush=True); time.sleep(30)", timeout=1)
     assert r["outcome"] == "timeout", r
     assert r["stdout"] == "start\n"  # output before the kill is kept
-    assert r["duration_s"] < 3
+    assert r["duration_s"] < 6  # killed at its 1 s timeout, not after the 30 s sleep
     assert_still_serves(sandbox_one)
 
 
