@@ -16,7 +16,12 @@ from pathlib import Path
 import pytest
 
 from thor_engine.config import SamplingOptions, SelfCorrectionConfig, ThorConfig
-from thor_engine.tiny_tir_model import TIR_PROBLEMS, TirProblem, build_tiny_tir_model, training_sequences
+from thor_engine.tiny_tir_model import (
+    TIR_PROBLEMS,
+    TirProblem,
+    build_tiny_tir_model,
+    training_sequences,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TIR_DIR = ROOT / ".cache" / "models" / "tiny-tir"
@@ -174,8 +179,9 @@ async def tir_backend(tir_model) -> AsyncIterator:
 
 @pytest.fixture
 async def executor(sandbox) -> AsyncIterator:
-    from thor_engine.tools import SandboxExecutor
     from thor_sandbox.client import SandboxClient
+
+    from thor_engine.tools import SandboxExecutor
 
     async with SandboxClient(sandbox.url) as client:
         yield SandboxExecutor(client)

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -224,6 +225,9 @@ class ThorDecoder:
             if st.attempt > 0 and temperature == 0:
                 temperature = sc.retry_temperature
             seed = None if sampling.seed is None else sampling.seed + 7919 * st.counters.engine_requests
+            if seed is None and st.attempt > 0:
+                # resamples of an unseeded request still get a seed derived from its id: reproducible logs
+                seed = zlib.crc32(f"{rid}-{sample}-{st.counters.engine_requests}".encode())
             params = GenParams(
                 max_tokens=req_max, temperature=temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                 seed=seed, stop=tuple(stops),
