@@ -513,6 +513,7 @@ def main() -> None:
     ap.add_argument("--warmup-concurrency", type=int, default=8, help="one unmeasured concurrent batch per server")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--block-size", type=int, default=32, help="KV cache block size for both servers")
     ap.add_argument("--kvcache-gb", default="2", help="VLLM_CPU_KVCACHE_SPACE for every server")
     ap.add_argument("--order", default="vllm,ours", help="which server part 1 runs first")
     ap.add_argument("--tool-concurrency", type=int, default=16)
@@ -545,7 +546,10 @@ def main() -> None:
             sys.exit(f"model not found: {m}{hint}")
 
     env = vllm_env(args.kvcache_gb)
-    engine_args = ["--enforce-eager", "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--seed", "0"]
+    # identical engine arguments for both servers; the block size is pinned because our
+    # server defaults to 32-token KV blocks on CPU while vLLM alone uses 128
+    engine_args = ["--enforce-eager", "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--seed", "0",
+                   "--block-size", str(args.block_size)]
     res: dict[str, Any] = {
         "smoke_run": args.quick, "machine": machine_info(),
         "config": {"model": args.model, "model_name": Path(args.model).name, "tir_model": args.tir_model,
@@ -568,7 +572,7 @@ def main() -> None:
                     res["no_tool"]["vllm"] = asyncio.run(measure_server("vllm", url, args, ours=False))
             elif name == "ours":
                 srv_args = ["--model", args.model, "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--seed", "0",
-                            "--sandbox-url", sbx.url, "--log-level", "WARNING"]
+                            "--block-size", str(args.block_size), "--sandbox-url", sbx.url, "--log-level", "WARNING"]
                 with run_server(srv_args, env=env, ready_timeout=600) as srv:
                     print(f"  ready in {time.perf_counter() - t0:.0f}s at {srv.url}", flush=True)
                     res["no_tool"]["ours"] = asyncio.run(measure_server("ours", srv.url, args, ours=True))

@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--enforce-eager", action="store_true", default=None, help="skip graph compilation")
     p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--block-size", type=int, help="KV cache block size (default: vLLM's; 32 on CPU)")
     p.add_argument("--seed", type=int)
     p.add_argument("--sandbox-url", help="sandbox service URL or unix:/path (default: start a local one)")
     p.add_argument("--redis-url", help="Redis URL for cache, rate limits and traces (default: in-memory)")
@@ -92,6 +93,7 @@ def make_build(
                 tensor_parallel_size=settings.tensor_parallel_size,
                 gpu_memory_utilization=settings.gpu_memory_utilization, seed=settings.seed,
                 max_num_seqs=settings.max_num_seqs,
+                extra={"block_size": settings.block_size} if settings.block_size else {},
             ))
             stack.callback(backend.shutdown)
             name = settings.served_model_name or _served_name(model)

@@ -33,6 +33,7 @@ class ServerSettings(BaseSettings):
     enforce_eager: bool = False
     seed: int = 0
     max_num_seqs: int | None = Field(default=None, ge=1)
+    block_size: int | None = Field(default=None, ge=1, description="KV cache block size (CPU default here: 32).")
 
     # --- HTTP
     host: str = "127.0.0.1"
