@@ -29,9 +29,11 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.support.shared_data import schema_path
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-COMPOSE_SCHEMA = ROOT.parent / "shared" / "data" / "schemas" / "compose-spec.json"
+COMPOSE_SCHEMA = schema_path("compose-spec.json")
 PROM_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 PROM_RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 GRAFANA_DATASOURCE = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"

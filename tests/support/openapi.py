@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -11,7 +10,8 @@ import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC = Path(__file__).resolve().parents[3] / "shared" / "data" / "schemas" / "openai-openapi.yaml"
+from tests.support.shared_data import schema_path
+
 
 
 def _nullable(node: Any) -> Any:
@@ -34,7 +34,7 @@ def _nullable(node: Any) -> Any:
 
 @functools.cache
 def _spec() -> dict[str, Any]:
-    with open(SPEC) as f:
+    with open(schema_path("openai-openapi.yaml")) as f:
         return _nullable(yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
 
 
