@@ -125,12 +125,18 @@ THOR server ready at {url}  (model: {model}; Ctrl-C stops it and its local sandb
   import os
   from openai import OpenAI
   client = OpenAI(base_url="{url}/v1", api_key={key_py})
+  answer = ""
   for chunk in client.chat.completions.create(
           model="{model}", stream=True,
           messages=[{{"role": "user", "content": "What is 123*457? Use Python."}}]):
-      delta = chunk.choices[0].delta if chunk.choices else None
-      if delta is not None:
-          print(getattr(delta, "reasoning_content", None) or delta.content or "", end="", flush=True)
+      if not chunk.choices:
+          continue
+      extra = chunk.choices[0].delta.model_extra or {{}}
+      print(extra.get("reasoning_content") or "", end="", flush=True)   # the live trace
+      if "thor" in extra:
+          print(f"\\n[thor: {{extra['thor']['type']}}]", flush=True)       # tool_call, tool_result, answer
+      answer += chunk.choices[0].delta.content or ""
+  print("\\nanswer:", answer)
   PY
 """
 
@@ -158,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
 
     server.startup = announce  # type: ignore[method-assign]
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after a clean shutdown
+        return 130
     return 0
 
 

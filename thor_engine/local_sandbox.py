@@ -63,6 +63,8 @@ async def sandbox_at(url: str | None, *, spawn: bool = True, pool_size: int = 2)
     }
     proc = await asyncio.create_subprocess_exec(
         str(python), "-m", "thor_sandbox", cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+        # its own session: a Ctrl-C at the terminal reaches only us, and we stop it in order
+        start_new_session=True,
     )
     try:
         assert proc.stdout is not None
