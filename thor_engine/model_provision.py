@@ -48,6 +48,7 @@ __all__ = [
     "ensure_model",
     "fetch_wheels",
     "join_parts",
+    "publish_dir",
     "sha256_file",
     "verify_file",
 ]
@@ -379,6 +380,24 @@ def _is_complete(model_dir: Path, preset: Preset) -> bool:
     return info.get("sha256") == preset.sha256 and info.get("format") == FORMAT_VERSION
 
 
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Make a finished build directory readable and move it into place atomically.
+
+    mkdtemp makes directories 0700; a model directory is plain readable data. An existing
+    target is swapped out and removed only after the new one is in place.
+    """
+    tmp.chmod(0o755)
+    for f in tmp.iterdir():
+        f.chmod(0o644)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
 def ensure_model(
     preset: str = "default",
     models_dir: Path | None = None,
@@ -416,17 +435,7 @@ def ensure_model(
             "format": FORMAT_VERSION, "dtype": "bfloat16",
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        # mkdtemp makes the directory 0700; a model directory is plain readable data.
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if target.exists():
-            old = target.with_name(f".{p.name}.old{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        publish_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from .model_provision import publish_dir
 
 __all__ = ["TINY_SPEC", "build_tiny_model"]
 
@@ -131,16 +132,7 @@ def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, force: bool = Fal
         (tmp / MARKER).write_text(json.dumps(
             {"fingerprint": fp, "tokenizer_source": str(tokenizer_source), "spec": TINY_SPEC},
             indent=2) + "\n")
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -41,7 +41,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -51,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .model_provision import publish_dir
 from .tiny_model import TINY_SPEC
 
 __all__ = ["DEFAULT_STEPS", "TIR_PROBLEMS", "TirProblem", "build_tiny_tir_model", "training_sequences"]
@@ -449,16 +449,7 @@ def build_tiny_tir_model(
             "wrong_tokens": {"bf16": wrong_bf16, "fp32": wrong_fp32},
             "max_p_other_at_t1": {"bf16": float(f"{dev_bf16:.3g}"), "fp32": float(f"{dev_fp32:.3g}")},
         }, indent=2) + "\n")
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
