@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .model_provision import publish_dir
 
@@ -46,7 +47,7 @@ TINY_SPEC: dict[str, int | float | bool] = {
 }
 
 # Files copied verbatim from the tokenizer source when present.
-_TOKENIZER_FILES = (
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -58,21 +59,37 @@ _TOKENIZER_FILES = (
 )
 
 
-def _fingerprint(tokenizer_source: Path) -> str:
-    h = hashlib.sha256(json.dumps(TINY_SPEC, sort_keys=True).encode())
-    for name in _TOKENIZER_FILES + ("config.json",):
+def hash_tokenizer_source(h: Any, tokenizer_source: Path) -> None:
+    """Feed the tokenizer files and config of *tokenizer_source* into the hash *h*."""
+    for name in TOKENIZER_FILES + ("config.json",):
         f = tokenizer_source / name
         if f.is_file():
             h.update(name.encode())
             h.update(f.read_bytes())
-    return h.hexdigest()
 
 
-def _is_complete(out_dir: Path, fp: str) -> bool:
+def is_complete(out_dir: Path, marker: str, fp: str) -> bool:
+    """True when *out_dir* holds a finished build whose marker records fingerprint *fp*."""
     try:
-        return json.loads((out_dir / MARKER).read_text()).get("fingerprint") == fp
+        return json.loads((out_dir / marker).read_text()).get("fingerprint") == fp
     except (OSError, ValueError):
         return False
+
+
+def copy_tokenizer(tokenizer_source: Path, tok: Any, dest: Path) -> None:
+    """Copy the tokenizer files verbatim (saving *tok* when the source has no tokenizer.json)."""
+    for name in TOKENIZER_FILES:
+        src = tokenizer_source / name
+        if src.is_file():
+            shutil.copyfile(src, dest / name)
+    if not (dest / "tokenizer.json").is_file():
+        tok.save_pretrained(dest)
+
+
+def _fingerprint(tokenizer_source: Path) -> str:
+    h = hashlib.sha256(json.dumps(TINY_SPEC, sort_keys=True).encode())
+    hash_tokenizer_source(h, tokenizer_source)
+    return h.hexdigest()
 
 
 def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, force: bool = False) -> Path:
@@ -88,7 +105,7 @@ def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, force: bool = Fal
     ).is_file():
         raise FileNotFoundError(f"{tokenizer_source} holds no tokenizer files")
     fp = _fingerprint(tokenizer_source)
-    if not force and _is_complete(out_dir, fp):
+    if not force and is_complete(out_dir, MARKER, fp):
         return out_dir
 
     import torch
@@ -123,12 +140,7 @@ def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, force: bool = Fal
     try:
         model.config.dtype = torch.bfloat16
         model.save_pretrained(tmp, safe_serialization=True)
-        for name in _TOKENIZER_FILES:
-            src = tokenizer_source / name
-            if src.is_file():
-                shutil.copyfile(src, tmp / name)
-        if not (tmp / "tokenizer.json").is_file():
-            tok.save_pretrained(tmp)
+        copy_tokenizer(tokenizer_source, tok, tmp)
         (tmp / MARKER).write_text(json.dumps(
             {"fingerprint": fp, "tokenizer_source": str(tokenizer_source), "spec": TINY_SPEC},
             indent=2) + "\n")

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .model_provision import publish_dir
-from .tiny_model import TINY_SPEC
+from .tiny_model import TINY_SPEC, copy_tokenizer, hash_tokenizer_source, is_complete
 
 __all__ = ["DEFAULT_STEPS", "TIR_PROBLEMS", "TirProblem", "build_tiny_tir_model", "training_sequences"]
 
@@ -162,17 +162,6 @@ TIR_PROBLEMS: tuple[TirProblem, ...] = (
        "\\boxed{1}.", "1"),
 )
 
-# Files copied verbatim from the tokenizer source when present.
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "generation_config.json",
-)
 
 
 @dataclass(frozen=True)
@@ -225,19 +214,8 @@ def _fingerprint(tokenizer_source: Path, steps: int, seed: int) -> str:
     }, sort_keys=True).encode())
     # the training code itself: a change to it is a different model
     h.update(Path(__file__).read_bytes())
-    for name in _TOKENIZER_FILES + ("config.json",):
-        f = tokenizer_source / name
-        if f.is_file():
-            h.update(name.encode())
-            h.update(f.read_bytes())
+    hash_tokenizer_source(h, tokenizer_source)
     return h.hexdigest()
-
-
-def _is_complete(out_dir: Path, fp: str) -> bool:
-    try:
-        return json.loads((out_dir / MARKER).read_text()).get("fingerprint") == fp
-    except (OSError, ValueError):
-        return False
 
 
 def _qwen2_config(vocab: int, src_cfg: dict, tok: Any, **over: Any) -> Any:
@@ -392,7 +370,7 @@ def build_tiny_tir_model(
     ).is_file():
         raise FileNotFoundError(f"{tokenizer_source} holds no tokenizer files")
     fp = _fingerprint(tokenizer_source, steps, seed) + ("" if verify else "-unverified")
-    if not force and _is_complete(out_dir, fp):
+    if not force and is_complete(out_dir, MARKER, fp):
         return out_dir
 
     import torch
@@ -433,12 +411,7 @@ def build_tiny_tir_model(
     try:
         model.config.dtype = torch.bfloat16
         model.save_pretrained(tmp, safe_serialization=True)
-        for name in _TOKENIZER_FILES:
-            src = tokenizer_source / name
-            if src.is_file():
-                shutil.copyfile(src, tmp / name)
-        if not (tmp / "tokenizer.json").is_file():
-            tok.save_pretrained(tmp)
+        copy_tokenizer(tokenizer_source, tok, tmp)
         (tmp / MARKER).write_text(json.dumps({
             "fingerprint": fp, "tokenizer_source": str(tokenizer_source), "spec": TINY_SPEC,
             "training": {"steps": steps, "seed": seed, "lr": LR, "initializer_range": INIT_RANGE, "margin": MARGIN,
