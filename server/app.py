@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from thor_engine.engine import PromptTooLong, ThorEngine
+from thor_engine.prompting import TIR_INSTRUCTIONS
 from thor_sandbox.client import SandboxClient, SandboxError, SandboxUnavailable
 
 from .errors import ApiError, error_body, install_handlers
@@ -196,8 +197,7 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
         try:
             prompt = state.engine.chat_prompt(
                 body.chat_messages(),
-                tir_instructions=None if (not tools or (opts and not opts.tir_instructions)) else
-                _tir_default(),
+                tir_instructions=TIR_INSTRUCTIONS if tools and (opts is None or opts.tir_instructions) else None,
             )
             max_tokens = body.effective_max_tokens()
             state.engine.check_budget(prompt, max_tokens)
@@ -352,8 +352,7 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
             "engine": {"status": "ok", "model": state.model_name,
                        "requests_running": await state.engine.num_unfinished_requests()},
             "sandbox": sandbox,
-            "store": {"status": state.store.status() if callable(getattr(state.store, "status", None))
-                      else str(getattr(state.store, "status", "")), "ok": store_ok},
+            "store": {"status": state.store.status, "ok": store_ok},
         }
         return JSONResponse(body, status_code=200 if sandbox_ok else 503)
 
@@ -412,9 +411,3 @@ class FrameMiddleware:
 
 
 KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/traces/{id}", "/health", "/metrics"}
-
-
-def _tir_default() -> str:
-    from thor_engine.prompting import TIR_INSTRUCTIONS
-
-    return TIR_INSTRUCTIONS

@@ -171,12 +171,9 @@ class ResponseBuilder:
                 out.append(self._chunk([self._chat_choice(st.index, {"content": ev.answer_text})]))
             out.append(self._chunk([self._chat_choice(st.index, {}, finish)]))
         else:
-            out.append(self._chunk([self._completion_choice(st.index, "", finish, self._stop_reason(ev))]))
+            # the THOR loop does not report which user stop string ended it: stop_reason stays null
+            out.append(self._chunk([self._completion_choice(st.index, "", finish, None)]))
         return out
-
-    @staticmethod
-    def _stop_reason(ev: Final) -> str | None:
-        return None
 
     def usage(self) -> dict[str, int]:
         prompt = max((c.final.usage.prompt_tokens for c in self.choices if c.final), default=0)
