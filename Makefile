@@ -53,7 +53,7 @@ vllm: $(STAMPS)/vllm
 # into models/ (git-ignored); `PRESET=quality` builds the 1.5B one instead.
 PRESET ?= default
 models: vllm
-	$(VENV)/bin/python -m thor_engine.model_provision --preset $(PRESET)
+	$(VENV)/bin/python -m thor_engine.models.provision --preset $(PRESET)
 
 # --- sandbox environments (Python 3.12) --------------------------------------
 # The jail interpreter is a copy of Python 3.12 outside root's home (nsjail mounts
@@ -88,12 +88,12 @@ sandbox: sandbox-env
 # SERVE_ARGS adds flags (e.g. SERVE_ARGS="--api-key secret --port 9000").
 SERVE_ARGS ?=
 serve: vllm sandbox-env
-	$(VENV)/bin/python -m thor_engine.model_provision --preset default
+	$(VENV)/bin/python -m thor_engine.models.provision --preset default
 	$(VENV)/bin/python -m server --model default --enforce-eager --max-model-len 8192 $(SERVE_ARGS)
 
 # --- tests and benchmarks ----------------------------------------------------
 test: venv vllm sandbox-env
-	$(VENV)/bin/python -m thor_engine.model_provision --preset default
+	$(VENV)/bin/python -m thor_engine.models.provision --preset default
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench-sandbox: venv sandbox-env

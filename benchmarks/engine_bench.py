@@ -1,6 +1,6 @@
 """Engine benchmark: the THOR decoder on real vLLM (CPU) with the real sandbox (nsjail).
 
-Uses the tiny TIR model (thor_engine/tiny_tir_model.py: hidden 64, 2 layers, trained
+Uses the tiny TIR model (tests/support/tiny_tir_model.py: hidden 64, 2 layers, trained
 to write memorised tool-integrated trajectories), so every problem runs real tool
 rounds at a few hundred tokens per second and the decoder's own overhead is visible.
 Measures, in one run, on one engine:
@@ -49,7 +49,7 @@ from thor_engine.config import (
 )
 from thor_engine.events import Backtrack, Final, ToolCall
 from thor_engine.observation import judge
-from thor_engine.tiny_tir_model import TIR_PROBLEMS, TirProblem, build_tiny_tir_model
+from tests.support.tiny_tir_model import TIR_PROBLEMS, TirProblem, build_tiny_tir_model
 
 SC_PROBLEM = "divzero"
 
@@ -119,7 +119,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     from thor_engine.backends.vllm_backend import EngineOptions, VllmBackend
     from thor_engine.decoder import ThorDecoder
-    from thor_engine.model_provision import ensure_model
+    from thor_engine.models.provision import ensure_model
     from thor_engine.prompting import render_chat
     from thor_engine.tools import SandboxExecutor
 

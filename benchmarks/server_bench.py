@@ -20,7 +20,7 @@ wall time of the level, TTFT (time to the first chunk carrying text: `content`, 
 throughput (target >= 0.95) and TTFT difference (target <= +10 ms).
 
 Part 2, tool-heavy load: our server with the tiny TIR model (a test fixture that writes real
-THOR code blocks for `thor_engine.tiny_tir_model.TIR_PROBLEMS`), a real sandbox service,
+THOR code blocks for `tests.support.tiny_tir_model.TIR_PROBLEMS`), a real sandbox service,
 the tool-result cache off (THOR_TOOL_CACHE_TTL_S=0, so every code block really runs),
 concurrent streaming requests cycling through the problems. The arrival time of every SSE
 chunk is recorded. Reported: gaps between consecutive chunks of a stream, overall; the
@@ -359,7 +359,7 @@ async def probe_loop(url: str, stop: asyncio.Event, period_s: float = 0.02) -> l
 
 
 async def tool_load(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    from thor_engine.tiny_tir_model import TIR_PROBLEMS
+    from tests.support.tiny_tir_model import TIR_PROBLEMS
 
     model = await served_model(url)
     problems = [p for p in TIR_PROBLEMS if p.kind != "long"] if args.tool_skip_long else list(TIR_PROBLEMS)
@@ -538,7 +538,7 @@ def main() -> None:
         if not Path(m).exists():
             hint = ""
             if m == str(DEFAULT_TIR_MODEL):
-                hint = (" (build it: .venv/bin/python -c \"from pathlib import Path; from thor_engine.tiny_tir_model import "
+                hint = (" (build it: .venv/bin/python -c \"from pathlib import Path; from tests.support.tiny_tir_model import "
                         "build_tiny_tir_model; build_tiny_tir_model(Path('.cache/models/tiny-tir'), "
                         "Path('models/Qwen2.5-Coder-0.5B-Instruct'))\")")
             elif m == str(DEFAULT_MODEL):

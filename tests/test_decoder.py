@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from thor_engine.backends.scripted import ScriptedBackend
+from tests.support.scripted_backend import ScriptedBackend
 from thor_engine.codeblocks import find_blocks, trailing_block
 from thor_engine.config import ObservationConfig, SamplingOptions, SelfCorrectionConfig, ThorConfig
 from thor_engine.decoder import ThorDecoder, collect, finals

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_model(default_model) -> Path:
-    from thor_engine.tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     return build_tiny_model(ROOT / ".cache" / "models" / "tiny-random-qwen2", tokenizer_source=default_model)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from thor_engine import model_provision as mp
-from thor_engine.model_provision import PRESETS, ProvisionError, ensure_model, verify_file
+from thor_engine.models import provision as mp
+from thor_engine.models.provision import PRESETS, ProvisionError, ensure_model, verify_file
 
 # ----------------------------------------------------------------- fast, no downloads
 
@@ -171,7 +171,7 @@ def test_tiny_model_builds_loads_and_is_deterministic(default_model, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from thor_engine.tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     out = build_tiny_model(tmp_path / "tiny", default_model)
     cfg = json.loads((out / "config.json").read_text())
@@ -234,7 +234,7 @@ def test_tiny_model_serves_with_vllm(default_model, tmp_path):
     import sys
 
     pytest.importorskip("vllm")
-    from thor_engine.tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     out = build_tiny_model(tmp_path / "tiny", default_model)
     script = tmp_path / "serve_tiny.py"

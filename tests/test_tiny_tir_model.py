@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from thor_engine.config import SamplingOptions, SelfCorrectionConfig, ThorConfig
-from thor_engine.tiny_tir_model import (
+from tests.support.tiny_tir_model import (
     TIR_PROBLEMS,
     TirProblem,
     build_tiny_tir_model,

@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_model(name: str) -> str:
-    from .model_provision import PRESETS, ensure_model
+    from .models.provision import PRESETS, ensure_model
 
     if name in PRESETS:
         return str(ensure_model(name, log=lambda m: print(m, file=sys.stderr)))

@@ -4,7 +4,7 @@ Owns: the small interface between the tool-integrated decoder and a token
 generator: one streaming generation request from a list of prompt token ids,
 with stop strings, returning new token ids and their text as they arrive.
 vLLM's AsyncLLMEngine (backends/vllm_backend.py) is the production backend; a
-scripted backend (backends/scripted.py) replays fixed text for deterministic
+scripted backend (tests/support/scripted_backend.py) replays fixed text for deterministic
 unit tests of the decoder loop and is never a default.
 
 Does not own: the TIR loop (decoder.py), tokenisation of observations

