@@ -3,6 +3,7 @@ normal snippet runs correctly on the same (single-worker) pool."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import textwrap
 import threading
@@ -163,8 +164,8 @@ def test_fork_bomb_is_contained(sandbox_one):
             except OSError:
                 pass
     """, timeout=3)
-    assert r["outcome"] in ("timeout", "error"), r
-    assert r["duration_s"] < 10
+    # the loop never ends by itself: only the jail's timeout kill (SIGKILL, or SIGXCPU at the CPU limit) stops it
+    assert r["outcome"] == "timeout" and r["signal"] in (signal.SIGKILL, signal.SIGXCPU), r
     assert_still_serves(sandbox_one)
 
 
@@ -178,15 +179,15 @@ def test_allocating_4gb_is_oom(sandbox_one):
 def test_infinite_loop_times_out(sandbox_one):
     r = run(sandbox_one, "while True: pass", timeout=1.5)
     assert r["outcome"] == "timeout", r
-    assert 1.4 < r["duration_s"] < 6  # killed at its timeout, not left running
+    assert r["signal"] in (signal.SIGKILL, signal.SIGXCPU) and r["exit_code"] is None, r  # killed, not left running
     assert_still_serves(sandbox_one)
 
 
 def test_sleep_past_timeout(sandbox_one):
-    r = run(sandbox_one, "import time; print('start', flush=True); time.sleep(30)", timeout=1)
+    r = run(sandbox_one, "import time; print('start', flush=True); time.sleep(30); print('end')", timeout=1)
     assert r["outcome"] == "timeout", r
-    assert r["stdout"] == "start\n"  # output before the kill is kept
-    assert r["duration_s"] < 6  # killed at its 1 s timeout, not after the 30 s sleep
+    # output before the kill is kept; the wall-clock kill (SIGKILL) came before the sleep ended
+    assert r["stdout"] == "start\n" and r["signal"] == signal.SIGKILL and r["exit_code"] is None, r
     assert_still_serves(sandbox_one)
 
 

@@ -2,6 +2,9 @@
 
 The server can be stopped and started again on the same port (outage tests), and
 paused with SIGSTOP (a Redis that accepts connections but never answers).
+`count_redis_traffic` counts what redis-py clients send towards Redis (connection
+attempts, commands written), so outage tests assert "no round trip" instead of timing
+operations. It does not fake or intercept Redis: every call still goes to the real server.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def _free_port() -> int:
@@ -108,3 +113,47 @@ def run_redis(port: int | None = None) -> Iterator[RedisServer]:
         yield server
     finally:
         server.cleanup()
+
+
+@dataclass
+class RedisTraffic:
+    """What redis-py (asyncio) clients sent towards Redis while counting."""
+
+    connects: int = 0  # connection attempts (socket connect + handshake), failed or not
+    commands: int = 0  # commands written to a connection (including health-check PINGs)
+
+    @property
+    def total(self) -> int:
+        return self.connects + self.commands
+
+
+@contextlib.contextmanager
+def count_redis_traffic() -> Iterator[RedisTraffic]:
+    """Count connection attempts and commands of every redis.asyncio connection in the block.
+
+    Wraps `connect_check_health` (counted only when the connection is not yet open) and
+    `send_packed_command` of `redis.asyncio.connection.AbstractConnection`; the real methods
+    still run, so the store under test talks to the real server (or fails to).
+    """
+    from redis.asyncio.connection import AbstractConnection
+
+    traffic = RedisTraffic()
+    connect = AbstractConnection.connect_check_health
+    send = AbstractConnection.send_packed_command
+
+    async def counting_connect(self: AbstractConnection, *args: Any, **kwargs: Any) -> Any:
+        if not self.is_connected:
+            traffic.connects += 1
+        return await connect(self, *args, **kwargs)
+
+    async def counting_send(self: AbstractConnection, *args: Any, **kwargs: Any) -> Any:
+        traffic.commands += 1
+        return await send(self, *args, **kwargs)
+
+    AbstractConnection.connect_check_health = counting_connect  # type: ignore[method-assign]
+    AbstractConnection.send_packed_command = counting_send  # type: ignore[method-assign]
+    try:
+        yield traffic
+    finally:
+        AbstractConnection.connect_check_health = connect  # type: ignore[method-assign]
+        AbstractConnection.send_packed_command = send  # type: ignore[method-assign]
