@@ -5,8 +5,10 @@ against the published Compose specification schema and against what the services
 (nsjail's capabilities, the GPU reservation, health checks, an internal network); the
 Prometheus configuration and alert rules are checked and unit-tested with the real
 `promtool`; every PromQL expression of the Grafana dashboard and of the alert rules is
-checked against the table of metric names the server and sandbox export, and evaluated
-by a real `prometheus` (Debian's) scraping live sample endpoints.
+checked against the metric names the server and sandbox export (read from the real
+`ServerMetrics` and `SandboxMetrics` registries, so renaming a metric breaks these tests),
+and evaluated by a real `prometheus` (Debian's) scraping live endpoints that serve those
+real registries. promtool and prometheus are required: a missing binary fails, never skips.
 """
 
 from __future__ import annotations
@@ -44,31 +46,25 @@ DEPLOY_README = ROOT / "deploy" / "README.md"
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool not installed (scripts/apt-deps.sh installs Debian's prometheus)"
-)
-needs_prometheus = pytest.mark.skipif(
-    PROMETHEUS is None, reason="prometheus not installed (scripts/apt-deps.sh installs Debian's prometheus)"
-)
 
-# Every metric the dashboard and the alert rules may chart: name -> type.
-# Server (thor_*, plus vLLM's engine metrics on the same /metrics) and sandbox service.
-METRICS: dict[str, str] = {
-    # server
-    "thor_requests_total": "counter",  # {route, status}
-    "thor_request_duration_seconds": "histogram",  # {route}
-    "thor_time_to_first_token_seconds": "histogram",
-    "thor_generated_tokens_total": "counter",
-    "thor_discarded_tokens_total": "counter",
-    "thor_tool_calls_total": "counter",  # {outcome}
-    "thor_tool_duration_seconds": "histogram",
-    "thor_backtracks_total": "counter",
-    "thor_tool_rounds_per_request": "histogram",
-    "thor_tool_cache_hits_total": "counter",
-    "thor_rate_limited_total": "counter",
-    "thor_requests_in_flight": "gauge",
-    "thor_store_errors_total": "counter",  # {operation}
-    # vLLM engine
+
+def exported_metrics(registry) -> dict[str, str]:
+    """name -> type of every metric a prometheus_client registry exports (counters with `_total`)."""
+    return {(f"{f.name}_total" if f.type == "counter" else f.name): f.type for f in registry.collect()}
+
+
+def project_metrics() -> dict[str, str]:
+    """The metrics the server's and the sandbox's own /metrics export, read from the real classes."""
+    from server.metrics import ServerMetrics
+    from thor_sandbox.metrics import SandboxMetrics
+
+    server, sandbox = exported_metrics(ServerMetrics().registry), exported_metrics(SandboxMetrics().registry)
+    assert server and sandbox and not set(server) & set(sandbox)
+    return {**server, **sandbox}
+
+
+# vLLM's engine metrics, appended to the server's /metrics by vLLM itself (not ours to rename).
+VLLM_METRICS: dict[str, str] = {
     "vllm:num_requests_running": "gauge",
     "vllm:num_requests_waiting": "gauge",
     "vllm:kv_cache_usage_perc": "gauge",
@@ -76,21 +72,31 @@ METRICS: dict[str, str] = {
     "vllm:prompt_tokens_total": "counter",
     "vllm:generation_tokens_total": "counter",
     "vllm:time_to_first_token_seconds": "histogram",
-    # sandbox
-    "thor_sandbox_executions_total": "counter",  # {outcome}
-    "thor_sandbox_execution_duration_seconds": "histogram",  # {outcome}
-    "thor_sandbox_queue_depth": "gauge",
-    "thor_sandbox_workers": "gauge",  # {state}
-    "thor_sandbox_worker_restarts_total": "counter",  # {reason}
-    "thor_sandbox_rejected_total": "counter",  # {reason}
-    # Prometheus' own per-target series
-    "up": "gauge",
 }
-SERIES_NAMES = {
-    series
-    for name, kind in METRICS.items()
-    for series in ([f"{name}_bucket", f"{name}_sum", f"{name}_count"] if kind == "histogram" else [name])
+# Every metric the dashboard and the alert rules may chart: name -> type.
+METRICS: dict[str, str] = {**project_metrics(), **VLLM_METRICS, "up": "gauge"}  # up: Prometheus' per-target series
+# What the dashboard must chart (each must also be exported: checked below).
+CHARTED = {
+    "thor_requests_total", "thor_request_duration_seconds", "thor_time_to_first_token_seconds",
+    "thor_generated_tokens_total", "thor_discarded_tokens_total", "thor_tool_calls_total",
+    "thor_tool_duration_seconds", "thor_backtracks_total", "thor_tool_rounds_per_request",
+    "thor_tool_cache_hits_total", "thor_rate_limited_total", "thor_requests_in_flight", "thor_store_errors_total",
+    "thor_sandbox_executions_total", "thor_sandbox_execution_duration_seconds", "thor_sandbox_queue_depth",
+    "thor_sandbox_workers", "thor_sandbox_worker_restarts_total", "thor_sandbox_rejected_total",
+    *VLLM_METRICS, "up",
 }
+
+
+def series_names(metrics: dict[str, str]) -> set[str]:
+    """The series names Prometheus stores for these metrics (a histogram is _bucket, _sum and _count)."""
+    return {
+        series
+        for name, kind in metrics.items()
+        for series in ([f"{name}_bucket", f"{name}_sum", f"{name}_count"] if kind == "histogram" else [name])
+    }
+
+
+SERIES_NAMES = series_names(METRICS)
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
 PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
                    "group_left", "group_right", "inf", "nan", "atan2"}
@@ -166,6 +172,8 @@ def balanced(expr: str) -> bool:
 
 
 def run_promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    # .ci/run installs it; a missing binary is a broken set-up, not a reason to skip
+    assert PROMTOOL is not None, "promtool not installed: run scripts/apt-deps.sh (Debian's prometheus)"
     return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
@@ -416,20 +424,17 @@ def test_prometheus_scrape_config():
     assert config["rule_files"] == [PROM_RULES.name]
 
 
-@needs_promtool
 def test_promtool_check_config():
     result = run_promtool("check", "config", str(PROM_CONFIG))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
 
-@needs_promtool
 def test_promtool_check_rules():
     result = run_promtool("check", "rules", str(PROM_RULES))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@needs_promtool
 def test_promtool_alert_rule_unit_tests(tmp_path):
     """The alerts fire on the conditions they describe (and not on healthy series)."""
     tests = {
@@ -502,10 +507,26 @@ def test_dashboard_structure(dashboard):
 
 
 def test_dashboard_charts_every_required_metric(dashboard):
+    assert CHARTED <= set(METRICS), f"required charts of metrics nobody exports: {sorted(CHARTED - set(METRICS))}"
     used = set().union(*(metric_names(e) for _, e in dashboard_exprs(dashboard)))
     base = {re.sub(r"_(bucket|sum|count)$", "", n) if n not in METRICS else n for n in used}
-    missing = set(METRICS) - base
+    missing = CHARTED - base
     assert not missing, f"metrics not charted: {sorted(missing)}"
+
+
+def test_renaming_a_server_metric_breaks_the_dashboard_check(monkeypatch, dashboard):
+    """The known names are read from ServerMetrics: rename one there and the dashboard uses an unknown name."""
+    import server.metrics
+
+    real = server.metrics.Counter
+
+    def renamed(name: str, *args, **kwargs):
+        return real("thor_http_requests_total" if name == "thor_requests_total" else name, *args, **kwargs)
+
+    monkeypatch.setattr(server.metrics, "Counter", renamed)
+    known = series_names({**project_metrics(), **VLLM_METRICS, "up": "gauge"})
+    used = set().union(*(metric_names(e) for _, e in dashboard_exprs(dashboard)))
+    assert used - known == {"thor_requests_total"}
 
 
 @pytest.mark.parametrize("source", ["dashboard", "alerts"])
@@ -535,73 +556,60 @@ def test_metric_name_extraction():
 
 
 def sample_registries():
-    """Two registries shaped like the server's and the sandbox's /metrics, with some traffic."""
+    """The real server and sandbox metric registries (plus vLLM's engine metrics), with some traffic.
+
+    Traffic goes through the attributes of `ServerMetrics` and `SandboxMetrics`, so the
+    live Prometheus scrapes exactly the names and labels the services export.
+    """
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from server.metrics import ServerMetrics
+    from thor_sandbox.metrics import SandboxMetrics
 
-    srv, sbx = CollectorRegistry(), CollectorRegistry()
-    requests = Counter("thor_requests_total", "", ["route", "status"], registry=srv)
-    duration = Histogram("thor_request_duration_seconds", "", ["route"], registry=srv,
-                         buckets=(0.5, 1, 5, 30, 120, 600))
-    ttft = Histogram("thor_time_to_first_token_seconds", "", registry=srv)
-    generated = Counter("thor_generated_tokens_total", "", registry=srv)
-    discarded = Counter("thor_discarded_tokens_total", "", registry=srv)
-    tools = Counter("thor_tool_calls_total", "", ["outcome"], registry=srv)
-    tool_duration = Histogram("thor_tool_duration_seconds", "", registry=srv)
-    backtracks = Counter("thor_backtracks_total", "", registry=srv)
-    rounds = Histogram("thor_tool_rounds_per_request", "", registry=srv, buckets=(0, 1, 2, 3, 5, 10))
-    cache_hits = Counter("thor_tool_cache_hits_total", "", registry=srv)
-    rate_limited = Counter("thor_rate_limited_total", "", registry=srv)
-    in_flight = Gauge("thor_requests_in_flight", "", registry=srv)
-    store_errors = Counter("thor_store_errors_total", "", ["operation"], registry=srv)
-    Gauge("vllm:num_requests_running", "", registry=srv).set(3)
-    Gauge("vllm:num_requests_waiting", "", registry=srv).set(1)
-    Gauge("vllm:kv_cache_usage_perc", "", registry=srv).set(0.42)
-    prompt_tokens = Counter("vllm:prompt_tokens_total", "", registry=srv)
-    gen_tokens = Counter("vllm:generation_tokens_total", "", registry=srv)
-    engine_ttft = Histogram("vllm:time_to_first_token_seconds", "", registry=srv)
-
-    executions = Counter("thor_sandbox_executions_total", "", ["outcome"], registry=sbx)
-    exec_duration = Histogram("thor_sandbox_execution_duration_seconds", "", ["outcome"], registry=sbx)
-    Gauge("thor_sandbox_queue_depth", "", registry=sbx).set(2)
-    workers = Gauge("thor_sandbox_workers", "", ["state"], registry=sbx)
-    workers.labels("idle").set(3)
-    workers.labels("busy").set(1)
-    restarts = Counter("thor_sandbox_worker_restarts_total", "", ["reason"], registry=sbx)
-    rejected = Counter("thor_sandbox_rejected_total", "", ["reason"], registry=sbx)
+    srv, sbx, engine = ServerMetrics(), SandboxMetrics(), CollectorRegistry()
+    Gauge("vllm:num_requests_running", "", registry=engine).set(3)
+    Gauge("vllm:num_requests_waiting", "", registry=engine).set(1)
+    Gauge("vllm:kv_cache_usage_perc", "", registry=engine).set(0.42)
+    prompt_tokens = Counter("vllm:prompt_tokens_total", "", registry=engine)
+    gen_tokens = Counter("vllm:generation_tokens_total", "", registry=engine)
+    engine_ttft = Histogram("vllm:time_to_first_token_seconds", "", registry=engine)
+    sbx.queue_depth.set(2)
+    sbx.workers.labels("idle").set(3)
+    sbx.workers.labels("busy").set(1)
 
     def traffic() -> None:
-        requests.labels("/v1/chat/completions", "200").inc(5)
-        requests.labels("/v1/chat/completions", "429").inc()
-        duration.labels("/v1/chat/completions").observe(3.2)
-        ttft.observe(0.08)
-        generated.inc(400)
-        discarded.inc(30)
-        tools.labels("ok").inc(3)
-        tools.labels("error").inc()
-        tool_duration.observe(0.05)
-        backtracks.inc()
-        rounds.observe(2)
-        cache_hits.inc()
-        rate_limited.inc()
-        in_flight.set(4)
-        store_errors.labels("cache_get").inc()
+        srv.requests.labels("/v1/chat/completions", "200").inc(5)
+        srv.requests.labels("/v1/chat/completions", "429").inc()
+        srv.request_duration.labels("/v1/chat/completions").observe(3.2)
+        srv.ttft.observe(0.08)
+        srv.generated_tokens.inc(400)
+        srv.discarded_tokens.inc(30)
+        srv.tool_calls.labels("ok").inc(3)
+        srv.tool_calls.labels("error").inc()
+        srv.tool_duration.observe(0.05)
+        srv.backtracks.inc()
+        srv.tool_rounds.observe(2)
+        srv.cache_hits.inc()
+        srv.rate_limited.inc()
+        srv.in_flight.set(4)
+        srv.store_errors.labels("cache_get").inc()
         prompt_tokens.inc(100)
         gen_tokens.inc(430)
         engine_ttft.observe(0.07)
-        executions.labels("ok").inc(3)
-        exec_duration.labels("ok").observe(0.01)
-        restarts.labels("recycled").inc()
-        rejected.labels("queue_full").inc()
+        sbx.executions.labels("ok").inc(3)
+        sbx.duration.labels("ok").observe(0.01)
+        sbx.worker_restarts.labels("recycled").inc()
+        sbx.rejected.labels("queue_full").inc()
 
-    return srv, sbx, traffic
+    return [srv.registry, engine], [sbx.registry], traffic
 
 
-def serve_registry(registry) -> http.server.ThreadingHTTPServer:
+def serve_registries(registries) -> http.server.ThreadingHTTPServer:
+    """One /metrics endpoint concatenating registries (as ServerMetrics.exposition appends vLLM's)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
-            body = generate_latest(registry)
+            body = b"".join(generate_latest(registry) for registry in registries)
             self.send_response(200)
             self.send_header("Content-Type", CONTENT_TYPE_LATEST)
             self.send_header("Content-Length", str(len(body)))
@@ -618,12 +626,12 @@ def serve_registry(registry) -> http.server.ThreadingHTTPServer:
 
 @pytest.fixture(scope="module")
 def live_prometheus(tmp_path_factory) -> Iterator[str]:
-    """Debian's prometheus running the repository's scrape jobs and alert rules against sample endpoints."""
+    """Debian's prometheus running the repository's scrape jobs and alert rules against the real registries."""
     # .ci/run installs it; a missing binary is a broken set-up, not a reason to skip
     assert PROMETHEUS is not None, "prometheus not installed: run scripts/apt-deps.sh (Debian's prometheus)"
     srv, sbx, traffic = sample_registries()
     traffic()
-    endpoints = {"thor-server": serve_registry(srv), "thor-sandbox": serve_registry(sbx)}
+    endpoints = {"thor-server": serve_registries(srv), "thor-sandbox": serve_registries(sbx)}
     stop = threading.Event()
 
     def keep_traffic() -> None:
