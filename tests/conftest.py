@@ -12,6 +12,18 @@ from tests.support.sandbox_service import SandboxService, run_sandbox
 CANARY = "thor-canary-7f3a9c"
 
 
+def require_vllm() -> None:
+    """vLLM is part of the test set-up: a missing engine fails (errors) the test, never skips it."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        pytest.fail(
+            f"vLLM is not importable ({exc}): install it with `make vllm` "
+            "(scripts/install-vllm.sh cpu .venv); `make test` does this itself",
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[SandboxService]:
     """The sandbox service as `make sandbox` runs it (2 workers), with a canary secret in its env."""

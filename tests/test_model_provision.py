@@ -15,6 +15,7 @@ import pytest
 
 from thor_engine.models import provision as mp
 from thor_engine.models.provision import PRESETS, ProvisionError, ensure_model, verify_file
+from tests.conftest import require_vllm
 
 # ----------------------------------------------------------------- fast, no downloads
 
@@ -233,7 +234,7 @@ def test_tiny_model_serves_with_vllm(default_model, tmp_path):
     import subprocess
     import sys
 
-    pytest.importorskip("vllm")
+    require_vllm()  # a missing engine is an error, not a skip
     from tests.support.tiny_model import build_tiny_model
 
     out = build_tiny_model(tmp_path / "tiny", default_model)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from thor_engine.config import SamplingOptions, SelfCorrectionConfig, ThorConfig
+from tests.conftest import require_vllm
 from tests.support.tiny_tir_model import (
     TIR_PROBLEMS,
     TirProblem,
@@ -165,7 +166,7 @@ def vllm_cpu_env() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 async def tir_backend(tir_model) -> AsyncIterator:
-    pytest.importorskip("vllm")
+    require_vllm()  # a missing engine is an error, not a skip
     from thor_engine.backends.vllm_backend import EngineOptions, VllmBackend
 
     with vllm_cpu_env():
