@@ -216,15 +216,113 @@ def socket_free_port():
     return cm()
 
 
-async def test_client_cancellation_replaces_worker(sandbox):
-    async with SandboxClient(sandbox.url) as client:
-        task = asyncio.create_task(client.run("import time; time.sleep(20)", timeout=30))
-        await asyncio.sleep(0.5)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        # the pool keeps serving
-        assert (await client.run("print(7)")).stdout == "7\n"
+def health(svc) -> dict:
+    return httpx.get(svc.url + "/health").json()
+
+
+def wait_for(condition, what: str, deadline_s: float = 60.0):  # type: ignore[no-untyped-def]
+    """Poll `condition()` until it returns something truthy; fail naming `what` if it never does."""
+    end = time.monotonic() + deadline_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > end:
+            pytest.fail(f"never happened: {what}")
+        time.sleep(0.1)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+# A one-worker pool whose snippet sleeps far past the wait of anyone queued behind it:
+# unless the abandoned snippet is stopped, the queued request gets a 503 (queue timeout)
+# and the worker keeps its id.
+DISCONNECT_ENV = {
+    "THOR_SANDBOX_POOL_SIZE": "1", "THOR_SANDBOX_MAX_TIMEOUT_S": "300", "THOR_SANDBOX_QUEUE_TIMEOUT_S": "100",
+}
+ABANDONED = "import time; print('started', flush=True); time.sleep(250)"
+
+
+@pytest.mark.parametrize("route", ["client /v1/execute", "raw /run_code/"])
+def test_disconnect_stops_the_snippet_and_replaces_its_worker(route):
+    with run_sandbox(DISCONNECT_ENV) as svc:
+        [before] = health(svc)["workers"]
+
+        async def scenario() -> str:
+            async with SandboxClient(svc.url, retries=0) as client, httpx.AsyncClient(timeout=300) as http:
+                if route.startswith("client"):
+                    abandoned = asyncio.create_task(client.run(ABANDONED, timeout=260))
+                else:
+                    abandoned = asyncio.create_task(
+                        http.post(svc.url + "/run_code/", json={"code": ABANDONED, "run_timeout": 260}))
+                while not health(svc)["workers"][0]["busy"]:
+                    await asyncio.sleep(0.05)
+                waiter = asyncio.create_task(client.run("print('served')"))
+                while health(svc)["queue_depth"] < 1:
+                    await asyncio.sleep(0.05)
+                abandoned.cancel()  # the client goes away: its connection closes
+                with pytest.raises(asyncio.CancelledError):
+                    await abandoned
+                return (await waiter).stdout
+
+        # the queued request is served by a fresh worker, not after the 250 s sleep (nor a 503)
+        assert asyncio.run(scenario()) == "served\n"
+        [after] = health(svc)["workers"]
+        assert after["id"] != before["id"] and after["pid"] != before["pid"]
+        wait_for(lambda: not process_alive(before["pid"]), "the abandoned worker's nsjail exits")
+        assert metric(svc, "thor_sandbox_worker_restarts_total", reason="cancelled") == 1
+        assert metric(svc, "thor_sandbox_client_disconnects_total") == 1
+        assert metric(svc, "thor_sandbox_executions_total", outcome="ok") == 1  # only the waiter ran to the end
+
+
+def test_trailing_slash_routes_answer_directly(sandbox):
+    r = httpx.post(sandbox.url + "/run_code/", json={"code": "print(1+1)"}, follow_redirects=False)
+    assert r.status_code == 200, (r.status_code, r.headers.get("location"))
+    assert r.json()["run_result"]["stdout"] == "2\n"
+    r = httpx.post(sandbox.url + "/v1/execute/", json={"snippets": [{"code": "print(3)"}]}, follow_redirects=False)
+    assert r.status_code == 200 and r.json()["results"][0]["stdout"] == "3\n"
+
+
+def test_health_reports_workers_limits_versions_and_fingerprint(sandbox, sandbox_one):
+    h = health(sandbox)
+    assert [w["busy"] for w in h["workers"]] == [False, False]
+    assert len({w["id"] for w in h["workers"]}) == 2 and all(w["pid"] for w in h["workers"])
+    assert h["limits"]["default_timeout_s"] == 5 and h["limits"]["max_timeout_s"] == 60
+    assert h["limits"]["memory_limit_mb"] == 1024 and h["limits"]["max_output_bytes"] == 64 * 1024
+    versions = h["versions"]
+    assert versions["python"].startswith("3.12.")
+    import re
+
+    for lib in ("numpy", "sympy", "scipy", "mpmath"):
+        assert re.match(r"\d+\.\d+", versions[lib]), versions
+    assert h["fingerprint"] == health(sandbox)["fingerprint"]  # stable
+    # the one-worker fixture has another default timeout: results may differ, so must the fingerprint
+    other = health(sandbox_one)
+    assert other["versions"] == versions and other["limits"]["default_timeout_s"] == 3
+    assert other["fingerprint"] != h["fingerprint"]
+
+
+def test_numpy_global_rng_differs_between_snippets(sandbox_one):
+    code = "import numpy, random; print(numpy.random.rand(), numpy.random.randint(1 << 30), random.random())"
+    outs = [run_ok(sandbox_one, code) for _ in range(3)]
+    for column in range(3):
+        values = [o.split()[column] for o in outs]
+        assert len(set(values)) == 3, outs  # forked from one warm worker, yet not the same numbers
+    # explicit seeding still gives reproducible numbers
+    seeded = "import numpy; numpy.random.seed(7); print(numpy.random.rand())"
+    assert run_ok(sandbox_one, seeded) == run_ok(sandbox_one, seeded)
+
+
+def run_ok(svc, code: str) -> str:
+    body = httpx.post(svc.url + "/run_code", json={"code": code}).json()
+    assert body["status"] == "Success", body
+    return body["run_result"]["stdout"]
 
 
 # --- busy pool, replacement, refusal to start without isolation ----------------------------

@@ -3,15 +3,20 @@
 Owns: command-line flags (each overrides the matching THOR_SANDBOX_* setting),
 logging set-up, the start-up isolation check (refuse to start without nsjail
 isolation; there is no insecure fallback), and serving one app on TCP and,
-optionally, a Unix socket. Does not own: the API (app.py) or the pool (pool.py).
+optionally, a Unix socket, and (with `--parent-pid`) ending with the process that
+launched it: PR_SET_PDEATHSIG plus a watch on the parent pid, so a launcher killed
+with SIGKILL leaves no orphaned service or jails behind. Does not own: the API
+(app.py) or the pool (pool.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -26,6 +31,9 @@ from .settings import SandboxSettings
 from .worker import JailWorker, config_path_for
 
 log = logging.getLogger("thor_sandbox")
+
+PR_SET_PDEATHSIG = 1
+PARENT_POLL_S = 1.0
 
 
 def parse_args(argv: list[str] | None) -> dict[str, object]:
@@ -42,6 +50,8 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
     p.add_argument("--default-timeout-s", type=float, help="per-snippet wall-clock timeout (default 10)")
     p.add_argument("--memory-limit-mb", type=int, help="per-snippet memory limit (default 1024)")
     p.add_argument("--jail-python-home", type=Path, help="Python 3.12 prefix mounted in the jail")
+    p.add_argument("--parent-pid", type=int,
+                   help="exit when this process dies (launchers pass their own pid; default: run until stopped)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     args = vars(p.parse_args(argv))
     return {k: v for k, v in args.items() if v is not None}
@@ -70,11 +80,40 @@ def _bind_sockets(settings: SandboxSettings) -> list[socket.socket]:
     return socks
 
 
+def tie_to_parent(parent_pid: int) -> bool:
+    """Ask the kernel for SIGTERM when our parent dies; False if it is already gone."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    return os.getppid() == parent_pid
+
+
+async def _watch_parent(parent_pid: int, server: uvicorn.Server) -> None:
+    # Belt and braces for PR_SET_PDEATHSIG (which follows the parent *thread*): once we
+    # are reparented, the launcher is gone and so must we be (the pool kills the jails).
+    while not server.should_exit:
+        if os.getppid() != parent_pid:
+            log.warning("launcher (pid %d) is gone: shutting down", parent_pid)
+            server.should_exit = True
+            return
+        await asyncio.sleep(PARENT_POLL_S)
+
+
+async def _serve(server: uvicorn.Server, sockets: list[socket.socket], parent_pid: int | None) -> None:
+    watch = asyncio.create_task(_watch_parent(parent_pid, server)) if parent_pid else None
+    try:
+        await server.serve(sockets=sockets)
+    finally:
+        if watch is not None:
+            watch.cancel()
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = SandboxSettings(**parse_args(argv))  # type: ignore[arg-type]
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if settings.parent_pid is not None and not tie_to_parent(settings.parent_pid):
+        log.critical("parent process %d is already gone; not starting", settings.parent_pid)
+        return 3
     settings = settings.model_copy(update={"jail_python_home": settings.jail_python_home.resolve()})
     state_dir = settings.state_dir.resolve()
     cgroups = prepare_cgroups(settings)
@@ -99,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     try:
-        asyncio.run(server.serve(sockets=sockets))
+        asyncio.run(_serve(server, sockets, settings.parent_pid))
     except KeyboardInterrupt:
         pass
     finally:

@@ -72,6 +72,17 @@ def _vm_size_bytes() -> int:
         return 0
 
 
+def _versions() -> dict:
+    """Versions of what shapes a snippet's result: the interpreter and the preloaded libraries."""
+    found = {"python": sys.version.split()[0]}
+    for name in ("numpy", "sympy", "scipy", "mpmath"):
+        module = sys.modules.get(name)
+        version = getattr(module, "__version__", None) if module is not None else None
+        if isinstance(version, str):
+            found[name] = version
+    return found
+
+
 # --- child side ---------------------------------------------------------------------
 
 
@@ -115,6 +126,12 @@ def _child(req: dict, stdin_fd: int, out_w: int, err_w: int, base_vm: int) -> No
     code = 1
     try:
         os.setsid()
+        # Every snippet is a fork of the same warm process: without a fresh seed, numpy's
+        # global generator would hand every snippet the same "random" numbers. (The
+        # `random` module reseeds itself after fork; numpy does not.)
+        np_random = sys.modules.get("numpy.random")
+        if np_random is not None:
+            np_random.seed()
         os.dup2(stdin_fd, 0)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
@@ -325,7 +342,7 @@ def main() -> None:
     gc.freeze()
     base_vm = _vm_size_bytes()
     _send(wfd, {"ready": True, "preload_s": time.monotonic() - t0, "preload_failed": failed,
-                "pid": os.getpid(), "uid": os.getuid(), "vm_bytes": base_vm})
+                "pid": os.getpid(), "uid": os.getuid(), "vm_bytes": base_vm, "versions": _versions()})
     while True:
         header = _read_exact(rfd, 4)
         if header is None:

@@ -44,6 +44,11 @@ class SandboxMetrics:
             "Snippets refused because the pool was busy, by reason (queue_full, queue_timeout).",
             ["reason"], registry=r,
         )
+        self.disconnects = Counter(
+            "thor_sandbox_client_disconnects_total",
+            "Requests whose client went away mid-run; their snippets were stopped and the workers replaced.",
+            ["route"], registry=r,
+        )
         self.bad_requests = Counter(
             "thor_sandbox_bad_requests_total", "Requests refused as invalid (4xx).", ["route"], registry=r
         )

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from .metrics import SandboxMetrics
-from .protocol import ExecutionResult, Outcome, Snippet
+from .protocol import ExecutionResult, Outcome, Snippet, WorkerStatus
 from .settings import SandboxSettings
 from .worker import JailWorker, WorkerDied
 
@@ -50,6 +50,8 @@ class WorkerPool:
         self._metrics = metrics
         self._idle: asyncio.Queue[JailWorker] = asyncio.Queue()
         self._busy: set[JailWorker] = set()
+        self._live: dict[int, JailWorker] = {}  # idle and busy workers, by id
+        self._versions: dict[str, str] = {}
         self._starting = 0
         self._waiting = 0
         self._closed = False
@@ -82,6 +84,8 @@ class WorkerPool:
             await worker.kill()
             return
         self._consecutive_start_failures = 0
+        self._versions = self._versions or dict(worker.info.versions)
+        self._live[worker.id] = worker
         self._idle.put_nowait(worker)
         self._update_gauges()
 
@@ -113,6 +117,7 @@ class WorkerPool:
             workers.append(self._idle.get_nowait())
         await asyncio.gather(*(w.kill() for w in workers), return_exceptions=True)
         self._busy.clear()
+        self._live.clear()
         self._update_gauges()
 
     # --- state -----------------------------------------------------------------------
@@ -128,6 +133,15 @@ class WorkerPool:
     @property
     def queue_depth(self) -> int:
         return self._waiting
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """Interpreter and library versions the first started worker reported."""
+        return dict(self._versions)
+
+    def workers(self) -> list[WorkerStatus]:
+        """The live workers; a replaced worker reappears under a new id and pid."""
+        return [WorkerStatus(id=w.id, pid=w.pid, busy=w in self._busy) for _, w in sorted(self._live.items())]
 
     def _update_gauges(self) -> None:
         self._metrics.workers.labels(state="idle").set(self._idle.qsize())
@@ -171,6 +185,7 @@ class WorkerPool:
         if replace_reason is None and not self._closed:
             self._idle.put_nowait(worker)
         else:
+            self._live.pop(worker.id, None)
             task = asyncio.create_task(worker.kill())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

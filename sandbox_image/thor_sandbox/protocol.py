@@ -159,6 +159,31 @@ class RunCodeResponse(BaseModel):
     files: dict[str, str] = Field(default_factory=dict)
 
 
+class WorkerStatus(BaseModel):
+    """One live worker. `id` grows by one for every worker the pool ever started, so a
+    replaced worker shows up as a new id (and a new pid)."""
+
+    id: int
+    pid: int | None
+    busy: bool
+
+
+class SandboxLimits(BaseModel):
+    """The per-snippet limits a client must respect (and that shape every result)."""
+
+    default_timeout_s: float
+    max_timeout_s: float
+    memory_limit_mb: int
+    max_output_bytes: int
+    max_code_bytes: int
+    max_stdin_bytes: int
+    max_processes: int
+    max_open_files: int
+    max_file_size_mb: int
+    tmp_size_mb: int
+    max_batch: int
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok", "starting", "degraded"]
     workers_total: int
@@ -166,6 +191,16 @@ class HealthResponse(BaseModel):
     workers_busy: int
     queue_depth: int
     isolation: str
+    workers: list[WorkerStatus] = Field(default_factory=list, description="The live workers (ids grow on replacement).")
+    limits: SandboxLimits | None = Field(default=None, description="Per-snippet limits (None from older services).")
+    versions: dict[str, str] = Field(
+        default_factory=dict, description="Service, worker-script and jail-library versions that shape results."
+    )
+    fingerprint: str | None = Field(
+        default=None,
+        description="Digest of `versions` and `limits`: two services with the same fingerprint give the same "
+        "result for the same deterministic snippet (what a result cache should key on).",
+    )
 
 
 class ErrorBody(BaseModel):

@@ -64,6 +64,13 @@ class SandboxSettings(BaseSettings):
     preload_modules: tuple[str, ...] = DEFAULT_PRELOAD
     state_dir: Path = Field(default=Path(".cache/sandbox-run"), description="Where nsjail configs are written.")
 
+    # --- lifetime
+    parent_pid: int | None = Field(
+        default=None,
+        description="Exit when this process dies (a launcher such as `make serve` sets it to its own pid): "
+        "the kernel sends SIGTERM on its death (PR_SET_PDEATHSIG) and the service also watches its parent.",
+    )
+
     log_level: str = "INFO"
 
     def nsjail_path(self) -> Path:

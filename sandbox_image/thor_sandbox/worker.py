@@ -3,15 +3,18 @@
 Owns: starting `nsjail ... jail_worker.py` as an asyncio subprocess, waiting for
 its ready frame, sending one snippet at a time and reading the result with a hard
 deadline, forwarding nsjail's own log lines to our logger, and killing the whole
-jail. Does not own: scheduling or replacement policy (pool.py), or judging
+jail. Each nsjail is started with PR_SET_PDEATHSIG=SIGKILL, so it (and the jail it
+holds) dies with the service even when the service itself is SIGKILLed. Does not own: scheduling or replacement policy (pool.py), or judging
 outcomes beyond decoding the frame (pool.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
+import signal
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,14 @@ log = logging.getLogger("thor_sandbox.worker")
 #: worker itself (the worker enforces the snippet timeout; this catches a wedged worker).
 WORKER_GRACE_S = 5.0
 MAX_FRAME = 64 * 1024 * 1024
+PR_SET_PDEATHSIG = 1
+# Loaded once here: the pre-exec hook runs between fork and exec, where dlopen is unsafe.
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    """Pre-exec hook: the kernel SIGKILLs the child when the service (its parent) dies."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class WorkerDied(RuntimeError):
@@ -33,6 +44,7 @@ class WorkerInfo:
     preload_s: float = 0.0
     preload_failed: list[str] = field(default_factory=list)
     vm_bytes: int = 0
+    versions: dict[str, str] = field(default_factory=dict)
 
 
 class JailWorker:
@@ -61,6 +73,7 @@ class JailWorker:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             limit=MAX_FRAME,
+            preexec_fn=_die_with_parent,
         )
         self._stderr_task = asyncio.create_task(self._forward_stderr())
         try:
@@ -71,7 +84,10 @@ class JailWorker:
         if not ready.get("ready"):
             await self.kill()
             raise WorkerDied(f"worker {self.id} sent an unexpected first frame: {ready!r}")
-        self.info = WorkerInfo(ready.get("preload_s", 0.0), ready.get("preload_failed", []), ready.get("vm_bytes", 0))
+        self.info = WorkerInfo(
+            ready.get("preload_s", 0.0), ready.get("preload_failed", []), ready.get("vm_bytes", 0),
+            ready.get("versions", {}),
+        )
         if self.info.preload_failed:
             log.warning("worker %d could not preload: %s", self.id, "; ".join(self.info.preload_failed))
         log.debug("worker %d ready (pid %s, preload %.2fs)", self.id, self.pid, self.info.preload_s)
