@@ -6,7 +6,6 @@ The equivalence table runs against the real math-verify in real worker processes
 from __future__ import annotations
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -201,10 +200,8 @@ TOWER = "9^{9^{9^{9^{9}}}}"
 def test_timeout_kills_worker_and_checker_recovers() -> None:
     with AnswerChecker(max_workers=1) as checker:
         assert checker.answers_match("1/2", "0.5") is True  # worker spawned and warm
-        start = time.monotonic()
         assert checker.answers_match(TOWER, "1", timeout=0.5) is False
-        assert time.monotonic() - start < 30  # bounded: nothing waits on sympy
-        assert checker.worker_kills == 1
+        assert checker.worker_kills == 1  # the deadline fired and the worker was killed: nothing waits on sympy
         # A fresh worker replaces the killed one.
         assert checker.answers_match("1/2", "0.5") is True
         assert checker.answers_match(r"\sqrt{2}", "2") is False
