@@ -1,6 +1,7 @@
 # THOR reasoning server: every target sets up what it needs (idempotent).
 #   make serve     the server on 127.0.0.1:8000 (embedded default)
 #   make test      the whole test suite (what .ci/run calls)
+#   make lint      ruff lint + format check (what .ci/run calls before the tests)
 #   make sandbox   the sandbox service in the foreground (127.0.0.1:8080)
 #   make bench-sandbox  sandbox latency/throughput benchmark (figures in README)
 
@@ -18,11 +19,12 @@ JAIL_PY := .cache/jail-python
 STAMPS := .cache/stamps
 PYTEST_ARGS ?=
 
-.PHONY: help serve venv vllm models sandbox-env sandbox test bench-sandbox bench-engine bench-server clean-envs
+.PHONY: help serve venv vllm models sandbox-env sandbox test lint bench-sandbox bench-engine bench-server clean-envs
 
 help:
 	@echo "make serve          start the THOR server on 127.0.0.1:8000 (default model, local sandbox, in-memory store)"
 	@echo "make test           run the whole test suite (sets up everything it needs)"
+	@echo "make lint           ruff check + ruff format --check (config in pyproject.toml)"
 	@echo "make sandbox        run the sandbox service in the foreground (127.0.0.1:8080)"
 	@echo "make bench-sandbox  run the sandbox benchmark, print and save figures"
 	@echo "make bench-engine   run the decoder benchmark (tiny model on vLLM CPU)"
@@ -95,6 +97,11 @@ serve: vllm sandbox-env
 test: venv vllm sandbox-env
 	$(VENV)/bin/python -m thor_engine.models.provision --preset default
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# ruff's rules and line length live in pyproject.toml ([tool.ruff]); `ruff format .` fixes layout.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench-sandbox: venv sandbox-env
 	$(VENV)/bin/python benchmarks/sandbox_bench.py

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_vllm
 from thor_engine.models import provision as mp
 from thor_engine.models.provision import PRESETS, ProvisionError, ensure_model, verify_file
-from tests.conftest import require_vllm
 
 # ----------------------------------------------------------------- fast, no downloads
 
@@ -246,7 +246,7 @@ def test_tiny_model_serves_with_vllm(default_model, tmp_path):
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # vLLM logs to stdout too: pick the result line
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["tokens"] == 16

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from thor_engine.config import SamplingOptions, SelfCorrectionConfig, ThorConfig
 from tests.conftest import require_vllm
 from tests.support.tiny_tir_model import (
     TIR_PROBLEMS,
@@ -23,6 +22,7 @@ from tests.support.tiny_tir_model import (
     build_tiny_tir_model,
     training_sequences,
 )
+from thor_engine.config import SamplingOptions, SelfCorrectionConfig, ThorConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TIR_DIR = ROOT / ".cache" / "models" / "tiny-tir"
@@ -180,9 +180,8 @@ async def tir_backend(tir_model) -> AsyncIterator:
 
 @pytest.fixture
 async def executor(sandbox) -> AsyncIterator:
-    from thor_sandbox.client import SandboxClient
-
     from thor_engine.tools import SandboxExecutor
+    from thor_sandbox.client import SandboxClient
 
     async with SandboxClient(sandbox.url) as client:
         yield SandboxExecutor(client)

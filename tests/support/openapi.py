@@ -13,7 +13,6 @@ from referencing.jsonschema import DRAFT202012
 from tests.support.shared_data import schema_path
 
 
-
 def _nullable(node: Any) -> Any:
     """OpenAPI 3.0 `nullable: true` -> JSON Schema's null type."""
     if isinstance(node, dict):

@@ -44,8 +44,8 @@ def extract_boxed(text: str) -> str | None:
     (a truncated completion) or not followed by an argument.
     """
     last = None
-    for last in _BOX_RE.finditer(text):
-        pass
+    for match in _BOX_RE.finditer(text):
+        last = match
     if last is None:
         return None
     i = last.end()

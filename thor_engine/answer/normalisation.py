@@ -201,7 +201,7 @@ def normalize_answer(s: str) -> str:
     if boxed is not None:
         s = boxed.strip()
     s = s.replace("\\$", "").replace("$", "")
-    if s.startswith("\\(") and s.endswith("\\)") or s.startswith("\\[") and s.endswith("\\]"):
+    if (s.startswith("\\(") and s.endswith("\\)")) or (s.startswith("\\[") and s.endswith("\\]")):
         s = s[2:-2]
     s = _TEXT_UNIT_RE.sub("", s)
     while (unwrapped := _TEXT_WRAP_RE.sub(r"\1", s)) != s:
