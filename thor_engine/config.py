@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: The reference code's observation when a failed call left no output at all.
 REFERENCE_EMPTY_OBSERVATION = "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'"
@@ -43,6 +43,18 @@ class ObservationConfig(_Strict):
     empty_message: str = Field(default=REFERENCE_EMPTY_OBSERVATION, description="Observation of a failure with no output.")
     require_stdout: bool = Field(default=True, description="A call that prints nothing counts as failed (reference rule).")
     timeout_s: float = Field(default=10.0, gt=0, le=300, description="Wall-clock limit of one code execution.")
+
+    @model_validator(mode="after")
+    def _head_and_tail_fit(self) -> ObservationConfig:
+        # A shortened observation is head + "..." + tail of a text at least max_chars long:
+        # a head and tail longer than that together would repeat the middle of the text.
+        # (The reference's 128 + 128 of 256 fit exactly; the "..." makes it 259 characters.)
+        if self.keep_head + self.keep_tail > self.max_chars:
+            raise ValueError(
+                f"keep_head ({self.keep_head}) + keep_tail ({self.keep_tail}) exceed max_chars ({self.max_chars}): "
+                "a shortened observation would repeat text; lower keep_head/keep_tail or raise max_chars"
+            )
+        return self
 
 
 class SelfCorrectionConfig(_Strict):

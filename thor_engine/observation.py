@@ -4,7 +4,10 @@ Owns: the reference code's rules (configurable through `ObservationConfig`):
 a call succeeds iff it exited 0 and printed something; otherwise the observation
 is its stderr, reduced to the last line when it mentions an Error, or the
 empty-observation message; long observations keep the head and tail; and the
-injected block `\\n```output\\n{obs}\\n```\\n`.
+injected block `\\n```output\\n{obs}\\n```\\n`. The `reference` profile applies
+those rules to every failure, so a snippet stopped for printing too much or for
+running out of memory reads as the reference's timeout message; the `notebook`
+profile says what really happened (output too long, memory limit).
 
 Does not own: executing code (tools.py) or tokenising the text (decoder.py).
 """
@@ -18,6 +21,13 @@ from .config import ObservationConfig
 OUTPUT_FENCE_OPEN = "```output\n"
 OUTPUT_FENCE_CLOSE = "\n```\n"
 
+#: What the notebook profile shows for snippets the sandbox stopped (by outcome).
+NOTEBOOK_STOPPED = {
+    "output_capped": "OutputLimitError: the code printed more than the sandbox allows and was stopped; "
+    "print less (a summary or a few items)",
+    "oom": "MemoryError: the code used more memory than the sandbox allows and was stopped",
+}
+
 
 @dataclass(frozen=True)
 class Observation:
@@ -25,10 +35,17 @@ class Observation:
     ok: bool  # did the call succeed by the configured rule
 
 
-def judge(exit_code: int | None, stdout: str, stderr: str, cfg: ObservationConfig) -> Observation:
+def judge(
+    exit_code: int | None, stdout: str, stderr: str, cfg: ObservationConfig, *, outcome: str | None = None
+) -> Observation:
+    """The observation of one call. `outcome` is the sandbox's verdict (`ToolResult.outcome`):
+    the notebook profile names an output-cap or memory kill instead of the reference's
+    timeout message; without it the reference rules alone decide."""
     ok = exit_code == 0 and (bool(stdout.strip()) or not cfg.require_stdout)
     obs = stdout if ok else stderr
-    if not ok and "Error" in obs:
+    if not ok and cfg.profile == "notebook" and outcome in NOTEBOOK_STOPPED:
+        obs = NOTEBOOK_STOPPED[outcome]
+    elif not ok and "Error" in obs:
         obs = obs.strip().split("\n")[-1]
     if not obs.strip():
         obs = "" if ok else cfg.empty_message
