@@ -174,8 +174,8 @@ class TrainingSequence:
 
 def training_sequences(tokenizer: Any, problems: tuple[TirProblem, ...] = TIR_PROBLEMS) -> list[TrainingSequence]:
     """Token ids of each full trajectory, built segment by segment as the decoder builds them."""
-    from .observation import injection
-    from .prompting import render_chat
+    from thor_engine.observation import injection
+    from thor_engine.prompting import render_chat
 
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if eos is None or eos == tokenizer.unk_token_id:
