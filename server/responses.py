@@ -7,6 +7,20 @@ answers, vote), and (d) the trace stored for `GET /v1/traces/{id}`, while keepin
 the server's metrics. Finish reasons are mapped onto OpenAI's enum
 (`stop`/`length`); THOR's own reason is kept in `thor.finish_reason`.
 
+The one rule for the message fields, streamed or not:
+- a plain client (one that ignores `thor` events) never sees text that
+  self-correction later takes back: text that a backtrack may still retract is
+  held back until its tool call is committed (or nothing can retract it any more);
+- with THOR tools on, `content` is the answer: the model's text after the last
+  tool output (and outside `<think>`), without leading whitespace; everything
+  else the model wrote, the code and the tool outputs go to the reasoning field
+  (`<think>` tags themselves go nowhere);
+- without tools, a non-reasoning model's text is `content` as it comes, and a
+  reasoning model's text is split at its think tags;
+- completions put the whole trajectory in `text`.
+The non-stream body is built from exactly the deltas the stream sends, so
+concatenating a stream's deltas gives the non-stream message, field by field.
+
 Does not own: HTTP plumbing (app.py) or anything about tokens.
 """
 
@@ -20,10 +34,12 @@ from thor_engine.events import Backtrack, CodeBlock, Event, Final, FinishReason,
 
 from .metrics import ServerMetrics
 
+#: THOR's finish reasons onto OpenAI's enum (chat and completions share stop/length).
 OPENAI_FINISH = {
     FinishReason.stop: "stop",
     FinishReason.length: "length",
     FinishReason.context_length: "length",
+    FinishReason.generation_cap: "length",
     FinishReason.tool_budget: "stop",
     FinishReason.tool_error: "stop",
     FinishReason.aborted: "stop",
@@ -31,10 +47,17 @@ OPENAI_FINISH = {
 
 
 @dataclass
+class _Piece:
+    text: str
+    field: Literal["reasoning", "content"]
+
+
+@dataclass
 class ChoiceState:
     index: int
-    reasoning: str = ""
-    content: str = ""
+    reasoning: str = ""  # released reasoning text
+    content: str = ""  # released answer (chat) or text (completions)
+    pending: list[_Piece] = field(default_factory=list)  # held back: a backtrack may still take it
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     backtracks: list[dict[str, Any]] = field(default_factory=list)
     final: Final | None = None
@@ -45,6 +68,7 @@ class ResponseBuilder:
     def __init__(
         self, *, kind: Literal["chat", "completion"], response_id: str, model: str, n: int,
         reasoning_fields: str, tools_enabled: bool, reasoning_model: bool, metrics: ServerMetrics,
+        include_usage: bool = False,
     ) -> None:
         self.kind, self.id, self.model = kind, response_id, model
         self.created = int(time.time())
@@ -53,6 +77,8 @@ class ResponseBuilder:
         self.tools_enabled = tools_enabled
         self.reasoning_model = reasoning_model
         self.metrics = metrics
+        # OpenAI sends `"usage": null` on every chunk of a stream that asked for usage
+        self.include_usage = include_usage
         self.vote: Vote | None = None
         self.t0 = time.monotonic()
         self.first_token_s: float | None = None
@@ -64,18 +90,13 @@ class ResponseBuilder:
             return {"reasoning": text, "reasoning_content": text}
         return {self.reasoning_fields: text}
 
-    def _text_channel(self, ev: TextDelta) -> str:
-        if self.kind == "completion":
-            return "content"
-        if not self.tools_enabled and not self.reasoning_model:
-            return "content"  # plain chat: the model's text is the answer
-        return "content" if ev.channel == "answer" else "reasoning"
-
-    # --- streaming ------------------------------------------------------------------------
-
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
+        chunk = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = None
+        chunk.update(extra)
+        return chunk
 
     def _chat_choice(self, index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -87,6 +108,48 @@ class ResponseBuilder:
         if thor is not None:
             c["thor"] = thor
         return c
+
+    # --- which field text goes to, and when ----------------------------------------------
+
+    def _field(self, ev: TextDelta) -> Literal["reasoning", "content"] | None:
+        if self.kind == "completion":
+            return "content"
+        if ev.markup:
+            return None
+        if ev.source != "model" or ev.channel == "reasoning":
+            return "reasoning"
+        return "content"
+
+    def _hold(self, ev: TextDelta, target: str | None) -> bool:
+        """Must this text wait (for a commit, or for the end) before a plain client sees it?"""
+        if ev.retractable:
+            return True
+        # with tools on, model text of the current round becomes reasoning if a code block follows
+        return self.kind == "chat" and self.tools_enabled and target == "content"
+
+    def _release(self, st: ChoiceState, *, final: bool) -> list[dict[str, Any]]:
+        """Send what is held. Before a commit, the round's answer text is reasoning after all."""
+        out: list[dict[str, Any]] = []
+        for piece in st.pending:
+            target = piece.field if final else "reasoning" if self.kind == "chat" else piece.field
+            out.extend(self._send(st, piece.text, target))
+        st.pending.clear()
+        return out
+
+    def _send(self, st: ChoiceState, text: str, target: str) -> list[dict[str, Any]]:
+        if target == "content" and self.kind == "chat" and not st.content:
+            text = text.lstrip()  # the answer starts at its first visible character
+        if not text:
+            return []
+        if target == "content":
+            st.content += text
+            if self.kind == "chat":
+                return [self._chunk([self._chat_choice(st.index, {"content": text})])]
+            return [self._chunk([self._completion_choice(st.index, text)])]
+        st.reasoning += text
+        return [self._chunk([self._chat_choice(st.index, self._reasoning(text))])]
+
+    # --- streaming ------------------------------------------------------------------------
 
     def feed(self, ev: Event) -> list[dict[str, Any]]:
         """Consume one event; return the stream chunks it produces (possibly none)."""
@@ -102,53 +165,73 @@ class ResponseBuilder:
             if self.first_token_s is None:
                 self.first_token_s = time.monotonic() - self.t0
                 self.metrics.ttft.observe(self.first_token_s)
-            channel = self._text_channel(ev)
-            if channel == "content":
-                st.content += ev.text
-                if self.kind == "chat":
-                    out.append(self._chunk([self._chat_choice(st.index, {"content": ev.text})]))
-                else:
-                    out.append(self._chunk([self._completion_choice(st.index, ev.text)]))
-            else:
-                st.reasoning += ev.text
-                out.append(self._chunk([self._chat_choice(st.index, self._reasoning(ev.text))]))
+            target = self._field(ev)
+            if ev.source != "model":  # an observation or injected text: a commit point
+                out.extend(self._release(st, final=False))
+            if target is None:
+                return out
+            if self._hold(ev, target):
+                st.pending.append(_Piece(ev.text, target))
+                return out
+            # final text that need not wait: whatever was held before it is final too
+            out.extend(self._release(st, final=False))
+            out.extend(self._send(st, ev.text, target))
             return out
+        if isinstance(ev, Backtrack):
+            self._retract(st, ev.chars_retracted)
         thor = self._thor_event(st, ev)
+        if isinstance(ev, ToolCall) and ev.committed:
+            out.extend(self._release(st, final=False))
         if thor is not None:
             if self.kind == "chat":
                 out.append(self._chunk([self._chat_choice(st.index, {"thor": thor})]))
             else:
                 out.append(self._chunk([self._completion_choice(st.index, "", thor=thor)]))
         if isinstance(ev, Final):
+            out.extend(self._release(st, final=True))
             out.extend(self._finish(st, ev))
         return out
 
+    def _retract(self, st: ChoiceState, chars: int) -> None:
+        """Take back the last `chars` characters of held text (released text is never retracted)."""
+        while chars > 0 and st.pending:
+            last = st.pending[-1]
+            if len(last.text) <= chars:
+                chars -= len(last.text)
+                st.pending.pop()
+            else:
+                last.text = last.text[: len(last.text) - chars]
+                chars = 0
+        if chars > 0:
+            # released text cannot be retracted: the decoder marks all retractable text, so this is a bug
+            raise RuntimeError(f"backtrack retracts {chars} characters already sent to the client")
+
     def _thor_event(self, st: ChoiceState, ev: Event) -> dict[str, Any] | None:
         if isinstance(ev, CodeBlock):
-            st.tool_calls.append({"call": ev.call, "attempt": ev.attempt, "language": ev.language, "code": ev.code})
-            return {"type": "tool_call", "call": ev.call, "attempt": ev.attempt, "language": ev.language,
-                    "code": ev.code}
+            st.tool_calls.append({"call": ev.call, "attempt": ev.attempt, "execution": ev.execution,
+                                  "language": ev.language, "code": ev.code})
+            return {"type": "tool_call", "call": ev.call, "attempt": ev.attempt, "execution": ev.execution,
+                    "language": ev.language, "code": ev.code}
         if isinstance(ev, ToolCall):
-            self.metrics.tool_calls.labels(outcome=ev.outcome if ev.ok or ev.outcome != "ok" else "no_output").inc()
-            self.metrics.tool_duration.observe(ev.duration_s)
+            if ev.outcome != "not_executed":
+                self.metrics.tool_calls.labels(outcome=ev.outcome if ev.ok or ev.outcome != "ok" else "no_output").inc()
+                self.metrics.tool_duration.observe(ev.duration_s)
             result = {
                 "ok": ev.ok, "outcome": ev.outcome, "exit_code": ev.exit_code, "stdout": ev.stdout,
                 "stderr": ev.stderr, "observation": ev.observation, "duration_s": round(ev.duration_s, 6),
                 "cached": ev.cached, "committed": ev.committed,
             }
             for call in reversed(st.tool_calls):
-                if call["call"] == ev.call:
+                if call["execution"] == ev.execution:
                     call.update(result)
                     break
-            return {"type": "tool_result", "call": ev.call, "attempt": ev.attempt, **result}
+            return {"type": "tool_result", "call": ev.call, "attempt": ev.attempt, "execution": ev.execution,
+                    **result}
         if isinstance(ev, Backtrack):
             self.metrics.backtracks.inc()
             bt = {"call": ev.call, "attempt": ev.attempt, "reason": ev.reason, "mode": ev.mode,
                   "tokens_dropped": ev.tokens_dropped, "chars_retracted": ev.chars_retracted}
             st.backtracks.append(bt)
-            # the retracted characters were streamed on the reasoning channel
-            if ev.chars_retracted:
-                st.reasoning = st.reasoning[: max(0, len(st.reasoning) - ev.chars_retracted)]
             return {"type": "backtrack", **bt}
         if isinstance(ev, Final):
             return {"type": "answer", "answer": ev.answer, "finish_reason": ev.finish_reason.value,
@@ -162,41 +245,36 @@ class ResponseBuilder:
         self.metrics.discarded_tokens.inc(u.discarded_tokens)
         self.metrics.tool_rounds.observe(ev.tools.calls)
         finish = OPENAI_FINISH[ev.finish_reason]
-        out = []
         if self.kind == "chat":
-            # Non-reasoning THOR models stream their whole trace as reasoning; the answer (the
-            # text after the last tool output) is then sent as content.
-            if not st.content and self.tools_enabled and not self.reasoning_model and ev.answer_text:
-                st.content = ev.answer_text
-                out.append(self._chunk([self._chat_choice(st.index, {"content": ev.answer_text})]))
-            out.append(self._chunk([self._chat_choice(st.index, {}, finish)]))
-        else:
-            # the THOR loop does not report which user stop string ended it: stop_reason stays null
-            out.append(self._chunk([self._completion_choice(st.index, "", finish, None)]))
-        return out
+            return [self._chunk([self._chat_choice(st.index, {}, finish)])]
+        # the THOR loop does not report which user stop string ended it: stop_reason stays null
+        return [self._chunk([self._completion_choice(st.index, "", finish, None)])]
 
-    def usage(self) -> dict[str, int]:
-        prompt = max((c.final.usage.prompt_tokens for c in self.choices if c.final), default=0)
-        completion = sum(c.final.usage.completion_tokens for c in self.choices if c.final)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def usage(self) -> dict[str, Any]:
+        done = [c.final for c in self.choices if c.final]
+        prompt = max((f.usage.prompt_tokens for f in done), default=0)
+        completion = sum(f.usage.completion_tokens for f in done)
+        cached = max((f.usage.prompt_cached_tokens for f in done), default=0)
+        reasoning = sum(f.usage.completion_tokens - f.usage.answer_tokens - f.usage.observation_tokens for f in done)
+        observation = sum(f.usage.observation_tokens for f in done)
+        return {
+            "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": reasoning if (self.tools_enabled or self.reasoning_model) else 0,
+                "observation_tokens": observation, "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0, "audio_tokens": 0,
+            },
+        }
+
+    def generated_tokens(self) -> int:
+        """Tokens the engine generated for this request (discarded ones included): what rate limits charge."""
+        return sum(c.final.usage.generated_tokens for c in self.choices if c.final)
 
     def usage_chunk(self) -> dict[str, Any]:
         return self._chunk([], usage=self.usage())
 
     # --- non-stream ---------------------------------------------------------------------
-
-    def _split(self, st: ChoiceState) -> tuple[str, str]:
-        """(reasoning trace, content) of a finished choice."""
-        f = st.final
-        assert f is not None
-        if self.kind == "chat" and (not self.tools_enabled) and not self.reasoning_model:
-            return "", f.text
-        if self.reasoning_model and "</think>" in f.text:
-            head, tail = f.text.rsplit("</think>", 1)
-            return head.replace("<think>", "", 1).strip(), tail.strip()
-        answer = f.answer_text
-        idx = f.text.rfind(answer) if answer else len(f.text)
-        return f.text[: idx if idx >= 0 else len(f.text)].rstrip(), answer
 
     def thor_object(self) -> dict[str, Any]:
         choices = []
@@ -217,24 +295,20 @@ class ResponseBuilder:
         return obj
 
     def response(self) -> dict[str, Any]:
-        if self.kind == "chat":
-            choices = []
-            for st in self.choices:
-                assert st.final is not None
-                reasoning, content = self._split(st)
-                message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
-                if reasoning or self.tools_enabled:
-                    message.update(self._reasoning(reasoning))
-                choices.append({"index": st.index, "message": message, "logprobs": None,
-                                "finish_reason": OPENAI_FINISH[st.final.finish_reason]})
-            obj = "chat.completion"
-        else:
-            choices = []
-            for st in self.choices:
-                assert st.final is not None
-                choices.append({"index": st.index, "text": st.final.text, "logprobs": None,
-                                "finish_reason": OPENAI_FINISH[st.final.finish_reason], "stop_reason": None})
-            obj = "text_completion"
+        """The non-stream body: the same released text the stream sends, accumulated."""
+        choices = []
+        for st in self.choices:
+            assert st.final is not None
+            finish = OPENAI_FINISH[st.final.finish_reason]
+            if self.kind == "chat":
+                message: dict[str, Any] = {"role": "assistant", "content": st.content, "refusal": None}
+                if st.reasoning or self.tools_enabled or self.reasoning_model:
+                    message.update(self._reasoning(st.reasoning))
+                choices.append({"index": st.index, "message": message, "logprobs": None, "finish_reason": finish})
+            else:
+                choices.append({"index": st.index, "text": st.content, "logprobs": None, "finish_reason": finish,
+                                "stop_reason": None})
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
                 "usage": self.usage(), "thor": self.thor_object()}
 

@@ -305,7 +305,14 @@ async def test_user_stop_string_ends_trajectory(tokenizer, executor):
     full = "First.\nSTOP HERE and more"
     _, events = await run(tokenizer, executor, fixed_model(full), sampling=SamplingOptions(max_tokens=100, stop=("STOP",)))
     [final] = finals(events)
-    assert final.finish_reason is FinishReason.stop and final.text.endswith("STOP")
+    # as OpenAI and vLLM: the stop string itself is not part of the output...
+    assert final.finish_reason is FinishReason.stop and final.text == "First.\n"
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "First.\n"
+    # ...unless include_stop_str_in_output asks for it
+    _, events = await run(tokenizer, executor, fixed_model(full),
+                          sampling=SamplingOptions(max_tokens=100, stop=("STOP",), include_stop_str_in_output=True))
+    assert finals(events)[0].text == "First.\nSTOP"
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "First.\nSTOP"
 
 
 async def test_n_samples_and_vote(tokenizer, executor):
@@ -348,7 +355,8 @@ async def test_thinking_budget_cuts_thinking_and_disables_tools(tokenizer, execu
     answer_stream = "".join(e.text for e in events if isinstance(e, TextDelta) and e.channel == "answer")
     assert answer_stream.strip() == "The answer is \\boxed{3}."
     assert FinishReason.stop is final.finish_reason
-    assert backend.requests[-1].params.stop == ()  # no tools after the cut
+    # the answer after the cut runs no code, but a block in it would be refused, never left to invent output
+    assert final.tools.calls == 0 and "```output" in backend.requests[-1].params.stop
 
 
 async def test_cancellation_aborts_engine_request_and_sandbox_call(tokenizer, executor, sandbox):

@@ -1,38 +1,52 @@
 """The self-correcting tool-integrated decoder (THOR's inference loop).
 
 Owns: running one or n trajectories from prompt token ids. Each tool round is
-one generation request that stops exactly at the closing fence of a code block;
-the block runs in the sandbox (awaited, never blocking the event loop); the
-observation is formatted by the reference rules and appended *as tokens*; the
-next request continues from the whole token sequence, so vLLM's prefix cache
-serves everything but the new tokens. When a call fails, self-correction drops
-the failed block plus `backtrack_tokens` tokens before it (or back to the start
-of its reasoning step), never crossing the prompt or a committed observation,
-and resamples; discarded tokens are counted. Budgets (tool calls, new tokens,
-context length, thinking tokens) each end a trajectory with their own
-`FinishReason`. Everything is reported as typed events (events.py); the last
+one generation request that ends the moment a code block closes (a stop string
+for the common fence, and `FenceWatch` over the text for every other closing
+fence: trailing spaces, `\\r\\n`, indentation, longer fences) or the model opens
+an ```` ```output ```` block of its own (its invented output is cut, never kept,
+and the code before it runs). The block runs in the sandbox (awaited, never
+blocking the event loop); the observation is formatted by the reference rules
+and appended *as tokens*; the next request continues from the whole token
+sequence, so vLLM's prefix cache serves everything but the new tokens. A complete
+code block at the end of a round is always executed, refused with an
+observation (budget spent, answer after a thinking cut), or ends the trajectory
+(`on_tool_budget="stop"`): never passed over. When a call fails and a resample is
+still affordable (retries and tool budget left), self-correction drops the failed
+block plus `backtrack_tokens` tokens before it (or back to the start of its
+reasoning step), never crossing the prompt or a committed observation, and
+resamples; discarded tokens are counted. Budgets (tool calls, new tokens, a hard
+cap on generated tokens including discarded ones, context length, thinking
+tokens) each end a trajectory with their own `FinishReason`.
+
+Text is tracked incrementally per token (detokenize.TokenText), so no round is
+decoded twice and a backtrack's cut point is an integer search. Text is streamed
+as typed events (events.py) in exactly the order it enters the trajectory: text
+that might still be cut (a line that may become a fence, a prefix of a stop
+string or a think tag) is held back until it is decided, so concatenating the
+`TextDelta`s, minus what `Backtrack`s retract, is exactly `Final.text`. The last
 event of each sample is `Final`, carrying the token-level trajectory.
 
 Does not own: the engine (backend.py), code execution (tools.py), observation
 formatting (observation.py), fence parsing (codeblocks.py) or answer checking
-(answer.py). Knows nothing of HTTP.
+(answer/). Knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import uuid
 import zlib
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+
 from .answer import extract_boxed, majority_vote, normalize_answer
 from .backend import GenChunk, GenerationBackend, GenParams
 from .codeblocks import CodeBlock as FencedBlock
-from .codeblocks import is_code_language, trailing_block
+from .codeblocks import FenceEvent, FenceWatch, is_code_language, trailing_block
 from .config import SamplingOptions, ThorConfig
+from .detokenize import TokenText
 from .events import Backtrack, CodeBlock, Event, Final, FinishReason, TextDelta, ToolCall, ToolStats, Usage, Vote
 from .observation import injection, judge
 from .prompting import is_reasoning_model
@@ -42,13 +56,14 @@ from .trajectory import SegmentKind, Trajectory
 
 log = logging.getLogger("thor_engine.decoder")
 
-#: Generation stops here: a closing fence on its own line. Opening fences never match
-#: (they carry an info string), except an untagged "```" opening, which the loop
-#: recognises and simply continues past.
+#: The engine stops here (cheaply, inside vLLM) for the common closing fence; FenceWatch
+#: catches every other form of closing fence in the streamed text.
 FENCE_STOP = "\n```\n"
 #: Models that invent their own output block after the code stop at its opening.
 OUTPUT_STOP = "```output"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+#: Default hard cap on generated tokens, as a multiple of the trajectory's token budget.
+GENERATION_CAP_FACTOR = 4
 
 
 @dataclass
@@ -57,21 +72,33 @@ class _Counters:
     generated: int = 0
     discarded: int = 0
     cached_prompt: int = 0
+    prompt_cached: int = 0
     prefilled_prompt: int = 0
 
 
 @dataclass
 class _State:
     traj: Trajectory
-    in_think: bool
-    think_closed: bool = False  # </think> seen or the thinking cut injected
-    tools_active: bool = True
-    think_tokens: int = 0
+    text: TokenText  # the completion (everything after the prompt), token by token
+    prompt_len: int
+    prompt_in_think: bool  # the prompt leaves the model inside <think>
+    prompt_think_closed: bool  # the prompt's last think tag is </think> (thinking switched off)
+    tools_on: bool  # fences are watched (THOR tools were requested at all)
+    watch: FenceWatch | None = None
+    emitted: int = 0  # characters of `text` already sent as TextDelta
+    emit_in_think: bool = False
+    cut: bool = False  # the thinking budget cut was injected
     tool_budget_used: int = 0
     call_index: int = 0
     attempt: int = 0
+    executions: int = 0
     stats: ToolStats = field(default_factory=ToolStats)
     counters: _Counters = field(default_factory=_Counters)
+
+    @property
+    def round_start(self) -> int:
+        """Character offset (in the completion) where the current round began: nothing before it moves."""
+        return self.text.offset(self.traj.protected - self.prompt_len)
 
 
 class ThorDecoder:
@@ -96,7 +123,7 @@ class ThorDecoder:
         request_id: str | None = None,
         include_trajectory: bool = True,
     ) -> AsyncIterator[Event]:
-        """Events of n concurrent trajectories, interleaved as they happen.
+        """Events of n concurrent trajectories, interleaved as they happen (then a `Vote` if asked).
 
         Closing the iterator (or cancelling its consumer) aborts every engine request
         and in-flight sandbox call of this request.
@@ -113,19 +140,14 @@ class ThorDecoder:
                 f"the prompt has {len(prompt)} tokens; this model's context is {self.backend.max_model_len}"
             )
         rid = request_id or uuid.uuid4().hex
-        if n == 1:
-            async with contextlib.aclosing(self._run(prompt, config, sampling, 0, rid, include_trajectory)) as it:
-                async for ev in it:
-                    yield ev
-            return
 
         def sample(i: int) -> Callable[[], AsyncIterator[Event]]:
             seeded = sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + i})
             return lambda: self._run(prompt, config, seeded, i, rid, include_trajectory)
 
         answers: list[str | None] = [None] * n
-        async with contextlib.aclosing(merge([sample(i) for i in range(n)])) as merged:
-            async for ev in merged:
+        async with contextlib.aclosing(merge([sample(i) for i in range(n)]) if n > 1 else sample(0)()) as events:
+            async for ev in events:
                 if isinstance(ev, Final):
                     answers[ev.sample] = ev.answer
                 yield ev
@@ -134,43 +156,133 @@ class ThorDecoder:
 
     @staticmethod
     def vote(answers: list[str | None]) -> Vote:
-        counts = Counter(n for n in (normalize_answer(a) for a in answers if a is not None) if n)
-        return Vote(answer=majority_vote(answers), counts=dict(counts))
+        """Majority over the samples' answers; `counts` is keyed by the spelling `answer` uses."""
+        spelling: dict[str, str] = {}
+        counts: dict[str, int] = {}
+        for a in answers:
+            if a is None or not (key := normalize_answer(a)):
+                continue
+            name = spelling.setdefault(key, a)
+            counts[name] = counts.get(name, 0) + 1
+        return Vote(answer=majority_vote(answers), counts=counts)
 
-    # --- one trajectory -----------------------------------------------------------------
+    # --- text bookkeeping ---------------------------------------------------------------
 
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+    def _append(self, st: _State, ids: list[int], kind: SegmentKind) -> None:
+        st.traj.append(ids, kind)
+        st.text.extend(ids)
 
-    def _prefix_len_at(self, ids: list[int], char_offset: int) -> int:
-        """Largest k such that decode(ids[:k]) has at most char_offset characters."""
-        lo, hi = 0, len(ids)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if len(self._decode(ids[:mid])) <= char_offset:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+    def _truncate_chars(self, st: _State, pos: int) -> int:
+        """Cut the completion to exactly its first `pos` characters; return how many tokens were dropped.
 
-    def _channel_split(self, st: _State, text: str) -> list[TextDelta]:
-        """Split a text delta at <think> tags into reasoning / answer pieces."""
+        Tokens whose text lies wholly within `pos` are kept; if the cut falls inside a token
+        (a token holding a fence and the next line's start, say), the remainder up to `pos`
+        is re-encoded, so the text is exact and the trajectory stays its tokens.
+        """
+        source = st.text.text
+        if pos >= len(source):
+            return 0
+        keep = st.text.tokens_within(pos)
+        dropped = st.traj.truncate(st.prompt_len + keep)
+        st.text.truncate(keep)
+        if len(st.text.text) < pos:
+            self._append(st, self.tokenizer.encode(source[len(st.text.text):pos], add_special_tokens=False),
+                         SegmentKind.model)
+        self._after_cut(st)
+        return len(dropped)
+
+    def _after_cut(self, st: _State) -> None:
+        st.emitted = min(st.emitted, len(st.text.text))
+        st.emit_in_think = self._in_think(st, st.emitted)
+        self._new_watch(st, cfg_languages=st.watch.languages if st.watch else None)
+
+    def _new_watch(self, st: _State, cfg_languages: tuple[str, ...] | None) -> None:
+        if not st.tools_on or cfg_languages is None:
+            st.watch = None
+            return
+        st.watch = FenceWatch(cfg_languages, start=st.round_start)
+        st.watch.feed(st.text.text)  # re-read the kept text of this round (it holds no event: it was cut before)
+
+    def _in_think(self, st: _State, upto: int) -> bool:
+        """Whether the completion's first `upto` characters leave the model inside <think>."""
         if not self.reasoning_model:
-            return [TextDelta(text=text, channel="reasoning")] if text else []
-        out: list[TextDelta] = []
+            return False
+        head = st.text.text[:upto]
+        o, c = head.rfind(THINK_OPEN), head.rfind(THINK_CLOSE)
+        if o < 0 and c < 0:
+            return st.prompt_in_think
+        return o > c
+
+    def _think_tokens(self, st: _State) -> int | None:
+        """Tokens the thinking budget has used so far, or None when thinking is over.
+
+        Thinking is over once </think> follows the last <think> (in the completion, or in the
+        prompt when the template closed the block: Qwen3 with thinking off). Until the model
+        opens <think> itself, the tokens so far count (it may be about to).
+        """
+        if not self.reasoning_model:
+            return None
+        text = st.text.text
+        c = text.rfind(THINK_CLOSE)
+        o = text.find(THINK_OPEN, c + 1 if c >= 0 else 0)  # the block opened first counts, not a re-opening
+        if o < 0 and c < 0:
+            return None if st.prompt_think_closed else len(st.text)
+        if o < 0:
+            return None
+        return len(st.text) - st.text.tokens_within(o + len(THINK_OPEN))
+
+    def _pieces(self, text: str, in_think: bool) -> tuple[list[tuple[str, str, bool]], bool]:
+        """Split text at think tags: [(piece, channel, is_markup)] and the state after it."""
+        if not self.reasoning_model:
+            return ([(text, "answer", False)] if text else []), False
+        out: list[tuple[str, str, bool]] = []
         while text:
-            tag = THINK_CLOSE if st.in_think else THINK_OPEN
+            tag = THINK_CLOSE if in_think else THINK_OPEN
             idx = text.find(tag)
             if idx < 0:
-                out.append(TextDelta(text=text, channel="reasoning" if st.in_think else "answer"))
+                out.append((text, "reasoning" if in_think else "answer", False))
                 break
-            head = text[: idx + len(tag)]
-            out.append(TextDelta(text=head, channel="reasoning"))
-            if st.in_think:
-                st.think_closed = True
-            st.in_think = not st.in_think
+            if idx:
+                out.append((text[:idx], "reasoning" if in_think else "answer", False))
+            out.append((tag, "reasoning", True))
+            in_think = not in_think
             text = text[idx + len(tag):]
-        return [d for d in out if d.text]
+        return out, in_think
+
+    def _emit(self, st: _State, upto: int, retractable: bool, source: str = "model") -> list[TextDelta]:
+        if upto <= st.emitted:
+            return []
+        pieces, st.emit_in_think = self._pieces(st.text.text[st.emitted:upto], st.emit_in_think)
+        st.emitted = upto
+        return [TextDelta(text=t, channel=ch, markup=m, retractable=retractable and source == "model",  # type: ignore[arg-type]
+                          source=source) for t, ch, m in pieces]  # type: ignore[arg-type]
+
+    def _safe_end(self, st: _State, holds: Sequence[str]) -> int:
+        """How far the text may be streamed now: not into a line that may become a fence, nor
+        into a prefix of a stop string or think tag that may still complete."""
+        text = st.text.text
+        end = len(text)
+        if st.tools_on:
+            line = max(st.round_start, text.rfind("\n") + 1)
+            head = text[line:].lstrip(" \t")
+            if line < end and (not head or head.startswith("`")):
+                end = line
+        for s in holds:
+            for k in range(min(len(s), end), 0, -1):
+                if text.endswith(s[:k], 0, end):
+                    end -= k
+                    break
+        return max(end, st.emitted)
+
+    def _retractable(self, st: _State, cfg: ThorConfig) -> bool:
+        """Could a failure still take back text of this round (so a plain client must not see it yet)?"""
+        sc = cfg.self_correction
+        if not (st.tools_on and not st.cut and sc.enabled and st.attempt < sc.max_retries):
+            return False
+        needed = 2 if sc.retries_consume_budget else 1  # this call and its resample
+        return st.tool_budget_used + needed <= cfg.max_tool_calls
+
+    # --- one trajectory -----------------------------------------------------------------
 
     async def _run(
         self,
@@ -181,16 +293,23 @@ class ThorDecoder:
         rid: str,
         include_trajectory: bool,
     ) -> AsyncIterator[Event]:
-        prompt_text_tail = self._decode(prompt[-8:])
+        tail = self.tokenizer.decode(prompt[-16:], skip_special_tokens=False) if self.reasoning_model else ""
         st = _State(
             traj=Trajectory.from_prompt(prompt),
-            in_think=self.reasoning_model and prompt_text_tail.rstrip().endswith(THINK_OPEN),
+            text=TokenText(self.tokenizer),
+            prompt_len=len(prompt),
+            prompt_in_think=tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE),
+            prompt_think_closed=tail.rfind(THINK_CLOSE) > tail.rfind(THINK_OPEN),
+            tools_on=cfg.max_tool_calls > 0 or cfg.on_tool_budget == "stop",
         )
-        st.tools_active = cfg.max_tool_calls > 0 or cfg.on_tool_budget == "stop"
+        st.emit_in_think = st.prompt_in_think
+        self._new_watch(st, cfg.code_languages)
         eos = self.backend.eos_token_ids
         max_len = self.backend.max_model_len
         budget = sampling.max_tokens if sampling.max_tokens is not None else max_len - len(prompt)
+        cap = cfg.max_generated_tokens or GENERATION_CAP_FACTOR * budget
         sc = cfg.self_correction
+        holds = list(sampling.stop) + ([THINK_OPEN, THINK_CLOSE] if self.reasoning_model else [])
 
         def emit(ev: Event) -> Event:
             ev.sample = sample  # type: ignore[union-attr]
@@ -198,8 +317,7 @@ class ThorDecoder:
 
         finish: FinishReason
         while True:
-            completion_len = len(st.traj) - len(prompt)
-            remaining = budget - completion_len
+            remaining = budget - len(st.text)
             room = max_len - len(st.traj)
             if remaining <= 0:
                 finish = FinishReason.length
@@ -207,19 +325,24 @@ class ThorDecoder:
             if room <= 0:
                 finish = FinishReason.context_length
                 break
-            req_max = min(remaining, room)
+            if st.counters.generated >= cap:
+                finish = FinishReason.generation_cap
+                break
+            req_max = min(remaining, room, cap - st.counters.generated)
             think_limited = False
-            if cfg.thinking_budget is not None and self.reasoning_model and not st.think_closed:
-                think_room = cfg.thinking_budget - st.think_tokens
-                if think_room <= 0:
-                    for ev in self._cut_thinking(st, cfg):
-                        yield emit(ev)
-                    continue
-                if think_room < req_max:
-                    req_max, think_limited = think_room, True
+            if cfg.thinking_budget is not None and not st.cut:
+                used = self._think_tokens(st)
+                if used is not None:
+                    think_room = cfg.thinking_budget - used
+                    if think_room <= 0:
+                        for ev in self._cut_thinking(st, cfg):
+                            yield emit(ev)
+                        continue
+                    if think_room < req_max:
+                        req_max, think_limited = think_room, True
 
             stops = list(sampling.stop)
-            if st.tools_active:
+            if st.tools_on:
                 stops += [FENCE_STOP, OUTPUT_STOP]
             temperature = sampling.temperature
             if st.attempt > 0 and temperature == 0:
@@ -235,75 +358,58 @@ class ThorDecoder:
             req_id = f"{rid}-{sample}-{st.counters.engine_requests}"
             st.counters.engine_requests += 1
             request_prompt_len = len(st.traj)
-            new_ids: list[int] = []
-            streamed = ""
+            retractable = self._retractable(st, cfg)
+            fence: FenceEvent | None = None
             last: GenChunk | None = None
             async with contextlib.aclosing(self.backend.generate(st.traj.token_ids, params, req_id)) as gen:
                 async for chunk in gen:
-                    if chunk.num_cached_tokens is not None and st.counters.engine_requests > 1:
+                    last = chunk
+                    if chunk.num_cached_tokens is not None and st.counters.engine_requests == 1:
+                        st.counters.prompt_cached = chunk.num_cached_tokens
+                    elif chunk.num_cached_tokens is not None:
                         st.counters.cached_prompt += chunk.num_cached_tokens
                         st.counters.prefilled_prompt += request_prompt_len - chunk.num_cached_tokens
                     if chunk.token_ids:
-                        st.traj.append(chunk.token_ids, SegmentKind.model)
-                        new_ids.extend(chunk.token_ids)
+                        self._append(st, chunk.token_ids, SegmentKind.model)
                         st.counters.generated += len(chunk.token_ids)
-                        if not st.think_closed:
-                            st.think_tokens += len(chunk.token_ids)
-                    if chunk.text:
-                        streamed += chunk.text
-                        for ev in self._channel_split(st, chunk.text):
-                            yield emit(ev)
-                    last = chunk
-            # Stop strings can end inside a token: the tokens are the truth, so emit
-            # whatever their decoded text holds beyond what was streamed.
-            decoded = self._decode(new_ids)
-            if decoded.startswith(streamed) and len(decoded) > len(streamed):
-                for ev in self._channel_split(st, decoded[len(streamed):]):
-                    yield emit(ev)
-            if last is None or not last.finished:
-                finish = FinishReason.aborted
-                break
-            if last.finish_reason == "length":
-                if think_limited:
-                    continue  # the thinking budget is spent: cut it on the next turn
-                finish = FinishReason.length if remaining <= room else FinishReason.context_length
-                break
-            if last.finish_reason == "abort":
-                finish = FinishReason.aborted
-                break
+                    if st.watch is not None and (fence := st.watch.feed(st.text.text)) is not None:
+                        break  # leaving the block aborts the engine request: nothing after the fence is kept
+                    for ev in self._emit(st, self._safe_end(st, holds), retractable):
+                        yield emit(ev)
 
-            user_stop = last.stop_reason is not None and last.stop_reason in sampling.stop
-            fence_stop = last.stop_reason in (FENCE_STOP, OUTPUT_STOP)
-            eos_stop = last.stop_reason is None
-            if user_stop:
-                finish = FinishReason.stop
-                break
-            round_ids = st.traj.token_ids[st.traj.protected:]
-            round_text = self._decode(round_ids)
-            block = trailing_block(round_text)
-            is_code = block is not None and is_code_language(block.language, cfg.code_languages)
-            if not is_code or not (fence_stop or eos_stop) or not st.tools_active:
-                if fence_stop:
-                    continue  # an untagged opening fence or a non-code block: keep generating
-                finish = FinishReason.stop
-                break
-            assert block is not None
-            if st.tool_budget_used >= cfg.max_tool_calls:
-                if cfg.on_tool_budget == "stop":
-                    finish = FinishReason.tool_budget
+            if fence is None:
+                if last is None or not last.finished or last.finish_reason == "abort":
+                    finish = FinishReason.aborted
                     break
-                st.tools_active = False
-                if eos_stop:
+                if last.finish_reason == "length":
+                    if think_limited:
+                        continue  # the thinking budget is spent: cut it on the next turn
+                    for ev in self._emit(st, len(st.text.text), retractable):
+                        yield emit(ev)
+                    finish = FinishReason.length if remaining <= room else FinishReason.context_length
+                    break
+                if last.stop_reason is not None and last.stop_reason in sampling.stop:
+                    text = st.text.text
+                    at = text.rfind(str(last.stop_reason), st.round_start)
+                    if at >= 0:
+                        cut_at = at + len(str(last.stop_reason)) if sampling.include_stop_str_in_output else at
+                        st.counters.discarded += self._truncate_chars(st, cut_at)
+                    for ev in self._emit(st, len(st.text.text), False):
+                        yield emit(ev)
                     finish = FinishReason.stop
                     break
-                continue
-            if eos_stop and new_ids and new_ids[-1] in eos:
-                # the model closed its block and ended: run the block, then let it go on
-                st.traj.truncate(len(st.traj) - 1)
-                round_ids = round_ids[:-1]
+                if last.stop_reason in (FENCE_STOP, OUTPUT_STOP):
+                    continue  # a non-code block closed (FenceWatch saw no event): keep generating
+                # EOS: a code block closed right before it (no newline after the fence) still runs
+                fence = self._fence_before_eos(st, cfg, eos)
+                if fence is None:
+                    for ev in self._emit(st, len(st.text.text), False):
+                        yield emit(ev)
+                    finish = FinishReason.stop
+                    break
 
             ended: FinishReason | None = None
-            async for ev in self._tool_round(st, cfg, block, round_ids, round_text):
+            async for ev in self._tool_round(st, cfg, fence, retractable):
                 if isinstance(ev, FinishReason):
                     ended = ev
                 else:
@@ -312,23 +418,68 @@ class ThorDecoder:
                 finish = ended
                 break
 
-        yield emit(self._final(st, prompt, finish, cfg, include_trajectory))
+        for ev in self._emit(st, len(st.text.text), False):
+            yield emit(ev)
+        yield emit(self._final(st, finish, include_trajectory))
+
+    def _fence_before_eos(self, st: _State, cfg: ThorConfig, eos: frozenset[int]) -> FenceEvent | None:
+        if not st.tools_on:
+            return None
+        start = st.round_start
+        block = trailing_block(st.text.text[start:])
+        if block is None or not is_code_language(block.language, cfg.code_languages):
+            return None
+        if st.text.ids and st.text.ids[-1] in eos:
+            # the model closed its block and ended: drop the EOS, run the block, let it go on
+            st.traj.truncate(len(st.traj) - 1)
+            st.text.truncate(len(st.text) - 1)
+        shifted = FencedBlock(block.language, block.code, block.start + start, block.end + start, True)
+        return FenceEvent("code_closed", len(st.text.text), shifted)
 
     def _cut_thinking(self, st: _State, cfg: ThorConfig) -> list[Event]:
-        ids = self.tokenizer.encode(cfg.thinking_cut_text, add_special_tokens=False)
-        st.traj.append(ids, SegmentKind.injected)
+        events: list[Event] = list(self._emit(st, len(st.text.text), False))
+        self._append(st, self.tokenizer.encode(cfg.thinking_cut_text, add_special_tokens=False), SegmentKind.injected)
         st.traj.protect()
-        st.think_closed = True
-        st.tools_active = False  # the answer after a cut is written without tools
-        return list(self._channel_split(st, cfg.thinking_cut_text))
+        st.cut = True
+        self._new_watch(st, cfg.code_languages)
+        events += self._emit(st, len(st.text.text), False, source="injected")
+        return events
 
     async def _tool_round(
-        self, st: _State, cfg: ThorConfig, block: FencedBlock, round_ids: list[int], round_text: str
+        self, st: _State, cfg: ThorConfig, fence: FenceEvent, retractable: bool
     ) -> AsyncIterator[Event | FinishReason]:
+        """The round ended at a fence event: cut what follows it, then run, refuse or end."""
         sc = cfg.self_correction
-        call, attempt = st.call_index, st.attempt
-        st.call_index += 1
-        yield CodeBlock(call=call, attempt=attempt, language=block.language, code=block.code)
+        st.counters.discarded += self._truncate_chars(st, fence.position)
+        block = fence.block
+        if fence.kind == "output_opened" and block is not None and not st.text.text.endswith("```\n"):
+            # "```output" where the closing fence belonged: close the block for the model
+            lead = "" if st.text.text.endswith("\n") else "\n"
+            self._append(st, self.tokenizer.encode(lead + "```\n", add_special_tokens=False), SegmentKind.injected)
+        for ev in self._emit(st, len(st.text.text), retractable):
+            yield ev
+        if block is None or not is_code_language(block.language, cfg.code_languages):
+            # the model opened an output block with no code to run: its invented output is gone; stop here
+            yield FinishReason.stop
+            return
+        if st.cut or st.tool_budget_used >= cfg.max_tool_calls:
+            if cfg.on_tool_budget == "stop" and not st.cut:
+                yield FinishReason.tool_budget
+                return
+            yield CodeBlock(call=st.call_index, attempt=0, execution=st.executions, language=block.language,
+                            code=block.code)
+            yield ToolCall(call=st.call_index, attempt=0, execution=st.executions, ok=False, outcome="not_executed",
+                           exit_code=None, stdout="", stderr="", observation=cfg.not_executed_message,
+                           duration_s=0.0, committed=True)
+            st.stats.not_executed += 1
+            st.call_index += 1
+            for ev in self._commit_observation(st, cfg, cfg.not_executed_message):
+                yield ev
+            return
+
+        call, attempt, execution = st.call_index, st.attempt, st.executions
+        st.executions += 1
+        yield CodeBlock(call=call, attempt=attempt, execution=execution, language=block.language, code=block.code)
         result = await self.executor.execute(
             block.code,
             timeout_s=cfg.observation.timeout_s,
@@ -341,85 +492,100 @@ class ThorDecoder:
             st.stats.ok += 1
         else:
             st.stats.failed += 1
-        retry = not obs.ok and sc.enabled and attempt < sc.max_retries
+        # A resample must itself be able to run: with retries charged to the budget, this call and
+        # the resample need two units; otherwise the error is committed (never a retry whose block
+        # could not execute, which would let the model invent its output).
+        affordable = st.tool_budget_used + (2 if sc.retries_consume_budget else 1) <= cfg.max_tool_calls
+        retry = not obs.ok and sc.enabled and attempt < sc.max_retries and affordable
         if not retry or sc.retries_consume_budget:
             st.tool_budget_used += 1
         yield ToolCall(
-            call=call, attempt=attempt, ok=obs.ok, outcome=result.outcome, exit_code=result.exit_code,
-            stdout=result.stdout, stderr=result.stderr, observation=obs.text, duration_s=result.duration_s,
-            cached=result.cached, committed=not retry,
+            call=call, attempt=attempt, execution=execution, ok=obs.ok, outcome=result.outcome,
+            exit_code=result.exit_code, stdout=result.stdout, stderr=result.stderr, observation=obs.text,
+            duration_s=result.duration_s, cached=result.cached, committed=not retry,
         )
         if retry:
-            yield self._backtrack(st, cfg, block, round_ids, round_text, call, reason=result.outcome)
+            yield self._backtrack(st, cfg, block, call, reason=result.outcome)
             return
         st.attempt = 0
+        st.call_index += 1
         st.stats.committed += 1
-        text = injection(obs.text, round_text.endswith("\n"))
-        st.traj.append(self.tokenizer.encode(text, add_special_tokens=False), SegmentKind.observation)
-        st.traj.protect()
-        for ev in self._channel_split(st, text):
+        for ev in self._commit_observation(st, cfg, obs.text):
             yield ev
         if not obs.ok and cfg.stop_on_tool_error:
             yield FinishReason.tool_error
-            return
-        if st.tool_budget_used >= cfg.max_tool_calls and cfg.on_tool_budget == "continue":
-            st.tools_active = False
 
-    def _backtrack(
-        self, st: _State, cfg: ThorConfig, block: FencedBlock, round_ids: list[int], round_text: str,
-        call: int, reason: str,
-    ) -> Backtrack:
+    def _commit_observation(self, st: _State, cfg: ThorConfig, observation: str) -> list[TextDelta]:
+        text = injection(observation, st.text.text.endswith("\n"))
+        self._append(st, self.tokenizer.encode(text, add_special_tokens=False), SegmentKind.observation)
+        st.traj.protect()
+        self._new_watch(st, cfg.code_languages)
+        return self._emit(st, len(st.text.text), False, source="observation")
+
+    def _backtrack(self, st: _State, cfg: ThorConfig, block: FencedBlock, call: int, reason: str) -> Backtrack:
         sc = cfg.self_correction
-        base = st.traj.protected
-        block_tok = self._prefix_len_at(round_ids, block.start)
+        base = st.traj.protected - st.prompt_len  # first token of this round (completion index)
+        start = st.round_start
+        block_tok = st.text.tokens_within(block.start)
         if sc.mode == "tokens":
-            keep = max(0, block_tok - sc.backtrack_tokens)
+            keep = max(base, block_tok - sc.backtrack_tokens)
         else:
-            boundary = round_text.rfind("\n\n", 0, block.start)
-            keep = self._prefix_len_at(round_ids, boundary + 2) if boundary >= 0 else 0
-            keep = min(keep, block_tok)
-        # streamed text so far this round = round_text; after the cut it is decode(kept)
-        kept_text = self._decode(round_ids[:keep])
-        common = len(os.path.commonprefix([round_text, kept_text]))
-        dropped = st.traj.truncate(base + keep)
+            # back to the start of the reasoning step that led to the code: skip the blank lines
+            # between it and the fence, then go to the paragraph break before it
+            step = st.text.text[start:block.start].rstrip()
+            boundary = step.rfind("\n\n")
+            keep = min(st.text.tokens_within(start + boundary + 2) if boundary >= 0 else base, block_tok)
+        emitted = st.emitted
+        dropped = st.traj.truncate(st.prompt_len + keep)
+        st.text.truncate(keep)
+        self._after_cut(st)
         st.counters.discarded += len(dropped)
         st.stats.backtracks += 1
         st.attempt += 1
-        if self.reasoning_model:
-            prefix = self._decode(st.traj.token_ids[-4096:])
-            st.in_think = prefix.rfind(THINK_OPEN) > prefix.rfind(THINK_CLOSE)
         return Backtrack(
             call=call, attempt=st.attempt, reason=reason, mode=sc.mode,
-            tokens_dropped=len(dropped), chars_retracted=len(round_text) - common,
+            tokens_dropped=len(dropped), chars_retracted=emitted - st.emitted,
         )
 
-    def _final(
-        self, st: _State, prompt: list[int], finish: FinishReason, cfg: ThorConfig, include_trajectory: bool
-    ) -> Final:
-        traj = st.traj
-        completion_ids = traj.token_ids[len(prompt):]
-        text = self._decode(completion_ids)
-        if self.reasoning_model and THINK_CLOSE in text:
-            answer_text = text.rsplit(THINK_CLOSE, 1)[1]
-        else:
-            answer_text = self._decode(traj.token_ids[max(traj.protected, len(prompt)):])
+    def _final(self, st: _State, finish: FinishReason, include_trajectory: bool) -> Final:
+        traj, text = st.traj, st.text.text
+        start = st.round_start
+        pieces, _ = self._pieces(text[start:], self._in_think(st, start))
+        answer_text = "".join(p for p, ch, markup in pieces if ch == "answer" and not markup).lstrip()
+        model_text = "".join(
+            text[st.text.offset(a - st.prompt_len):st.text.offset(b - st.prompt_len)]
+            for a, b, kind in _spans(traj) if kind is SegmentKind.model
+        )
+        answer = extract_boxed(answer_text) or extract_boxed(model_text)
+        answer_tokens = len(st.text) - st.text.tokens_within(len(text) - len(answer_text)) if answer_text else 0
         c = st.counters
         usage = Usage(
-            prompt_tokens=len(prompt),
-            completion_tokens=len(completion_ids),
+            prompt_tokens=st.prompt_len,
+            completion_tokens=len(st.text),
             model_tokens=traj.count(SegmentKind.model),
+            answer_tokens=answer_tokens,
             observation_tokens=traj.count(SegmentKind.observation),
             injected_tokens=traj.count(SegmentKind.injected),
             discarded_tokens=c.discarded,
             generated_tokens=c.generated,
+            prompt_cached_tokens=c.prompt_cached,
             cached_prompt_tokens=c.cached_prompt,
             prefilled_prompt_tokens=c.prefilled_prompt,
             engine_requests=c.engine_requests,
         )
         return Final(
-            text=text, answer_text=answer_text.strip(), answer=extract_boxed(text), finish_reason=finish,
+            text=text, answer_text=answer_text, answer=answer, finish_reason=finish,
             usage=usage, tools=st.stats, trajectory=traj.to_dict() if include_trajectory else None,
         )
+
+
+def _spans(traj: Trajectory) -> list[tuple[int, int, SegmentKind]]:
+    """(start, end, kind) token ranges of a trajectory's segments."""
+    out, pos = [], 0
+    for seg in traj.segments:
+        out.append((pos, pos + len(seg.token_ids), seg.kind))
+        pos += len(seg.token_ids)
+    return [s for s in out if s[2] is not SegmentKind.prompt]
 
 
 async def collect(events: AsyncIterator[Event]) -> list[Event]:

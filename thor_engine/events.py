@@ -25,6 +25,7 @@ class FinishReason(str, Enum):
     context_length = "context_length"  # the model's context window is full
     tool_budget = "tool_budget"  # a code block past max_tool_calls with on_tool_budget=stop
     tool_error = "tool_error"  # a committed failed call with stop_on_tool_error
+    generation_cap = "generation_cap"  # max_generated_tokens (kept + discarded) reached
     aborted = "aborted"  # the consumer went away
 
 
@@ -36,12 +37,22 @@ class TextDelta(_Event):
     type: Literal["text"] = "text"
     text: str
     channel: Literal["reasoning", "answer"]
+    source: Literal["model", "observation", "injected"] = Field(
+        default="model", description="Who wrote it: the model, a tool output, or the decoder (e.g. a thinking cut)."
+    )
+    markup: bool = Field(default=False, description="A <think> or </think> tag: part of the text, not of either channel.")
+    retractable: bool = Field(
+        default=False,
+        description="A later Backtrack may still take this text back (self-correction can still fire). Text "
+        "before a committed ToolCall, and all text once this is False, is final.",
+    )
 
 
 class CodeBlock(_Event):
     type: Literal["code"] = "code"
-    call: int = Field(description="Index of this execution in the trajectory (0-based, retries included).")
+    call: int = Field(description="Index of this tool call in the trajectory (0-based); retries keep it.")
     attempt: int = Field(description="0 for a first try, k for the k-th resample after failures.")
+    execution: int = Field(default=0, description="Index of this sandbox run in the trajectory (retries included).")
     language: str
     code: str
 
@@ -50,6 +61,7 @@ class ToolCall(_Event):
     type: Literal["tool_result"] = "tool_result"
     call: int
     attempt: int
+    execution: int = 0
     ok: bool
     outcome: str
     exit_code: int | None
@@ -75,10 +87,12 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = Field(description="Tokens after the prompt in the final trajectory (model + observations).")
     model_tokens: int
+    answer_tokens: int = Field(default=0, description="Tokens of the answer text (Final.answer_text); the rest is reasoning.")
     observation_tokens: int
     injected_tokens: int
     discarded_tokens: int = Field(description="Generated tokens thrown away by backtracks.")
     generated_tokens: int = Field(description="All tokens the engine generated, discarded ones included.")
+    prompt_cached_tokens: int = Field(default=0, description="Tokens of the request's prompt served from the prefix cache.")
     cached_prompt_tokens: int = Field(description="Prompt tokens of continuation requests served from the prefix cache.")
     prefilled_prompt_tokens: int = Field(description="Prompt tokens of continuation requests the engine prefilled.")
     engine_requests: int
@@ -90,14 +104,18 @@ class ToolStats(BaseModel):
     failed: int = 0
     committed: int = 0
     backtracks: int = 0
+    not_executed: int = 0  # complete blocks refused with `not_executed_message` (budget spent, after a cut)
     duration_s: float = 0.0
 
 
 class Final(_Event):
     type: Literal["final"] = "final"
     text: str = Field(description="The whole completion: reasoning, code, outputs, answer.")
-    answer_text: str = Field(description="Text after the last tool output (or after </think>).")
-    answer: str | None = Field(description="Content of the last \\boxed{} in the completion.")
+    answer_text: str = Field(description="Text after the last tool output (or after </think>), leading space dropped.")
+    answer: str | None = Field(
+        description="Content of the last \\boxed{} in the answer text, else in the model's own text (never in a tool "
+        "output)."
+    )
     finish_reason: FinishReason
     usage: Usage
     tools: ToolStats
