@@ -97,6 +97,16 @@ class ThorConfig(_Strict):
     code_languages: tuple[str, ...] = Field(
         default=("python", "py", "python3", "py3"), description="Fence info strings that mark executable code."
     )
+    max_generated_tokens: int | None = Field(
+        default=None, ge=1,
+        description="Hard cap on tokens generated for one trajectory, discarded (backtracked) ones included. "
+        "None: 4x the trajectory's max_tokens. Bounds the work of retries x tool calls x max_tokens.",
+    )
+    not_executed_message: str = Field(
+        default="Code execution is not available any more (the tool budget is spent): answer from what you have.",
+        description="Observation injected after a complete code block that may not run (tool budget spent, "
+        "or the answer after a thinking cut): the model never gets to invent an output.",
+    )
 
 
 class SamplingOptions(_Strict):
@@ -106,5 +116,20 @@ class SamplingOptions(_Strict):
     temperature: float = Field(default=0.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=-1, ge=-1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1, description="vLLM's int64 range.")
     stop: tuple[str, ...] = ()
+    # vLLM's further sampling fields (neutral defaults = off), passed to every engine request.
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    min_tokens: int = Field(default=0, ge=0, description="New tokens before EOS or a stop may end generation.")
+    logit_bias: tuple[tuple[int, float], ...] = Field(
+        default=(), description="(token id, bias) pairs; a bias is clamped to [-100, 100] as vLLM does."
+    )
+    stop_token_ids: tuple[int, ...] = Field(default=(), description="Token ids that end generation like EOS.")
+    ignore_eos: bool = False
+    skip_special_tokens: bool = Field(default=True, description="Leave special tokens out of the output text.")
+    include_stop_str_in_output: bool = Field(
+        default=False, description="Keep the user stop string that ended the trajectory in its text (vLLM's option)."
+    )
