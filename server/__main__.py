@@ -20,6 +20,8 @@ from pathlib import Path
 
 import uvicorn
 
+from thor_sandbox.client import SandboxClient
+
 from .app import ServerState, create_app
 from .metrics import ServerMetrics
 from .settings import ServerSettings
@@ -68,10 +70,9 @@ def make_build(
     async def build(metrics: ServerMetrics) -> tuple[ServerState, Callable[[], Awaitable[None]]]:
         from thor_engine.backends.vllm_backend import EngineOptions, VllmBackend
         from thor_engine.engine import ThorEngine
-        from thor_engine.local_sandbox import sandbox_at
+        from thor_engine.cli.local_sandbox import sandbox_at
         from thor_engine.model_provision import PRESETS, ensure_model
         from thor_engine.tools import SandboxExecutor
-        from thor_sandbox.client import SandboxClient
 
         from .store import create_store
         from .tool_cache import CachingExecutor
@@ -81,9 +82,11 @@ def make_build(
             model = settings.model
             if model in PRESETS:
                 model = str(ensure_model(model, log=log.info))
-            url = await stack.enter_async_context(sandbox_at(settings.sandbox_url, spawn=settings.sandbox_url is None))
-            log.info("sandbox: %s", url)
+            url = await stack.enter_async_context(sandbox_at(settings.sandbox_url))
             sandbox = await stack.enter_async_context(SandboxClient(url))
+            fingerprint, max_timeout_s = await sandbox_profile(sandbox, settings)
+            log.info("sandbox: %s (%s, at most %s s per execution)", url, fingerprint, max_timeout_s)
+            info["sandbox_url"] = url
             store = create_store(settings.redis_url, rate_limit_fail_open=settings.rate_limit_fail_open,
                                  on_error=lambda op: metrics.store_errors.labels(operation=op).inc())
             stack.push_async_callback(store.close)
@@ -97,7 +100,7 @@ def make_build(
             ))
             stack.callback(backend.shutdown)
             name = settings.served_model_name or _served_name(model)
-            executor = CachingExecutor(SandboxExecutor(sandbox), store, sandbox_identity=url,
+            executor = CachingExecutor(SandboxExecutor(sandbox), store, sandbox_fingerprint=fingerprint,
                                        ttl_s=settings.tool_cache_ttl_s, metrics=metrics)
             engine = ThorEngine(backend, executor, model_name=name)
             info["model_name"] = name
@@ -111,11 +114,31 @@ def make_build(
     return build
 
 
-def banner(url: str, model: str, auth: bool) -> str:
+async def sandbox_profile(sandbox: SandboxClient, settings: ServerSettings) -> tuple[str, float | None]:
+    """The sandbox's fingerprint (what the tool cache keys on) and its per-execution time limit.
+
+    Raises ValueError when the server's own default `thor.observation.timeout_s` exceeds
+    the sandbox's limit (every tool call would be refused)."""
+    health = await sandbox.health()
+    if health.fingerprint is None or health.limits is None:
+        log.warning("the sandbox at %s reports no fingerprint or limits (an older service): the tool cache keys on "
+                    "its URL and thor.observation.timeout_s is checked by the sandbox only", sandbox.url)
+        return "url:" + sandbox.url, None
+    limit = health.limits.max_timeout_s
+    if settings.thor.observation.timeout_s > limit:
+        raise ValueError(
+            f"the default thor.observation.timeout_s ({settings.thor.observation.timeout_s} s) exceeds the sandbox's "
+            f"limit of {limit:g} s: lower it, or raise the sandbox's THOR_SANDBOX_MAX_TIMEOUT_S"
+        )
+    return health.fingerprint, limit
+
+
+def banner(url: str, model: str, auth: bool, sandbox_url: str = "?") -> str:
     key_h = ' -H "Authorization: Bearer $THOR_API_KEY"' if auth else ""
     key_py = 'os.environ["THOR_API_KEY"]' if auth else '"none"'
     return f"""
 THOR server ready at {url}  (model: {model}; Ctrl-C stops it and its local sandbox)
+Sandbox at {sandbox_url}  (SandboxFusion clients: POST {sandbox_url}/run_code)
 
   curl -N {url}/v1/chat/completions{key_h} -H 'Content-Type: application/json' -d '{{
     "model": "{model}", "stream": true,
@@ -160,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             for sock in s.sockets:
                 host, port = sock.getsockname()[:2]
                 print(f"THOR_SERVER_LISTENING {host}:{port}", flush=True)
-                print(banner(f"http://{host}:{port}", info.get("model_name", "?"), bool(settings.all_api_keys())),
+                print(banner(f"http://{host}:{port}", info.get("model_name", "?"), bool(settings.all_api_keys()),
+                             info.get("sandbox_url", "?")),
                       file=sys.stderr, flush=True)
 
     server.startup = announce  # type: ignore[method-assign]

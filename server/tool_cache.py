@@ -1,9 +1,13 @@
 """A tool executor that consults the shared tool-result cache before the sandbox.
 
 Owns: wrapping the engine's `ToolExecutor` so identical, deterministic snippets
-(same code, same sandbox configuration) are answered from the store: results
-of code that uses randomness or time, and timeouts or sandbox errors, are never
-cached. Does not own: the store (store.py) or execution (thor_engine.tools).
+run on an identical sandbox are answered from the store. "Identical sandbox" is
+the fingerprint the sandbox reports on its `/health` (its versions and limits),
+never its URL: two sandboxes that behave alike share entries wherever they listen,
+and a sandbox upgraded or reconfigured at the same address does not reuse the old
+results. Results of code that uses randomness or time, and timeouts or sandbox
+errors, are never cached. Does not own: the store (store/) or execution
+(thor_engine.tools).
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ UNCACHED_OUTCOMES = {"timeout", "sandbox_error", "oom"}
 
 
 class CachingExecutor:
-    def __init__(self, inner: ToolExecutor, store: Store, sandbox_identity: str, ttl_s: int,
+    def __init__(self, inner: ToolExecutor, store: Store, sandbox_fingerprint: str, ttl_s: int,
                  metrics: ServerMetrics) -> None:
+        """`sandbox_fingerprint`: `HealthResponse.fingerprint` of the sandbox `inner` runs on."""
+        if not sandbox_fingerprint:
+            raise ValueError("sandbox_fingerprint is empty: pass the fingerprint from the sandbox's /health")
         self._inner, self._store, self._ttl, self._metrics = inner, store, ttl_s, metrics
-        self._identity = sandbox_identity
+        self._fingerprint = sandbox_fingerprint
 
     def _key(self, code: str, timeout_s: float, echo: bool) -> str:
-        fingerprint = hashlib.sha256(f"{self._identity}|timeout={timeout_s}|echo={echo}".encode()).hexdigest()
+        fingerprint = hashlib.sha256(f"{self._fingerprint}|timeout={timeout_s}|echo={echo}".encode()).hexdigest()
         return tool_cache_key(code, fingerprint)
 
     async def execute(self, code: str, *, timeout_s: float, echo_last_expression: bool) -> ToolResult:

@@ -172,3 +172,48 @@ async def test_cancelled_tool_call_frees_its_worker():
             assert (r.outcome, r.stdout) == ("ok", "next\n")
             [after] = (await http.get(svc.url + "/health")).json()["workers"]
             assert after["id"] != before["id"]
+
+
+# --- the tool cache keys on the sandbox's fingerprint ------------------------------------------
+
+
+async def test_tool_cache_keys_on_the_sandbox_fingerprint_not_its_url(sandbox, sandbox_one):
+    from server.__main__ import sandbox_profile
+    from server.metrics import ServerMetrics
+    from server.settings import ServerSettings
+    from server.store import create_store
+    from server.tool_cache import CachingExecutor
+
+    store = create_store(None)
+    metrics = ServerMetrics()
+    code = "print(sum(range(10)))"
+
+    async def run_via(url: str) -> ToolResult:
+        async with SandboxClient(url) as client:
+            fingerprint, _ = await sandbox_profile(client, ServerSettings())  # what the server's build does
+            ex = CachingExecutor(SandboxExecutor(client), store, sandbox_fingerprint=fingerprint, ttl_s=60,
+                                 metrics=metrics)
+            return await ex.execute(code, timeout_s=5, echo_last_expression=True)
+
+    first = await run_via(sandbox.url)
+    assert (first.stdout, first.cached) == ("45\n", False)
+    # the same service reached at another address (its Unix socket): the same sandbox, a hit
+    again = await run_via(sandbox.uds_url)
+    assert (again.stdout, again.cached) == ("45\n", True)
+    # a service with other limits (the one-worker fixture's default timeout) does not reuse it
+    other = await run_via(sandbox_one.url)
+    assert (other.stdout, other.cached) == ("45\n", False)
+    await store.close()
+
+
+async def test_server_refuses_a_default_timeout_beyond_the_sandbox_limit(sandbox):
+    from server.__main__ import sandbox_profile
+    from server.settings import ServerSettings
+    from thor_engine.config import ThorConfig
+
+    settings = ServerSettings(thor=ThorConfig(observation=ObservationConfig(timeout_s=120)))
+    async with SandboxClient(sandbox.url) as client:
+        with pytest.raises(ValueError, match=r"timeout_s \(120.0 s\) exceeds the sandbox's limit of 60 s"):
+            await sandbox_profile(client, settings)
+        _, limit = await sandbox_profile(client, ServerSettings())
+    assert limit == 60

@@ -2,8 +2,12 @@
 
 Owns: the command-line interface for quick use and scripting: the problem from
 an argument or stdin, the model (default: the provisioned default model), the
-sandbox (a running one, or a local one started for the run), THOR options as
-flags, and printing the trajectory as it streams (`--json`: one event per line).
+sandbox (a given URL, or the local sandbox address 127.0.0.1:8080, where one is
+started for the run when none answers), THOR options as flags, and printing the
+trajectory as it streams (`--json`: one event per line). Standard output carries
+only that: before anything else runs, file descriptor 1 is pointed at standard
+error, so vLLM's log lines (its engine process included) and any stray print go
+there, and our output is written to a private duplicate of the original stdout.
 
 Does not own: anything the decoder does. Knows nothing of HTTP beyond the
 sandbox URL.
@@ -17,6 +21,7 @@ import json
 import logging
 import os
 import sys
+from typing import TextIO
 
 from .config import ObservationConfig, SamplingOptions, SelfCorrectionConfig, ThorConfig
 from .events import Backtrack, Final, TextDelta, ToolCall, Vote
@@ -32,9 +37,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a preset (default, quality, small), a Hugging Face directory, or a hub id")
     p.add_argument("--raw", action="store_true", help="treat the input as a raw prompt (no chat template)")
     p.add_argument("--json", action="store_true", help="print the typed events as JSON lines")
-    p.add_argument("--sandbox-url", default=os.environ.get("THOR_SANDBOX_URL", "http://127.0.0.1:8080"),
-                   help="sandbox service URL or unix:/path (started locally when nothing answers there)")
-    p.add_argument("--no-spawn-sandbox", action="store_true", help="fail instead of starting a local sandbox")
+    p.add_argument("--sandbox-url", default=os.environ.get("THOR_SANDBOX_URL") or None,
+                   help="a running sandbox service (URL or unix:/path); default: the local sandbox address, "
+                   "where one is started for the run when none answers")
+    p.add_argument("--local-sandbox-port", type=int, default=None,
+                   help="port of the local sandbox address 127.0.0.1:PORT (default: $THOR_LOCAL_SANDBOX_PORT or 8080)")
+    p.add_argument("--no-spawn-sandbox", action="store_true",
+                   help="fail instead of starting a local sandbox when none answers at the local address")
     g = p.add_argument_group("THOR options")
     g.add_argument("--max-tool-calls", type=int, default=10)
     g.add_argument("--no-self-correction", action="store_true")
@@ -66,14 +75,14 @@ def resolve_model(name: str) -> str:
     return name
 
 
-async def run(args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace, out: TextIO) -> int:
     from thor_sandbox.client import SandboxClient
 
     from .backends.vllm_backend import EngineOptions, VllmBackend
+    from .cli.local_sandbox import local_port, local_url, sandbox_at
     from .decoder import ThorDecoder
-    from .local_sandbox import sandbox_at
     from .prompting import encode_raw, render_chat
-    from .tools import SandboxExecutor
+    from .tools import SandboxExecutor, SandboxPolicy, sandbox_request_scope
 
     problem = args.problem if args.problem is not None else sys.stdin.read()
     if not problem.strip():
@@ -91,23 +100,27 @@ async def run(args: argparse.Namespace) -> int:
     sampling = SamplingOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                seed=args.seed)
     model = resolve_model(args.model)
-    async with sandbox_at(args.sandbox_url, spawn=not args.no_spawn_sandbox) as url:
+    port = args.local_sandbox_port or local_port()
+    url = args.sandbox_url or (local_url(port) if args.no_spawn_sandbox else None)
+    async with sandbox_at(url, port=port) as url:
+        print(f"[sandbox: {url}]", file=sys.stderr)
         backend = await VllmBackend.start(EngineOptions(
             model=model, dtype=args.dtype, max_model_len=args.max_model_len,
             enforce_eager=not args.no_enforce_eager,
         ))
         try:
             async with SandboxClient(url) as client:
-                dec = ThorDecoder(backend, SandboxExecutor(client))
+                policy = SandboxPolicy()
+                sandbox_request_scope(policy.max_concurrent_per_request)
+                dec = ThorDecoder(backend, SandboxExecutor(client, policy))
                 tok = backend.tokenizer
                 ids = encode_raw(tok, problem) if args.raw else render_chat(tok, [{"role": "user", "content": problem}])
-                return await _print_events(dec.stream(ids, cfg, sampling, n=args.n, vote=args.vote), args)
+                return await _print_events(dec.stream(ids, cfg, sampling, n=args.n, vote=args.vote), args, out)
         finally:
             backend.shutdown()
 
 
-async def _print_events(events, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    out = sys.stdout
+async def _print_events(events, args: argparse.Namespace, out: TextIO) -> int:  # type: ignore[no-untyped-def]
     buffers: dict[int, list[str]] = {}
     async for ev in events:
         if args.json:
@@ -127,7 +140,7 @@ async def _print_events(events, args: argparse.Namespace) -> int:  # type: ignor
                   file=sys.stderr)
         elif isinstance(ev, Final):
             if args.n > 1:
-                print(f"\n===== sample {ev.sample} =====\n{ev.text}")
+                print(f"\n===== sample {ev.sample} =====\n{ev.text}", file=out, flush=True)
             u = ev.usage
             print(
                 f"\n\n[sample {ev.sample}: answer {ev.answer!r}, finish {ev.finish_reason.value}, "
@@ -141,15 +154,29 @@ async def _print_events(events, args: argparse.Namespace) -> int:  # type: ignor
     return 0
 
 
+def _claim_stdout() -> TextIO:
+    """Keep the real stdout for our output only; everything else written to fd 1 goes to stderr.
+
+    vLLM logs to stdout (in this process and in its engine process, which inherits fd 1),
+    as may any library: re-pointing the descriptor itself, before any of them starts,
+    is the one place that catches them all.
+    """
+    sys.stdout.flush()
+    private = os.dup(1)
+    os.dup2(2, 1)
+    return open(private, "w", encoding="utf-8", buffering=1, closefd=True)  # noqa: SIM115 - lives for the run
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    out = _claim_stdout()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("TQDM_DISABLE", "1")
     try:
-        return asyncio.run(run(args))
+        return asyncio.run(run(args, out))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - a CLI prints the problem, not a traceback

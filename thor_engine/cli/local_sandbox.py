@@ -1,8 +1,12 @@
-"""Finding or starting a sandbox service for local use (CLI, `make serve`).
+"""Finding or starting a sandbox service for a local run (the CLI, `make serve`).
 
-Owns: checking whether a sandbox answers at a URL and, when none does, starting
-the repository's own service (`.venv-sandbox/bin/python -m thor_sandbox`, built by
-`make sandbox-env`) on a free port for the lifetime of the caller, and stopping it.
+Owns: using a given sandbox URL, or else the local sandbox address
+`http://127.0.0.1:<port>` (port 8080 by default, `THOR_LOCAL_SANDBOX_PORT`, the
+address SandboxFusion clients use): reusing a THOR sandbox that already answers
+there, or starting the checkout's own service (`.venv-sandbox/bin/python -m
+thor_sandbox`, built by `make sandbox-env`) there for the caller's lifetime. The
+started service is tied to this process (`--parent-pid`: PR_SET_PDEATHSIG plus a
+parent watch), so it and its jails die with us even when we are SIGKILLed.
 
 Does not own: the sandbox (sandbox_image/) or its isolation; production
 deployments run the service separately (compose, `make sandbox`).
@@ -14,51 +18,102 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 
-log = logging.getLogger("thor_engine.local_sandbox")
+log = logging.getLogger("thor_engine.cli.local_sandbox")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LOCAL_HOST = "127.0.0.1"
+DEFAULT_LOCAL_PORT = 8080
 
 
 class LocalSandboxError(RuntimeError):
     pass
 
 
+def local_port() -> int:
+    """The local sandbox port: `THOR_LOCAL_SANDBOX_PORT`, else 8080."""
+    raw = os.environ.get("THOR_LOCAL_SANDBOX_PORT", str(DEFAULT_LOCAL_PORT))
+    try:
+        port = int(raw)
+    except ValueError:
+        raise LocalSandboxError(f"THOR_LOCAL_SANDBOX_PORT={raw!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise LocalSandboxError(f"THOR_LOCAL_SANDBOX_PORT={port} is not between 1 and 65535")
+    return port
+
+
+def local_url(port: int) -> str:
+    return f"http://{LOCAL_HOST}:{port}"
+
+
 async def is_up(url: str) -> bool:
+    """True when a THOR sandbox answers healthy at `url` (`http://...` or `unix:/path`)."""
     transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix:")) if url.startswith("unix:") else None
     base = "http://sandbox" if url.startswith("unix:") else url
     try:
         async with httpx.AsyncClient(base_url=base, transport=transport, timeout=2) as http:
-            return (await http.get("/health")).status_code == 200
-    except httpx.HTTPError:
+            resp = await http.get("/health")
+            return resp.status_code == 200 and "workers_ready" in resp.json()
+    except (httpx.HTTPError, ValueError):
         return False
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((LOCAL_HOST, port))
+        except OSError:
+            return False
+    return True
+
+
 @contextlib.asynccontextmanager
-async def sandbox_at(url: str | None, *, spawn: bool = True, pool_size: int = 2) -> AsyncIterator[str]:
-    """Yield a URL where a healthy sandbox answers: `url` if it is up, else a spawned local one."""
-    if url and await is_up(url):
-        yield url
+async def sandbox_at(url: str | None, *, port: int | None = None, pool_size: int = 2) -> AsyncIterator[str]:
+    """Yield the URL of a healthy sandbox for the duration of the block.
+
+    `url` given: it must answer (nothing is started). No `url`: the local address
+    127.0.0.1:`port` (default `local_port()`): a THOR sandbox already there is reused,
+    otherwise one is started there and stopped when the block ends.
+    """
+    if url:
+        if await is_up(url):
+            yield url
+            return
+        raise LocalSandboxError(
+            f"no sandbox answers at {url}; start one (`make sandbox`) or leave the sandbox URL unset to "
+            "start a local one"
+        )
+    port = local_port() if port is None else port
+    address = local_url(port)
+    if await is_up(address):
+        log.info("using the sandbox already running at %s", address)
+        yield address
         return
-    if not spawn:
-        raise LocalSandboxError(f"no sandbox answers at {url}; start one with `make sandbox`")
     python = REPO_ROOT / ".venv-sandbox" / "bin" / "python"
     jail_python = REPO_ROOT / ".cache" / "jail-python"
     if not python.exists() or not jail_python.exists():
         raise LocalSandboxError(
-            f"no sandbox answers at {url} and the local one is not built: run `make sandbox-env` "
-            "(or start a sandbox and pass its URL)"
+            "the local sandbox is not built: run `make sandbox-env` (or start a sandbox and pass its URL)"
+        )
+    if not _port_free(port):
+        raise LocalSandboxError(
+            f"port {port} is taken by something that is not a healthy THOR sandbox: free it, or choose another "
+            "local sandbox port (THOR_LOCAL_SANDBOX_PORT, --local-sandbox-port), or pass a sandbox URL"
         )
     env = {
         **os.environ,
-        "THOR_SANDBOX_PORT": "0",
+        "THOR_SANDBOX_HOST": LOCAL_HOST,
+        "THOR_SANDBOX_PORT": str(port),
         "THOR_SANDBOX_POOL_SIZE": str(pool_size),
         "THOR_SANDBOX_JAIL_PYTHON_HOME": str(jail_python),
+        "THOR_SANDBOX_PARENT_PID": str(os.getpid()),
         "THOR_SANDBOX_LOG_LEVEL": os.environ.get("THOR_SANDBOX_LOG_LEVEL", "WARNING"),
     }
     proc = await asyncio.create_subprocess_exec(
@@ -72,17 +127,16 @@ async def sandbox_at(url: str | None, *, spawn: bool = True, pool_size: int = 2)
         if not line.startswith("THOR_SANDBOX_LISTENING"):
             await proc.wait()
             raise LocalSandboxError(f"the local sandbox did not start (exit {proc.returncode}); see its log above")
-        local = "http://" + line.split()[1]
         for _ in range(600):
-            if await is_up(local):
+            if await is_up(address):
                 break
             if proc.returncode is not None:
                 raise LocalSandboxError(f"the local sandbox exited ({proc.returncode})")
             await asyncio.sleep(0.1)
         else:
             raise LocalSandboxError("the local sandbox never became healthy")
-        log.info("started a local sandbox at %s", local)
-        yield local
+        log.info("started a local sandbox at %s", address)
+        yield address
     finally:
         if proc.returncode is None:
             proc.terminate()
