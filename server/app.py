@@ -26,7 +26,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from thor_engine.engine import PromptTooLong, ThorEngine
+from thor_engine.config import SamplingOptions, ThorConfig
+from thor_engine.engine import EngineUnavailable, InvalidParameter, PromptTooLong, ThorEngine
 from thor_engine.prompting import TIR_INSTRUCTIONS
 from thor_sandbox.client import SandboxClient, SandboxError, SandboxUnavailable
 
@@ -80,6 +81,7 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
             raise ApiError(503, "the server is starting", type="service_unavailable")
         return state
 
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(FrameMiddleware, metrics=metrics, holder=holder)
 
     def _client_key(request: Request) -> str:
@@ -104,11 +106,36 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
         return key
 
     def _check_model(state: ServerState, body: _SamplingRequest) -> None:
-        if body.model not in (state.model_name, state.engine.model_name):
+        # `vllm serve <path>` clients send the model path (or the preset the server was started with)
+        names = {state.model_name, state.engine.model_name, state.settings.model, *state.engine.model_aliases}
+        if body.model not in names:
             raise ApiError(404, f"The model `{body.model}` does not exist. This server serves `{state.model_name}`.",
                            type="not_found_error", param="model", code="model_not_found")
         if body.n > state.settings.max_n:
             raise ApiError(400, f"n must be at most {state.settings.max_n}", param="n")
+
+    def _check_thor_limits(state: ServerState, cfg: ThorConfig) -> None:
+        s = state.settings
+        if cfg.max_tool_calls > s.max_tool_calls_limit:
+            raise ApiError(400, f"thor.max_tool_calls is {cfg.max_tool_calls}; this server allows at most "
+                           f"{s.max_tool_calls_limit} (max_tool_calls_limit)", param="thor.max_tool_calls")
+        if cfg.self_correction.max_retries > s.max_retries_limit:
+            raise ApiError(400, f"thor.self_correction.max_retries is {cfg.self_correction.max_retries}; this "
+                           f"server allows at most {s.max_retries_limit} (max_retries_limit)",
+                           param="thor.self_correction.max_retries")
+
+    def _sampling(state: ServerState, body: _SamplingRequest, max_tokens: int, param: str) -> SamplingOptions:
+        """The request's sampling (with the checkpoint's defaults), within the server's n x max_tokens cap."""
+        limit = state.settings.max_request_tokens
+        if body.n * max_tokens > limit:
+            raise ApiError(400, f"n x {param} is {body.n} x {max_tokens} = {body.n * max_tokens} tokens; this server "
+                           f"allows at most {limit} per request (max_request_tokens): lower n or {param}", param=param)
+        try:
+            sampling = body.sampling(max_tokens, state.engine.generation_defaults)
+            state.engine.check_sampling(sampling)
+        except InvalidParameter as exc:
+            raise ApiError(400, str(exc), param=exc.param) from exc
+        return sampling
 
     # --- running a request -------------------------------------------------------------
 
@@ -134,6 +161,24 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
                             code="sandbox_unavailable", headers={"Retry-After": "5"})
         return ApiError(502, f"the code sandbox failed: {exc}", type="server_error", code="sandbox_error")
 
+    def _api_error(exc: Exception) -> ApiError | None:
+        """The client-facing error for a failure while generating (None: an unexpected one)."""
+        if isinstance(exc, SandboxError):
+            return _sandbox_error(exc)
+        if isinstance(exc, InvalidParameter):  # the engine refused a value
+            return ApiError(400, str(exc), param=exc.param)
+        if isinstance(exc, EngineUnavailable):
+            return ApiError(503, str(exc), type="service_unavailable", code="engine_unavailable")
+        return None
+
+    def _stream_error(exc: Exception) -> str:
+        """The stream has started: report the failure in-band as an OpenAI error event."""
+        err = _api_error(exc)
+        if err is None:
+            log.error("stream failed", exc_info=exc)
+            err = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
+        return f"data: {json.dumps(error_body(err.message, err.type, err.param, err.code))}\n\n"
+
     async def _run(
         state: ServerState, request: Request, builder: ResponseBuilder, events: AsyncIterator[Any],
         stream: bool, include_usage: bool, rate_key: str, summary: dict[str, Any],
@@ -153,30 +198,29 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
 
             try:
                 await _until_disconnect(request, collect())
-            except SandboxError as exc:
-                raise _sandbox_error(exc) from exc
+            except (SandboxError, InvalidParameter, EngineUnavailable) as exc:
+                raise _api_error(exc) from exc  # type: ignore[misc]
             await finish()
             return JSONResponse(builder.response(), headers={"X-Thor-Trace-Id": builder.id})
 
         async def sse() -> AsyncIterator[str]:
             completed = False
             try:
-                async with contextlib.aclosing(events) as evs:
+                async with contextlib.aclosing(with_keepalive(events, state.settings.sse_keepalive_s)) as evs:
                     async for ev in evs:
+                        if ev is KEEPALIVE:  # a long tool call: keep proxies and clients from timing out
+                            yield ": keep-alive\n\n"
+                            continue
                         for chunk in builder.feed(ev):
                             yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
                 if include_usage:
                     yield f"data: {json.dumps(builder.usage_chunk())}\n\n"
                 completed = True
-            except SandboxError as exc:
-                err = _sandbox_error(exc)
-                yield f"data: {json.dumps(error_body(err.message, err.type, code=err.code))}\n\n"
             except (asyncio.CancelledError, GeneratorExit):
                 metrics.aborted.inc()
                 raise
             except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-                log.exception("stream failed")
-                yield f"data: {json.dumps(error_body(f'internal error: {type(exc).__name__}', 'server_error'))}\n\n"
+                yield _stream_error(exc)
             if completed:
                 await finish()
             yield "data: [DONE]\n\n"
@@ -194,24 +238,29 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
         opts = body.thor
         tools = opts is None or opts.enabled
         cfg = (opts.to_config(state.settings.thor) if opts else state.settings.thor)
-        try:
-            prompt = state.engine.chat_prompt(
-                body.chat_messages(),
-                tir_instructions=TIR_INSTRUCTIONS if tools and (opts is None or opts.tir_instructions) else None,
+        _check_thor_limits(state, cfg)
+        tir_mode = opts.tir_mode(state.settings.tir_instructions) if opts else state.settings.tir_instructions
+        try:  # template and tokeniser run on the engine's render thread, off the event loop
+            prompt = await state.engine.prepare_chat(
+                body.chat_messages(), tir_instructions=TIR_INSTRUCTIONS if tools else None, tir_mode=tir_mode,
+                chat_template_kwargs=body.template_kwargs(),
             )
-            max_tokens = body.effective_max_tokens()
-            state.engine.check_budget(prompt, max_tokens)
         except PromptTooLong as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from exc
+        except InvalidParameter as exc:  # the chat template refused the conversation, bad template kwargs
+            raise ApiError(400, str(exc), param=exc.param) from exc
         except ValueError as exc:
             raise ApiError(400, str(exc), param="messages") from exc
-        max_tokens = max_tokens or min(state.settings.default_max_tokens, state.engine.max_model_len - prompt.num_tokens)
+        # as vLLM: asking for more than the context leaves is clamped, not refused
+        max_tokens = state.engine.max_tokens_for(prompt, body.effective_max_tokens(), state.settings.default_max_tokens)
+        sampling = _sampling(state, body, max_tokens,
+                             "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         rate_key = await _rate_limit(state, request, prompt.num_tokens)
         rid = "chatcmpl-" + uuid.uuid4().hex
         builder = ResponseBuilder(kind="chat", response_id=rid, model=body.model, n=body.n,
                                   reasoning_fields=state.settings.reasoning_fields, tools_enabled=tools,
                                   reasoning_model=state.engine.reasoning_model, metrics=metrics)
-        events = state.engine.stream(prompt, cfg, body.sampling(max_tokens), n=body.n,
+        events = state.engine.stream(prompt, cfg, sampling, n=body.n,
                                      vote=bool(opts and opts.vote), request_id=rid)
         summary = {"route": "/v1/chat/completions", "n": body.n, "stream": body.stream,
                    "thor": cfg.model_dump(), "max_tokens": max_tokens, "messages": len(body.messages)}
@@ -222,9 +271,10 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
     async def completions(body: CompletionRequest, request: Request) -> Response:
         state = S()
         _check_model(state, body)
+        if body.thor is not None:
+            _check_thor_limits(state, body.thor.to_config(state.settings.thor))
         try:
-            prompt = state.engine.text_prompt(body.single_prompt())
-            state.engine.check_budget(prompt, body.max_tokens)
+            prompt = await state.engine.prepare_text(body.single_prompt())
         except PromptTooLong as exc:
             raise ApiError(400, str(exc), param="prompt", code="context_length_exceeded") from exc
         except ValueError as exc:
@@ -232,7 +282,7 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
         rate_key = await _rate_limit(state, request, prompt.num_tokens)
         rid = "cmpl-" + uuid.uuid4().hex
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        sampling = body.sampling(body.max_tokens)
+        sampling = _sampling(state, body, state.engine.max_tokens_for(prompt, body.max_tokens), "max_tokens")
         if body.thor is not None:
             cfg = body.thor.to_config(state.settings.thor)
             builder = ResponseBuilder(kind="completion", response_id=rid, model=body.model, n=body.n,
@@ -287,7 +337,10 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
                         texts[c.index] += c.text
                         account(c)
 
-            await _until_disconnect(request, collect())
+            try:
+                await _until_disconnect(request, collect())
+            except (InvalidParameter, EngineUnavailable) as exc:
+                raise _api_error(exc) from exc  # type: ignore[misc]
             usage["completion_tokens"] = sum(counts)
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             choices = [{"index": i, "text": texts[i], "logprobs": lps[i] if body.logprobs is not None else None,
@@ -299,21 +352,27 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
         async def sse() -> AsyncIterator[str]:
             first = True
             t0 = time.monotonic()
-            async with contextlib.aclosing(gen) as g:
-                async for c in g:
-                    if first and c.text:
-                        metrics.ttft.observe(time.monotonic() - t0)
-                        first = False
-                    lp = add_logprobs(c.index, c.logprobs)
-                    texts[c.index] += c.text
-                    account(c)
-                    if c.text or c.finished or lp:
-                        yield f"data: {json.dumps(chunk_of(c.index, c.text, lp, c.finish_reason if c.finished else None, c.stop_reason if c.finished else None), ensure_ascii=False)}\n\n"
-            metrics.generated_tokens.inc(sum(counts))
-            if include_usage:
-                usage["completion_tokens"] = sum(counts)
-                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                yield f"data: {json.dumps({'id': rid, 'object': 'text_completion', 'created': created, 'model': body.model, 'choices': [], 'usage': usage})}\n\n"
+            try:
+                async with contextlib.aclosing(gen) as g:
+                    async for c in g:
+                        if first and c.text:
+                            metrics.ttft.observe(time.monotonic() - t0)
+                            first = False
+                        lp = add_logprobs(c.index, c.logprobs)
+                        texts[c.index] += c.text
+                        account(c)
+                        if c.text or c.finished or lp:
+                            yield f"data: {json.dumps(chunk_of(c.index, c.text, lp, c.finish_reason if c.finished else None, c.stop_reason if c.finished else None), ensure_ascii=False)}\n\n"
+                metrics.generated_tokens.inc(sum(counts))
+                if include_usage:
+                    usage["completion_tokens"] = sum(counts)
+                    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                    yield f"data: {json.dumps({'id': rid, 'object': 'text_completion', 'created': created, 'model': body.model, 'choices': [], 'usage': usage})}\n\n"
+            except (asyncio.CancelledError, GeneratorExit):
+                metrics.aborted.inc()
+                raise
+            except Exception as exc:  # noqa: BLE001 - the stream has started: an error event, then [DONE]
+                yield _stream_error(exc)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -346,21 +405,124 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
             sandbox_ok = sbx.workers_ready > 0
         except SandboxError as exc:
             sandbox, sandbox_ok = {"status": "down", "error": str(exc)}, False
+        try:  # vLLM's own check: fails once its engine core process is gone
+            await state.engine.check_health()
+            engine: dict[str, Any] = {"status": "ok", "model": state.model_name,
+                                      "requests_running": await state.engine.num_unfinished_requests()}
+            engine_ok = True
+        except Exception as exc:  # noqa: BLE001 - any failure of the check means the engine cannot serve
+            engine, engine_ok = {"status": "dead", "model": state.model_name, "error": str(exc)}, False
         store_ok = await state.store.ping()
+        up = sandbox_ok and engine_ok
         body = {
-            "status": "ok" if sandbox_ok and store_ok else ("degraded" if sandbox_ok else "unavailable"),
-            "engine": {"status": "ok", "model": state.model_name,
-                       "requests_running": await state.engine.num_unfinished_requests()},
+            "status": "ok" if up and store_ok else ("degraded" if up else "unavailable"),
+            "engine": engine,
             "sandbox": sandbox,
             "store": {"status": state.store.status, "ok": store_ok},
         }
-        return JSONResponse(body, status_code=200 if sandbox_ok else 503)
+        return JSONResponse(body, status_code=200 if up else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+KEEPALIVE = object()
+
+
+async def with_keepalive(events: AsyncIterator[Any], interval_s: float) -> AsyncIterator[Any]:
+    """`events`, plus `KEEPALIVE` each time `interval_s` passes without one (0: never).
+
+    One producer task pulls the events (so the source runs in a single task however long the
+    consumer waits); closing this iterator cancels the producer, which closes the source."""
+    if interval_s <= 0:
+        async with contextlib.aclosing(events) as evs:  # type: ignore[type-var]
+            async for ev in evs:
+                yield ev
+        return
+    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue(maxsize=64)
+
+    async def pump() -> None:
+        try:
+            async with contextlib.aclosing(events) as evs:  # type: ignore[type-var]
+                async for ev in evs:
+                    await queue.put((True, ev))
+            await queue.put((False, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            await queue.put((False, exc))
+
+    producer = asyncio.create_task(pump())
+    getter: asyncio.Future[tuple[bool, Any]] | None = None
+    try:
+        while True:
+            getter = getter or asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter}, timeout=interval_s)
+            if not done:
+                yield KEEPALIVE
+                continue
+            is_event, item = getter.result()
+            getter = None
+            if is_event:
+                yield item
+            elif item is None:
+                return
+            else:
+                raise item
+    finally:
+        if getter is not None:
+            getter.cancel()
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over `max_bytes` with a 413 in OpenAI's error shape before anything
+    parses them: by Content-Length when sent, else counted as the body arrives. The accepted
+    body is replayed to the app; later receive() calls (disconnects) pass straight through."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse(scope, receive, send, int(length))
+            return
+        chunks: list[bytes] = []
+        size = 0
+        replay: list[dict] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                replay.append(message)
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, size)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                replay.append({"type": "http.request", "body": b"".join(chunks), "more_body": False})
+                break
+
+        async def replayed() -> dict:
+            return replay.pop(0) if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any, size: int) -> None:
+        msg = (f"the request body is larger than this server's limit of {self.max_bytes} bytes "
+               f"(max_request_body_bytes; {size} bytes seen): send a smaller request")
+        resp = JSONResponse(error_body(msg, "invalid_request_error", code="request_too_large"), status_code=413)
+        await resp(scope, receive, send)
 
 
 class FrameMiddleware:

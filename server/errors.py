@@ -19,8 +19,14 @@ log = logging.getLogger("server.errors")
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-        code: str | None = None, headers: dict[str, str] | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
@@ -32,8 +38,9 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 
 def error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
-                        headers=exc.headers)
+    return JSONResponse(
+        error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status, headers=exc.headers
+    )
 
 
 def install_handlers(app: FastAPI) -> None:

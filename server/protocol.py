@@ -1,19 +1,27 @@
 """OpenAI-compatible request models, plus the `thor` extension, with validation.
 
 Owns: the accepted request shapes of `/v1/chat/completions` and `/v1/completions`
-(OpenAI's fields and vLLM's extensions such as `top_k`, `include_stop_str_in_output`,
-`stop_reason`), the `thor` options object, and turning them into the engine's
-`ThorConfig` / `SamplingOptions`. Unknown fields are ignored as OpenAI's SDKs send
-many; wrong types or values are 400s naming the field.
+(OpenAI's fields and vLLM's sampling extensions: `top_k`, `min_p`, penalties,
+`min_tokens`, `logit_bias`, `stop_token_ids`, `ignore_eos`, `skip_special_tokens`,
+`include_stop_str_in_output`, `chat_template_kwargs`), the `thor` options object,
+and turning them into the engine's `ThorConfig` / `SamplingOptions` (request values,
+then the checkpoint's generation_config.json defaults, then vLLM's neutral ones).
+OpenAI fields this server cannot honour (tools, structured output, audio, chat
+logprobs, best_of, echo, suffix...) are 400s, never accepted and dropped; `null`
+means a field's default, as OpenAI's spec allows. Fields with no effect on the
+answer (user, store, metadata, service_tier) and unknown fields are ignored, as
+OpenAI's SDKs send many. Wrong types or values are 400s naming the field.
 
 Does not own: response rendering (responses.py) or routing (app.py).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from thor_engine.config import ObservationConfig, SamplingOptions, SelfCorrectionConfig, ThorConfig
 
@@ -48,7 +56,20 @@ class ThorOptions(BaseModel):
     observation: ThorObservation | None = None
     thinking_budget: int | None = Field(default=None, ge=1)
     vote: bool = False
-    tir_instructions: bool = Field(default=True, description="Add THOR's tool-use system prompt when none is given.")
+    trace: bool = Field(
+        default=True, description="false: store no trace of this request (GET /v1/traces/{id} answers 404)."
+    )
+    tir_instructions: Literal["append", "if_no_system", "off"] | bool | None = Field(
+        default=None,
+        description="Where THOR's tool-use instructions go when tools are on: `append` them to the client's "
+        "system message (or add one), `if_no_system` (only when the client sent none), `off`. true = the "
+        "server default, false = off. Default: the server's setting (append).",
+    )
+
+    def tir_mode(self, default: str) -> str:
+        if self.tir_instructions is None or self.tir_instructions is True:
+            return default
+        return "off" if self.tir_instructions is False else self.tir_instructions
 
     def to_config(self, base: ThorConfig) -> ThorConfig:
         update: dict[str, Any] = {}
@@ -67,15 +88,47 @@ class ThorOptions(BaseModel):
                 **{**base.self_correction.model_dump(), **sc.model_dump(exclude_none=True)}
             )
         if self.observation is not None:
-            update["observation"] = ObservationConfig(
-                **{**base.observation.model_dump(), **self.observation.model_dump(exclude_none=True)}
-            )
+            try:  # the merged settings are checked together (e.g. keep_head + keep_tail within max_chars): a 400
+                update["observation"] = ObservationConfig(
+                    **{**base.observation.model_dump(), **self.observation.model_dump(exclude_none=True)}
+                )
+            except ValidationError as exc:
+                raise RequestValidationError(
+                    [{**e, "loc": ("body", "thor", "observation", *e["loc"])} for e in exc.errors()]
+                ) from exc
         return base.model_copy(update=update)
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+#: vLLM's neutral values for the sampling fields a checkpoint's generation_config.json may set.
+NEUTRAL_SAMPLING: dict[str, float | int] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": -1,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+
+
+def _none_is_default(cls: type[BaseModel], v: Any, info: Any) -> Any:
+    """OpenAI's spec marks many fields nullable: null means the field's default."""
+    if v is None:
+        return cls.model_fields[info.field_name].get_default(call_default_factory=True)
+    return v
+
+
+def _reject_unless(value: Any, ok: bool, what: str) -> Any:
+    if not ok:
+        raise ValueError(what)
+    return value
 
 
 class _SamplingRequest(BaseModel):
@@ -85,13 +138,26 @@ class _SamplingRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     thor: ThorOptions | None = None
+
+    _nulls = field_validator("n", "stream", "min_tokens", "ignore_eos", "skip_special_tokens", mode="before")(
+        classmethod(_none_is_default)
+    )
 
     @field_validator("stop")
     @classmethod
@@ -103,17 +169,58 @@ class _SamplingRequest(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return v
+        bad = [k for k in v if not k.strip().lstrip("-").isdigit()]
+        if bad:
+            raise ValueError(f"keys must be token ids (integers as strings), got {bad[:5]}")
+        if not all(math.isfinite(b) for b in v.values()):
+            raise ValueError("biases must be finite numbers (they are clamped to [-100, 100])")
+        if len(v) > 1024:
+            raise ValueError("at most 1024 token biases are allowed")
+        return v
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, v: list[int] | None) -> list[int] | None:
+        if v and len(v) > 1024:
+            raise ValueError("at most 1024 stop token ids are allowed")
+        return v
+
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
-    def sampling(self, max_tokens: int | None) -> SamplingOptions:
+    def sampling(self, max_tokens: int | None, defaults: dict[str, Any] | None = None) -> SamplingOptions:
+        """Priority as vLLM's server: the request, then the checkpoint's generation_config.json
+        (`defaults`), then vLLM's neutral value."""
+        defaults = defaults or {}
+
+        def pick(name: str) -> Any:
+            value = getattr(self, name)
+            if value is None:
+                value = defaults.get(name, NEUTRAL_SAMPLING[name])
+            return value
+
+        top_k = int(pick("top_k"))
         return SamplingOptions(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=-1 if self.top_k in (None, 0) else self.top_k,
-            seed=self.seed,
+            temperature=pick("temperature"),
+            top_p=pick("top_p"),
+            top_k=-1 if top_k == 0 else top_k,
+            min_p=pick("min_p"),
+            presence_penalty=pick("presence_penalty"),
+            frequency_penalty=pick("frequency_penalty"),
+            repetition_penalty=pick("repetition_penalty"),
+            seed=None if self.seed == -1 else self.seed,  # vLLM: -1 means unseeded
             stop=self.stop_list(),
+            min_tokens=self.min_tokens,
+            logit_bias=tuple((int(k), max(-100.0, min(100.0, float(b)))) for k, b in (self.logit_bias or {}).items()),
+            stop_token_ids=tuple(dict.fromkeys(self.stop_token_ids or ())),
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
         )
 
 
@@ -143,22 +250,90 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _checks(self) -> ChatCompletionRequest:
-        if self.logprobs:
-            raise ValueError("logprobs are not supported on /v1/chat/completions by this server; use /v1/completions")
-        if self.tools:
-            raise ValueError("function tools are not supported: THOR runs Python code blocks itself (see `thor`)")
-        for i, m in enumerate(self.messages):
+    # What this server cannot do is refused, never accepted and dropped.
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | None) -> bool | None:
+        return _reject_unless(
+            v, not v, "logprobs are not supported on /v1/chat/completions by this server; use /v1/completions"
+        )
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, v: int | None) -> int | None:
+        return _reject_unless(
+            v, not v, "top_logprobs needs logprobs, which this server supports only on /v1/completions"
+        )
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v: list[Any] | None) -> list[Any] | None:
+        return _reject_unless(
+            v, not v, "function tools are not supported: THOR runs Python code blocks itself (see `thor`)"
+        )
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, v: Any) -> Any:
+        return _reject_unless(
+            v,
+            v in (None, "none", "auto"),
+            "only `none` or `auto` can work: this server takes no function tools (THOR runs Python code blocks itself)",
+        )
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _reject_unless(
+            v,
+            v is None or v.get("type") in (None, "text"),
+            "structured output (json_object, json_schema) is not supported by this server; omit response_format",
+        )
+
+    @field_validator("audio", "prediction", "web_search_options")
+    @classmethod
+    def _unsupported(cls, v: Any, info: Any) -> Any:
+        return _reject_unless(v, v is None, f"{info.field_name} is not supported by this server; omit it")
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_modality(cls, v: list[str] | None) -> list[str] | None:
+        return _reject_unless(
+            v, not v or set(v) <= {"text"}, 'this server answers in text only; omit modalities or send ["text"]'
+        )
+
+    @field_validator("messages")
+    @classmethod
+    def _texts(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        for i, m in enumerate(v):
             try:
                 m.text()
             except ValueError as exc:
                 raise ValueError(f"messages[{i}].content: {exc}") from None
-        return self
+        return v
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """`chat_template_kwargs`, plus `reasoning_effort` as vLLM passes it (and thinking on unless
+        it is `none`, when the client did not say)."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+        return kwargs
 
     def chat_messages(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
@@ -171,17 +346,35 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     include_stop_str_in_output: bool = False
     suffix: str | None = None
+    best_of: int | None = None
 
-    @model_validator(mode="after")
-    def _checks(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
-        if self.suffix:
-            raise ValueError("suffix is not supported by this server")
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
-            if len(self.prompt) != 1:
-                raise ValueError("batched prompts are not supported: send one prompt per request")
-        return self
+    _more_nulls = field_validator("echo", "include_stop_str_in_output", mode="before")(classmethod(_none_is_default))
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        return _reject_unless(v, not v, "echo is not supported by this server")
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        return _reject_unless(v, not v, "suffix is not supported by this server")
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, v: int | None) -> int | None:
+        return _reject_unless(
+            v,
+            v in (None, 1),
+            "best_of is not supported (vLLM's engine dropped it); sample with n and pick on the client",
+        )
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)) and len(v) != 1:
+            raise ValueError("batched prompts are not supported: send one prompt per request")
+        return v
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from thor_engine.config import ThorConfig
@@ -61,8 +61,33 @@ class ServerSettings(BaseSettings):
     # --- THOR defaults for requests that do not set them
     thor: ThorConfig = ThorConfig()
     default_max_tokens: int = Field(default=2048, ge=1)
+    tir_instructions: Literal["append", "if_no_system", "off"] = Field(
+        default="append", description="Where THOR's tool-use instructions go when tools are on: appended to the "
+        "client's system message (or added as one), only when the client sent none, or never. Requests may "
+        "override with thor.tir_instructions.")
+
+    # --- server-side maxima for what a client may ask (400 naming the parameter beyond them)
+    max_tool_calls_limit: int = Field(default=32, ge=0, description="Largest thor.max_tool_calls a request may set.")
+    max_retries_limit: int = Field(default=8, ge=0,
+                                   description="Largest thor.self_correction.max_retries a request may set.")
+    max_request_tokens: int = Field(default=131072, ge=1,
+                                    description="Largest n x max_tokens (after clamping to the context) per request.")
+    max_request_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024,
+                                        description="Largest request body (larger: 413).")
+    sse_keepalive_s: float = Field(default=15.0, ge=0, description="Send an SSE `: keep-alive` comment when a "
+                                   "stream has been silent this long (long tool calls); 0 disables.")
 
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> ServerSettings:
+        if self.thor.max_tool_calls > self.max_tool_calls_limit:
+            raise ValueError(f"thor.max_tool_calls ({self.thor.max_tool_calls}) exceeds max_tool_calls_limit "
+                             f"({self.max_tool_calls_limit}): lower the default or raise the limit")
+        if self.thor.self_correction.max_retries > self.max_retries_limit:
+            raise ValueError(f"thor.self_correction.max_retries ({self.thor.self_correction.max_retries}) exceeds "
+                             f"max_retries_limit ({self.max_retries_limit}): lower the default or raise the limit")
+        return self
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -2,7 +2,10 @@
 
 Owns: the small interface between the tool-integrated decoder and a token
 generator: one streaming generation request from a list of prompt token ids,
-with stop strings, returning new token ids and their text as they arrive.
+with stop strings and vLLM's sampling fields, returning new token ids and their
+text as they arrive; the engine health check; the two errors backends raise for
+callers to map (`InvalidParameter`: the engine refused a value; `EngineUnavailable`:
+the engine is dead).
 vLLM's AsyncLLMEngine (backends/vllm_backend.py) is the production backend; a
 scripted backend (tests/support/scripted_backend.py) replays fixed text for deterministic
 unit tests of the decoder loop and is never a default.
@@ -13,9 +16,21 @@ Does not own: the TIR loop (decoder.py), tokenisation of observations
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
+
+
+class InvalidParameter(ValueError):
+    """A request value the engine cannot serve; `param` names the request field (servers: a 400)."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot serve any more (vLLM: its engine core process died); servers: a 503."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,19 @@ class GenParams:
     # Stop strings are kept in the output: the decoder needs the closing fence's tokens.
     include_stop_str_in_output: bool = True
     logprobs: int | None = None
+    # vLLM's further sampling fields, with vLLM's neutral defaults (see SamplingOptions).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    # Backends clamp min_tokens to max_tokens (one round of a trajectory may be shorter).
+    min_tokens: int = 0
+    # token id -> bias added to its logit (vLLM clamps to [-100, 100]).
+    logit_bias: Mapping[int, float] | None = None
+    # Generation stops after any of these token ids (kept in token_ids, not in text).
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
 
 
 @dataclass
@@ -73,3 +101,6 @@ class GenerationBackend(Protocol):
 
     async def num_unfinished_requests(self) -> int:
         """Requests the engine is still working on (0 when idle): used to verify aborts."""
+
+    async def check_health(self) -> None:
+        """Return if the engine can serve; raise (e.g. vLLM's EngineDeadError) when it cannot."""

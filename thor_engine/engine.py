@@ -2,9 +2,13 @@
 
 Owns: one served model (a generation backend) plus a tool executor, and the
 operations a front end needs without touching tokens: preparing a prompt from
-chat messages or raw text (with its length checked against the context window),
+chat messages or raw text on a worker thread (chat-template refusals become
+`ChatTemplateError`, lengths are checked against the context window), the
+generation budget as vLLM computes it (`max_tokens_for`: clamped to the context,
+checkpoint defaults), checking sampling token ids against the vocabulary,
 running THOR trajectories (`stream`), plain generation without tools
-(`generate_plain`, for vLLM-compatible /v1/completions), readiness and shutdown.
+(`generate_plain`, for vLLM-compatible /v1/completions), the model's aliases and
+`generation_config.json` defaults, the engine health check, and shutdown.
 Prompts are opaque `Prompt` handles: token ids stay inside thor_engine.
 
 Does not own: HTTP, protocol shapes, auth or storage (server/), nor the loop
@@ -13,21 +17,46 @@ itself (decoder.py).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import math
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .backend import GenerationBackend, GenParams
+import jinja2
+
+from .backend import EngineUnavailable, GenerationBackend, GenParams, InvalidParameter
 from .config import SamplingOptions, ThorConfig
 from .decoder import ThorDecoder
 from .events import Event
-from .prompting import TIR_INSTRUCTIONS, render_chat
+from .prompting import TIR_INSTRUCTIONS, TirMode, render_chat
 from .streams import merge
 from .tools import ToolExecutor
+
+__all__ = [
+    "ChatTemplateError",
+    "EngineUnavailable",
+    "InvalidParameter",
+    "PlainChunk",
+    "Prompt",
+    "PromptTooLong",
+    "ThorEngine",
+]
+
+
+class ChatTemplateError(InvalidParameter):
+    """The model's chat template refused the conversation (roles, order, content)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            "messages",
+            f"this model's chat template rejected the conversation: {reason}. Send a conversation the template "
+            "accepts (typically: optional system first, then alternating user/assistant turns ending with user).",
+        )
 
 
 class PromptTooLong(ValueError):
@@ -72,6 +101,25 @@ class ThorEngine:
         self.backend = backend
         self.decoder = ThorDecoder(backend, executor)
         self.model_name = model_name
+        # Chat templates and tokenisation of long prompts take real CPU time: one worker thread
+        # keeps them off the event loop (one, so the tokenizer is never used by two threads).
+        self._render_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="thor-render")
+
+    @property
+    def model_aliases(self) -> frozenset[str]:
+        """Other names clients may use for the served model: the path the engine loaded, as
+        `vllm serve <path>` accepts it."""
+        path = getattr(self.backend, "model_path", None)
+        return frozenset({path}) if path else frozenset()
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """Sampling defaults of the checkpoint (generation_config.json) for fields a request omits."""
+        return dict(getattr(self.backend, "generation_defaults", None) or {})
+
+    async def check_health(self) -> None:
+        """Raise when the engine cannot serve (vLLM: its engine core died)."""
+        await self.backend.check_health()
 
     @property
     def max_model_len(self) -> int:
@@ -84,12 +132,47 @@ class ThorEngine:
     # --- prompts -------------------------------------------------------------------------
 
     def chat_prompt(
-        self, messages: Sequence[dict[str, Any]], *, tir_instructions: str | None = TIR_INSTRUCTIONS,
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        tir_instructions: str | None = TIR_INSTRUCTIONS,
+        tir_mode: TirMode = "append",
         enable_thinking: bool | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> Prompt:
-        ids = render_chat(self.backend.tokenizer, messages, tir_instructions=tir_instructions,
-                          enable_thinking=enable_thinking)
+        """Render and tokenise a conversation (blocking: servers use `prepare_chat`).
+
+        Raises ChatTemplateError when the template refuses the conversation, InvalidParameter
+        for bad `chat_template_kwargs`, PromptTooLong when nothing is left for generation."""
+        try:
+            ids = render_chat(
+                self.backend.tokenizer,
+                messages,
+                tir_instructions=tir_instructions,
+                tir_mode=tir_mode,
+                enable_thinking=enable_thinking,
+                chat_template_kwargs=chat_template_kwargs,
+            )
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(str(exc) or type(exc).__name__) from exc
+        except TypeError as exc:  # e.g. a template concatenating a field the message lacks (vLLM: a 400 too)
+            raise ChatTemplateError(f"{type(exc).__name__}: {exc}") from exc
+        except ValueError as exc:
+            if "chat_template_kwargs" in str(exc):
+                raise InvalidParameter("chat_template_kwargs", str(exc)) from exc
+            raise ChatTemplateError(str(exc)) from exc
         return self._checked(ids)
+
+    async def prepare_chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Prompt:
+        """`chat_prompt` on the render thread, so the event loop keeps serving meanwhile."""
+        return await self._off_loop(functools.partial(self.chat_prompt, messages, **kwargs))
+
+    async def prepare_text(self, prompt: str | Sequence[int]) -> Prompt:
+        """`text_prompt` on the render thread."""
+        return await self._off_loop(functools.partial(self.text_prompt, prompt))
+
+    async def _off_loop(self, fn: Callable[[], Prompt]) -> Prompt:
+        return await asyncio.get_running_loop().run_in_executor(self._render_pool, fn)
 
     def text_prompt(self, prompt: str | Sequence[int]) -> Prompt:
         if isinstance(prompt, str):
@@ -109,33 +192,89 @@ class ThorEngine:
             raise PromptTooLong(len(ids), self.max_model_len)
         return Prompt(tuple(ids))
 
-    def check_budget(self, prompt: Prompt, max_tokens: int | None) -> None:
-        if max_tokens is not None and prompt.num_tokens + max_tokens > self.max_model_len:
-            raise PromptTooLong(prompt.num_tokens, self.max_model_len, max_tokens)
+    def max_tokens_for(self, prompt: Prompt, requested: int | None, default: int | None = None) -> int:
+        """The generation budget as vLLM 0.32's server computes it (`get_max_tokens`): the request's
+        max_tokens, else `default` (the server's) capped by the checkpoint's max_new_tokens, and
+        always clamped to the room the context leaves after the prompt (never a 400 for asking more)."""
+        room = self.max_model_len - prompt.num_tokens
+        if requested is not None:
+            return max(1, min(requested, room))
+        candidates = [room, default, self.generation_defaults.get("max_tokens")]
+        return max(1, min(int(v) for v in candidates if v is not None))
+
+    def check_sampling(self, sampling: SamplingOptions) -> None:
+        """Reject token ids this model does not have (vLLM answers these with a 400 too)."""
+        vocab = len(self.backend.tokenizer)
+        bad_bias = [t for t, _ in sampling.logit_bias if not 0 <= t < vocab]
+        if bad_bias:
+            raise InvalidParameter(
+                "logit_bias",
+                f"logit_bias has token ids outside this model's vocabulary "
+                f"of {vocab}: {bad_bias[:5]}; use ids in [0, {vocab})",
+            )
+        bad_stop = [t for t in sampling.stop_token_ids if not 0 <= t < vocab]
+        if bad_stop:
+            raise InvalidParameter(
+                "stop_token_ids",
+                f"stop_token_ids outside this model's vocabulary of {vocab}: {bad_stop[:5]}; use ids in [0, {vocab})",
+            )
+        if sampling.max_tokens is not None and sampling.min_tokens > sampling.max_tokens:
+            raise InvalidParameter(
+                "min_tokens",
+                f"min_tokens ({sampling.min_tokens}) must be at most max_tokens "
+                f"({sampling.max_tokens}, after clamping to the context left by the prompt)",
+            )
 
     # --- generation ----------------------------------------------------------------------
 
     def stream(
-        self, prompt: Prompt, config: ThorConfig, sampling: SamplingOptions, *, n: int = 1, vote: bool = False,
+        self,
+        prompt: Prompt,
+        config: ThorConfig,
+        sampling: SamplingOptions,
+        *,
+        n: int = 1,
+        vote: bool = False,
         request_id: str | None = None,
     ) -> AsyncIterator[Event]:
         """THOR trajectories as typed events (see thor_engine.events)."""
         return self.decoder.stream(list(prompt._ids), config, sampling, n=n, vote=vote, request_id=request_id)
 
     async def generate_plain(
-        self, prompt: Prompt, sampling: SamplingOptions, *, n: int = 1, logprobs: int | None = None,
-        include_stop_str_in_output: bool = False, request_id: str | None = None,
+        self,
+        prompt: Prompt,
+        sampling: SamplingOptions,
+        *,
+        n: int = 1,
+        logprobs: int | None = None,
+        include_stop_str_in_output: bool = False,
+        request_id: str | None = None,
     ) -> AsyncIterator[PlainChunk]:
         """Plain generation (no tools), n choices interleaved, as vLLM's /v1/completions does it."""
         rid = request_id or uuid.uuid4().hex
         max_tokens = sampling.max_tokens or (self.max_model_len - prompt.num_tokens)
         tok = self.backend.tokenizer
+
         async def one(i: int) -> AsyncIterator[PlainChunk]:
             seed = None if sampling.seed is None else sampling.seed + i
             params = GenParams(
-                max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                seed=seed, stop=sampling.stop, include_stop_str_in_output=include_stop_str_in_output,
+                max_tokens=max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                seed=seed,
+                stop=sampling.stop,
+                include_stop_str_in_output=include_stop_str_in_output,
                 logprobs=logprobs,
+                presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                repetition_penalty=sampling.repetition_penalty,
+                min_p=sampling.min_p,
+                min_tokens=sampling.min_tokens,
+                logit_bias=dict(sampling.logit_bias) or None,
+                stop_token_ids=sampling.stop_token_ids,
+                ignore_eos=sampling.ignore_eos,
+                skip_special_tokens=sampling.skip_special_tokens,
             )
             produced = 0
             async with contextlib.aclosing(self.backend.generate(list(prompt._ids), params, f"{rid}-{i}")) as gen:
@@ -143,10 +282,17 @@ class ThorEngine:
                     produced += len(chunk.token_ids)
                     lp = None
                     if logprobs is not None and chunk.logprobs:
-                        lp = [_logprob_entry(tok, tid, d) for tid, d in zip(chunk.token_ids, chunk.logprobs)]
+                        lp = [
+                            _logprob_entry(tok, tid, d) for tid, d in zip(chunk.token_ids, chunk.logprobs, strict=False)
+                        ]
                     yield PlainChunk(
-                        index=i, text=chunk.text, finished=chunk.finished, finish_reason=chunk.finish_reason,
-                        stop_reason=chunk.stop_reason, logprobs=lp, prompt_tokens=prompt.num_tokens,
+                        index=i,
+                        text=chunk.text,
+                        finished=chunk.finished,
+                        finish_reason=chunk.finish_reason,
+                        stop_reason=chunk.stop_reason,
+                        logprobs=lp,
+                        prompt_tokens=prompt.num_tokens,
                         completion_tokens=produced,
                     )
 
@@ -158,6 +304,7 @@ class ThorEngine:
         return await self.backend.num_unfinished_requests()
 
     def shutdown(self) -> None:
+        self._render_pool.shutdown(wait=False, cancel_futures=True)
         shutdown = getattr(self.backend, "shutdown", None)
         if shutdown is not None:
             shutdown()

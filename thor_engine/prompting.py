@@ -1,18 +1,18 @@
 """Rendering a request into prompt tokens: chat template plus THOR's TIR instructions.
 
-Owns: the tool-integrated-reasoning instruction text, where it goes (a system
-message unless the caller brought one, in which case the caller's wins), whether
-the model is a reasoning ("thinking") model, and rendering chat messages with the
-tokenizer's own chat template. Raw prompt text or token ids pass through
-untouched.
+Owns: the tool-integrated-reasoning instruction text, where it goes (`TirMode`:
+appended to the caller's system message by default, only when the caller brought
+none, or never), whether the model is a reasoning ("thinking") model, and
+rendering chat messages with the tokenizer's own chat template plus the caller's
+`chat_template_kwargs`. Raw prompt text or token ids pass through untouched.
 
 Does not own: sampling, the loop, or HTTP message validation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 TIR_INSTRUCTIONS = (
     "You are a careful mathematician who also programs. Solve the problem by reasoning step by step, and use "
@@ -29,18 +29,69 @@ def is_reasoning_model(tokenizer: Any) -> bool:
     return "<think>" in vocab and "</think>" in vocab
 
 
+TirMode = Literal["append", "if_no_system", "off"]
+TIR_MODES: tuple[str, ...] = ("append", "if_no_system", "off")
+
+#: Template arguments THOR sets itself; a request's `chat_template_kwargs` may not override them.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "chat_template",
+        "tokenize",
+        "add_generation_prompt",
+        "continue_final_message",
+        "return_dict",
+        "return_tensors",
+        "return_assistant_tokens_mask",
+        "tools",
+        "documents",
+    }
+)
+
+
+def with_tir_instructions(
+    messages: Sequence[dict[str, Any]], tir_instructions: str | None, mode: TirMode = "append"
+) -> list[dict[str, Any]]:
+    """`messages` with THOR's instructions placed by `mode`.
+
+    append: added to the caller's first system message (a client that always sends its own
+    "You are a helpful assistant" keeps tool use), or as a system message when there is none.
+    if_no_system: only when the caller brought no system message (the caller's wins).
+    off: never. Text the system message already contains is not added twice."""
+    msgs = [dict(m) for m in messages]
+    if not tir_instructions or mode == "off":
+        return msgs
+    system = next((m for m in msgs if m.get("role") == "system"), None)
+    if system is None:
+        msgs.insert(0, {"role": "system", "content": tir_instructions})
+    elif mode == "append":
+        content = str(system.get("content") or "")
+        if tir_instructions not in content:
+            system["content"] = f"{content.rstrip()}\n\n{tir_instructions}" if content.strip() else tir_instructions
+    elif mode != "if_no_system":
+        raise ValueError(f"unknown TIR instruction mode {mode!r}; use one of {', '.join(TIR_MODES)}")
+    return msgs
+
+
 def render_chat(
     tokenizer: Any,
     messages: Sequence[dict[str, Any]],
     *,
     tir_instructions: str | None = TIR_INSTRUCTIONS,
+    tir_mode: TirMode = "append",
     enable_thinking: bool | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[int]:
-    """Token ids of `messages` rendered by the model's chat template, ready for generation."""
-    msgs = [dict(m) for m in messages]
-    if tir_instructions and not any(m.get("role") == "system" for m in msgs):
-        msgs.insert(0, {"role": "system", "content": tir_instructions})
-    kwargs: dict[str, Any] = {}
+    """Token ids of `messages` rendered by the model's chat template, ready for generation.
+
+    `chat_template_kwargs` reach the template as variables (e.g. Qwen3's `enable_thinking`);
+    a template that rejects the conversation raises jinja2.TemplateError (callers report it)."""
+    msgs = with_tir_instructions(messages, tir_instructions, tir_mode)
+    kwargs: dict[str, Any] = dict(chat_template_kwargs or {})
+    clash = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if clash:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(clash)}: THOR sets these itself")
     if enable_thinking is not None:
         kwargs["enable_thinking"] = enable_thinking
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)

