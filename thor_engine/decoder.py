@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from .answer import extract_boxed, majority_vote, normalize_answer
 from .backend import GenChunk, GenerationBackend, GenParams
 from .codeblocks import CodeBlock as FencedBlock
-from .codeblocks import FenceEvent, FenceWatch, is_code_language, trailing_block
+from .codeblocks import FenceEvent, FenceWatch, find_blocks, is_code_language, trailing_block
 from .config import SamplingOptions, ThorConfig
 from .detokenize import TokenText
 from .events import Backtrack, CodeBlock, Event, Final, FinishReason, TextDelta, ToolCall, ToolStats, Usage, Vote
@@ -296,7 +296,7 @@ class ThorDecoder:
         tail = self.tokenizer.decode(prompt[-16:], skip_special_tokens=False) if self.reasoning_model else ""
         st = _State(
             traj=Trajectory.from_prompt(prompt),
-            text=TokenText(self.tokenizer),
+            text=TokenText(self.tokenizer, skip_special_tokens=sampling.skip_special_tokens),
             prompt_len=len(prompt),
             prompt_in_think=tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE),
             prompt_think_closed=tail.rfind(THINK_CLOSE) > tail.rfind(THINK_OPEN),
@@ -328,7 +328,9 @@ class ThorDecoder:
             if st.counters.generated >= cap:
                 finish = FinishReason.generation_cap
                 break
-            req_max = min(remaining, room, cap - st.counters.generated)
+            # the tightest limit on this request, and the finish reason if the request runs into it
+            req_max, bound = min((remaining, FinishReason.length), (room, FinishReason.context_length),
+                                 (cap - st.counters.generated, FinishReason.generation_cap), key=lambda x: x[0])
             think_limited = False
             if cfg.thinking_budget is not None and not st.cut:
                 used = self._think_tokens(st)
@@ -353,7 +355,11 @@ class ThorDecoder:
                 seed = zlib.crc32(f"{rid}-{sample}-{st.counters.engine_requests}".encode())
             params = GenParams(
                 max_tokens=req_max, temperature=temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                seed=seed, stop=tuple(stops),
+                seed=seed, stop=tuple(stops), presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty, repetition_penalty=sampling.repetition_penalty,
+                min_p=sampling.min_p, min_tokens=max(0, sampling.min_tokens - len(st.text)),
+                logit_bias=dict(sampling.logit_bias) or None, stop_token_ids=sampling.stop_token_ids,
+                ignore_eos=sampling.ignore_eos, skip_special_tokens=sampling.skip_special_tokens,
             )
             req_id = f"{rid}-{sample}-{st.counters.engine_requests}"
             st.counters.engine_requests += 1
@@ -386,7 +392,7 @@ class ThorDecoder:
                         continue  # the thinking budget is spent: cut it on the next turn
                     for ev in self._emit(st, len(st.text.text), retractable):
                         yield emit(ev)
-                    finish = FinishReason.length if remaining <= room else FinishReason.context_length
+                    finish = bound
                     break
                 if last.stop_reason is not None and last.stop_reason in sampling.stop:
                     text = st.text.text
@@ -394,6 +400,11 @@ class ThorDecoder:
                     if at >= 0:
                         cut_at = at + len(str(last.stop_reason)) if sampling.include_stop_str_in_output else at
                         st.counters.discarded += self._truncate_chars(st, cut_at)
+                    for ev in self._emit(st, len(st.text.text), False):
+                        yield emit(ev)
+                    finish = FinishReason.stop
+                    break
+                if isinstance(last.stop_reason, int):  # one of the request's stop_token_ids
                     for ev in self._emit(st, len(st.text.text), False):
                         yield emit(ev)
                     finish = FinishReason.stop
@@ -556,7 +567,7 @@ class ThorDecoder:
             text[st.text.offset(a - st.prompt_len):st.text.offset(b - st.prompt_len)]
             for a, b, kind in _spans(traj) if kind is SegmentKind.model
         )
-        answer = extract_boxed(answer_text) or extract_boxed(model_text)
+        answer = extract_boxed(answer_text) or extract_boxed(_prose(model_text))
         answer_tokens = len(st.text) - st.text.tokens_within(len(text) - len(answer_text)) if answer_text else 0
         c = st.counters
         usage = Usage(
@@ -577,6 +588,16 @@ class ThorDecoder:
             text=text, answer_text=answer_text, answer=answer, finish_reason=finish,
             usage=usage, tools=st.stats, trajectory=traj.to_dict() if include_trajectory else None,
         )
+
+
+def _prose(text: str) -> str:
+    """Text without its fenced blocks (code is not where an answer is stated)."""
+    out, pos = [], 0
+    for block in find_blocks(text):
+        out.append(text[pos:block.start])
+        pos = block.end
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def _spans(traj: Trajectory) -> list[tuple[int, int, SegmentKind]]:

@@ -1,7 +1,7 @@
 """Incremental detokenisation with a character offset per token.
 
 Owns: `TokenText`, the text of a growing (and sometimes truncated) token sequence,
-kept exactly equal to `tokenizer.decode(ids, skip_special_tokens=True)` for
+kept exactly equal to `tokenizer.decode(ids, skip_special_tokens=...)` for
 byte-level BPE tokenizers (Qwen, Llama 3, GPT-2 families) without decoding the
 whole sequence again: each new token is decoded in a small window of its
 predecessors (the way vLLM's incremental detokenizer does it), so a multi-byte
@@ -31,8 +31,9 @@ _REPLACEMENT = "\ufffd"
 class TokenText:
     """Token ids, their decoded text, and the text length after each token."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, *, skip_special_tokens: bool = True) -> None:
         self._tok = tokenizer
+        self._skip_special = skip_special_tokens
         self.ids: list[int] = []
         self.text = ""
         # ends[k] = len(text) once tokens[: k + 1] are decoded (tokens whose bytes do not yet
@@ -44,7 +45,7 @@ class TokenText:
         return len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+        return self._tok.decode(ids, skip_special_tokens=self._skip_special)
 
     def extend(self, token_ids: Iterable[int]) -> str:
         """Append tokens; return the text they added (possibly "", if a character is incomplete)."""
