@@ -1,0 +1,205 @@
+"""Streaming equals non-streaming, and a plain client never sees discarded text (issue 7, S3).
+
+Property: for chat and completions, with and without tools, with backtracks, for a plain and a
+reasoning-style tokenizer, concatenating a stream's deltas gives exactly the non-stream message,
+field by field; and text that self-correction discards never reaches the plain fields (no
+retraction is ever needed by a client that ignores `thor` events).
+
+Here: the decoder (scripted backend, real sandbox) through the server's `ResponseBuilder`,
+run twice (one stream, one not) per case. The same property on the real server (vLLM, tiny
+TIR model, official `openai` SDK) is `tests/test_server.py::test_server_stream_equals_non_stream`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from server.metrics import ServerMetrics
+from server.responses import ResponseBuilder
+from tests.support.scripted_backend import ScriptedBackend
+from thor_engine.config import SamplingOptions, SelfCorrectionConfig, ThorConfig
+from thor_engine.decoder import ThorDecoder
+from thor_engine.events import Final
+from thor_engine.prompting import render_chat
+from thor_engine.tools import SandboxExecutor
+from thor_sandbox.client import SandboxClient
+
+pytestmark = pytest.mark.sandbox
+
+ASSISTANT = "<|im_start|>assistant\n"
+
+
+def done_text(prompt: str) -> str:
+    return prompt.split(ASSISTANT)[-1]
+
+
+def continuing(full: str) -> Callable[[str], str]:
+    """A model that writes `full`, going on from wherever the trajectory stands (outputs aside)."""
+    import re
+
+    strip = re.compile(r"```output\n.*?\n```\n", re.S)
+    target = strip.sub("", full)
+
+    def respond(prompt: str) -> str:
+        done = strip.sub("", done_text(prompt))
+        return target[len(done):] if target.startswith(done) else ""
+
+    return respond
+
+
+def self_correcting(first: str, second: str, after: str) -> Callable[[str], str]:
+    """First attempt `first` (fails), every resample `second`, then `after` once an output is in."""
+    attempts = {"n": 0}
+
+    def respond(prompt: str) -> str:
+        done = done_text(prompt)
+        if "```output" in done:
+            return after
+        attempts["n"] += 1
+        full = first if attempts["n"] == 1 else second
+        return full[len(done):] if full.startswith(done) else full
+
+    return respond
+
+
+REASONING = "".join(f"Step {i}: think about the problem.\n" for i in range(12))
+
+CASES: dict[str, tuple[Callable[[], Callable[[str], str]], dict, str | None]] = {
+    # name: (responder factory, ThorConfig kwargs, text that must never reach a plain client)
+    "one-call": (lambda: continuing("Compute.\n```python\nprint(6*7)\n```\n```output\n42\n```\nSo \\boxed{42}."),
+                 {}, None),
+    "backtrack-tokens": (lambda: self_correcting(REASONING + "```python\nprint(1/0)\n```\n",
+                                                 REASONING + "```python\nprint(6*7)\n```\n", "Thus \\boxed{42}."),
+                         {"self_correction": SelfCorrectionConfig(backtrack_tokens=20)}, "1/0"),
+    "backtrack-step": (lambda: self_correcting("Plan.\n\nBad idea here.\n\n```python\nprint(undefined_name)\n```\n",
+                                               "Plan.\n\nGood idea.\n\n```python\nprint(5)\n```\n", "\\boxed{5}"),
+                       {"self_correction": SelfCorrectionConfig(mode="step")}, "Bad idea"),
+    "two-calls-and-stop": (lambda: continuing("A.\n```python\nprint(1)\n```\n```output\n1\n```\nB.\n```python\n"
+                                              "print(2)\n```\n```output\n2\n```\nAnswer \\boxed{2}. END more"),
+                           {}, "END"),
+    "no-code": (lambda: continuing("Just reasoning, no code.\n\nSo \\boxed{3}."), {}, None),
+}
+
+THINK_CASES: dict[str, tuple[Callable[[], Callable[[str], str]], dict, str | None]] = {
+    "think-tools": (lambda: continuing("<think>\nLet me compute.\n```python\nprint(6*7)\n```\n```output\n42\n```\n"
+                                       "It is 42.\n</think>\n\nThe answer is \\boxed{42}."), {}, None),
+    "think-backtrack": (lambda: self_correcting("<think>\n" + REASONING + "```python\nprint(1/0)\n```\n",
+                                                "<think>\n" + REASONING + "```python\nprint(6*7)\n```\n",
+                                                "Fine.\n</think>\n\n\\boxed{42}"),
+                        {"self_correction": SelfCorrectionConfig(backtrack_tokens=15)}, "1/0"),
+    "think-budget": (lambda: continuing("<think>\n" + "hmm " * 200), {"thinking_budget": 40}, None),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model)
+
+
+@pytest.fixture(scope="module")
+def think_tokenizer(default_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model)
+    tok.add_tokens(["<think>", "</think>"])
+    return tok
+
+
+@pytest.fixture
+async def executor(sandbox):
+    async with SandboxClient(sandbox.url) as client:
+        yield SandboxExecutor(client)
+
+
+async def build(tokenizer, executor, make_responder, cfg: ThorConfig, *, kind: str, tools: bool, stream: bool,
+                n: int = 1) -> tuple[list[dict], ResponseBuilder, list[Final]]:
+    backend = ScriptedBackend(tokenizer, make_responder())
+    dec = ThorDecoder(backend, executor)
+    if not tools:
+        cfg = cfg.model_copy(update={"max_tool_calls": 0})
+    builder = ResponseBuilder(kind=kind, response_id="x", model="m", n=n, reasoning_fields="reasoning_content",
+                              tools_enabled=tools, reasoning_model=dec.reasoning_model, metrics=ServerMetrics(),
+                              include_usage=stream)
+    chunks: list[dict] = []
+    finals: list[Final] = []
+    prompt = render_chat(tokenizer, [{"role": "user", "content": "What is 6*7?"}])
+    sampling = SamplingOptions(max_tokens=400, stop=("END",), temperature=0.5 if n > 1 else 0.0, seed=3)
+    async for ev in dec.stream(prompt, cfg, sampling, n=n):
+        if isinstance(ev, Final):
+            finals.append(ev)
+        chunks.extend(builder.feed(ev))
+    return chunks, builder, sorted(finals, key=lambda f: f.sample)
+
+
+def accumulate(chunks: list[dict], kind: str, n: int) -> list[dict[str, str]]:
+    fields = [{"content": "", "reasoning": ""} for _ in range(n)]
+    for chunk in chunks:
+        assert "usage" in chunk  # include_usage: `usage` is on every chunk (null until the last)
+        for choice in chunk["choices"]:
+            f = fields[choice["index"]]
+            if kind == "chat":
+                f["content"] += choice["delta"].get("content") or ""
+                f["reasoning"] += choice["delta"].get("reasoning_content") or ""
+            else:
+                f["content"] += choice["text"]
+    return fields
+
+
+def message_fields(body: dict, kind: str) -> list[dict[str, str]]:
+    if kind == "chat":
+        return [{"content": c["message"]["content"], "reasoning": c["message"].get("reasoning_content") or ""}
+                for c in body["choices"]]
+    return [{"content": c["text"], "reasoning": ""} for c in body["choices"]]
+
+
+async def check(tokenizer, executor, case, *, kind: str, tools: bool, n: int = 1) -> None:
+    make, cfg_kw, never = case
+    cfg = ThorConfig(**cfg_kw)
+    chunks, _, finals = await build(tokenizer, executor, make, cfg, kind=kind, tools=tools, stream=True, n=n)
+    _, body_builder, finals2 = await build(tokenizer, executor, make, cfg, kind=kind, tools=tools, stream=False, n=n)
+    assert [f.text for f in finals] == [f.text for f in finals2]  # the two runs are the same trajectory
+    streamed = accumulate(chunks, kind, n)
+    assert streamed == message_fields(body_builder.response(), kind)
+    for fields, final in zip(streamed, finals):
+        if never is not None and tools:
+            assert never not in fields["content"] + fields["reasoning"]
+        if kind == "completion":
+            assert fields["content"] == final.text
+        elif tools or body_builder.reasoning_model:
+            assert fields["content"] == final.answer_text
+            # nothing lost: every character of the trajectory is in one of the two fields
+            # (think tags and the answer's leading whitespace aside)
+            visible = final.text.replace("<think>", "").replace("</think>", "")
+            assert sorted((fields["reasoning"] + fields["content"]).replace(" ", "").replace("\n", "")) == \
+                sorted(visible.replace(" ", "").replace("\n", ""))
+        else:
+            assert fields["content"] == final.text
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("kind,tools", [("chat", True), ("chat", False), ("completion", True)])
+async def test_stream_equals_non_stream(tokenizer, executor, name, kind, tools):
+    await check(tokenizer, executor, CASES[name], kind=kind, tools=tools)
+
+
+@pytest.mark.parametrize("name", sorted(THINK_CASES))
+@pytest.mark.parametrize("kind,tools", [("chat", True), ("chat", False), ("completion", True)])
+async def test_stream_equals_non_stream_reasoning_model(think_tokenizer, executor, name, kind, tools):
+    await check(think_tokenizer, executor, THINK_CASES[name], kind=kind, tools=tools)
+
+
+async def test_stream_equals_non_stream_n2(tokenizer, executor):
+    await check(tokenizer, executor, CASES["backtrack-tokens"], kind="chat", tools=True, n=2)
+
+
+async def test_answer_is_not_sent_twice(tokenizer, executor):
+    chunks, _, [final] = await build(tokenizer, executor, CASES["one-call"][0], ThorConfig(), kind="chat",
+                                     tools=True, stream=True)
+    [fields] = accumulate(chunks, "chat", 1)
+    assert fields["content"] == "So \\boxed{42}."
+    assert "boxed" not in fields["reasoning"]
+    assert fields["reasoning"] == "Compute.\n```python\nprint(6*7)\n```\n```output\n42\n```\n"
