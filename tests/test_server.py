@@ -144,17 +144,25 @@ def test_raw_sse_with_httpx(server):
 # --- completions, models ------------------------------------------------------------------
 
 
-def test_plain_completion_vllm_compatible(client, server):
-    r = httpx.post(server.url + "/v1/completions", headers=H(), json={
-        "model": MODEL, "prompt": "I will compute", "max_tokens": 30, "temperature": 0,
-        "stop": ["```"], "include_stop_str_in_output": True, "logprobs": 2}, timeout=120)
+def test_plain_completion_vllm_compatible(client, server, tiny_tir_model):
+    from transformers import AutoTokenizer
+
+    from thor_engine.prompting import render_chat
+
+    tok = AutoTokenizer.from_pretrained(tiny_tir_model)
+    prompt = tok.decode(render_chat(tok, [{"role": "user", "content": MUL}]))
+    # the tiny model's memorised answer opens with "I will compute this with Python.\n```python"
+    request = {"model": MODEL, "prompt": prompt, "max_tokens": 30, "temperature": 0, "stop": ["```"], "logprobs": 2}
+    r = httpx.post(server.url + "/v1/completions", headers=H(), timeout=120,
+                   json={**request, "include_stop_str_in_output": True})
     assert r.status_code == 200, r.text
     body = r.json()
     validate(body, "CreateCompletionResponse")
     choice = body["choices"][0]
-    assert choice["finish_reason"] in ("stop", "length")
-    if choice["finish_reason"] == "stop":
-        assert choice["stop_reason"] == "```" and choice["text"].endswith("```")
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", "```"), choice
+    assert choice["text"] == "I will compute this with Python.\n```"
+    dropped = httpx.post(server.url + "/v1/completions", headers=H(), json=request, timeout=120).json()
+    assert dropped["choices"][0]["text"] == "I will compute this with Python.\n"  # stop string dropped, as vLLM does
     lp = choice["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == body["usage"]["completion_tokens"]
     sdk = client.completions.create(model=MODEL, prompt="I will compute", max_tokens=5, temperature=0)
@@ -221,7 +229,7 @@ def test_sdk_auth_error(server):
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "thor": {"bogus": 1}}, 400, "thor.bogus"),
         ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400,
-         None),
+         "tools"),
         ({"model": MODEL, "messages": "hello"}, 400, "messages"),
     ],
 )
@@ -230,9 +238,8 @@ def test_bad_requests_are_openai_errors(server, body, status, param_or_code):
     assert r.status_code == status, r.text
     err = r.json()
     validate(err, "ErrorResponse")
-    if param_or_code:
-        assert param_or_code in (err["error"]["param"] or "", err["error"]["code"] or "") or \
-            param_or_code in err["error"]["message"], err
+    assert param_or_code in (err["error"]["param"] or "", err["error"]["code"] or "") or \
+        param_or_code in err["error"]["message"], err
 
 
 @pytest.mark.parametrize("raw", [b"{", b"", b"[]", b'"x"', b"\xff\xfe", b'{"model": 1, "messages": 2}'])
