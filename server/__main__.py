@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import logging
 import os
 import sys
@@ -19,10 +20,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import uvicorn
+from pydantic import ValidationError
 
 from thor_sandbox.client import SandboxClient
 
 from .app import ServerState, create_app
+from .auth import ApiKeys
 from .metrics import ServerMetrics
 from .settings import ServerSettings
 
@@ -37,10 +40,19 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
     )
     p.add_argument("--model", help="preset (default, quality, small), Hugging Face directory, or hub id")
     p.add_argument("--served-model-name", help="the model name clients use (default: the model's directory name)")
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1; another address needs an API key "
+                   "or --allow-open-remote)")
     p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", action="append", help="accepted Bearer key (repeatable); none = open server")
-    p.add_argument("--api-key-file", type=Path, help="file with one API key per line")
+    p.add_argument("--api-key", action="append",
+                   help="accepted Bearer key or its sha256:<hex> digest (repeatable); none = open server")
+    p.add_argument("--api-key-file", type=Path,
+                   help="file with one API key (or sha256:<hex> digest, see `python -m server.auth`) per line")
+    p.add_argument("--allow-open-remote", action="store_true", default=None,
+                   help="serve without API keys on a non-loopback --host (a trusted network only)")
+    p.add_argument("--auth-failures-per-minute", type=int,
+                   help="failed-auth attempts allowed per client address and minute, then 429 (default 20)")
+    p.add_argument("--forwarded-allow-ips",
+                   help="proxy addresses trusted to set X-Forwarded-For (default: none, the peer address counts)")
     p.add_argument("--dtype", help="auto, bfloat16, float16, float32")
     p.add_argument("--max-model-len", type=int, help="context length")
     p.add_argument("--tensor-parallel-size", type=int)
@@ -49,7 +61,9 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--block-size", type=int, help="KV cache block size (default: vLLM's; 32 on CPU)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--sandbox-url", help="sandbox service URL or unix:/path (default: start a local one)")
+    p.add_argument("--sandbox-url", help="sandbox service URL or unix:/path (default: the local sandbox address "
+                   "127.0.0.1:8080, where one is started with the server when none answers)")
+    p.add_argument("--local-sandbox-port", type=int, help="port of the local sandbox address (default 8080)")
     p.add_argument("--redis-url", help="Redis URL for cache, rate limits and traces (default: in-memory)")
     p.add_argument("--requests-per-minute", type=int, help="rate limit per API key")
     p.add_argument("--tokens-per-minute", type=int, help="rate limit per API key")
@@ -69,11 +83,12 @@ def make_build(
 
     async def build(metrics: ServerMetrics) -> tuple[ServerState, Callable[[], Awaitable[None]]]:
         from thor_engine.backends.vllm_backend import EngineOptions, VllmBackend
-        from thor_engine.engine import ThorEngine
         from thor_engine.cli.local_sandbox import sandbox_at
-        from thor_engine.model_provision import PRESETS, ensure_model
-        from thor_engine.tools import SandboxExecutor
+        from thor_engine.engine import ThorEngine
+        from thor_engine.models.provision import PRESETS, ensure_model
+        from thor_engine.tools import SandboxExecutor, SandboxPolicy
 
+        from .metering import MeteredBackend
         from .store import create_store
         from .tool_cache import CachingExecutor
 
@@ -82,13 +97,14 @@ def make_build(
             model = settings.model
             if model in PRESETS:
                 model = str(ensure_model(model, log=log.info))
-            url = await stack.enter_async_context(sandbox_at(settings.sandbox_url))
+            url = await stack.enter_async_context(sandbox_at(settings.sandbox_url, port=settings.local_sandbox_port))
             sandbox = await stack.enter_async_context(SandboxClient(url))
             fingerprint, max_timeout_s = await sandbox_profile(sandbox, settings)
             log.info("sandbox: %s (%s, at most %s s per execution)", url, fingerprint, max_timeout_s)
             info["sandbox_url"] = url
             store = create_store(settings.redis_url, rate_limit_fail_open=settings.rate_limit_fail_open,
-                                 on_error=lambda op: metrics.store_errors.labels(operation=op).inc())
+                                 on_error=lambda op: metrics.store_errors.labels(operation=op).inc(),
+                                 max_trace_bytes=settings.trace_memory_bytes)
             stack.push_async_callback(store.close)
             backend = await VllmBackend.start(EngineOptions(
                 model=model, served_model_name=settings.served_model_name, dtype=settings.dtype,
@@ -100,12 +116,16 @@ def make_build(
             ))
             stack.callback(backend.shutdown)
             name = settings.served_model_name or _served_name(model)
-            executor = CachingExecutor(SandboxExecutor(sandbox), store, sandbox_fingerprint=fingerprint,
+            policy = SandboxPolicy(busy_retries=settings.sandbox_busy_retries,
+                                   on_sandbox_error=settings.sandbox_error_policy,
+                                   max_concurrent_per_request=settings.sandbox_max_concurrent_per_request)
+            executor = CachingExecutor(SandboxExecutor(sandbox, policy), store, sandbox_fingerprint=fingerprint,
                                        ttl_s=settings.tool_cache_ttl_s, metrics=metrics)
-            engine = ThorEngine(backend, executor, model_name=name)
+            # generated tokens are counted per request for the rate limits (server/metering.py)
+            engine = ThorEngine(MeteredBackend(backend), executor, model_name=name)
             info["model_name"] = name
             state = ServerState(settings=settings, engine=engine, store=store, sandbox=sandbox, metrics=metrics,
-                                model_name=name, api_keys=frozenset(settings.all_api_keys()))
+                                model_name=name, api_keys=settings.api_keys(), sandbox_max_timeout_s=max_timeout_s)
         except BaseException:
             await stack.aclose()
             raise
@@ -164,16 +184,59 @@ Sandbox at {sandbox_url}  (SandboxFusion clients: POST {sandbox_url}/run_code)
 """
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
+
+
+def check_access(settings: ServerSettings) -> ApiKeys:
+    """The accepted API keys; ValueError when the configuration would expose an open server.
+
+    Without a key the server must bind a loopback address, unless `allow_open_remote` says
+    the network is trusted (the container image binds 0.0.0.0, so it refuses to start
+    without THOR_API_KEY or THOR_ALLOW_OPEN_REMOTE=true)."""
+    keys = settings.api_keys()
+    if not keys and not _is_loopback(settings.host) and not settings.allow_open_remote:
+        raise ValueError(
+            f"refusing to serve without an API key on {settings.host}: anyone who reaches it could use the model "
+            "and the sandbox. Set --api-key / THOR_API_KEY (or --api-key-file), bind 127.0.0.1, or pass "
+            "--allow-open-remote (THOR_ALLOW_OPEN_REMOTE=true) on a network you trust."
+        )
+    return keys
+
+
 def main(argv: list[str] | None = None) -> int:
     overrides = parse_args(argv)
-    settings = ServerSettings(**overrides)  # type: ignore[arg-type]
+    try:
+        settings = ServerSettings(**overrides)  # type: ignore[arg-type]
+        keys = check_access(settings)
+    except ValidationError as exc:
+        for err in exc.errors(include_input=False, include_url=False):
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            print(f"error: {where}: {err['msg']}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    if keys:
+        log.info("API keys: %d accepted (ids %s)", len(keys), ", ".join(keys.ids))
+    elif not _is_loopback(settings.host):
+        log.warning("no API key on %s (--allow-open-remote): the API is open to this network", settings.host)
     os.environ.setdefault("TQDM_DISABLE", "1")
     info: dict[str, str] = {}
     app = create_app(settings, make_build(settings, info))
+    # proxy headers only from configured proxies: otherwise any client (even on 127.0.0.1, which uvicorn
+    # trusts by default) could choose its own address and with it a fresh rate-limit bucket
+    proxy = {"proxy_headers": True, "forwarded_allow_ips": settings.forwarded_allow_ips} \
+        if settings.forwarded_allow_ips else {"proxy_headers": False}
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            access_log=False, timeout_graceful_shutdown=10)
+                            access_log=False, timeout_graceful_shutdown=10, **proxy)
     server = uvicorn.Server(config)
     started = server.startup
 
@@ -183,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             for sock in s.sockets:
                 host, port = sock.getsockname()[:2]
                 print(f"THOR_SERVER_LISTENING {host}:{port}", flush=True)
-                print(banner(f"http://{host}:{port}", info.get("model_name", "?"), bool(settings.all_api_keys()),
+                print(banner(f"http://{host}:{port}", info.get("model_name", "?"), bool(keys),
                              info.get("sandbox_url", "?")),
                       file=sys.stderr, flush=True)
 

@@ -1,13 +1,22 @@
 """The FastAPI application: routes, auth, rate limits, streaming, traces, health, metrics.
 
 Owns: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/v1/traces/{id}`,
-`/health` and `/metrics`; Bearer-key auth on `/v1/*`; per-key rate limits from
-the store; SSE streaming with FastAPI's `StreamingResponse` (a client that goes
-away cancels the stream, which aborts the engine requests and sandbox calls);
-aborting non-stream requests whose client disconnected; storing traces.
+`/health` and `/metrics`; Bearer-key auth on `/v1/*` (keys checked as digests in
+constant time, failed attempts throttled per client address); rate limits per key id
+(per client address on an open server) from the store, charged with every token the
+engine generated when a request ends, however it ends; SSE streaming with FastAPI's
+`StreamingResponse` (a client that goes away cancels the stream, which aborts the
+engine requests and sandbox calls); aborting non-stream requests whose client
+disconnected; storing traces bound to the client that made them (`thor.trace: false`
+stores none). Also: `: keep-alive` SSE comments while a stream is silent (long tool
+calls) and an error event then `[DONE]` when a started stream fails; a request-body
+size limit (413); server-side maxima on client-settable THOR options and n x
+max_tokens; max_tokens clamped to the context as vLLM does; the served model's path
+accepted as its name (`vllm serve <path>`); `/health` running the engine's own check.
 
 Does not own: the engine (thor_engine.engine.ThorEngine, created by the
-`build` callable passed to `create_app`), the store (store.py), request shapes
+`build` callable passed to `create_app`), the store (server/store/), key digests
+and client ids (auth.py), token counting (metering.py), request shapes
 (protocol.py) or response rendering (responses.py). Knows nothing of tokens.
 """
 
@@ -29,14 +38,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from thor_engine.config import SamplingOptions, ThorConfig
 from thor_engine.engine import EngineUnavailable, InvalidParameter, PromptTooLong, ThorEngine
 from thor_engine.prompting import TIR_INSTRUCTIONS
+from thor_engine.tools import sandbox_request_scope
 from thor_sandbox.client import SandboxClient, SandboxError, SandboxUnavailable
 
+from .auth import KEY_ID_SCOPE, ApiKeys, address_id, client_id
 from .errors import ApiError, error_body, install_handlers
+from .metering import TokenMeter, metered
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest
 from .responses import ResponseBuilder
 from .settings import ServerSettings
-from .store import Store
+from .store import STORE_UNAVAILABLE, Store
 
 log = logging.getLogger("server")
 
@@ -49,7 +61,8 @@ class ServerState:
     sandbox: SandboxClient
     metrics: ServerMetrics
     model_name: str
-    api_keys: frozenset[str]
+    api_keys: ApiKeys  # digests only; empty = open server
+    sandbox_max_timeout_s: float | None = None  # the sandbox's own limit, read from its /health at start
 
 
 Build = Callable[[ServerMetrics], Awaitable[tuple[ServerState, Callable[[], Awaitable[None]]]]]
@@ -85,10 +98,20 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
     app.add_middleware(FrameMiddleware, metrics=metrics, holder=holder)
 
     def _client_key(request: Request) -> str:
-        auth = request.headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            return "key:" + auth[7:].strip()
-        return "addr:" + (request.client.host if request.client else "unknown")
+        # the key id when auth is on, the client address otherwise: never a string the client
+        # picks freely (on an open server every Bearer string would be a fresh bucket)
+        return client_id(request.scope)
+
+    background: set[asyncio.Future[None]] = set()
+
+    def _charge(state: ServerState, rate_key: str, tokens: int) -> None:
+        """Debit generated tokens from the client's token bucket. Called from `finally` blocks, so
+        it runs as its own task: a request cancelled by a disconnect still pays."""
+        if not state.settings.tokens_per_minute or tokens <= 0:
+            return
+        task = asyncio.ensure_future(state.store.charge_tokens(rate_key, tokens))
+        background.add(task)
+        task.add_done_callback(background.discard)
 
     async def _rate_limit(state: ServerState, request: Request, tokens: int) -> str:
         key = _client_key(request)
@@ -123,6 +146,10 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
             raise ApiError(400, f"thor.self_correction.max_retries is {cfg.self_correction.max_retries}; this "
                            f"server allows at most {s.max_retries_limit} (max_retries_limit)",
                            param="thor.self_correction.max_retries")
+        limit = state.sandbox_max_timeout_s
+        if limit is not None and cfg.observation.timeout_s > limit:
+            raise ApiError(400, f"thor.observation.timeout_s is {cfg.observation.timeout_s}; the sandbox allows at "
+                           f"most {limit:g} s per execution (its max_timeout_s)", param="thor.observation.timeout_s")
 
     def _sampling(state: ServerState, body: _SamplingRequest, max_tokens: int, param: str) -> SamplingOptions:
         """The request's sampling (with the checkpoint's defaults), within the server's n x max_tokens cap."""
@@ -181,14 +208,25 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
 
     async def _run(
         state: ServerState, request: Request, builder: ResponseBuilder, events: AsyncIterator[Any],
-        stream: bool, include_usage: bool, rate_key: str, summary: dict[str, Any],
+        stream: bool, include_usage: bool, rate_key: str, summary: dict[str, Any] | None,
     ) -> Response:
+        """`summary` None: store no trace (`thor.trace: false`)."""
+        builder.include_usage = stream and include_usage  # `"usage": null` on every chunk, as OpenAI does
+        sandbox_request_scope(state.settings.sandbox_max_concurrent_per_request)  # this request's samples share it
+        meter = TokenMeter()
+        events = metered(events, meter)
+        tracing = summary is not None and state.settings.trace_ttl_s > 0
+        trace_headers = {"X-Thor-Trace-Id": builder.id} if tracing else {}
+
+        def charge() -> None:
+            # what the engine generated (discarded attempts included), however the request ended
+            finals = sum(c.final.usage.generated_tokens for c in builder.choices if c.final)
+            _charge(state, rate_key, max(meter.generated, finals))
+
         async def finish() -> None:
-            usage = builder.usage()
-            if state.settings.tokens_per_minute and usage["completion_tokens"]:
-                await state.store.charge_tokens(rate_key, usage["completion_tokens"])
-            if state.settings.trace_ttl_s and all(c.final for c in builder.choices):
-                await state.store.trace_put(builder.id, builder.trace(summary), state.settings.trace_ttl_s)
+            if tracing and summary is not None and all(c.final for c in builder.choices):
+                await state.store.trace_put(builder.id, builder.trace(summary), state.settings.trace_ttl_s,
+                                            owner=rate_key)
 
         if not stream:
             async def collect() -> None:
@@ -200,8 +238,10 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
                 await _until_disconnect(request, collect())
             except (SandboxError, InvalidParameter, EngineUnavailable) as exc:
                 raise _api_error(exc) from exc  # type: ignore[misc]
+            finally:
+                charge()
             await finish()
-            return JSONResponse(builder.response(), headers={"X-Thor-Trace-Id": builder.id})
+            return JSONResponse(builder.response(), headers=trace_headers)
 
         async def sse() -> AsyncIterator[str]:
             completed = False
@@ -225,9 +265,8 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
                 await finish()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                          "X-Thor-Trace-Id": builder.id})
+        return StreamingResponse(_then(sse(), charge), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **trace_headers})
 
     # --- routes --------------------------------------------------------------------------
 
@@ -265,7 +304,8 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
         summary = {"route": "/v1/chat/completions", "n": body.n, "stream": body.stream,
                    "thor": cfg.model_dump(), "max_tokens": max_tokens, "messages": len(body.messages)}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _run(state, request, builder, events, body.stream, include_usage, rate_key, summary)
+        return await _run(state, request, builder, events, body.stream, include_usage, rate_key,
+                          summary if opts is None or opts.trace else None)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -290,11 +330,12 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
                                       reasoning_model=False, metrics=metrics)
             events = state.engine.stream(prompt, cfg, sampling, n=body.n, vote=body.thor.vote, request_id=rid)
             summary = {"route": "/v1/completions", "n": body.n, "stream": body.stream, "thor": cfg.model_dump()}
-            return await _run(state, request, builder, events, body.stream, include_usage, rate_key, summary)
-        return await _plain_completion(state, request, body, prompt, sampling, rid, include_usage)
+            return await _run(state, request, builder, events, body.stream, include_usage, rate_key,
+                              summary if body.thor.trace else None)
+        return await _plain_completion(state, request, body, prompt, sampling, rid, include_usage, rate_key)
 
     async def _plain_completion(state: ServerState, request: Request, body: CompletionRequest, prompt: Any,
-                                sampling: Any, rid: str, include_usage: bool) -> Response:
+                                sampling: Any, rid: str, include_usage: bool, rate_key: str) -> Response:
         created = int(time.time())
         texts = [""] * body.n
         finals: list[dict[str, Any]] = [{} for _ in range(body.n)]
@@ -321,8 +362,13 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
                     "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish,
                                  "stop_reason": stop_reason}]}
 
-        gen = state.engine.generate_plain(prompt, sampling, n=body.n, logprobs=body.logprobs,
-                                          include_stop_str_in_output=body.include_stop_str_in_output, request_id=rid)
+        meter = TokenMeter()
+        gen = metered(state.engine.generate_plain(prompt, sampling, n=body.n, logprobs=body.logprobs,
+                                                  include_stop_str_in_output=body.include_stop_str_in_output,
+                                                  request_id=rid), meter)
+
+        def charge() -> None:  # however the request ends (rate limits count generated tokens)
+            _charge(state, rate_key, max(meter.generated, sum(counts)))
 
         def account(c: Any) -> None:
             counts[c.index] = c.completion_tokens
@@ -341,6 +387,8 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
                 await _until_disconnect(request, collect())
             except (InvalidParameter, EngineUnavailable) as exc:
                 raise _api_error(exc) from exc  # type: ignore[misc]
+            finally:
+                charge()
             usage["completion_tokens"] = sum(counts)
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             choices = [{"index": i, "text": texts[i], "logprobs": lps[i] if body.logprobs is not None else None,
@@ -375,7 +423,8 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
                 yield _stream_error(exc)
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(_then(sse(), charge), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -386,11 +435,14 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
         }]}
 
     @app.get("/v1/traces/{trace_id}")
-    async def trace(trace_id: str) -> dict[str, Any]:
+    async def trace(trace_id: str, request: Request) -> dict[str, Any]:
         state = S()
-        found = await state.store.trace_get(trace_id)
+        # traces belong to the client that made them (its key id, or its address on an open
+        # server): another client's trace is indistinguishable from a missing one
+        found = await state.store.trace_get(trace_id, owner=_client_key(request))
         if found is None:
-            raise ApiError(404, f"no trace with id {trace_id!r} (traces are kept {state.settings.trace_ttl_s}s)",
+            raise ApiError(404, f"no trace with id {trace_id!r} for this API key (traces are kept "
+                           f"{state.settings.trace_ttl_s}s; `thor.trace: false` stores none)",
                            type="not_found_error", param="trace_id")
         return found
 
@@ -427,6 +479,16 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+async def _then(stream: AsyncIterator[str], done: Callable[[], None]) -> AsyncIterator[str]:
+    """`stream`, then `done()` however it ends (completed, failed, or closed by a disconnect)."""
+    try:
+        async with contextlib.aclosing(stream) as items:  # type: ignore[type-var]
+            async for item in items:
+                yield item
+    finally:
+        done()
 
 
 KEEPALIVE = object()
@@ -532,6 +594,33 @@ class FrameMiddleware:
     def __init__(self, app: Any, metrics: ServerMetrics, holder: dict[str, ServerState]) -> None:
         self.app, self.metrics, self.holder = app, metrics, holder
 
+    async def _authenticate(self, scope: dict, state: ServerState) -> Response | None:
+        """None when the request carries a configured key (its key id is then put in the scope
+        for rate limits and traces); otherwise the 401 to send, or a 429 once the client address
+        has used up its failed-attempt allowance (then even a right key waits: guessing gains
+        nothing from the answers)."""
+        limit = state.settings.auth_failures_per_minute
+        failures = "authfail:" + address_id(scope)
+        if limit is not None:
+            # peek: one unit must be left; failures are debited below
+            decision = await state.store.rate_limit(failures, requests_per_min=None, tokens_per_min=limit, tokens=0)
+            if not decision.allowed and decision.limit != STORE_UNAVAILABLE:  # a store outage never locks out
+                self.metrics.rate_limited.inc()
+                retry = max(1, int(decision.retry_after_s + 0.999))
+                body = error_body(f"too many failed authentication attempts from this address; retry in {retry}s",
+                                  "rate_limit_error", code="rate_limit_exceeded")
+                return JSONResponse(body, status_code=429, headers={"Retry-After": str(retry)})
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        presented = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        found = state.api_keys.identify(presented)
+        if found is not None:
+            scope.setdefault("state", {})[KEY_ID_SCOPE] = found
+            return None
+        if limit is not None:
+            await state.store.charge_tokens(failures, 1)
+        msg = "missing API key: send `Authorization: Bearer <key>`" if not presented else "invalid API key"
+        return JSONResponse(error_body(msg, "authentication_error", code="invalid_api_key"), status_code=401)
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -546,13 +635,10 @@ class FrameMiddleware:
                 (b"content-type", b"application/json")]
         state = self.holder.get("state")
         if path.startswith("/v1/") and state is not None and state.api_keys:
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-            if key not in state.api_keys:
-                self.metrics.requests.labels(route=route, status="401").inc()
-                msg = "missing API key: send `Authorization: Bearer <key>`" if not key else "invalid API key"
-                resp = JSONResponse(error_body(msg, "authentication_error", code="invalid_api_key"), status_code=401)
-                await resp(scope, receive, send)
+            refused = await self._authenticate(scope, state)
+            if refused is not None:
+                self.metrics.requests.labels(route=route, status=str(refused.status_code)).inc()
+                await refused(scope, receive, send)
                 return
         status = 500
         t0 = time.monotonic()

@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from thor_engine.config import ThorConfig
 
+from .auth import ApiKeys, normalize_key, read_key_file
+
 
 class ServerSettings(BaseSettings):
     """Env prefix `THOR_`, e.g. THOR_MODEL, THOR_API_KEY (comma-separated), THOR_REDIS_URL."""
@@ -36,10 +38,27 @@ class ServerSettings(BaseSettings):
     block_size: int | None = Field(default=None, ge=1, description="KV cache block size (CPU default here: 32).")
 
     # --- HTTP
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", description="Bind address. A non-loopback address needs an API key "
+                      "(or allow_open_remote).")
+    allow_open_remote: bool = Field(
+        default=False,
+        description="Allow serving without API keys on a non-loopback address (only on a network you trust: "
+        "anyone who reaches it can use the model and the sandbox).",
+    )
+    forwarded_allow_ips: str | None = Field(
+        default=None,
+        description="Proxies trusted to set X-Forwarded-For (uvicorn's forwarded_allow_ips); none = the client "
+        "address is the socket's peer, so a client cannot pick its own rate-limit bucket.",
+    )
     port: int = Field(default=8000, ge=0, le=65535)
-    api_key: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Accepted Bearer keys; none = open server.")
-    api_key_file: Path | None = Field(default=None, description="A file with one API key per line.")
+    api_key: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted Bearer keys (kept as sha256 digests once read; `sha256:<hex>` entries accepted); "
+        "none = open server. An empty key is an error.",
+    )
+    api_key_file: Path | None = Field(default=None, description="A file with one API key (or sha256:<hex>) per line.")
+    auth_failures_per_minute: int | None = Field(
+        default=20, ge=1, description="Failed-auth attempts allowed per client address and minute (then 429).")
     max_n: int = Field(default=16, ge=1, description="Largest n per request.")
     reasoning_fields: Literal["both", "reasoning", "reasoning_content"] = Field(
         default="both",
@@ -48,13 +67,27 @@ class ServerSettings(BaseSettings):
     )
 
     # --- sandbox and store
-    sandbox_url: str | None = Field(default=None, description="Sandbox service URL; none = start a local one.")
+    sandbox_url: str | None = Field(
+        default=None, description="Sandbox service URL; none = the local sandbox address 127.0.0.1:<local_sandbox_port> "
+        "(a THOR sandbox already there is used, otherwise one is started there with the server).")
+    local_sandbox_port: int = Field(default=8080, ge=1, le=65535,
+                                    description="Port of the local sandbox address (SandboxFusion clients use 8080).")
+    sandbox_busy_retries: int = Field(default=3, ge=0, description="Further attempts of a tool call after a sandbox "
+                                      "busy spell or worker death (backoff 1 s, doubling, at most 10 s).")
+    sandbox_error_policy: Literal["observe", "fail"] = Field(
+        default="observe", description="When the retries are spent: `observe` gives the model a `sandbox_error` "
+        "observation (the other samples carry on); `fail` fails the request (503).")
+    sandbox_max_concurrent_per_request: int = Field(
+        default=4, ge=1, description="Sandbox calls one request (all its samples) may have in flight at once.")
     redis_url: str | None = Field(default=None, description="Redis for cache, rate limits, traces; none = in-memory.")
     rate_limit_fail_open: bool = Field(default=True, description="When Redis is down: allow (true) or refuse.")
     tool_cache_ttl_s: int = Field(default=24 * 3600, ge=0, description="0 disables the tool-result cache.")
     trace_ttl_s: int = Field(default=24 * 3600, ge=0, description="0 disables trace storage.")
+    trace_memory_bytes: int = Field(default=64 * 1024 * 1024, ge=1,
+                                    description="Bound on the in-memory trace store (oldest evicted first).")
 
-    # --- rate limits per API key (or per client address on an open server)
+    # --- rate limits per API key id (or per client address on an open server); generated tokens,
+    # discarded ones included, are charged when a request ends however it ends
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
 
@@ -92,12 +125,19 @@ class ServerSettings(BaseSettings):
     @field_validator("api_key", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
-        if isinstance(v, str):
-            return [k.strip() for k in v.split(",") if k.strip()]
+        if isinstance(v, str):  # THOR_API_KEY=a,b (an empty entry stays, to be refused below)
+            return v.split(",")
         return v
 
-    def all_api_keys(self) -> set[str]:
-        keys = set(self.api_key)
+    @field_validator("api_key", mode="after")
+    @classmethod
+    def _digest_keys(cls, v: list[str]) -> list[str]:
+        # only digests are kept: the settings object never holds a key in clear
+        return [normalize_key(k, "--api-key / THOR_API_KEY") for k in v]
+
+    def api_keys(self) -> ApiKeys:
+        """Every accepted key as digests (flags, env, key file); ValueError for a key file without keys."""
+        digests = list(self.api_key)
         if self.api_key_file:
-            keys |= {ln.strip() for ln in self.api_key_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")}
-        return keys
+            digests += read_key_file(self.api_key_file)
+        return ApiKeys(digests)

@@ -216,8 +216,9 @@ async def test_replicas_share_limits(redis_server: RedisServer) -> None:
         # the cache and traces are shared too
         await a.cache_set("k", {"v": 1}, ttl_s=30)
         assert await b.cache_get("k") == {"v": 1}
-        await b.trace_put("t", {"events": []}, ttl_s=30)
-        assert await a.trace_get("t") == {"events": []}
+        await b.trace_put("t", {"events": []}, ttl_s=30, owner="key:abc")
+        assert await a.trace_get("t", owner="key:abc") == {"events": []}
+        assert await a.trace_get("t", owner="key:other") is None
     finally:
         await a.close()
         await b.close()
@@ -227,9 +228,9 @@ async def test_concurrent_requests_are_atomic(redis_server: RedisServer) -> None
     stores = [RedisStore(redis_server.url, key_prefix="atomic:") for _ in range(3)]
     key = unique("k")
     try:
-        decisions = await asyncio.gather(*(
-            stores[i % 3].rate_limit(key, requests_per_min=10, tokens_per_min=None) for i in range(30)
-        ))
+        decisions = await asyncio.gather(
+            *(stores[i % 3].rate_limit(key, requests_per_min=10, tokens_per_min=None) for i in range(30))
+        )
         assert sum(d.allowed for d in decisions) == 10
     finally:
         for s in stores:
@@ -271,26 +272,56 @@ async def test_memory_rate_limit_with_clock() -> None:
 
 async def test_traces_with_ttl(store: Store) -> None:
     trace_id = unique("trace")
-    assert await store.trace_get(trace_id) is None
+    assert await store.trace_get(trace_id, owner="key:a") is None
     trace = {"id": trace_id, "events": [{"type": "tool_result", "ok": True, "ms": 12.5}], "text": "é∑"}
-    await store.trace_put(trace_id, trace, ttl_s=0.4)
-    assert await store.trace_get(trace_id) == trace
+    await store.trace_put(trace_id, trace, ttl_s=0.4, owner="key:a")
+    assert await store.trace_get(trace_id, owner="key:a") == trace
     await asyncio.sleep(0.6)
-    assert await store.trace_get(trace_id) is None
+    assert await store.trace_get(trace_id, owner="key:a") is None
+
+
+async def test_traces_are_bound_to_their_owner(store: Store) -> None:
+    trace_id = unique("trace")
+    await store.trace_put(trace_id, {"secret": "the prompt"}, ttl_s=30, owner="key:0123abcd")
+    assert await store.trace_get(trace_id, owner="key:0123abcd") == {"secret": "the prompt"}
+    # another client id (or another kind of id with the same text) does not find it
+    assert await store.trace_get(trace_id, owner="key:ffffffff") is None
+    assert await store.trace_get(trace_id, owner="addr:0123abcd") is None
+    with pytest.raises(ValueError, match="owner"):
+        await store.trace_put(unique("t"), {}, ttl_s=30, owner="")
+    with pytest.raises(ValueError, match="owner"):
+        await store.trace_get(trace_id, owner="")
 
 
 async def test_memory_store_is_bounded() -> None:
-    s = MemoryStore(max_cache_entries=3, max_traces=2)
+    s = MemoryStore(max_cache_entries=3)
     for i in range(5):
         await s.cache_set(f"k{i}", {"i": i}, ttl_s=60)
-        await s.trace_put(f"t{i}", {"i": i}, ttl_s=60)
     assert [await s.cache_get(f"k{i}") for i in range(5)] == [None, None, {"i": 2}, {"i": 3}, {"i": 4}]
-    assert [await s.trace_get(f"t{i}") for i in range(5)] == [None, None, None, {"i": 3}, {"i": 4}]
     # reads refresh recency: k2 survives the next insert, k3 is evicted
     await s.cache_get("k2")
     await s.cache_set("k5", {"i": 5}, ttl_s=60)
     assert await s.cache_get("k2") == {"i": 2}
     assert await s.cache_get("k3") is None
+
+
+async def test_memory_traces_are_bounded_by_bytes() -> None:
+    s = MemoryStore(max_trace_bytes=10_000)
+    payload = "x" * 3_000  # each stored trace is a little over 3 kB of JSON
+    for i in range(6):
+        await s.trace_put(f"t{i}", {"i": i, "text": payload}, ttl_s=60, owner="o")
+        assert s.trace_bytes <= 10_000
+    # only the newest three fit: the oldest were evicted first
+    kept = [i for i in range(6) if await s.trace_get(f"t{i}", owner="o") is not None]
+    assert kept == [3, 4, 5]
+    # a trace larger than the whole bound is not kept (and evicts nothing)
+    await s.trace_put("huge", {"text": "y" * 20_000}, ttl_s=60, owner="o")
+    assert await s.trace_get("huge", owner="o") is None
+    assert [i for i in range(6) if await s.trace_get(f"t{i}", owner="o") is not None] == [3, 4, 5]
+    # replacing a trace releases the bytes of the old one
+    before = s.trace_bytes
+    await s.trace_put("t5", {"i": 5}, ttl_s=60, owner="o")
+    assert s.trace_bytes < before
 
 
 async def test_status_ping_and_factory(redis_server: RedisServer) -> None:
@@ -329,8 +360,8 @@ async def test_outage_and_recovery(outage_redis: RedisServer) -> None:
         assert s.status == "redis down"
         with count_redis_traffic() as degraded:
             await s.cache_set("k2", {"v": 2}, ttl_s=60)  # skipped, does not raise
-            await s.trace_put("t", {"e": 1}, ttl_s=60)  # dropped
-            assert await s.trace_get("t") is None
+            await s.trace_put("t", {"e": 1}, ttl_s=60, owner="o")  # dropped
+            assert await s.trace_get("t", owner="o") is None
             assert (await s.rate_limit("key", requests_per_min=1, tokens_per_min=None)).allowed  # fail open
             assert (await s.rate_limit("key", requests_per_min=1, tokens_per_min=None)).allowed
             await s.charge_tokens("key", 10)
@@ -384,7 +415,7 @@ async def test_hung_redis_times_out(outage_redis: RedisServer) -> None:
             assert s.status == "redis down" and s.errors_total == {"cache_get": 1}
             sent = traffic.total
             assert (await s.rate_limit("key", requests_per_min=1, tokens_per_min=None)).allowed
-            await s.trace_put("t", {}, ttl_s=60)
+            await s.trace_put("t", {}, ttl_s=60, owner="o")
         assert sent >= 1 and traffic.total == sent  # the next calls did not wait on the hung server
         assert s.errors_total == {"cache_get": 1, "rate_limit": 1, "trace_put": 1}
         outage_redis.resume()
@@ -408,4 +439,25 @@ async def test_unreachable_at_start(outage_redis: RedisServer) -> None:
         await s.cache_set("k", {"v": 1}, ttl_s=60)
         assert await s.cache_get("k") == {"v": 1}
     finally:
+        await s.close()
+
+
+async def test_refused_and_corrupt_values_degrade_one_operation(redis_server: RedisServer) -> None:
+    """A Redis that answers with garbage degrades that read only; the circuit stays closed."""
+    import redis.asyncio as aioredis
+
+    prefix = f"corrupt-{uuid.uuid4().hex[:8]}:"
+    s = RedisStore(redis_server.url, key_prefix=prefix)
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await client.set(f"{prefix}trace:bad", "{not json")
+        await client.set(f"{prefix}cache:list", "[1, 2]")
+        assert await s.trace_get("bad", owner="o") is None
+        assert await s.cache_get("list") is None
+        assert s.errors_total == {"trace_get": 1, "cache_get": 1}
+        assert s.status == "redis ok" and s.outages_total == 0
+        await s.cache_set("fine", {"v": 1}, ttl_s=30)
+        assert await s.cache_get("fine") == {"v": 1}
+    finally:
+        await client.aclose()
         await s.close()
