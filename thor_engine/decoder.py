@@ -496,7 +496,7 @@ class ThorDecoder:
             timeout_s=cfg.observation.timeout_s,
             echo_last_expression=cfg.observation.profile == "notebook",
         )
-        obs = judge(result.exit_code, result.stdout, result.stderr, cfg.observation)
+        obs = judge(result.exit_code, result.stdout, result.stderr, cfg.observation, outcome=result.outcome)
         st.stats.calls += 1
         st.stats.duration_s += result.duration_s
         if obs.ok:
