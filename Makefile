@@ -87,11 +87,12 @@ sandbox: sandbox-env
 # --- serving -------------------------------------------------------------------
 # The embedded default: provisions the default model if missing, starts a local
 # sandbox service and the server on 127.0.0.1:8000 with an in-memory store.
-# SERVE_ARGS adds flags (e.g. SERVE_ARGS="--api-key secret --port 9000").
+# SERVE_ARGS adds flags (e.g. SERVE_ARGS="--api-key secret --port 9000"); another --host
+# than the loopback one needs an API key (or --allow-open-remote on a trusted network).
 SERVE_ARGS ?=
 serve: vllm sandbox-env
 	$(VENV)/bin/python -m thor_engine.models.provision --preset default
-	$(VENV)/bin/python -m server --model default --enforce-eager --max-model-len 8192 $(SERVE_ARGS)
+	$(VENV)/bin/python -m server --model default --host 127.0.0.1 --enforce-eager --max-model-len 8192 $(SERVE_ARGS)
 
 # --- tests and benchmarks ----------------------------------------------------
 test: venv vllm sandbox-env

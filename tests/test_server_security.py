@@ -136,6 +136,37 @@ def test_open_server_binds_loopback_only() -> None:
     assert ServerSettings().host == "127.0.0.1"
 
 
+def test_image_and_compose_defaults_need_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The container binds 0.0.0.0: its default command refuses to serve without a key."""
+    import re
+
+    import yaml
+
+    from server.__main__ import check_access, parse_args
+    from server.settings import ServerSettings
+
+    for name in list(os.environ):
+        if name.startswith("THOR_"):
+            monkeypatch.delenv(name)
+    cmd = re.findall(r"^CMD (\[.*\])$", (ROOT / "server" / "Dockerfile").read_text(), re.M)[-1]
+    image_args = json.loads(cmd)[3:]  # python -m server ...
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    compose_args = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in compose["services"]["server"]["command"][3:]]
+    assert "THOR_API_KEY" in compose["services"]["server"]["environment"]
+    assert "THOR_ALLOW_OPEN_REMOTE" in compose["services"]["server"]["environment"]
+    for args in (image_args, compose_args):
+        settings = ServerSettings(**parse_args(args))
+        assert settings.host == "0.0.0.0"
+        with pytest.raises(ValueError, match="refusing to serve without an API key"):
+            check_access(settings)
+        monkeypatch.setenv("THOR_API_KEY", K1)
+        assert check_access(ServerSettings(**parse_args(args))).identify(K1)
+        monkeypatch.delenv("THOR_API_KEY")
+        monkeypatch.setenv("THOR_ALLOW_OPEN_REMOTE", "true")
+        assert not check_access(ServerSettings(**parse_args(args)))
+        monkeypatch.delenv("THOR_ALLOW_OPEN_REMOTE")
+
+
 # --------------------------------------------------------------------------- key digests
 
 
