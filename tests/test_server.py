@@ -122,10 +122,19 @@ def test_thor_options_disable_tools(client):
 
 
 def test_n_samples_and_vote(client):
-    resp = client.chat.completions.create(**chat(MUL, max_tokens=200, n=2), extra_body={"thor": {"vote": True}})
-    assert [c.index for c in resp.choices] == [0, 1]
+    """Sampled (not greedy) choices that differ: the vote is the majority of their answers."""
+    from collections import Counter
+
+    resp = client.chat.completions.create(**{**chat(MUL, max_tokens=120, n=4), "temperature": 1.5, "seed": 11},
+                                          extra_body={"thor": {"vote": True}})
+    assert [c.index for c in resp.choices] == [0, 1, 2, 3]
+    texts = [c.message.content + (c.message.model_extra or {}).get("reasoning_content", "") for c in resp.choices]
+    assert len(set(texts)) > 1  # sampling at this temperature makes the four choices differ
+    answers = [c["answer"] for c in resp.model_extra["thor"]["choices"]]
     vote = resp.model_extra["thor"]["vote"]
-    assert vote["answer"] == "391" and vote["counts"] == {"391": 2}
+    expected = Counter(a for a in answers if a)
+    assert vote["counts"] == dict(expected)
+    assert vote["answer"] == (expected.most_common(1)[0][0] if expected else None)
 
 
 def test_raw_sse_with_httpx(server):
