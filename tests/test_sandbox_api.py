@@ -196,7 +196,7 @@ async def test_client_reports_service_down():
     with socket_free_port() as port:
         pass
     async with SandboxClient(f"http://127.0.0.1:{port}", retries=2, backoff_s=0.05) as client:
-        with pytest.raises(SandboxUnavailable, match="not reachable.*make sandbox"):
+        with pytest.raises(SandboxUnavailable, match=r"not reachable.*make sandbox"):
             await client.run("print(1)")
 
 

@@ -164,7 +164,7 @@ def _claim_stdout() -> TextIO:
     sys.stdout.flush()
     private = os.dup(1)
     os.dup2(2, 1)
-    return open(private, "w", encoding="utf-8", buffering=1, closefd=True)  # noqa: SIM115 - lives for the run
+    return open(private, "w", encoding="utf-8", buffering=1, closefd=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run(args, out))
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - a CLI prints the problem, not a traceback
+    except Exception as exc:
         if args.verbose:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -207,7 +207,7 @@ def check_isolation(settings: SandboxSettings, config_path: Path) -> str:
         "import os, socket; "
         "print(os.getuid(), os.getpid(), len(socket.if_nameindex()), os.path.exists('/etc'))"
     )
-    argv = worker_argv(settings, config_path)[:-1] + ["-c", probe]
+    argv = [*worker_argv(settings, config_path)[:-1], "-c", probe]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     except FileNotFoundError as exc:

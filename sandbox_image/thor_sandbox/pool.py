@@ -168,7 +168,7 @@ class WorkerPool:
         self._update_gauges()
         try:
             worker = await asyncio.wait_for(self._idle.get(), self._settings.queue_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._metrics.rejected.labels(reason="queue_timeout").inc()
             raise Busy(
                 f"sandbox busy: no worker became free within {self._settings.queue_timeout_s:.0f}s; retry later",

@@ -78,7 +78,7 @@ class JailWorker:
         self._stderr_task = asyncio.create_task(self._forward_stderr())
         try:
             ready = await asyncio.wait_for(self._recv(), timeout)
-        except (asyncio.TimeoutError, WorkerDied) as exc:
+        except (TimeoutError, WorkerDied) as exc:
             await self.kill()
             raise WorkerDied(f"worker {self.id} did not become ready within {timeout:.0f}s: {exc}") from exc
         if not ready.get("ready"):
@@ -123,7 +123,7 @@ class JailWorker:
             self._proc.stdin.write(struct.pack(">I", len(data)) + data)
             await self._proc.stdin.drain()
             result = await asyncio.wait_for(self._recv(), timeout + WORKER_GRACE_S)
-        except (asyncio.TimeoutError, ConnectionError, WorkerDied) as exc:
+        except (TimeoutError, ConnectionError, WorkerDied) as exc:
             self.broken = True
             raise WorkerDied(f"worker {self.id} failed during a snippet: {exc!r}") from exc
         except asyncio.CancelledError:
@@ -146,7 +146,7 @@ class JailWorker:
                 pass
         try:
             await asyncio.wait_for(proc.wait(), 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("worker %d (pid %s) did not exit after SIGKILL", self.id, proc.pid)
         if self._stderr_task:
             self._stderr_task.cancel()

@@ -142,6 +142,6 @@ async def sandbox_at(url: str | None, *, port: int | None = None, pool_size: int
             proc.terminate()
             try:
                 await asyncio.wait_for(proc.wait(), 20)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
