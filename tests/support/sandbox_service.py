@@ -56,6 +56,8 @@ def run_sandbox(extra_env: dict[str, str] | None = None, ready_timeout: float = 
         "THOR_SANDBOX_UNIX_SOCKET": str(sock),
         "THOR_SANDBOX_JAIL_PYTHON_HOME": str(JAIL_PYTHON_HOME),
         "THOR_SANDBOX_STATE_DIR": str(tmp / "state"),
+        # dies with this process, even a SIGKILLed test run (no orphaned service or jails)
+        "THOR_SANDBOX_PARENT_PID": str(os.getpid()),
         **(extra_env or {}),
     }
     log_file = open(log_path, "w")
