@@ -16,7 +16,7 @@ from tests.support.sandbox_service import run_sandbox
 from thor_engine.config import REFERENCE_EMPTY_OBSERVATION, ObservationConfig
 from thor_engine.observation import judge
 from thor_engine.tools import SandboxExecutor, SandboxPolicy, ToolResult, sandbox_request_scope
-from thor_sandbox.client import SandboxClient, SandboxUnavailable
+from thor_sandbox.client import SandboxBusy, SandboxClient, SandboxUnreachable
 
 pytestmark = pytest.mark.sandbox
 
@@ -102,9 +102,21 @@ async def test_busy_spell_is_retried_then_observed_or_failed_as_configured():
             # configured to fail the request instead
             strict = SandboxExecutor(client, SandboxPolicy(busy_retries=1, retry_backoff_s=0.1,
                                                            on_sandbox_error="fail"))
-            with pytest.raises(SandboxUnavailable, match="busy"):
+            with pytest.raises(SandboxBusy, match="busy"):
                 await strict.execute("print(1)", timeout_s=5, echo_last_expression=False)
             await holder
+
+
+async def test_unreachable_sandbox_fails_the_call_whatever_the_policy():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    async with SandboxClient(f"http://127.0.0.1:{port}", retries=1, backoff_s=0.05) as client:
+        ex = SandboxExecutor(client, SandboxPolicy(on_sandbox_error="observe"))
+        with pytest.raises(SandboxUnreachable, match="not reachable"):  # an outage: the server answers 503
+            await ex.execute("print(1)", timeout_s=5, echo_last_expression=False)
 
 
 async def test_worker_death_is_retried_on_a_fresh_worker(sandbox):

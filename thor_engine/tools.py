@@ -5,7 +5,8 @@ block the event loop and can be cancelled), the result type it returns, and
 `SandboxExecutor`, which runs code on the sandbox service through its async
 client with a `SandboxPolicy`: a busy spell or a dead worker is retried a bounded
 number of times, then becomes an observation with outcome `sandbox_error` (or, if
-configured, fails the request); and at most `max_concurrent_per_request` calls of
+configured, fails the request); a sandbox that cannot be reached at all (after the
+client's own connection retries) fails the request, since no call could run; and at most `max_concurrent_per_request` calls of
 one request run at once (`sandbox_request_scope`), so one request's n samples
 cannot take every worker. The server may wrap an executor (e.g. with a result
 cache); the decoder does not care.
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from thor_sandbox.client import SandboxClient, SandboxError, SandboxRequestError, SandboxUnavailable
+from thor_sandbox.client import SandboxBusy, SandboxClient, SandboxError, SandboxRequestError, SandboxUnreachable
 from thor_sandbox.protocol import Snippet
 
 log = logging.getLogger("thor_engine.tools")
@@ -51,7 +52,9 @@ class SandboxPolicy:
     retries) or a worker that died mid-snippet, waiting `retry_backoff_s`, doubled
     each time (at most `max_backoff_s`). When they are spent: `on_sandbox_error`
     `observe` gives the model an observation (outcome `sandbox_error`) so the other
-    samples and this trajectory carry on; `fail` raises, failing the request.
+    samples and this trajectory carry on; `fail` raises, failing the request. A
+    sandbox that is unreachable (`SandboxUnreachable`) always raises: it is an
+    outage for every call, not a spell of one.
     `max_concurrent_per_request`: calls of one request (all its samples) in flight
     at once, inside a `sandbox_request_scope`.
     """
@@ -120,7 +123,9 @@ class SandboxExecutor:
                 [r] = await self._client.execute([snippet])
             except SandboxRequestError as exc:  # e.g. a block over the size limit: the model sees why
                 return ToolResult(1, "", f"RuntimeError: {exc}", "error", time.monotonic() - t0)
-            except SandboxError as exc:  # busy after the client's retries, down, or the worker died
+            except SandboxUnreachable:  # down: nothing can run; the request fails (the server says 503)
+                raise
+            except SandboxError as exc:  # busy after the client's retries, the worker died, a read timeout
                 if attempt < self.policy.busy_retries:
                     log.warning("sandbox failed (%s); retry %d of %d in %.1fs", exc, attempt + 1,
                                 self.policy.busy_retries, delay)
@@ -129,7 +134,7 @@ class SandboxExecutor:
                     continue
                 if self.policy.on_sandbox_error == "fail":
                     raise
-                kind = "was busy or unreachable" if isinstance(exc, SandboxUnavailable) else "failed"
+                kind = "was busy" if isinstance(exc, SandboxBusy) else "failed"
                 # detail first; the last line (what the reference rules show the model) is the summary
                 message = (
                     f"{exc}\nSandboxError: the code could not be run: the sandbox {kind} "

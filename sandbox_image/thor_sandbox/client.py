@@ -2,9 +2,11 @@
 
 Owns: talking to the service over TCP or a Unix socket with httpx: per-request
 timeouts derived from the snippets' own, retries with backoff on connection errors
-and on 503 busy (honouring Retry-After), and turning failures into two clear
-exceptions: `SandboxUnavailable` (the service is down or unreachable) and
-`SandboxRequestError` (the service refused the request; not retried).
+and on 503 busy (honouring Retry-After), and turning failures into clear
+exceptions: `SandboxUnavailable` (the service is down or unreachable:
+`SandboxUnreachable`, or stays busy: `SandboxBusy`), `SandboxRequestError` (the
+service refused the request; not retried) and `SandboxError` for the rest (a
+worker that died mid-snippet: 500).
 
 Does not own: caching, observation formatting or any THOR policy (thor_engine).
 Depends only on httpx and pydantic, so it runs in the main (Python 3.11) env.
@@ -33,6 +35,14 @@ class SandboxError(RuntimeError):
 
 class SandboxUnavailable(SandboxError):
     """The sandbox service cannot be reached or stays busy after every retry."""
+
+
+class SandboxBusy(SandboxUnavailable):
+    """Every worker stayed busy (503/429) through all the client's retries."""
+
+
+class SandboxUnreachable(SandboxUnavailable):
+    """No connection to the service could be made (it is down, or the address is wrong)."""
 
 
 class SandboxRequestError(SandboxError):
@@ -109,7 +119,7 @@ class SandboxClient:
                         await asyncio.sleep(min(retry_after if retry_after is not None else delay, 10.0))
                         delay *= 2
                         continue
-                    raise SandboxUnavailable(f"sandbox at {self.url} is busy after {attempt + 1} attempts: {last}")
+                    raise SandboxBusy(f"sandbox at {self.url} is busy after {attempt + 1} attempts: {last}")
                 if 400 <= resp.status_code < 500:
                     raise SandboxRequestError(resp.status_code, _error_message(resp))
                 if resp.status_code >= 500:
@@ -119,7 +129,7 @@ class SandboxClient:
                 log.debug("sandbox connection failed (%s); retry %d in %.2fs", last, attempt + 1, delay)
                 await asyncio.sleep(delay)
                 delay *= 2
-        raise SandboxUnavailable(
+        raise SandboxUnreachable(
             f"sandbox service at {self.url} is not reachable ({last}); start it with `make sandbox` "
             "or point THOR at a running one"
         )
