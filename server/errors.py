@@ -8,6 +8,7 @@ Does not own: deciding when a request is wrong (protocol.py, app.py).
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,6 +44,17 @@ def error_response(exc: ApiError) -> JSONResponse:
     )
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict", "bytes"})
+
+
+def _union_member(part: object) -> bool:
+    """Pydantic puts the union member it tried into an error's location (`prompt.str`,
+    `thor.self_correction.ThorSelfCorrection.max_retries`, `x.literal['a','b']`): not a field."""
+    if not isinstance(part, str):
+        return False
+    return part in _TYPE_TAGS or "[" in part or re.fullmatch(r"[A-Z][A-Za-z0-9]*", part) is not None
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
@@ -52,7 +64,7 @@ def install_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_member(p)]
         param = ".".join(loc) or None
         msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         if first.get("type") == "json_invalid":

@@ -125,6 +125,18 @@ def _none_is_default(cls: type[BaseModel], v: Any, info: Any) -> Any:
     return v
 
 
+def _unicode(text: str, what: str) -> str:
+    """Text must encode as UTF-8: a lone UTF-16 surrogate (JSON `"\\ud800"`) cannot be tokenised."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end].encode("unicode_escape").decode()
+        raise ValueError(
+            f"{what} contains an unpaired UTF-16 surrogate ({bad}) at character {exc.start}; send valid Unicode"
+        ) from None
+    return text
+
+
 def _reject_unless(value: Any, ok: bool, what: str) -> Any:
     if not ok:
         raise ValueError(what)
@@ -167,6 +179,8 @@ class _SamplingRequest(BaseModel):
             raise ValueError("at most 16 stop sequences are allowed")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        for s in stops:
+            _unicode(s, "a stop sequence")
         return v
 
     @field_validator("logit_bias")
@@ -234,12 +248,14 @@ class ChatMessage(BaseModel):
         if self.content is None:
             return ""
         if isinstance(self.content, str):
-            return self.content
+            return _unicode(self.content, "the content")
         parts = []
         for part in self.content:
             if part.get("type") != "text":
                 raise ValueError(f"content part type {part.get('type')!r} is not supported; send text parts only")
-            parts.append(str(part.get("text", "")))
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text content part needs a string `text`")
+            parts.append(_unicode(part["text"], "the content"))
         return "".join(parts)
 
 
@@ -374,6 +390,8 @@ class CompletionRequest(_SamplingRequest):
     def _one_prompt(cls, v: Any) -> Any:
         if isinstance(v, list) and v and isinstance(v[0], (str, list)) and len(v) != 1:
             raise ValueError("batched prompts are not supported: send one prompt per request")
+        for text in [v] if isinstance(v, str) else [p for p in v if isinstance(p, str)]:
+            _unicode(text, "the prompt")
         return v
 
     def single_prompt(self) -> str | list[int]:

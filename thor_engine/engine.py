@@ -25,6 +25,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -110,7 +111,10 @@ class ThorEngine:
         """Other names clients may use for the served model: the path the engine loaded, as
         `vllm serve <path>` accepts it."""
         path = getattr(self.backend, "model_path", None)
-        return frozenset({path}) if path else frozenset()
+        if not path:
+            return frozenset()
+        local = Path(path)
+        return frozenset({path, str(local.resolve())} if local.exists() else {path})
 
     @property
     def generation_defaults(self) -> dict[str, Any]:
