@@ -360,23 +360,34 @@ async def test_thinking_budget_cuts_thinking_and_disables_tools(tokenizer, execu
 
 
 async def test_cancellation_aborts_engine_request_and_sandbox_call(tokenizer, executor, sandbox):
-    full = "```python\nimport time; time.sleep(30); print(1)\n```\nafter"
+    full = "```python\nimport time; time.sleep(120); print(1)\n```\nafter"
     backend = ScriptedBackend(tokenizer, fixed_model(full), delay_s=0.001)
     dec = ThorDecoder(backend, executor)
     got: list = []
 
     async def consume():
-        async for ev in dec.stream(prompt_ids(tokenizer), ThorConfig(), SamplingOptions(max_tokens=300)):
+        cfg = ThorConfig(observation=ObservationConfig(timeout_s=60))  # the sandbox's limit: no timeout kill
+        async for ev in dec.stream(prompt_ids(tokenizer), cfg, SamplingOptions(max_tokens=300)):
             got.append(ev)
 
     task = asyncio.create_task(consume())
     while not any(isinstance(e, CodeBlock) for e in got):
         await asyncio.sleep(0.01)
-    await asyncio.sleep(0.3)  # the sandbox call is in flight
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert await backend.num_unfinished_requests() == 0
+    async with SandboxClient(sandbox.url) as client:
+        while not any(w.busy for w in (await client.health()).workers):
+            await asyncio.sleep(0.02)  # the sandbox call is in flight
+        busy = {w.id for w in (await client.health()).workers if w.busy}
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await backend.num_unfinished_requests() == 0
+        # the cancelled call's worker is replaced, not left to its 60 s timeout
+        # (the bound is a liveness bound well under that timeout, not a speed check)
+        for _ in range(400):
+            if not busy & {w.id for w in (await client.health()).workers}:
+                break
+            await asyncio.sleep(0.05)
+        assert not busy & {w.id for w in (await client.health()).workers}
     # a second stream cancelled mid-generation leaves its engine request aborted
     backend2 = ScriptedBackend(tokenizer, fixed_model("word " * 2000), delay_s=0.002)
     dec2 = ThorDecoder(backend2, executor)

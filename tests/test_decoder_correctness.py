@@ -325,3 +325,21 @@ def test_token_text_matches_full_decode(tokenizer):
     assert tt.text == tokenizer.decode(ids[: len(ids) // 2]).rstrip("\ufffd")
     tt.extend(ids[len(ids) // 2:])
     assert tt.text == text
+
+
+async def test_sandbox_error_is_committed_not_resampled(tokenizer):
+    """A sandbox failure (outcome sandbox_error, from tools.py after its busy retries) is not the
+    code's fault: the observation is committed, self-correction does not resample the code."""
+    from thor_engine.tools import ToolResult
+
+    class BrokenSandbox:  # a test double for the one outcome a healthy sandbox cannot produce on demand
+        async def execute(self, code: str, *, timeout_s: float, echo_last_expression: bool) -> ToolResult:
+            return ToolResult(None, "", "SandboxError: the sandbox is busy", "sandbox_error", 0.0)
+
+    def responder(prompt: str) -> str:
+        return "\\boxed{1}" if "```output" in done_text(prompt) else "```python\nprint(1)\n```\n"
+
+    _, events = await run(tokenizer, BrokenSandbox(), responder)
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    assert [(c.outcome, c.committed) for c in calls] == [("sandbox_error", True)]
+    assert not [e for e in events if isinstance(e, Backtrack)]

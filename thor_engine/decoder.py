@@ -507,7 +507,9 @@ class ThorDecoder:
         # the resample need two units; otherwise the error is committed (never a retry whose block
         # could not execute, which would let the model invent its output).
         affordable = st.tool_budget_used + (2 if sc.retries_consume_budget else 1) <= cfg.max_tool_calls
-        retry = not obs.ok and sc.enabled and attempt < sc.max_retries and affordable
+        # a sandbox failure is not the code's fault: resampling the code would not help
+        retry = (not obs.ok and result.outcome != "sandbox_error" and sc.enabled and attempt < sc.max_retries
+                 and affordable)
         if not retry or sc.retries_consume_budget:
             st.tool_budget_used += 1
         yield ToolCall(
