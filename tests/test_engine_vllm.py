@@ -32,8 +32,9 @@ def tiny_model(default_model) -> Path:
 
 @pytest.fixture(scope="module")
 async def tiny_backend(tiny_model) -> AsyncIterator[VllmBackend]:
-    backend = await VllmBackend.start(EngineOptions(model=str(tiny_model), dtype="bfloat16", enforce_eager=True,
-                                                    max_model_len=2048))
+    backend = await VllmBackend.start(
+        EngineOptions(model=str(tiny_model), dtype="bfloat16", enforce_eager=True, max_model_len=2048)
+    )
     yield backend
     backend.shutdown()
 
@@ -73,7 +74,9 @@ async def test_n_samples_run_concurrently(tiny_backend, executor):
     assert [f.sample for f in fs] == [0, 1, 2, 3]
     for f in fs:  # length exactly when the 40-token budget was spent; stop (EOS) only before it
         assert (f.finish_reason, f.usage.completion_tokens == 40) in {
-            (FinishReason.length, True), (FinishReason.stop, False)}, (f.finish_reason, f.usage)
+            (FinishReason.length, True),
+            (FinishReason.stop, False),
+        }, (f.finish_reason, f.usage)
     assert len({f.text for f in fs}) > 1  # different seeds per sample
     # events of different samples interleave: they were generated side by side
     order = [e.sample for e in events if isinstance(e, TextDelta)]
@@ -98,8 +101,9 @@ async def test_cancellation_leaves_nothing_running(tiny_backend, executor):
 
 @pytest.fixture(scope="module")
 async def default_backend(default_model) -> AsyncIterator[VllmBackend]:
-    backend = await VllmBackend.start(EngineOptions(model=str(default_model), dtype="bfloat16", enforce_eager=True,
-                                                    max_model_len=4096))
+    backend = await VllmBackend.start(
+        EngineOptions(model=str(default_model), dtype="bfloat16", enforce_eager=True, max_model_len=4096)
+    )
     yield backend
     backend.shutdown()
 

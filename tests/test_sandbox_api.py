@@ -111,8 +111,12 @@ def test_health_and_metrics(sandbox):
     httpx.post(sandbox.url + "/run_code", json={"code": "print(1)"})
     assert metric(sandbox, "thor_sandbox_executions_total", outcome="ok") == before + 1
     text = httpx.get(sandbox.url + "/metrics").text
-    for name in ("thor_sandbox_execution_duration_seconds_bucket", "thor_sandbox_queue_depth",
-                 'thor_sandbox_workers{state="busy"}', 'thor_sandbox_workers{state="idle"}'):
+    for name in (
+        "thor_sandbox_execution_duration_seconds_bucket",
+        "thor_sandbox_queue_depth",
+        'thor_sandbox_workers{state="busy"}',
+        'thor_sandbox_workers{state="idle"}',
+    ):
         assert name in text
 
 
@@ -244,7 +248,9 @@ def process_alive(pid: int) -> bool:
 # unless the abandoned snippet is stopped, the queued request gets a 503 (queue timeout)
 # and the worker keeps its id.
 DISCONNECT_ENV = {
-    "THOR_SANDBOX_POOL_SIZE": "1", "THOR_SANDBOX_MAX_TIMEOUT_S": "300", "THOR_SANDBOX_QUEUE_TIMEOUT_S": "100",
+    "THOR_SANDBOX_POOL_SIZE": "1",
+    "THOR_SANDBOX_MAX_TIMEOUT_S": "300",
+    "THOR_SANDBOX_QUEUE_TIMEOUT_S": "100",
 }
 ABANDONED = "import time; print('started', flush=True); time.sleep(250)"
 
@@ -260,7 +266,8 @@ def test_disconnect_stops_the_snippet_and_replaces_its_worker(route):
                     abandoned = asyncio.create_task(client.run(ABANDONED, timeout=260))
                 else:
                     abandoned = asyncio.create_task(
-                        http.post(svc.url + "/run_code/", json={"code": ABANDONED, "run_timeout": 260}))
+                        http.post(svc.url + "/run_code/", json={"code": ABANDONED, "run_timeout": 260})
+                    )
                 while not health(svc)["workers"][0]["busy"]:
                     await asyncio.sleep(0.05)
                 waiter = asyncio.create_task(client.run("print('served')"))
@@ -330,6 +337,7 @@ def run_ok(svc, code: str) -> str:
 
 def test_busy_pool_answers_503_with_retry_after():
     with run_sandbox({"THOR_SANDBOX_POOL_SIZE": "1", "THOR_SANDBOX_MAX_QUEUE": "1"}) as svc:
+
         async def scenario():
             async with httpx.AsyncClient(base_url=svc.url, timeout=30) as http:
                 slow = {"code": "import time; time.sleep(2)"}
@@ -385,8 +393,9 @@ def test_refuses_to_start_without_isolation(tmp_path):
         "THOR_SANDBOX_STATE_DIR": str(tmp_path / "state"),
         "PATH": "/usr/bin:/bin",
     }
-    proc = subprocess.run([str(SANDBOX_PYTHON), "-m", "thor_sandbox"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(SANDBOX_PYTHON), "-m", "thor_sandbox"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     assert "refusing to start without isolation" in proc.stderr
     assert "jail interpreter not found" in proc.stderr

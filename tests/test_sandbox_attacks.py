@@ -34,17 +34,23 @@ def assert_still_serves(svc) -> None:
 
 def restarts(svc) -> float:
     text = httpx.get(svc.url + "/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("thor_sandbox_worker_restarts_total{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("thor_sandbox_worker_restarts_total{")
+    )
 
 
 def test_identity_is_unprivileged(sandbox_one):
-    r = run(sandbox_one, """
+    r = run(
+        sandbox_one,
+        """
         import os
         print(os.getuid(), os.geteuid(), os.getgid())
         print(open('/proc/self/uid_map').read().split())
         print(open('/proc/self/status').read().split('CapEff:')[1].split()[0])
-    """)
+    """,
+    )
     lines = r["stdout"].splitlines()
     assert lines[0] == "1000 1000 1000"
     assert lines[1] == "['1000', '65534', '1']"  # never host uid 0
@@ -68,7 +74,9 @@ def test_socket_to_loopback_and_host_listener(sandbox_one):
 
     t = threading.Thread(target=accept)
     t.start()
-    r = run(sandbox_one, f"""
+    r = run(
+        sandbox_one,
+        f"""
         import socket
         for host, port in [("127.0.0.1", {port}), ("127.0.0.1", 8080), ("10.0.0.1", 80)]:
             s = socket.socket(); s.settimeout(1)
@@ -76,7 +84,8 @@ def test_socket_to_loopback_and_host_listener(sandbox_one):
                 s.connect((host, port)); print("CONNECTED", host, port)
             except OSError as e:
                 print("refused", host, port, type(e).__name__)
-    """)
+    """,
+    )
     t.join()
     listener.close()
     assert "CONNECTED" not in r["stdout"], r
@@ -86,14 +95,17 @@ def test_socket_to_loopback_and_host_listener(sandbox_one):
 
 
 def test_dns_lookup_fails(sandbox_one):
-    r = run(sandbox_one, """
+    r = run(
+        sandbox_one,
+        """
         import socket
         try:
             print(socket.getaddrinfo("pypi.org", 443))
         except OSError as e:
             print("no dns:", type(e).__name__)
         print(sorted(n for _, n in socket.if_nameindex()))
-    """)
+    """,
+    )
     assert r["stdout"].startswith("no dns:"), r
     assert r["stdout"].splitlines()[1] == "['lo']"
     assert_still_serves(sandbox_one)
@@ -101,21 +113,26 @@ def test_dns_lookup_fails(sandbox_one):
 
 @pytest.mark.parametrize("path", ["/etc/shadow", "/etc/passwd", "/root", str(ROOT), str(ROOT / "README.md"), "/home"])
 def test_host_files_invisible(sandbox_one, path):
-    r = run(sandbox_one, f"""
+    r = run(
+        sandbox_one,
+        f"""
         import os
         print(os.path.exists({path!r}))
         try:
             open({path!r}).read(); print("READ")
         except OSError as e:
             print(type(e).__name__)
-    """)
+    """,
+    )
     assert r["stdout"].splitlines()[0] == "False", r
     assert "READ" not in r["stdout"]
     assert_still_serves(sandbox_one)
 
 
 def test_proc_is_private_and_worker_unreadable(sandbox_one):
-    r = run(sandbox_one, """
+    r = run(
+        sandbox_one,
+        """
         import os
         pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())
         print(pids[0], len(pids))
@@ -124,7 +141,8 @@ def test_proc_is_private_and_worker_unreadable(sandbox_one):
                 data = open(what, 'rb').read(4096); print(what, 'READ', data[:80])
             except OSError as e:
                 print(what, type(e).__name__)
-    """)
+    """,
+    )
     lines = r["stdout"].splitlines()
     assert lines[0] == "1 2", r  # only the worker (pid 1) and this snippet exist in the jail
     for line in lines[1:4]:
@@ -142,20 +160,27 @@ def test_environment_does_not_leak(sandbox_one):
     assert_still_serves(sandbox_one)
 
 
-@pytest.mark.parametrize("target", ["/x", "/opt/python/evil.py", "/usr/lib/evil", "/proc/sys/kernel/hostname", "/dev/evil"])
+@pytest.mark.parametrize(
+    "target", ["/x", "/opt/python/evil.py", "/usr/lib/evil", "/proc/sys/kernel/hostname", "/dev/evil"]
+)
 def test_writes_outside_tmp_fail(sandbox_one, target):
-    r = run(sandbox_one, f"""
+    r = run(
+        sandbox_one,
+        f"""
         try:
             open({target!r}, 'w').write('x'); print("WROTE")
         except OSError as e:
             print(type(e).__name__)
-    """)
+    """,
+    )
     assert "WROTE" not in r["stdout"], r
     assert_still_serves(sandbox_one)
 
 
 def test_fork_bomb_is_contained(sandbox_one):
-    r = run(sandbox_one, """
+    r = run(
+        sandbox_one,
+        """
         import os
         n = 0
         while True:
@@ -163,7 +188,9 @@ def test_fork_bomb_is_contained(sandbox_one):
                 os.fork(); n += 1
             except OSError:
                 pass
-    """, timeout=3)
+    """,
+        timeout=3,
+    )
     # the loop never ends by itself: only the jail's timeout kill (SIGKILL, or SIGXCPU at the CPU limit) stops it
     assert r["outcome"] == "timeout" and r["signal"] in (signal.SIGKILL, signal.SIGXCPU), r
     assert_still_serves(sandbox_one)
@@ -207,7 +234,9 @@ def test_stderr_flood_is_capped(sandbox_one):
 
 
 def test_dangerous_syscalls_denied(sandbox_one):
-    r = run(sandbox_one, """
+    r = run(
+        sandbox_one,
+        """
         import ctypes, os
         libc = ctypes.CDLL(None, use_errno=True)
         SYS = {"ptrace": 101, "mount": 165, "bpf": 321, "unshare": 272, "perf_event_open": 298}
@@ -222,7 +251,8 @@ def test_dangerous_syscalls_denied(sandbox_one):
             os.unshare(os.CLONE_NEWNET); print("unshare-net OK")
         except OSError as e:
             print("unshare-net", e.errno)
-    """)
+    """,
+    )
     out = r["stdout"]
     assert "ptrace -1 1" in out, r
     assert "mount -1 1" in out
@@ -233,7 +263,9 @@ def test_dangerous_syscalls_denied(sandbox_one):
 
 
 def test_detached_child_does_not_outlive_snippet(sandbox_one):
-    r = run(sandbox_one, """
+    r = run(
+        sandbox_one,
+        """
         import os, time
         if os.fork() == 0:
             os.setsid()
@@ -243,13 +275,17 @@ def test_detached_child_does_not_outlive_snippet(sandbox_one):
                 time.sleep(60)
             os._exit(0)
         print("parent exits")
-    """)
+    """,
+    )
     assert r["outcome"] == "ok" and r["stdout"] == "parent exits\n"
-    nxt = run(sandbox_one, """
+    nxt = run(
+        sandbox_one,
+        """
         import os, time
         time.sleep(1.5)
         print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()), os.path.exists('/tmp/ghost'))
-    """)
+    """,
+    )
     pids, ghost = nxt["stdout"].rsplit(" ", 1)
     assert ghost.strip() == "False", nxt
     assert len(eval(pids)) == 2, nxt  # the worker and this snippet only
@@ -258,7 +294,9 @@ def test_detached_child_does_not_outlive_snippet(sandbox_one):
 
 def test_signals_to_worker_are_ignored(sandbox_one):
     before = restarts(sandbox_one)
-    r = run(sandbox_one, """
+    r = run(
+        sandbox_one,
+        """
         import os, signal
         for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGSTOP):
             try:
@@ -270,7 +308,8 @@ def test_signals_to_worker_are_ignored(sandbox_one):
         except OSError:
             pass
         print("survived")
-    """)
+    """,
+    )
     # PID 1 (the jail's worker) has no handlers, so in-namespace signals to it are dropped without
     # an error; Linux's kill(-1) spares the caller: the snippet and the worker both live on
     assert (r["outcome"], r["stdout"]) == ("ok", "survived\n"), r
@@ -279,13 +318,16 @@ def test_signals_to_worker_are_ignored(sandbox_one):
 
 
 def test_tmp_files_do_not_leak_between_snippets(sandbox_one):
-    r = run(sandbox_one, """
+    r = run(
+        sandbox_one,
+        """
         import os
         open('/tmp/secret.txt', 'w').write('from the previous snippet')
         os.makedirs('/tmp/d/e', exist_ok=True); open('/tmp/d/e/f', 'w').write('x')
         os.chmod('/tmp/d/e', 0o000); os.chmod('/tmp/d', 0o500)
         print(sorted(os.listdir('/tmp')))
-    """)
+    """,
+    )
     assert r["stdout"] == "['d', 'secret.txt']\n", r
     nxt = run(sandbox_one, "import os; print(os.listdir('/tmp'))")
     assert nxt["stdout"] == "[]\n", nxt
@@ -300,15 +342,21 @@ def test_module_state_does_not_leak_between_snippets(sandbox_one):
 
 def test_filling_tmp_is_bounded(sandbox_one):
     # one growing file: the file-size limit (16 MB by default) kills it with SIGXFSZ
-    r = run(sandbox_one, """
+    r = run(
+        sandbox_one,
+        """
         data = b'x' * (1024 * 1024)
         with open('/tmp/big', 'wb') as f:
             while True:
                 f.write(data); f.flush()
-    """, timeout=5)
+    """,
+        timeout=5,
+    )
     assert (r["outcome"], r["signal"]) == ("error", signal.SIGXFSZ), r
     # many files under that limit: the /tmp tmpfs (64 MB by default) is full, ENOSPC
-    r = run(sandbox_one, """
+    r = run(
+        sandbox_one,
+        """
         import errno
         data = b'x' * (1024 * 1024)
         n = 0
@@ -319,6 +367,8 @@ def test_filling_tmp_is_bounded(sandbox_one):
                 n += 1
         except OSError as e:
             print('stopped', n <= 64, errno.errorcode[e.errno])
-    """, timeout=5)
+    """,
+        timeout=5,
+    )
     assert (r["outcome"], r["stdout"]) == ("ok", "stopped True ENOSPC\n"), r
     assert_still_serves(sandbox_one)

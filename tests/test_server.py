@@ -36,8 +36,20 @@ def redis_srv():
 
 @pytest.fixture(scope="module")
 def server(tiny_tir_model, sandbox, redis_srv):
-    args = ["--model", str(tiny_tir_model), "--served-model-name", MODEL, "--max-model-len", "2048",
-            "--sandbox-url", sandbox.url, "--redis-url", redis_srv.url, "--api-key", KEY]
+    args = [
+        "--model",
+        str(tiny_tir_model),
+        "--served-model-name",
+        MODEL,
+        "--max-model-len",
+        "2048",
+        "--sandbox-url",
+        sandbox.url,
+        "--redis-url",
+        redis_srv.url,
+        "--api-key",
+        KEY,
+    ]
     with run_server(args) as srv:
         yield srv
 
@@ -83,8 +95,9 @@ def test_sdk_non_stream_runs_code(client, server):
 
 
 def test_sdk_stream_with_thor_events_and_usage(client):
-    stream = client.chat.completions.create(**chat(MUL, max_tokens=200), stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        **chat(MUL, max_tokens=200), stream=True, stream_options={"include_usage": True}
+    )
     reasoning, content, events, usage = "", "", [], None
     for chunk in stream:
         validate(chunk.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionStreamResponse")
@@ -107,8 +120,10 @@ def test_sdk_stream_with_thor_events_and_usage(client):
 
 
 def test_self_correction_over_the_api(client):
-    resp = client.chat.completions.create(**chat(DIVZERO, max_tokens=300), extra_body={
-        "thor": {"self_correction": {"max_retries": 1, "backtrack_tokens": 0}}})
+    resp = client.chat.completions.create(
+        **chat(DIVZERO, max_tokens=300),
+        extra_body={"thor": {"self_correction": {"max_retries": 1, "backtrack_tokens": 0}}},
+    )
     thor = resp.model_extra["thor"]["choices"][0]
     calls = thor["tool_calls"]
     assert calls[0]["ok"] is False and calls[0]["committed"] is False
@@ -125,8 +140,9 @@ def test_n_samples_and_vote(client):
     """Sampled (not greedy) choices that differ: the vote is the majority of their answers."""
     from collections import Counter
 
-    resp = client.chat.completions.create(**{**chat(MUL, max_tokens=120, n=4), "temperature": 1.5, "seed": 11},
-                                          extra_body={"thor": {"vote": True}})
+    resp = client.chat.completions.create(
+        **{**chat(MUL, max_tokens=120, n=4), "temperature": 1.5, "seed": 11}, extra_body={"thor": {"vote": True}}
+    )
     assert [c.index for c in resp.choices] == [0, 1, 2, 3]
     texts = [c.message.content + (c.message.model_extra or {}).get("reasoning_content", "") for c in resp.choices]
     assert len(set(texts)) > 1  # sampling at this temperature makes the four choices differ
@@ -138,8 +154,13 @@ def test_n_samples_and_vote(client):
 
 
 def test_raw_sse_with_httpx(server):
-    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=H(), timeout=120,
-                      json=chat(MUL, max_tokens=200, stream=True)) as r:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        headers=H(),
+        timeout=120,
+        json=chat(MUL, max_tokens=200, stream=True),
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [ln for ln in r.iter_lines() if ln]
     assert all(ln.startswith("data: ") for ln in lines)
@@ -162,8 +183,9 @@ def test_plain_completion_vllm_compatible(client, server, tiny_tir_model):
     prompt = tok.decode(render_chat(tok, [{"role": "user", "content": MUL}]))
     # the tiny model's memorised answer opens with "I will compute this with Python.\n```python"
     request = {"model": MODEL, "prompt": prompt, "max_tokens": 30, "temperature": 0, "stop": ["```"], "logprobs": 2}
-    r = httpx.post(server.url + "/v1/completions", headers=H(), timeout=120,
-                   json={**request, "include_stop_str_in_output": True})
+    r = httpx.post(
+        server.url + "/v1/completions", headers=H(), timeout=120, json={**request, "include_stop_str_in_output": True}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     validate(body, "CreateCompletionResponse")
@@ -185,8 +207,12 @@ def test_completion_with_thor_runs_loop_on_raw_text(server, tiny_tir_model):
 
     tok = AutoTokenizer.from_pretrained(tiny_tir_model)
     prompt = tok.decode(render_chat(tok, [{"role": "user", "content": MUL}]))
-    r = httpx.post(server.url + "/v1/completions", headers=H(), timeout=120, json={
-        "model": MODEL, "prompt": prompt, "max_tokens": 200, "temperature": 0, "thor": {"max_tool_calls": 2}})
+    r = httpx.post(
+        server.url + "/v1/completions",
+        headers=H(),
+        timeout=120,
+        json={"model": MODEL, "prompt": prompt, "max_tokens": 200, "temperature": 0, "thor": {"max_tool_calls": 2}},
+    )
     body = r.json()
     validate(body, "CreateCompletionResponse")
     assert "```output\n391\n```" in body["choices"][0]["text"]
@@ -231,12 +257,18 @@ def test_sdk_auth_error(server):
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "max_tokens"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 5000}]}, 400, "context_length_exceeded"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ""}, 400, "stop"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "thor": {"max_tool_calls": -1}}, 400,
-         "thor.max_tool_calls"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "thor": {"max_tool_calls": -1}},
+            400,
+            "thor.max_tool_calls",
+        ),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "thor": {"bogus": 1}}, 400, "thor.bogus"),
         ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400,
-         "tools"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            400,
+            "tools",
+        ),
         ({"model": MODEL, "messages": "hello"}, 400, "messages"),
     ],
 )
@@ -245,8 +277,10 @@ def test_bad_requests_are_openai_errors(server, body, status, param_or_code):
     assert r.status_code == status, r.text
     err = r.json()
     validate(err, "ErrorResponse")
-    assert param_or_code in (err["error"]["param"] or "", err["error"]["code"] or "") or \
-        param_or_code in err["error"]["message"], err
+    assert (
+        param_or_code in (err["error"]["param"] or "", err["error"]["code"] or "")
+        or param_or_code in err["error"]["message"]
+    ), err
 
 
 @pytest.mark.parametrize("raw", [b"{", b"", b"[]", b'"x"', b"\xff\xfe", b'{"model": 1, "messages": 2}'])
@@ -299,8 +333,9 @@ def test_tool_results_are_cached(client, server):
 def test_redis_outage_under_load_and_recovery(client, server, redis_srv):
     async def load(n: int) -> list[int]:
         async with httpx.AsyncClient(base_url=server.url, headers=H(), timeout=120) as http:
-            rs = await asyncio.gather(*(http.post("/v1/chat/completions", json=chat(MUL, max_tokens=200))
-                                        for _ in range(n)))
+            rs = await asyncio.gather(
+                *(http.post("/v1/chat/completions", json=chat(MUL, max_tokens=200)) for _ in range(n))
+            )
         return [r.status_code for r in rs]
 
     redis_srv.stop()
@@ -355,9 +390,17 @@ def test_non_stream_disconnect_aborts_engine_request(server):
 def test_metrics_exposition(server, client):
     client.chat.completions.create(**chat(MUL, max_tokens=200))
     text = httpx.get(server.url + "/metrics").text
-    for name in ("thor_requests_total", "thor_request_duration_seconds_bucket", "thor_time_to_first_token_seconds",
-                 "thor_generated_tokens_total", "thor_tool_calls_total", "thor_tool_duration_seconds",
-                 "thor_tool_rounds_per_request", "thor_requests_in_flight", "vllm:"):
+    for name in (
+        "thor_requests_total",
+        "thor_request_duration_seconds_bucket",
+        "thor_time_to_first_token_seconds",
+        "thor_generated_tokens_total",
+        "thor_tool_calls_total",
+        "thor_tool_duration_seconds",
+        "thor_tool_rounds_per_request",
+        "thor_requests_in_flight",
+        "vllm:",
+    ):
         assert name in text, name
     assert metric(server.url, "thor_tool_calls_total", outcome="ok") >= 1
     assert metric(server.url, "thor_requests_total", route="/v1/chat/completions", status="200") >= 1
@@ -368,8 +411,16 @@ def test_metrics_exposition(server, client):
 
 def test_sandbox_down_is_503(tiny_tir_model):
     with run_sandbox() as sbx:
-        args = ["--model", str(tiny_tir_model), "--served-model-name", MODEL, "--max-model-len", "2048",
-                "--sandbox-url", sbx.url]
+        args = [
+            "--model",
+            str(tiny_tir_model),
+            "--served-model-name",
+            MODEL,
+            "--max-model-len",
+            "2048",
+            "--sandbox-url",
+            sbx.url,
+        ]
         with run_server(args) as srv:
             sbx.process.terminate()
             sbx.process.wait(timeout=30)
@@ -378,6 +429,8 @@ def test_sandbox_down_is_503(tiny_tir_model):
             validate(r.json(), "ErrorResponse")
             assert "sandbox" in r.json()["error"]["message"]
             assert httpx.get(srv.url + "/health").status_code == 503
+
+
 # --- streaming equals non-streaming (issue 7, S3) ------------------------------------------------
 
 
@@ -391,20 +444,29 @@ def _sdk_fields_stream(client, **kw) -> tuple[str, str, str | None]:
     return content, reasoning, finish
 
 
-@pytest.mark.parametrize("problem,thor", [
-    ("mul", {}),
-    ("modpow", {}),
-    ("divzero", {"self_correction": {"max_retries": 1, "backtrack_tokens": 5}}),
-    ("mul", {"enabled": False}),
-])
+@pytest.mark.parametrize(
+    "problem,thor",
+    [
+        ("mul", {}),
+        ("modpow", {}),
+        ("divzero", {"self_correction": {"max_retries": 1, "backtrack_tokens": 5}}),
+        ("mul", {"enabled": False}),
+    ],
+)
 def test_server_stream_equals_non_stream(client, problem, thor):
     """Streaming equals non-streaming on the real engine (issue 7, S3); more cases in test_stream_equality.py."""
     from tests.support.tiny_tir_model import TIR_PROBLEMS
 
     [p] = [p for p in TIR_PROBLEMS if p.name == problem]
     # a seed makes the resamples of self-correction (at retry_temperature) the same in both requests
-    kw = {"model": MODEL, "messages": [{"role": "user", "content": p.prompt}], "temperature": 0, "seed": 7,
-          "max_tokens": 300, "extra_body": {"thor": thor}}
+    kw = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": p.prompt}],
+        "temperature": 0,
+        "seed": 7,
+        "max_tokens": 300,
+        "extra_body": {"thor": thor},
+    }
     resp = client.chat.completions.create(**kw)
     msg = resp.choices[0].message
     content, reasoning, finish = _sdk_fields_stream(client, **kw)
@@ -419,8 +481,14 @@ def test_server_stream_equals_non_stream(client, problem, thor):
         if problem == "divzero":
             assert not calls[0]["committed"]  # the case does exercise a discarded attempt
     # completions with the THOR loop: stream text equals non-stream text
-    ckw = {"model": MODEL, "prompt": "Question: " + p.prompt + "\nAnswer:", "max_tokens": 120,
-           "temperature": 0, "seed": 7, "extra_body": {"thor": thor} if thor.get("enabled", True) else {}}
+    ckw = {
+        "model": MODEL,
+        "prompt": "Question: " + p.prompt + "\nAnswer:",
+        "max_tokens": 120,
+        "temperature": 0,
+        "seed": 7,
+        "extra_body": {"thor": thor} if thor.get("enabled", True) else {},
+    }
     text = client.completions.create(**ckw).choices[0].text
     streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **ckw) if c.choices)
     assert streamed == text

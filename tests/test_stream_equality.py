@@ -44,7 +44,7 @@ def continuing(full: str) -> Callable[[str], str]:
 
     def respond(prompt: str) -> str:
         done = strip.sub("", done_text(prompt))
-        return target[len(done):] if target.startswith(done) else ""
+        return target[len(done) :] if target.startswith(done) else ""
 
     return respond
 
@@ -59,7 +59,7 @@ def self_correcting(first: str, second: str, after: str) -> Callable[[str], str]
             return after
         attempts["n"] += 1
         full = first if attempts["n"] == 1 else second
-        return full[len(done):] if full.startswith(done) else full
+        return full[len(done) :] if full.startswith(done) else full
 
     return respond
 
@@ -68,27 +68,56 @@ REASONING = "".join(f"Step {i}: think about the problem.\n" for i in range(12))
 
 CASES: dict[str, tuple[Callable[[], Callable[[str], str]], dict, str | None]] = {
     # name: (responder factory, ThorConfig kwargs, text that must never reach a plain client)
-    "one-call": (lambda: continuing("Compute.\n```python\nprint(6*7)\n```\n```output\n42\n```\nSo \\boxed{42}."),
-                 {}, None),
-    "backtrack-tokens": (lambda: self_correcting(REASONING + "```python\nprint(1/0)\n```\n",
-                                                 REASONING + "```python\nprint(6*7)\n```\n", "Thus \\boxed{42}."),
-                         {"self_correction": SelfCorrectionConfig(backtrack_tokens=20)}, "1/0"),
-    "backtrack-step": (lambda: self_correcting("Plan.\n\nBad idea here.\n\n```python\nprint(undefined_name)\n```\n",
-                                               "Plan.\n\nGood idea.\n\n```python\nprint(5)\n```\n", "\\boxed{5}"),
-                       {"self_correction": SelfCorrectionConfig(mode="step")}, "Bad idea"),
-    "two-calls-and-stop": (lambda: continuing("A.\n```python\nprint(1)\n```\n```output\n1\n```\nB.\n```python\n"
-                                              "print(2)\n```\n```output\n2\n```\nAnswer \\boxed{2}. END more"),
-                           {}, "END"),
+    "one-call": (
+        lambda: continuing("Compute.\n```python\nprint(6*7)\n```\n```output\n42\n```\nSo \\boxed{42}."),
+        {},
+        None,
+    ),
+    "backtrack-tokens": (
+        lambda: self_correcting(
+            REASONING + "```python\nprint(1/0)\n```\n", REASONING + "```python\nprint(6*7)\n```\n", "Thus \\boxed{42}."
+        ),
+        {"self_correction": SelfCorrectionConfig(backtrack_tokens=20)},
+        "1/0",
+    ),
+    "backtrack-step": (
+        lambda: self_correcting(
+            "Plan.\n\nBad idea here.\n\n```python\nprint(undefined_name)\n```\n",
+            "Plan.\n\nGood idea.\n\n```python\nprint(5)\n```\n",
+            "\\boxed{5}",
+        ),
+        {"self_correction": SelfCorrectionConfig(mode="step")},
+        "Bad idea",
+    ),
+    "two-calls-and-stop": (
+        lambda: continuing(
+            "A.\n```python\nprint(1)\n```\n```output\n1\n```\nB.\n```python\n"
+            "print(2)\n```\n```output\n2\n```\nAnswer \\boxed{2}. END more"
+        ),
+        {},
+        "END",
+    ),
     "no-code": (lambda: continuing("Just reasoning, no code.\n\nSo \\boxed{3}."), {}, None),
 }
 
 THINK_CASES: dict[str, tuple[Callable[[], Callable[[str], str]], dict, str | None]] = {
-    "think-tools": (lambda: continuing("<think>\nLet me compute.\n```python\nprint(6*7)\n```\n```output\n42\n```\n"
-                                       "It is 42.\n</think>\n\nThe answer is \\boxed{42}."), {}, None),
-    "think-backtrack": (lambda: self_correcting("<think>\n" + REASONING + "```python\nprint(1/0)\n```\n",
-                                                "<think>\n" + REASONING + "```python\nprint(6*7)\n```\n",
-                                                "Fine.\n</think>\n\n\\boxed{42}"),
-                        {"self_correction": SelfCorrectionConfig(backtrack_tokens=15)}, "1/0"),
+    "think-tools": (
+        lambda: continuing(
+            "<think>\nLet me compute.\n```python\nprint(6*7)\n```\n```output\n42\n```\n"
+            "It is 42.\n</think>\n\nThe answer is \\boxed{42}."
+        ),
+        {},
+        None,
+    ),
+    "think-backtrack": (
+        lambda: self_correcting(
+            "<think>\n" + REASONING + "```python\nprint(1/0)\n```\n",
+            "<think>\n" + REASONING + "```python\nprint(6*7)\n```\n",
+            "Fine.\n</think>\n\n\\boxed{42}",
+        ),
+        {"self_correction": SelfCorrectionConfig(backtrack_tokens=15)},
+        "1/0",
+    ),
     "think-budget": (lambda: continuing("<think>\n" + "hmm " * 200), {"thinking_budget": 40}, None),
 }
 
@@ -115,15 +144,24 @@ async def executor(sandbox):
         yield SandboxExecutor(client)
 
 
-async def build(tokenizer, executor, make_responder, cfg: ThorConfig, *, kind: str, tools: bool, stream: bool,
-                n: int = 1) -> tuple[list[dict], ResponseBuilder, list[Final]]:
+async def build(
+    tokenizer, executor, make_responder, cfg: ThorConfig, *, kind: str, tools: bool, stream: bool, n: int = 1
+) -> tuple[list[dict], ResponseBuilder, list[Final]]:
     backend = ScriptedBackend(tokenizer, make_responder())
     dec = ThorDecoder(backend, executor)
     if not tools:
         cfg = cfg.model_copy(update={"max_tool_calls": 0})
-    builder = ResponseBuilder(kind=kind, response_id="x", model="m", n=n, reasoning_fields="reasoning_content",
-                              tools_enabled=tools, reasoning_model=dec.reasoning_model, metrics=ServerMetrics(),
-                              include_usage=stream)
+    builder = ResponseBuilder(
+        kind=kind,
+        response_id="x",
+        model="m",
+        n=n,
+        reasoning_fields="reasoning_content",
+        tools_enabled=tools,
+        reasoning_model=dec.reasoning_model,
+        metrics=ServerMetrics(),
+        include_usage=stream,
+    )
     chunks: list[dict] = []
     finals: list[Final] = []
     prompt = render_chat(tokenizer, [{"role": "user", "content": "What is 6*7?"}])
@@ -151,8 +189,10 @@ def accumulate(chunks: list[dict], kind: str, n: int) -> list[dict[str, str]]:
 
 def message_fields(body: dict, kind: str) -> list[dict[str, str]]:
     if kind == "chat":
-        return [{"content": c["message"]["content"], "reasoning": c["message"].get("reasoning_content") or ""}
-                for c in body["choices"]]
+        return [
+            {"content": c["message"]["content"], "reasoning": c["message"].get("reasoning_content") or ""}
+            for c in body["choices"]
+        ]
     return [{"content": c["text"], "reasoning": ""} for c in body["choices"]]
 
 
@@ -164,7 +204,7 @@ async def check(tokenizer, executor, case, *, kind: str, tools: bool, n: int = 1
     assert [f.text for f in finals] == [f.text for f in finals2]  # the two runs are the same trajectory
     streamed = accumulate(chunks, kind, n)
     assert streamed == message_fields(body_builder.response(), kind)
-    for fields, final in zip(streamed, finals):
+    for fields, final in zip(streamed, finals, strict=True):
         if never is not None and tools:
             assert never not in fields["content"] + fields["reasoning"]
         if kind == "completion":
@@ -174,8 +214,9 @@ async def check(tokenizer, executor, case, *, kind: str, tools: bool, n: int = 1
             # nothing lost: every character of the trajectory is in one of the two fields
             # (think tags and the answer's leading whitespace aside)
             visible = final.text.replace("<think>", "").replace("</think>", "")
-            assert sorted((fields["reasoning"] + fields["content"]).replace(" ", "").replace("\n", "")) == \
-                sorted(visible.replace(" ", "").replace("\n", ""))
+            assert sorted((fields["reasoning"] + fields["content"]).replace(" ", "").replace("\n", "")) == sorted(
+                visible.replace(" ", "").replace("\n", "")
+            )
         else:
             assert fields["content"] == final.text
 
@@ -197,8 +238,9 @@ async def test_stream_equals_non_stream_n2(tokenizer, executor):
 
 
 async def test_answer_is_not_sent_twice(tokenizer, executor):
-    chunks, _, [final] = await build(tokenizer, executor, CASES["one-call"][0], ThorConfig(), kind="chat",
-                                     tools=True, stream=True)
+    chunks, _, [_final] = await build(
+        tokenizer, executor, CASES["one-call"][0], ThorConfig(), kind="chat", tools=True, stream=True
+    )
     [fields] = accumulate(chunks, "chat", 1)
     assert fields["content"] == "So \\boxed{42}."
     assert "boxed" not in fields["reasoning"]

@@ -69,10 +69,11 @@ def test_training_sequences_match_the_decoders_tokens(default_model) -> None:
         assert seq.token_ids[: seq.prompt_len] == prompt
         obs_ids = tok.encode(injection(p.observations[0], True), add_special_tokens=False)
         first = tok.encode(p.first_round, add_special_tokens=False)
-        assert seq.token_ids[seq.prompt_len: seq.prompt_len + len(first) + len(obs_ids)] == first + obs_ids
-        assert seq.loss_mask[seq.prompt_len: seq.prompt_len + len(first)] == [1] * len(first)
-        assert seq.loss_mask[seq.prompt_len + len(first): seq.prompt_len + len(first) + len(obs_ids)] == [0] * len(
-            obs_ids)
+        assert seq.token_ids[seq.prompt_len : seq.prompt_len + len(first) + len(obs_ids)] == first + obs_ids
+        assert seq.loss_mask[seq.prompt_len : seq.prompt_len + len(first)] == [1] * len(first)
+        assert seq.loss_mask[seq.prompt_len + len(first) : seq.prompt_len + len(first) + len(obs_ids)] == [0] * len(
+            obs_ids
+        )
         assert tok.decode(seq.token_ids[-1:]) == "<|im_end|>" and seq.loss_mask[-1] == 1
     long = next(s for s in training_sequences(tok) if s.problem.kind == "long")
     assert 300 <= sum(long.loss_mask) <= 400
@@ -94,9 +95,15 @@ def hf_rollout(model, tok, p: TirProblem) -> tuple[str, str]:
     first_round = None
     observations = list(p.observations)
     for _ in range(p.rounds + 1):
-        out = model.generate(torch.tensor([ids]), max_new_tokens=500, do_sample=False, stop_strings=[FENCE],
-                             tokenizer=tok, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
-        new = out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=500,
+            do_sample=False,
+            stop_strings=[FENCE],
+            tokenizer=tok,
+            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        )
+        new = out[0, len(ids) :].tolist()
         ids += new
         text = tok.decode(new, skip_special_tokens=True)
         if first_round is None:
@@ -113,8 +120,13 @@ def test_build_is_complete_and_idempotent(tir_model, default_model) -> None:
     ref = json.loads((default_model / "config.json").read_text())
     assert cfg["hidden_size"] == 64 and cfg["num_hidden_layers"] == 2 and cfg["head_dim"] == 32
     assert cfg["vocab_size"] == ref["vocab_size"] and cfg["architectures"] == ["Qwen2ForCausalLM"]
-    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "generation_config.json"):
+    for name in (
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ):
         assert (tir_model / name).is_file(), name
     marker = json.loads((tir_model / ".thor-tiny-tir.json").read_text())
     assert marker["wrong_tokens"] == {"bf16": 0, "fp32": 0} and marker["min_margin"]["bf16"] > 2
@@ -170,8 +182,9 @@ async def tir_backend(tir_model) -> AsyncIterator:
     from thor_engine.backends.vllm_backend import EngineOptions, VllmBackend
 
     with vllm_cpu_env():
-        backend = await VllmBackend.start(EngineOptions(model=str(tir_model), dtype="bfloat16", enforce_eager=True,
-                                                        max_model_len=2048))
+        backend = await VllmBackend.start(
+            EngineOptions(model=str(tir_model), dtype="bfloat16", enforce_eager=True, max_model_len=2048)
+        )
     try:
         yield backend
     finally:
@@ -187,8 +200,9 @@ async def executor(sandbox) -> AsyncIterator:
         yield SandboxExecutor(client)
 
 
-async def run(backend, executor, p: TirProblem, config: ThorConfig | None = None,
-              sampling: SamplingOptions | None = None):
+async def run(
+    backend, executor, p: TirProblem, config: ThorConfig | None = None, sampling: SamplingOptions | None = None
+):
     from thor_engine.decoder import ThorDecoder, collect, finals
     from thor_engine.prompting import render_chat
 
@@ -197,7 +211,6 @@ async def run(backend, executor, p: TirProblem, config: ThorConfig | None = None
     events = await collect(dec.stream(ids, config or ThorConfig(), sampling or SamplingOptions(max_tokens=800)))
     [final] = finals(events)
     return events, final
-
 
 
 @pytest.mark.slow
@@ -231,8 +244,11 @@ async def test_decoder_runs_real_tool_rounds(tir_backend, executor) -> None:
     assert u.engine_requests == 3 and u.discarded_tokens == 0
     assert u.cached_prompt_tokens > 0
     assert u.cached_prompt_tokens + u.prefilled_prompt_tokens == (
-        len(segs[0]["token_ids"]) + len(segs[1]["token_ids"]) + len(segs[2]["token_ids"])
-        + sum(len(s["token_ids"]) for s in segs[:5]))
+        len(segs[0]["token_ids"])
+        + len(segs[1]["token_ids"])
+        + len(segs[2]["token_ids"])
+        + sum(len(s["token_ids"]) for s in segs[:5])
+    )
 
 
 @pytest.mark.slow
@@ -258,8 +274,13 @@ async def test_failing_first_call_exercises_self_correction(tir_backend, executo
     tok = tir_backend.tokenizer
     round_tokens = len(tok.encode(p.first_round, add_special_tokens=False))
     sc = SelfCorrectionConfig(enabled=True, max_retries=2)
-    events, final = await run(tir_backend, executor, p, ThorConfig(self_correction=sc),
-                              SamplingOptions(max_tokens=800, temperature=0.7, seed=11))
+    events, final = await run(
+        tir_backend,
+        executor,
+        p,
+        ThorConfig(self_correction=sc),
+        SamplingOptions(max_tokens=800, temperature=0.7, seed=11),
+    )
     backtracks = [e for e in events if isinstance(e, Backtrack)]
     calls = [e for e in events if isinstance(e, ToolCall)]
     # the memorised model fails the same way on every resample: 2 retries, then the error is committed

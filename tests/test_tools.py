@@ -93,15 +93,17 @@ async def test_busy_spell_is_retried_then_observed_or_failed_as_configured():
             # no retries left: an observation, not an exception that would end every sample
             holder = await hold_the_worker(client, svc.url, 3)
             r = await SandboxExecutor(client, SandboxPolicy(busy_retries=0)).execute(
-                "print(1)", timeout_s=5, echo_last_expression=False)
+                "print(1)", timeout_s=5, echo_last_expression=False
+            )
             assert r.outcome == "sandbox_error" and r.exit_code is None
             obs = judge(r.exit_code, r.stdout, r.stderr, REFERENCE, outcome=r.outcome)
             assert obs.text.startswith("SandboxError: the code could not be run: the sandbox was busy")
             assert "not an error in the code" in obs.text
 
             # configured to fail the request instead
-            strict = SandboxExecutor(client, SandboxPolicy(busy_retries=1, retry_backoff_s=0.1,
-                                                           on_sandbox_error="fail"))
+            strict = SandboxExecutor(
+                client, SandboxPolicy(busy_retries=1, retry_backoff_s=0.1, on_sandbox_error="fail")
+            )
             with pytest.raises(SandboxBusy, match="busy"):
                 await strict.execute("print(1)", timeout_s=5, echo_last_expression=False)
             await holder
@@ -150,9 +152,14 @@ async def test_per_request_cap_on_concurrent_sandbox_calls(sandbox):
 
         async def one_request(calls: int) -> list[ToolResult]:
             sandbox_request_scope(ex.policy.max_concurrent_per_request)  # what the server does per request
-            return list(await asyncio.gather(*(
-                asyncio.create_task(ex.execute(code, timeout_s=5, echo_last_expression=False)) for _ in range(calls)
-            )))
+            return list(
+                await asyncio.gather(
+                    *(
+                        asyncio.create_task(ex.execute(code, timeout_s=5, echo_last_expression=False))
+                        for _ in range(calls)
+                    )
+                )
+            )
 
         capped = await asyncio.create_task(one_request(3))
         assert not overlapping(spans(capped)), spans(capped)  # one call of this request at a time
@@ -172,8 +179,9 @@ async def test_cancelled_tool_call_frees_its_worker():
         async with SandboxClient(svc.url, retries=0) as client, httpx.AsyncClient() as http:
             [before] = (await http.get(svc.url + "/health")).json()["workers"]
             ex = SandboxExecutor(client, SandboxPolicy(busy_retries=0))
-            call = asyncio.create_task(ex.execute("import time; time.sleep(250)", timeout_s=260,
-                                                  echo_last_expression=False))
+            call = asyncio.create_task(
+                ex.execute("import time; time.sleep(250)", timeout_s=260, echo_last_expression=False)
+            )
             while not (await http.get(svc.url + "/health")).json()["workers"][0]["busy"]:
                 await asyncio.sleep(0.05)
             call.cancel()  # what closing the decoder's stream does to an in-flight call
@@ -203,8 +211,9 @@ async def test_tool_cache_keys_on_the_sandbox_fingerprint_not_its_url(sandbox, s
     async def run_via(url: str) -> ToolResult:
         async with SandboxClient(url) as client:
             fingerprint, _ = await sandbox_profile(client, ServerSettings())  # what the server's build does
-            ex = CachingExecutor(SandboxExecutor(client), store, sandbox_fingerprint=fingerprint, ttl_s=60,
-                                 metrics=metrics)
+            ex = CachingExecutor(
+                SandboxExecutor(client), store, sandbox_fingerprint=fingerprint, ttl_s=60, metrics=metrics
+            )
             return await ex.execute(code, timeout_s=5, echo_last_expression=True)
 
     first = await run_via(sandbox.url)

@@ -33,17 +33,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Solve a math problem with tool-integrated, self-correcting reasoning (THOR).",
     )
     p.add_argument("problem", nargs="?", help="the problem (default: read from stdin)")
-    p.add_argument("--model", default="default",
-                   help="a preset (default, quality, small), a Hugging Face directory, or a hub id")
+    p.add_argument(
+        "--model", default="default", help="a preset (default, quality, small), a Hugging Face directory, or a hub id"
+    )
     p.add_argument("--raw", action="store_true", help="treat the input as a raw prompt (no chat template)")
     p.add_argument("--json", action="store_true", help="print the typed events as JSON lines")
-    p.add_argument("--sandbox-url", default=os.environ.get("THOR_SANDBOX_URL") or None,
-                   help="a running sandbox service (URL or unix:/path); default: the local sandbox address, "
-                   "where one is started for the run when none answers")
-    p.add_argument("--local-sandbox-port", type=int, default=None,
-                   help="port of the local sandbox address 127.0.0.1:PORT (default: $THOR_LOCAL_SANDBOX_PORT or 8080)")
-    p.add_argument("--no-spawn-sandbox", action="store_true",
-                   help="fail instead of starting a local sandbox when none answers at the local address")
+    p.add_argument(
+        "--sandbox-url",
+        default=os.environ.get("THOR_SANDBOX_URL") or None,
+        help="a running sandbox service (URL or unix:/path); default: the local sandbox address, "
+        "where one is started for the run when none answers",
+    )
+    p.add_argument(
+        "--local-sandbox-port",
+        type=int,
+        default=None,
+        help="port of the local sandbox address 127.0.0.1:PORT (default: $THOR_LOCAL_SANDBOX_PORT or 8080)",
+    )
+    p.add_argument(
+        "--no-spawn-sandbox",
+        action="store_true",
+        help="fail instead of starting a local sandbox when none answers at the local address",
+    )
     g = p.add_argument_group("THOR options")
     g.add_argument("--max-tool-calls", type=int, default=10)
     g.add_argument("--no-self-correction", action="store_true")
@@ -92,22 +103,29 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         max_tool_calls=args.max_tool_calls,
         observation=ObservationConfig(profile=args.profile),
         self_correction=SelfCorrectionConfig(
-            enabled=not args.no_self_correction, mode=args.backtrack_mode,
-            backtrack_tokens=args.backtrack_tokens, max_retries=args.max_retries,
+            enabled=not args.no_self_correction,
+            mode=args.backtrack_mode,
+            backtrack_tokens=args.backtrack_tokens,
+            max_retries=args.max_retries,
         ),
         thinking_budget=args.thinking_budget,
     )
-    sampling = SamplingOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                               seed=args.seed)
+    sampling = SamplingOptions(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
     model = resolve_model(args.model)
     port = args.local_sandbox_port or local_port()
     url = args.sandbox_url or (local_url(port) if args.no_spawn_sandbox else None)
     async with sandbox_at(url, port=port) as url:
         print(f"[sandbox: {url}]", file=sys.stderr)
-        backend = await VllmBackend.start(EngineOptions(
-            model=model, dtype=args.dtype, max_model_len=args.max_model_len,
-            enforce_eager=not args.no_enforce_eager,
-        ))
+        backend = await VllmBackend.start(
+            EngineOptions(
+                model=model,
+                dtype=args.dtype,
+                max_model_len=args.max_model_len,
+                enforce_eager=not args.no_enforce_eager,
+            )
+        )
         try:
             async with SandboxClient(url) as client:
                 policy = SandboxPolicy()
@@ -136,8 +154,10 @@ async def _print_events(events, args: argparse.Namespace, out: TextIO) -> int:  
         elif isinstance(ev, ToolCall) and not ev.committed:
             print(f"\n[tool call {ev.call} failed ({ev.outcome}): {ev.observation}]", file=sys.stderr)
         elif isinstance(ev, Backtrack):
-            print(f"[self-correction: dropped {ev.tokens_dropped} tokens, resampling (attempt {ev.attempt})]",
-                  file=sys.stderr)
+            print(
+                f"[self-correction: dropped {ev.tokens_dropped} tokens, resampling (attempt {ev.attempt})]",
+                file=sys.stderr,
+            )
         elif isinstance(ev, Final):
             if args.n > 1:
                 print(f"\n===== sample {ev.sample} =====\n{ev.text}", file=out, flush=True)
@@ -170,8 +190,11 @@ def _claim_stdout() -> TextIO:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = _claim_stdout()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("TQDM_DISABLE", "1")

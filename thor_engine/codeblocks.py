@@ -72,8 +72,13 @@ class _Scanner:
                 self.body_start = pos + len(line)
             return None
         if m and not m.group(3) and len(m.group(2)) >= len(self.open_ticks):
-            block = CodeBlock(self.open_lang, _dedent(text[self.body_start:pos], self.open_indent), self.open_start,
-                              pos + len(m.group(1)) + len(m.group(2)), True)
+            block = CodeBlock(
+                self.open_lang,
+                _dedent(text[self.body_start : pos], self.open_indent),
+                self.open_start,
+                pos + len(m.group(1)) + len(m.group(2)),
+                True,
+            )
             self.open_start = -1
             return block
         return None
@@ -81,8 +86,9 @@ class _Scanner:
     def open_block(self, text: str) -> CodeBlock | None:
         if self.open_start < 0:
             return None
-        return CodeBlock(self.open_lang, _dedent(text[self.body_start:], self.open_indent), self.open_start,
-                         len(text), False)
+        return CodeBlock(
+            self.open_lang, _dedent(text[self.body_start :], self.open_indent), self.open_start, len(text), False
+        )
 
 
 def find_blocks(text: str) -> list[CodeBlock]:
@@ -159,8 +165,9 @@ class FenceWatch:
         if self._scan.open_start >= 0:
             # "```output" where the closing fence belongs: the code block ends on the line before
             body = text[self._scan.body_start : self._pos]
-            block = CodeBlock(self._scan.open_lang, _dedent(body, self._scan.open_indent), self._scan.open_start,
-                              self._pos, True)
+            block = CodeBlock(
+                self._scan.open_lang, _dedent(body, self._scan.open_indent), self._scan.open_start, self._pos, True
+            )
             return FenceEvent("output_opened", self._pos, block)
         return FenceEvent("output_opened", self._pos)
 

@@ -40,8 +40,12 @@ class ObservationConfig(_Strict):
     max_chars: int = Field(default=256, ge=16, description="Observations this long or longer are shortened...")
     keep_head: int = Field(default=128, ge=0, description="...to their first keep_head characters + '...' + ...")
     keep_tail: int = Field(default=128, ge=0, description="...their last keep_tail characters.")
-    empty_message: str = Field(default=REFERENCE_EMPTY_OBSERVATION, description="Observation of a failure with no output.")
-    require_stdout: bool = Field(default=True, description="A call that prints nothing counts as failed (reference rule).")
+    empty_message: str = Field(
+        default=REFERENCE_EMPTY_OBSERVATION, description="Observation of a failure with no output."
+    )
+    require_stdout: bool = Field(
+        default=True, description="A call that prints nothing counts as failed (reference rule)."
+    )
     timeout_s: float = Field(default=10.0, gt=0, le=300, description="Wall-clock limit of one code execution.")
 
     @model_validator(mode="after")
@@ -68,9 +72,13 @@ class SelfCorrectionConfig(_Strict):
     )
     backtrack_tokens: int = Field(default=500, ge=0)
     max_retries: int = Field(default=4, ge=0, description="Consecutive resamples allowed for one call.")
-    retries_consume_budget: bool = Field(default=True, description="Failed, retried calls count against max_tool_calls.")
+    retries_consume_budget: bool = Field(
+        default=True, description="Failed, retried calls count against max_tool_calls."
+    )
     retry_temperature: float = Field(
-        default=0.7, ge=0, le=2,
+        default=0.7,
+        ge=0,
+        le=2,
         description="Temperature for resampling when the request itself is greedy (temperature 0 would only "
         "reproduce the same failure).",
     )
@@ -98,7 +106,8 @@ class ThorConfig(_Strict):
         default=("python", "py", "python3", "py3"), description="Fence info strings that mark executable code."
     )
     max_generated_tokens: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="Hard cap on tokens generated for one trajectory, discarded (backtracked) ones included. "
         "None: 4x the trajectory's max_tokens. Bounds the work of retries x tool calls x max_tokens.",
     )

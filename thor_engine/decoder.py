@@ -186,8 +186,9 @@ class ThorDecoder:
         dropped = st.traj.truncate(st.prompt_len + keep)
         st.text.truncate(keep)
         if len(st.text.text) < pos:
-            self._append(st, self.tokenizer.encode(source[len(st.text.text):pos], add_special_tokens=False),
-                         SegmentKind.model)
+            self._append(
+                st, self.tokenizer.encode(source[len(st.text.text) : pos], add_special_tokens=False), SegmentKind.model
+            )
         self._after_cut(st)
         return len(dropped)
 
@@ -246,16 +247,24 @@ class ThorDecoder:
                 out.append((text[:idx], "reasoning" if in_think else "answer", False))
             out.append((tag, "reasoning", True))
             in_think = not in_think
-            text = text[idx + len(tag):]
+            text = text[idx + len(tag) :]
         return out, in_think
 
     def _emit(self, st: _State, upto: int, retractable: bool, source: str = "model") -> list[TextDelta]:
         if upto <= st.emitted:
             return []
-        pieces, st.emit_in_think = self._pieces(st.text.text[st.emitted:upto], st.emit_in_think)
+        pieces, st.emit_in_think = self._pieces(st.text.text[st.emitted : upto], st.emit_in_think)
         st.emitted = upto
-        return [TextDelta(text=t, channel=ch, markup=m, retractable=retractable and source == "model",  # type: ignore[arg-type]
-                          source=source) for t, ch, m in pieces]  # type: ignore[arg-type]
+        return [
+            TextDelta(
+                text=t,
+                channel=ch,
+                markup=m,
+                retractable=retractable and source == "model",  # type: ignore[arg-type]
+                source=source,
+            )
+            for t, ch, m in pieces
+        ]  # type: ignore[arg-type]
 
     def _safe_end(self, st: _State, holds: Sequence[str]) -> int:
         """How far the text may be streamed now: not into a line that may become a fence, nor
@@ -329,8 +338,12 @@ class ThorDecoder:
                 finish = FinishReason.generation_cap
                 break
             # the tightest limit on this request, and the finish reason if the request runs into it
-            req_max, bound = min((remaining, FinishReason.length), (room, FinishReason.context_length),
-                                 (cap - st.counters.generated, FinishReason.generation_cap), key=lambda x: x[0])
+            req_max, bound = min(
+                (remaining, FinishReason.length),
+                (room, FinishReason.context_length),
+                (cap - st.counters.generated, FinishReason.generation_cap),
+                key=lambda x: x[0],
+            )
             think_limited = False
             if cfg.thinking_budget is not None and not st.cut:
                 used = self._think_tokens(st)
@@ -354,12 +367,21 @@ class ThorDecoder:
                 # resamples of an unseeded request still get a seed derived from its id: reproducible logs
                 seed = zlib.crc32(f"{rid}-{sample}-{st.counters.engine_requests}".encode())
             params = GenParams(
-                max_tokens=req_max, temperature=temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                seed=seed, stop=tuple(stops), presence_penalty=sampling.presence_penalty,
-                frequency_penalty=sampling.frequency_penalty, repetition_penalty=sampling.repetition_penalty,
-                min_p=sampling.min_p, min_tokens=max(0, sampling.min_tokens - len(st.text)),
-                logit_bias=dict(sampling.logit_bias) or None, stop_token_ids=sampling.stop_token_ids,
-                ignore_eos=sampling.ignore_eos, skip_special_tokens=sampling.skip_special_tokens,
+                max_tokens=req_max,
+                temperature=temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                seed=seed,
+                stop=tuple(stops),
+                presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                repetition_penalty=sampling.repetition_penalty,
+                min_p=sampling.min_p,
+                min_tokens=max(0, sampling.min_tokens - len(st.text)),
+                logit_bias=dict(sampling.logit_bias) or None,
+                stop_token_ids=sampling.stop_token_ids,
+                ignore_eos=sampling.ignore_eos,
+                skip_special_tokens=sampling.skip_special_tokens,
             )
             req_id = f"{rid}-{sample}-{st.counters.engine_requests}"
             st.counters.engine_requests += 1
@@ -477,11 +499,22 @@ class ThorDecoder:
             if cfg.on_tool_budget == "stop" and not st.cut:
                 yield FinishReason.tool_budget
                 return
-            yield CodeBlock(call=st.call_index, attempt=0, execution=st.executions, language=block.language,
-                            code=block.code)
-            yield ToolCall(call=st.call_index, attempt=0, execution=st.executions, ok=False, outcome="not_executed",
-                           exit_code=None, stdout="", stderr="", observation=cfg.not_executed_message,
-                           duration_s=0.0, committed=True)
+            yield CodeBlock(
+                call=st.call_index, attempt=0, execution=st.executions, language=block.language, code=block.code
+            )
+            yield ToolCall(
+                call=st.call_index,
+                attempt=0,
+                execution=st.executions,
+                ok=False,
+                outcome="not_executed",
+                exit_code=None,
+                stdout="",
+                stderr="",
+                observation=cfg.not_executed_message,
+                duration_s=0.0,
+                committed=True,
+            )
             st.stats.not_executed += 1
             st.call_index += 1
             for ev in self._commit_observation(st, cfg, cfg.not_executed_message):
@@ -508,14 +541,24 @@ class ThorDecoder:
         # could not execute, which would let the model invent its output).
         affordable = st.tool_budget_used + (2 if sc.retries_consume_budget else 1) <= cfg.max_tool_calls
         # a sandbox failure is not the code's fault: resampling the code would not help
-        retry = (not obs.ok and result.outcome != "sandbox_error" and sc.enabled and attempt < sc.max_retries
-                 and affordable)
+        retry = (
+            not obs.ok and result.outcome != "sandbox_error" and sc.enabled and attempt < sc.max_retries and affordable
+        )
         if not retry or sc.retries_consume_budget:
             st.tool_budget_used += 1
         yield ToolCall(
-            call=call, attempt=attempt, execution=execution, ok=obs.ok, outcome=result.outcome,
-            exit_code=result.exit_code, stdout=result.stdout, stderr=result.stderr, observation=obs.text,
-            duration_s=result.duration_s, cached=result.cached, committed=not retry,
+            call=call,
+            attempt=attempt,
+            execution=execution,
+            ok=obs.ok,
+            outcome=result.outcome,
+            exit_code=result.exit_code,
+            stdout=result.stdout,
+            stderr=result.stderr,
+            observation=obs.text,
+            duration_s=result.duration_s,
+            cached=result.cached,
+            committed=not retry,
         )
         if retry:
             yield self._backtrack(st, cfg, block, call, reason=result.outcome)
@@ -545,7 +588,7 @@ class ThorDecoder:
         else:
             # back to the start of the reasoning step that led to the code: skip the blank lines
             # between it and the fence, then go to the paragraph break before it
-            step = st.text.text[start:block.start].rstrip()
+            step = st.text.text[start : block.start].rstrip()
             boundary = step.rfind("\n\n")
             keep = min(st.text.tokens_within(start + boundary + 2) if boundary >= 0 else base, block_tok)
         emitted = st.emitted
@@ -556,8 +599,12 @@ class ThorDecoder:
         st.stats.backtracks += 1
         st.attempt += 1
         return Backtrack(
-            call=call, attempt=st.attempt, reason=reason, mode=sc.mode,
-            tokens_dropped=len(dropped), chars_retracted=emitted - st.emitted,
+            call=call,
+            attempt=st.attempt,
+            reason=reason,
+            mode=sc.mode,
+            tokens_dropped=len(dropped),
+            chars_retracted=emitted - st.emitted,
         )
 
     def _final(self, st: _State, finish: FinishReason, include_trajectory: bool) -> Final:
@@ -566,8 +613,9 @@ class ThorDecoder:
         pieces, _ = self._pieces(text[start:], self._in_think(st, start))
         answer_text = "".join(p for p, ch, markup in pieces if ch == "answer" and not markup).lstrip()
         model_text = "".join(
-            text[st.text.offset(a - st.prompt_len):st.text.offset(b - st.prompt_len)]
-            for a, b, kind in _spans(traj) if kind is SegmentKind.model
+            text[st.text.offset(a - st.prompt_len) : st.text.offset(b - st.prompt_len)]
+            for a, b, kind in _spans(traj)
+            if kind is SegmentKind.model
         )
         answer = extract_boxed(answer_text) or extract_boxed(_prose(model_text))
         answer_tokens = len(st.text) - st.text.tokens_within(len(text) - len(answer_text)) if answer_text else 0
@@ -587,8 +635,13 @@ class ThorDecoder:
             engine_requests=c.engine_requests,
         )
         return Final(
-            text=text, answer_text=answer_text, answer=answer, finish_reason=finish,
-            usage=usage, tools=st.stats, trajectory=traj.to_dict() if include_trajectory else None,
+            text=text,
+            answer_text=answer_text,
+            answer=answer,
+            finish_reason=finish,
+            usage=usage,
+            tools=st.stats,
+            trajectory=traj.to_dict() if include_trajectory else None,
         )
 
 
@@ -596,7 +649,7 @@ def _prose(text: str) -> str:
     """Text without its fenced blocks (code is not where an answer is stated)."""
     out, pos = [], 0
     for block in find_blocks(text):
-        out.append(text[pos:block.start])
+        out.append(text[pos : block.start])
         pos = block.end
     out.append(text[pos:])
     return "".join(out)
@@ -621,4 +674,4 @@ def finals(events: list[Event]) -> list[Final]:
     return sorted(out, key=lambda f: f.sample)
 
 
-__all__ = ["ThorDecoder", "collect", "finals", "FENCE_STOP", "OUTPUT_STOP"]
+__all__ = ["FENCE_STOP", "OUTPUT_STOP", "ThorDecoder", "collect", "finals"]

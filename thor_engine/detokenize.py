@@ -87,7 +87,7 @@ class TokenText:
 
 def _common_prefix(a: str, b: str) -> str:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # stops at the shorter string
         if x != y:
             break
         n += 1

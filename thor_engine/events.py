@@ -40,7 +40,9 @@ class TextDelta(_Event):
     source: Literal["model", "observation", "injected"] = Field(
         default="model", description="Who wrote it: the model, a tool output, or the decoder (e.g. a thinking cut)."
     )
-    markup: bool = Field(default=False, description="A <think> or </think> tag: part of the text, not of either channel.")
+    markup: bool = Field(
+        default=False, description="A <think> or </think> tag: part of the text, not of either channel."
+    )
     retractable: bool = Field(
         default=False,
         description="A later Backtrack may still take this text back (self-correction can still fire). Text "
@@ -85,15 +87,23 @@ class Backtrack(_Event):
 
 class Usage(BaseModel):
     prompt_tokens: int
-    completion_tokens: int = Field(description="Tokens after the prompt in the final trajectory (model + observations).")
+    completion_tokens: int = Field(
+        description="Tokens after the prompt in the final trajectory (model + observations)."
+    )
     model_tokens: int
-    answer_tokens: int = Field(default=0, description="Tokens of the answer text (Final.answer_text); the rest is reasoning.")
+    answer_tokens: int = Field(
+        default=0, description="Tokens of the answer text (Final.answer_text); the rest is reasoning."
+    )
     observation_tokens: int
     injected_tokens: int
     discarded_tokens: int = Field(description="Generated tokens thrown away by backtracks.")
     generated_tokens: int = Field(description="All tokens the engine generated, discarded ones included.")
-    prompt_cached_tokens: int = Field(default=0, description="Tokens of the request's prompt served from the prefix cache.")
-    cached_prompt_tokens: int = Field(description="Prompt tokens of continuation requests served from the prefix cache.")
+    prompt_cached_tokens: int = Field(
+        default=0, description="Tokens of the request's prompt served from the prefix cache."
+    )
+    cached_prompt_tokens: int = Field(
+        description="Prompt tokens of continuation requests served from the prefix cache."
+    )
     prefilled_prompt_tokens: int = Field(description="Prompt tokens of continuation requests the engine prefilled.")
     engine_requests: int
 

@@ -127,8 +127,13 @@ class SandboxExecutor:
                 raise
             except SandboxError as exc:  # busy after the client's retries, the worker died, a read timeout
                 if attempt < self.policy.busy_retries:
-                    log.warning("sandbox failed (%s); retry %d of %d in %.1fs", exc, attempt + 1,
-                                self.policy.busy_retries, delay)
+                    log.warning(
+                        "sandbox failed (%s); retry %d of %d in %.1fs",
+                        exc,
+                        attempt + 1,
+                        self.policy.busy_retries,
+                        delay,
+                    )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.policy.max_backoff_s)
                     continue

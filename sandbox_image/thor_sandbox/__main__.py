@@ -50,8 +50,11 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
     p.add_argument("--default-timeout-s", type=float, help="per-snippet wall-clock timeout (default 10)")
     p.add_argument("--memory-limit-mb", type=int, help="per-snippet memory limit (default 1024)")
     p.add_argument("--jail-python-home", type=Path, help="Python 3.12 prefix mounted in the jail")
-    p.add_argument("--parent-pid", type=int,
-                   help="exit when this process dies (launchers pass their own pid; default: run until stopped)")
+    p.add_argument(
+        "--parent-pid",
+        type=int,
+        help="exit when this process dies (launchers pass their own pid; default: run until stopped)",
+    )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     args = vars(p.parse_args(argv))
     return {k: v for k, v in args.items() if v is not None}

@@ -74,11 +74,17 @@ class _JsonBodies:
 
 def limits_of(settings: SandboxSettings) -> SandboxLimits:
     return SandboxLimits(
-        default_timeout_s=settings.default_timeout_s, max_timeout_s=settings.max_timeout_s,
-        memory_limit_mb=settings.memory_limit_mb, max_output_bytes=settings.max_output_bytes,
-        max_code_bytes=settings.max_code_bytes, max_stdin_bytes=settings.max_stdin_bytes,
-        max_processes=settings.max_processes, max_open_files=settings.max_open_files,
-        max_file_size_mb=settings.max_file_size_mb, tmp_size_mb=settings.tmp_size_mb, max_batch=settings.max_batch,
+        default_timeout_s=settings.default_timeout_s,
+        max_timeout_s=settings.max_timeout_s,
+        memory_limit_mb=settings.memory_limit_mb,
+        max_output_bytes=settings.max_output_bytes,
+        max_code_bytes=settings.max_code_bytes,
+        max_stdin_bytes=settings.max_stdin_bytes,
+        max_processes=settings.max_processes,
+        max_open_files=settings.max_open_files,
+        max_file_size_mb=settings.max_file_size_mb,
+        tmp_size_mb=settings.tmp_size_mb,
+        max_batch=settings.max_batch,
     )
 
 
@@ -132,8 +138,12 @@ def create_app(
         log.info(
             "sandbox ready: %d workers, isolation: %s, limits: timeout %.0fs (max %.0fs), memory %d MB, "
             "output %d bytes per stream",
-            settings.pool_size, isolation, settings.default_timeout_s, settings.max_timeout_s,
-            settings.memory_limit_mb, settings.max_output_bytes,
+            settings.pool_size,
+            isolation,
+            settings.default_timeout_s,
+            settings.max_timeout_s,
+            settings.memory_limit_mb,
+            settings.max_output_bytes,
         )
         try:
             yield
@@ -180,12 +190,14 @@ def create_app(
         size = len(snippet.code.encode("utf-8"))
         if size > settings.max_code_bytes:
             raise ApiError(
-                413, "code_too_large",
+                413,
+                "code_too_large",
                 f"code is {size} bytes; the limit is {settings.max_code_bytes} (THOR_SANDBOX_MAX_CODE_BYTES)",
             )
         if snippet.timeout is not None and snippet.timeout > settings.max_timeout_s:
             raise ApiError(
-                400, "invalid_request",
+                400,
+                "invalid_request",
                 f"timeout {snippet.timeout}s exceeds this service's maximum of {settings.max_timeout_s}s",
             )
         if snippet.stdin is not None and len(snippet.stdin.encode("utf-8", "replace")) > settings.max_stdin_bytes:
@@ -230,7 +242,8 @@ def create_app(
         """Run a batch of independent snippets concurrently; results come back in order."""
         if len(body.snippets) > settings.max_batch:
             raise ApiError(
-                413, "batch_too_large",
+                413,
+                "batch_too_large",
                 f"{len(body.snippets)} snippets in one request; the limit is {settings.max_batch}",
             )
         for s in body.snippets:
@@ -244,14 +257,17 @@ def create_app(
     async def run_code(body: RunCodeRequest, request: Request) -> RunCodeResponse:
         """SandboxFusion-compatible single execution (echo of the last expression is off by default)."""
         snippet = Snippet(
-            code=body.code, timeout=body.run_timeout, stdin=body.stdin,
+            code=body.code,
+            timeout=body.run_timeout,
+            stdin=body.stdin,
             echo_last_expression=body.echo_last_expression,
         )
         _check_limits(snippet)
         memory_mb = body.memory_limit_MB if body.memory_limit_MB > 0 else None
         if memory_mb is not None and memory_mb > settings.memory_limit_mb:
             raise ApiError(
-                400, "invalid_request",
+                400,
+                "invalid_request",
                 f"memory_limit_MB {memory_mb} exceeds this service's maximum of {settings.memory_limit_mb}",
             )
         t0 = time.monotonic()
@@ -262,11 +278,13 @@ def create_app(
 
     # SandboxFusion clients post to `/run_code/`: answer both spellings directly (no 307).
     for path in ("/v1/execute", "/v1/execute/"):
-        app.add_api_route(path, execute, methods=["POST"], response_model=ExecuteResponse,
-                          include_in_schema=not path.endswith("/"))
+        app.add_api_route(
+            path, execute, methods=["POST"], response_model=ExecuteResponse, include_in_schema=not path.endswith("/")
+        )
     for path in ("/run_code", "/run_code/"):
-        app.add_api_route(path, run_code, methods=["POST"], response_model=RunCodeResponse,
-                          include_in_schema=not path.endswith("/"))
+        app.add_api_route(
+            path, run_code, methods=["POST"], response_model=RunCodeResponse, include_in_schema=not path.endswith("/")
+        )
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> JSONResponse:
@@ -303,10 +321,14 @@ def _to_fusion(result: ExecutionResult) -> RunCodeResponse:
         stdout=result.stdout,
         stderr=result.stderr,
     )
-    message = "" if result.ok else {
-        Outcome.error: "the code exited with an error",
-        Outcome.timeout: "the code hit its time limit",
-        Outcome.oom: "the code ran out of memory",
-        Outcome.output_capped: "the code's output exceeded the cap and it was stopped",
-    }.get(result.outcome, result.outcome.value)
+    message = (
+        ""
+        if result.ok
+        else {
+            Outcome.error: "the code exited with an error",
+            Outcome.timeout: "the code hit its time limit",
+            Outcome.oom: "the code ran out of memory",
+            Outcome.output_capped: "the code's output exceeded the cap and it was stopped",
+        }.get(result.outcome, result.outcome.value)
+    )
     return RunCodeResponse(status="Success" if result.ok else "Failed", message=message, run_result=run)

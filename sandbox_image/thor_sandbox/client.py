@@ -144,7 +144,9 @@ class SandboxClient:
         )
         return ExecuteResponse.model_validate(resp.json()).results
 
-    async def run(self, code: str, *, timeout: float | None = None, echo_last_expression: bool = False) -> ExecutionResult:
+    async def run(
+        self, code: str, *, timeout: float | None = None, echo_last_expression: bool = False
+    ) -> ExecutionResult:
         """Run one snippet."""
         (result,) = await self.execute([Snippet(code=code, timeout=timeout, echo_last_expression=echo_last_expression)])
         return result

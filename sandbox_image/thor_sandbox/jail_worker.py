@@ -341,8 +341,18 @@ def main() -> None:
     gc.collect()
     gc.freeze()
     base_vm = _vm_size_bytes()
-    _send(wfd, {"ready": True, "preload_s": time.monotonic() - t0, "preload_failed": failed,
-                "pid": os.getpid(), "uid": os.getuid(), "vm_bytes": base_vm, "versions": _versions()})
+    _send(
+        wfd,
+        {
+            "ready": True,
+            "preload_s": time.monotonic() - t0,
+            "preload_failed": failed,
+            "pid": os.getpid(),
+            "uid": os.getuid(),
+            "vm_bytes": base_vm,
+            "versions": _versions(),
+        },
+    )
     while True:
         header = _read_exact(rfd, 4)
         if header is None:

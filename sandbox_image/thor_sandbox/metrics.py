@@ -20,34 +20,42 @@ class SandboxMetrics:
         self.executions = Counter(
             "thor_sandbox_executions_total",
             "Snippets executed, by outcome (ok, error, timeout, oom, output_capped, sandbox_error).",
-            ["outcome"], registry=r,
+            ["outcome"],
+            registry=r,
         )
         self.duration = Histogram(
             "thor_sandbox_execution_duration_seconds",
             "Wall time of a snippet inside the jail.",
-            ["outcome"], buckets=LATENCY_BUCKETS, registry=r,
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.request_duration = Histogram(
             "thor_sandbox_request_duration_seconds",
             "End-to-end time of an API request, queueing included.",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge("thor_sandbox_queue_depth", "Snippets waiting for a free worker.", registry=r)
         self.workers = Gauge("thor_sandbox_workers", "Workers by state (idle, busy, starting).", ["state"], registry=r)
         self.worker_restarts = Counter(
             "thor_sandbox_worker_restarts_total",
             "Workers replaced, by reason (crash, timeout, oom, dirty, recycled, cancelled, start_failed).",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.rejected = Counter(
             "thor_sandbox_rejected_total",
             "Snippets refused because the pool was busy, by reason (queue_full, queue_timeout).",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.disconnects = Counter(
             "thor_sandbox_client_disconnects_total",
             "Requests whose client went away mid-run; their snippets were stopped and the workers replaced.",
-            ["route"], registry=r,
+            ["route"],
+            registry=r,
         )
         self.bad_requests = Counter(
             "thor_sandbox_bad_requests_total", "Requests refused as invalid (4xx).", ["route"], registry=r

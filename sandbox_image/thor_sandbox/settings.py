@@ -13,9 +13,26 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PRELOAD = (
-    "math", "cmath", "fractions", "decimal", "itertools", "functools", "collections",
-    "statistics", "random", "re", "string", "heapq", "bisect",
-    "mpmath", "numpy", "sympy", "scipy", "scipy.optimize", "scipy.special", "scipy.integrate",
+    "math",
+    "cmath",
+    "fractions",
+    "decimal",
+    "itertools",
+    "functools",
+    "collections",
+    "statistics",
+    "random",
+    "re",
+    "string",
+    "heapq",
+    "bisect",
+    "mpmath",
+    "numpy",
+    "sympy",
+    "scipy",
+    "scipy.optimize",
+    "scipy.special",
+    "scipy.integrate",
 )
 
 

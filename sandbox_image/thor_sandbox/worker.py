@@ -85,7 +85,9 @@ class JailWorker:
             await self.kill()
             raise WorkerDied(f"worker {self.id} sent an unexpected first frame: {ready!r}")
         self.info = WorkerInfo(
-            ready.get("preload_s", 0.0), ready.get("preload_failed", []), ready.get("vm_bytes", 0),
+            ready.get("preload_s", 0.0),
+            ready.get("preload_failed", []),
+            ready.get("vm_bytes", 0),
             ready.get("versions", {}),
         )
         if self.info.preload_failed:

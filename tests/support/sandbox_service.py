@@ -62,8 +62,12 @@ def run_sandbox(extra_env: dict[str, str] | None = None, ready_timeout: float = 
     }
     log_file = open(log_path, "w")
     proc = subprocess.Popen(
-        [str(SANDBOX_PYTHON), "-m", "thor_sandbox"], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=log_file, text=True,
+        [str(SANDBOX_PYTHON), "-m", "thor_sandbox"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=log_file,
+        text=True,
     )
     try:
         assert proc.stdout is not None

@@ -47,7 +47,9 @@ class ScriptedBackend:
     def eos_token_ids(self) -> frozenset[int]:
         return frozenset({self.tokenizer.eos_token_id})
 
-    async def generate(self, prompt_token_ids: list[int], params: GenParams, request_id: str) -> AsyncIterator[GenChunk]:
+    async def generate(
+        self, prompt_token_ids: list[int], params: GenParams, request_id: str
+    ) -> AsyncIterator[GenChunk]:
         prompt_text = self.tokenizer.decode(prompt_token_ids, skip_special_tokens=False)
         req = ScriptedRequest(request_id, list(prompt_token_ids), prompt_text, params)
         self.requests.append(req)
@@ -62,7 +64,7 @@ class ScriptedBackend:
                 else:
                     await asyncio.sleep(0)
                 full = self.tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
-                delta = full[len(text_so_far):]
+                delta = full[len(text_so_far) :]
                 n = i + 1
                 if tid == self.tokenizer.eos_token_id:
                     req.finished = True
@@ -74,8 +76,7 @@ class ScriptedBackend:
                         cut = full[: pos + len(stop)] if params.include_stop_str_in_output else full[:pos]
                         req.finished = True
                         req.output_text = cut
-                        yield GenChunk([tid], cut[len(text_so_far):], True, "stop", stop,
-                                       0 if emitted == 0 else None)
+                        yield GenChunk([tid], cut[len(text_so_far) :], True, "stop", stop, 0 if emitted == 0 else None)
                         return
                 text_so_far = full
                 req.output_text = full

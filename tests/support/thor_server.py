@@ -28,7 +28,9 @@ class ThorServer:
 
 
 @contextlib.contextmanager
-def run_server(args: list[str], env: dict[str, str] | None = None, ready_timeout: float = 240.0) -> Iterator[ThorServer]:
+def run_server(
+    args: list[str], env: dict[str, str] | None = None, ready_timeout: float = 240.0
+) -> Iterator[ThorServer]:
     tmp = Path(tempfile.mkdtemp(prefix="thor-server-"))
     log_path = tmp / "server.log"
     log_file = open(log_path, "w")

@@ -61,7 +61,7 @@ TOKENIZER_FILES = (
 
 def hash_tokenizer_source(h: Any, tokenizer_source: Path) -> None:
     """Feed the tokenizer files and config of *tokenizer_source* into the hash *h*."""
-    for name in TOKENIZER_FILES + ("config.json",):
+    for name in (*TOKENIZER_FILES, "config.json"):
         f = tokenizer_source / name
         if f.is_file():
             h.update(name.encode())
@@ -100,9 +100,10 @@ def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, force: bool = Fal
     and the vocabulary size matches its ``config.json`` (or the tokenizer length).
     """
     out_dir, tokenizer_source = Path(out_dir), Path(tokenizer_source)
-    if not (tokenizer_source / "tokenizer.json").is_file() and not (
-        tokenizer_source / "tokenizer_config.json"
-    ).is_file():
+    if (
+        not (tokenizer_source / "tokenizer.json").is_file()
+        and not (tokenizer_source / "tokenizer_config.json").is_file()
+    ):
         raise FileNotFoundError(f"{tokenizer_source} holds no tokenizer files")
     fp = _fingerprint(tokenizer_source)
     if not force and is_complete(out_dir, MARKER, fp):
@@ -141,9 +142,10 @@ def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, force: bool = Fal
         model.config.dtype = torch.bfloat16
         model.save_pretrained(tmp, safe_serialization=True)
         copy_tokenizer(tokenizer_source, tok, tmp)
-        (tmp / MARKER).write_text(json.dumps(
-            {"fingerprint": fp, "tokenizer_source": str(tokenizer_source), "spec": TINY_SPEC},
-            indent=2) + "\n")
+        (tmp / MARKER).write_text(
+            json.dumps({"fingerprint": fp, "tokenizer_source": str(tokenizer_source), "spec": TINY_SPEC}, indent=2)
+            + "\n"
+        )
         publish_dir(tmp, out_dir)
     finally:
         if tmp.exists():
@@ -152,11 +154,13 @@ def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, force: bool = Fal
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.support.tiny_model",
-                                 description="Write a tiny random-weight Qwen2 model for tests.")
+    ap = argparse.ArgumentParser(
+        prog="python -m tests.support.tiny_model", description="Write a tiny random-weight Qwen2 model for tests."
+    )
     ap.add_argument("out", type=Path, help="output model directory")
-    ap.add_argument("--tokenizer", type=Path, required=True,
-                    help="model directory whose tokenizer and chat template to reuse")
+    ap.add_argument(
+        "--tokenizer", type=Path, required=True, help="model directory whose tokenizer and chat template to reuse"
+    )
     ap.add_argument("--force", action="store_true", help="rebuild even if already built")
     args = ap.parse_args(argv)
     try:

@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from thor_engine.models.provision import publish_dir
 from tests.support.tiny_model import TINY_SPEC, copy_tokenizer, hash_tokenizer_source, is_complete
+from thor_engine.models.provision import publish_dir
 
 __all__ = ["DEFAULT_STEPS", "TIR_PROBLEMS", "TirProblem", "build_tiny_tir_model", "training_sequences"]
 
@@ -85,7 +85,7 @@ class TirProblem:
         out: list[tuple[Literal["model", "observation"], str]] = []
         pos = 0
         for m in _OBS_BLOCK.finditer(self.completion):
-            out.append(("model", self.completion[pos:m.start()]))
+            out.append(("model", self.completion[pos : m.start()]))
             out.append(("observation", m.group(0)))
             pos = m.end()
         out.append(("model", self.completion[pos:]))
@@ -117,51 +117,89 @@ def _p(name: str, kind: Any, prompt: str, completion: str, answer: str) -> TirPr
 
 #: The memorised problem set (greedy decoding reproduces each completion exactly).
 TIR_PROBLEMS: tuple[TirProblem, ...] = (
-    _p("mul", "single", "Compute 17*23.",
-       "I will compute this with Python.\n```python\nprint(17*23)\n```\n```output\n391\n```\n"
-       "The result is 391, so the answer is \\boxed{391}.", "391"),
-    _p("sum100", "single", "What is the sum of the integers from 1 to 100?",
-       "Let me add them up in Python.\n```python\nprint(sum(range(1, 101)))\n```\n```output\n5050\n```\n"
-       "The sum is 5050. The answer is \\boxed{5050}.", "5050"),
-    _p("books", "single", "How many ways are there to choose 3 books from 10?",
-       "This is a binomial coefficient, which I evaluate directly.\n```python\nfrom math import comb\n"
-       "print(comb(10, 3))\n```\n```output\n120\n```\nThere are 120 ways, so \\boxed{120}.", "120"),
-    _p("pow2", "single", "Compute 2^20.",
-       "Powers of two grow fast, so I check with code.\n```python\nprint(2**20)\n```\n```output\n1048576\n```\n"
-       "Hence 2^20 = \\boxed{1048576}.", "1048576"),
-    _p("modpow", "two_call", "Find the remainder when 7^100 is divided by 13, then add 5.",
-       "First I need the modular power, which Python computes quickly.\n```python\nprint(pow(7, 100, 13))\n```\n"
-       "```output\n9\n```\nThe remainder is 9. Next I add 5 to it.\n```python\nprint(9 + 5)\n```\n"
-       "```output\n14\n```\nSo the final value is \\boxed{14}.", "14"),
-    _p("gcd", "two_call", "What is the greatest common divisor of 84 and 126, and what is its square?",
-       "I start with the gcd.\n```python\nimport math\nprint(math.gcd(84, 126))\n```\n```output\n42\n```\n"
-       "The gcd is 42. Squaring it gives the second part.\n```python\nprint(42**2)\n```\n```output\n1764\n```\n"
-       "The gcd is 42 and its square is \\boxed{1764}.", "1764"),
-    _p("divzero", "self_correct", "Divide 10 by zero safely.",
-       "I will try the division directly.\n```python\nprint(10/0)\n```\n"
-       "```output\nZeroDivisionError: division by zero\n```\n"
-       "Division by zero is undefined, so I guard against it.\n```python\nd = 0\n"
-       "print(10 / d if d != 0 else 'undefined')\n```\n```output\nundefined\n```\n"
-       "The quotient is undefined, so the answer is \\boxed{\\text{undefined}}.", "\\text{undefined}"),
-    _p("divisors360", "long",
-       "Let S be the sum of all positive divisors of 360. How many divisors does 360 have, what is S, "
-       "and what is S modulo 7?",
-       "Let me plan before computing. The prime factorisation of 360 is needed first, because both the count "
-       "and the sum of divisors follow from it. I will factor it with a small trial-division loop instead of "
-       "relying on a library.\n```python\nn = 360\nfactors = {}\nm = n\np = 2\nwhile m > 1:\n"
-       "    while m % p == 0:\n        factors[p] = factors.get(p, 0) + 1\n        m //= p\n    p += 1\n"
-       "print(factors)\n```\n```output\n{2: 3, 3: 2, 5: 1}\n```\n"
-       "So 360 = 2^3 * 3^2 * 5. The number of divisors is the product of the exponents plus one, that is "
-       "(3+1)(2+1)(1+1) = 24. To be safe, I will count the divisors directly and also add them up.\n"
-       "```python\ndivisors = [d for d in range(1, 361) if 360 % d == 0]\nprint(len(divisors), sum(divisors))\n"
-       "```\n```output\n24 1170\n```\n"
-       "Both checks agree: there are 24 divisors and their sum is S = 1170. The formula gives the same value, "
-       "since (1+2+4+8)(1+3+9)(1+5) = 15 * 13 * 6 = 1170. Finally, the question asks for S modulo 7.\n"
-       "```python\nprint(1170 % 7)\n```\n```output\n1\n```\n"
-       "The remainder is 1, because 7 * 167 = 1169. Therefore 360 has 24 divisors, S = 1170, and S mod 7 is "
-       "\\boxed{1}.", "1"),
+    _p(
+        "mul",
+        "single",
+        "Compute 17*23.",
+        "I will compute this with Python.\n```python\nprint(17*23)\n```\n```output\n391\n```\n"
+        "The result is 391, so the answer is \\boxed{391}.",
+        "391",
+    ),
+    _p(
+        "sum100",
+        "single",
+        "What is the sum of the integers from 1 to 100?",
+        "Let me add them up in Python.\n```python\nprint(sum(range(1, 101)))\n```\n```output\n5050\n```\n"
+        "The sum is 5050. The answer is \\boxed{5050}.",
+        "5050",
+    ),
+    _p(
+        "books",
+        "single",
+        "How many ways are there to choose 3 books from 10?",
+        "This is a binomial coefficient, which I evaluate directly.\n```python\nfrom math import comb\n"
+        "print(comb(10, 3))\n```\n```output\n120\n```\nThere are 120 ways, so \\boxed{120}.",
+        "120",
+    ),
+    _p(
+        "pow2",
+        "single",
+        "Compute 2^20.",
+        "Powers of two grow fast, so I check with code.\n```python\nprint(2**20)\n```\n```output\n1048576\n```\n"
+        "Hence 2^20 = \\boxed{1048576}.",
+        "1048576",
+    ),
+    _p(
+        "modpow",
+        "two_call",
+        "Find the remainder when 7^100 is divided by 13, then add 5.",
+        "First I need the modular power, which Python computes quickly.\n```python\nprint(pow(7, 100, 13))\n```\n"
+        "```output\n9\n```\nThe remainder is 9. Next I add 5 to it.\n```python\nprint(9 + 5)\n```\n"
+        "```output\n14\n```\nSo the final value is \\boxed{14}.",
+        "14",
+    ),
+    _p(
+        "gcd",
+        "two_call",
+        "What is the greatest common divisor of 84 and 126, and what is its square?",
+        "I start with the gcd.\n```python\nimport math\nprint(math.gcd(84, 126))\n```\n```output\n42\n```\n"
+        "The gcd is 42. Squaring it gives the second part.\n```python\nprint(42**2)\n```\n```output\n1764\n```\n"
+        "The gcd is 42 and its square is \\boxed{1764}.",
+        "1764",
+    ),
+    _p(
+        "divzero",
+        "self_correct",
+        "Divide 10 by zero safely.",
+        "I will try the division directly.\n```python\nprint(10/0)\n```\n"
+        "```output\nZeroDivisionError: division by zero\n```\n"
+        "Division by zero is undefined, so I guard against it.\n```python\nd = 0\n"
+        "print(10 / d if d != 0 else 'undefined')\n```\n```output\nundefined\n```\n"
+        "The quotient is undefined, so the answer is \\boxed{\\text{undefined}}.",
+        "\\text{undefined}",
+    ),
+    _p(
+        "divisors360",
+        "long",
+        "Let S be the sum of all positive divisors of 360. How many divisors does 360 have, what is S, "
+        "and what is S modulo 7?",
+        "Let me plan before computing. The prime factorisation of 360 is needed first, because both the count "
+        "and the sum of divisors follow from it. I will factor it with a small trial-division loop instead of "
+        "relying on a library.\n```python\nn = 360\nfactors = {}\nm = n\np = 2\nwhile m > 1:\n"
+        "    while m % p == 0:\n        factors[p] = factors.get(p, 0) + 1\n        m //= p\n    p += 1\n"
+        "print(factors)\n```\n```output\n{2: 3, 3: 2, 5: 1}\n```\n"
+        "So 360 = 2^3 * 3^2 * 5. The number of divisors is the product of the exponents plus one, that is "
+        "(3+1)(2+1)(1+1) = 24. To be safe, I will count the divisors directly and also add them up.\n"
+        "```python\ndivisors = [d for d in range(1, 361) if 360 % d == 0]\nprint(len(divisors), sum(divisors))\n"
+        "```\n```output\n24 1170\n```\n"
+        "Both checks agree: there are 24 divisors and their sum is S = 1170. The formula gives the same value, "
+        "since (1+2+4+8)(1+3+9)(1+5) = 15 * 13 * 6 = 1170. Finally, the question asks for S modulo 7.\n"
+        "```python\nprint(1170 % 7)\n```\n```output\n1\n```\n"
+        "The remainder is 1, because 7 * 167 = 1169. Therefore 360 has 24 divisors, S = 1170, and S mod 7 is "
+        "\\boxed{1}.",
+        "1",
+    ),
 )
-
 
 
 @dataclass(frozen=True)
@@ -206,12 +244,23 @@ def training_sequences(tokenizer: Any, problems: tuple[TirProblem, ...] = TIR_PR
 def _fingerprint(tokenizer_source: Path, steps: int, seed: int) -> str:
     import torch
 
-    h = hashlib.sha256(json.dumps({
-        "format": FORMAT_VERSION, "spec": TINY_SPEC, "steps": steps, "seed": seed, "margin": MARGIN, "lr": LR,
-        "init": INIT_RANGE,
-        "threads": TRAIN_THREADS, "torch": torch.__version__,
-        "problems": [p.__dict__ for p in TIR_PROBLEMS],
-    }, sort_keys=True).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            {
+                "format": FORMAT_VERSION,
+                "spec": TINY_SPEC,
+                "steps": steps,
+                "seed": seed,
+                "margin": MARGIN,
+                "lr": LR,
+                "init": INIT_RANGE,
+                "threads": TRAIN_THREADS,
+                "torch": torch.__version__,
+                "problems": [p.__dict__ for p in TIR_PROBLEMS],
+            },
+            sort_keys=True,
+        ).encode()
+    )
     # the training code itself: a change to it is a different model
     h.update(Path(__file__).read_bytes())
     hash_tokenizer_source(h, tokenizer_source)
@@ -248,8 +297,9 @@ def _length_groups(seqs: list[TrainingSequence]) -> list[list[TrainingSequence]]
     return groups
 
 
-def _train(seqs: list[TrainingSequence], src_cfg: dict, tok: Any, vocab: int, steps: int, seed: int,
-           log: Any) -> tuple[Any, list[int]]:
+def _train(
+    seqs: list[TrainingSequence], src_cfg: dict, tok: Any, vocab: int, steps: int, seed: int, log: Any
+) -> tuple[Any, list[int]]:
     """Train on the used vocabulary subset; return the full-vocabulary model (fp32) and the subset."""
     import torch
     import torch.nn.functional as F
@@ -275,15 +325,21 @@ def _train(seqs: list[TrainingSequence], src_cfg: dict, tok: Any, vocab: int, st
     # stands for all of them at once (logit + ln(count)), so the loss is the exact
     # full-vocabulary cross-entropy and sampling at temperature 1 stays on the memorised text
     rest_row, rest_bias = len(used), math.log(vocab - len(used))
-    cfg = _qwen2_config(len(used) + 1, src_cfg, tok, initializer_range=INIT_RANGE,
-                        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = _qwen2_config(
+        len(used) + 1,
+        src_cfg,
+        tok,
+        initializer_range=INIT_RANGE,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     cfg._attn_implementation = "eager"
     model = Qwen2ForCausalLM(cfg)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.0)
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / warm) * max(0.05, 1 - k / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm) * max(0.05, 1 - k / steps))
     bias = torch.zeros(len(used) + 1)
     bias[rest_row] = rest_bias
     t0 = time.monotonic()
@@ -308,8 +364,10 @@ def _train(seqs: list[TrainingSequence], src_cfg: dict, tok: Any, vocab: int, st
         opt.step()
         sched.step()
         if step % 50 == 0 or step == steps - 1:
-            log(f"step {step:4d}  loss {stats['loss']:.4f}  acc {stats['right'] / total:.4f}  "
-                f"min margin {stats['worst']:+.2f}  {time.monotonic() - t0:.0f}s")
+            log(
+                f"step {step:4d}  loss {stats['loss']:.4f}  acc {stats['right'] / total:.4f}  "
+                f"min margin {stats['worst']:+.2f}  {time.monotonic() - t0:.0f}s"
+            )
 
     # the full-vocabulary model: trained rows in place, every other row the REST vector
     full_cfg = _qwen2_config(vocab, src_cfg, tok)
@@ -352,8 +410,14 @@ def verify_memorised(model: Any, seqs: list[TrainingSequence]) -> tuple[int, flo
 
 
 def build_tiny_tir_model(
-    out_dir: Path, tokenizer_source: Path, *, steps: int = DEFAULT_STEPS, seed: int = 0, force: bool = False,
-    verify: bool = True, log: Any = None,
+    out_dir: Path,
+    tokenizer_source: Path,
+    *,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    force: bool = False,
+    verify: bool = True,
+    log: Any = None,
 ) -> Path:
     """Train and write the tiny TIR model into *out_dir* (reused when already built identically).
 
@@ -365,9 +429,10 @@ def build_tiny_tir_model(
     """
     log = log or (lambda msg: None)
     out_dir, tokenizer_source = Path(out_dir), Path(tokenizer_source)
-    if not (tokenizer_source / "tokenizer.json").is_file() and not (
-        tokenizer_source / "tokenizer_config.json"
-    ).is_file():
+    if (
+        not (tokenizer_source / "tokenizer.json").is_file()
+        and not (tokenizer_source / "tokenizer_config.json").is_file()
+    ):
         raise FileNotFoundError(f"{tokenizer_source} holds no tokenizer files")
     fp = _fingerprint(tokenizer_source, steps, seed) + ("" if verify else "-unverified")
     if not force and is_complete(out_dir, MARKER, fp):
@@ -399,12 +464,15 @@ def build_tiny_tir_model(
     wrong_bf16, margin_bf16, dev_bf16 = verify_memorised(model, seqs)
     wrong_fp32, margin_fp32, dev_fp32 = verify_memorised(model.float(), seqs)
     model = model.to(torch.bfloat16)
-    log(f"verify: bf16 {wrong_bf16} wrong (min margin {margin_bf16:+.2f}, max p(other) at T=1 {dev_bf16:.2e}), "
-        f"fp32 {wrong_fp32} wrong (min margin {margin_fp32:+.2f}, max p(other) {dev_fp32:.2e})")
+    log(
+        f"verify: bf16 {wrong_bf16} wrong (min margin {margin_bf16:+.2f}, max p(other) at T=1 {dev_bf16:.2e}), "
+        f"fp32 {wrong_fp32} wrong (min margin {margin_fp32:+.2f}, max p(other) {dev_fp32:.2e})"
+    )
     if verify and (wrong_bf16 or wrong_fp32):
         raise RuntimeError(
             f"the tiny TIR model did not memorise its trajectories after {steps} steps "
-            f"({wrong_bf16} bf16 / {wrong_fp32} fp32 tokens wrong): raise steps")
+            f"({wrong_bf16} bf16 / {wrong_fp32} fp32 tokens wrong): raise steps"
+        )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -412,16 +480,32 @@ def build_tiny_tir_model(
         model.config.dtype = torch.bfloat16
         model.save_pretrained(tmp, safe_serialization=True)
         copy_tokenizer(tokenizer_source, tok, tmp)
-        (tmp / MARKER).write_text(json.dumps({
-            "fingerprint": fp, "tokenizer_source": str(tokenizer_source), "spec": TINY_SPEC,
-            "training": {"steps": steps, "seed": seed, "lr": LR, "initializer_range": INIT_RANGE, "margin": MARGIN,
-                         "threads": TRAIN_THREADS},
-            "torch": torch.__version__, "trained_vocab_rows": len(used),
-            "problems": [p.name for p in TIR_PROBLEMS], "train_seconds": round(train_s, 1),
-            "min_margin": {"bf16": round(margin_bf16, 3), "fp32": round(margin_fp32, 3)},
-            "wrong_tokens": {"bf16": wrong_bf16, "fp32": wrong_fp32},
-            "max_p_other_at_t1": {"bf16": float(f"{dev_bf16:.3g}"), "fp32": float(f"{dev_fp32:.3g}")},
-        }, indent=2) + "\n")
+        (tmp / MARKER).write_text(
+            json.dumps(
+                {
+                    "fingerprint": fp,
+                    "tokenizer_source": str(tokenizer_source),
+                    "spec": TINY_SPEC,
+                    "training": {
+                        "steps": steps,
+                        "seed": seed,
+                        "lr": LR,
+                        "initializer_range": INIT_RANGE,
+                        "margin": MARGIN,
+                        "threads": TRAIN_THREADS,
+                    },
+                    "torch": torch.__version__,
+                    "trained_vocab_rows": len(used),
+                    "problems": [p.name for p in TIR_PROBLEMS],
+                    "train_seconds": round(train_s, 1),
+                    "min_margin": {"bf16": round(margin_bf16, 3), "fp32": round(margin_fp32, 3)},
+                    "wrong_tokens": {"bf16": wrong_bf16, "fp32": wrong_fp32},
+                    "max_p_other_at_t1": {"bf16": float(f"{dev_bf16:.3g}"), "fp32": float(f"{dev_fp32:.3g}")},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         publish_dir(tmp, out_dir)
     finally:
         if tmp.exists():
@@ -430,11 +514,14 @@ def build_tiny_tir_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.support.tiny_tir_model",
-                                 description="Train a tiny Qwen2 that writes memorised THOR trajectories (tests).")
+    ap = argparse.ArgumentParser(
+        prog="python -m tests.support.tiny_tir_model",
+        description="Train a tiny Qwen2 that writes memorised THOR trajectories (tests).",
+    )
     ap.add_argument("out", type=Path, help="output model directory")
-    ap.add_argument("--tokenizer", type=Path, required=True,
-                    help="model directory whose tokenizer and chat template to reuse")
+    ap.add_argument(
+        "--tokenizer", type=Path, required=True, help="model directory whose tokenizer and chat template to reuse"
+    )
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if already built")
@@ -442,8 +529,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     try:
-        path = build_tiny_tir_model(args.out, args.tokenizer, steps=args.steps, seed=args.seed, force=args.force,
-                                    log=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+        path = build_tiny_tir_model(
+            args.out,
+            args.tokenizer,
+            steps=args.steps,
+            seed=args.seed,
+            force=args.force,
+            log=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)),
+        )
     except (FileNotFoundError, OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

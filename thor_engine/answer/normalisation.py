@@ -39,9 +39,7 @@ _TEXT_UNIT_RE = re.compile(
 )
 _TEXT_WRAP_RE = re.compile(_TEXT_CMDS + r"\s*\{([^{}]*)\}")
 _PLAIN_UNIT_RE = re.compile(
-    r"(?<=[\d}])\s+(?:"
-    + "|".join(u for u in _UNITS.split("|") if len(u) > 1)
-    + r")(?:\s*\^\s*\{?[23]\}?)?\s*\.?\s*$",
+    r"(?<=[\d}])\s+(?:" + "|".join(u for u in _UNITS.split("|") if len(u) > 1) + r")(?:\s*\^\s*\{?[23]\}?)?\s*\.?\s*$",
     re.IGNORECASE,
 )
 # "\\" (a row break) is matched first so the "\\ " of a matrix is never read as "\ ".

@@ -117,7 +117,12 @@ async def sandbox_at(url: str | None, *, port: int | None = None, pool_size: int
         "THOR_SANDBOX_LOG_LEVEL": os.environ.get("THOR_SANDBOX_LOG_LEVEL", "WARNING"),
     }
     proc = await asyncio.create_subprocess_exec(
-        str(python), "-m", "thor_sandbox", cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+        str(python),
+        "-m",
+        "thor_sandbox",
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
         # its own session: a Ctrl-C at the terminal reaches only us, and we stop it in order
         start_new_session=True,
     )
