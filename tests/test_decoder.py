@@ -12,7 +12,7 @@ from tests.support.scripted_backend import ScriptedBackend
 from thor_engine.codeblocks import find_blocks, trailing_block
 from thor_engine.config import ObservationConfig, SamplingOptions, SelfCorrectionConfig, ThorConfig
 from thor_engine.decoder import ThorDecoder, collect, finals
-from thor_engine.events import Backtrack, CodeBlock, Final, FinishReason, TextDelta, ToolCall, Vote
+from thor_engine.events import Backtrack, CodeBlock, FinishReason, TextDelta, ToolCall, Vote
 from thor_engine.observation import judge
 from thor_engine.prompting import render_chat
 from thor_engine.tools import SandboxExecutor
@@ -440,26 +440,30 @@ def test_trajectory_loss_mask_excludes_observations(tokenizer):
     assert t.truncate(7) == [8] and t.token_ids == [1, 2, 3, 4, 5, 6, 7]
 
 
-def test_final_event_is_json_serialisable(tokenizer):
-    ev = Final.model_validate(
-        {
-            "text": "x",
-            "answer_text": "x",
-            "answer": None,
-            "finish_reason": "stop",
-            "usage": {
-                "prompt_tokens": 1,
-                "completion_tokens": 1,
-                "model_tokens": 1,
-                "observation_tokens": 0,
-                "injected_tokens": 0,
-                "discarded_tokens": 0,
-                "generated_tokens": 1,
-                "cached_prompt_tokens": 0,
-                "prefilled_prompt_tokens": 0,
-                "engine_requests": 1,
-            },
-            "tools": {},
-        }
-    )
-    assert re.search(r'"finish_reason":\s*"stop"', ev.model_dump_json())
+async def test_events_round_trip_through_json(tokenizer, executor):
+    """Every event of a real trajectory (code, failure, backtrack, vote) survives JSON, as
+    `python -m thor_engine --json` and the trainer's rollout logs rely on; the trajectory's
+    tokens come back as the same ids and kinds."""
+    from pydantic import TypeAdapter
+
+    from thor_engine.events import Event
+
+    attempts = {"n": 0}
+
+    def responder(prompt: str) -> str:
+        done = completion_so_far(prompt)
+        if "```output" in done:
+            return "So \\boxed{6}."
+        attempts["n"] += 1
+        return "```python\nprint(1/0)\n```\n" if attempts["n"] == 1 else "```python\nprint(2*3)\n```\n"
+
+    _, events = await run(tokenizer, executor, responder, n=1, vote=True)
+    kinds = {type(e).__name__ for e in events}
+    assert {"TextDelta", "CodeBlock", "ToolCall", "Backtrack", "Final", "Vote"} <= kinds
+    adapter = TypeAdapter(Event)
+    for ev in events:
+        back = adapter.validate_json(ev.model_dump_json())
+        assert type(back) is type(ev) and back == ev
+    final = finals(events)[0]
+    back = adapter.validate_json(final.model_dump_json())
+    assert back.trajectory == final.trajectory and back.finish_reason is FinishReason.stop
