@@ -66,8 +66,16 @@ class ChoiceState:
 
 class ResponseBuilder:
     def __init__(
-        self, *, kind: Literal["chat", "completion"], response_id: str, model: str, n: int,
-        reasoning_fields: str, tools_enabled: bool, reasoning_model: bool, metrics: ServerMetrics,
+        self,
+        *,
+        kind: Literal["chat", "completion"],
+        response_id: str,
+        model: str,
+        n: int,
+        reasoning_fields: str,
+        tools_enabled: bool,
+        reasoning_model: bool,
+        metrics: ServerMetrics,
         include_usage: bool = False,
     ) -> None:
         self.kind, self.id, self.model = kind, response_id, model
@@ -101,10 +109,16 @@ class ResponseBuilder:
     def _chat_choice(self, index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-    def _completion_choice(self, index: int, text: str, finish: str | None = None, stop_reason: Any = None,
-                           thor: dict | None = None) -> dict[str, Any]:
-        c: dict[str, Any] = {"index": index, "text": text, "logprobs": None, "finish_reason": finish,
-                             "stop_reason": stop_reason}
+    def _completion_choice(
+        self, index: int, text: str, finish: str | None = None, stop_reason: Any = None, thor: dict | None = None
+    ) -> dict[str, Any]:
+        c: dict[str, Any] = {
+            "index": index,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": finish,
+            "stop_reason": stop_reason,
+        }
         if thor is not None:
             c["thor"] = thor
         return c
@@ -208,34 +222,63 @@ class ResponseBuilder:
 
     def _thor_event(self, st: ChoiceState, ev: Event) -> dict[str, Any] | None:
         if isinstance(ev, CodeBlock):
-            st.tool_calls.append({"call": ev.call, "attempt": ev.attempt, "execution": ev.execution,
-                                  "language": ev.language, "code": ev.code})
-            return {"type": "tool_call", "call": ev.call, "attempt": ev.attempt, "execution": ev.execution,
-                    "language": ev.language, "code": ev.code}
+            st.tool_calls.append(
+                {
+                    "call": ev.call,
+                    "attempt": ev.attempt,
+                    "execution": ev.execution,
+                    "language": ev.language,
+                    "code": ev.code,
+                }
+            )
+            return {
+                "type": "tool_call",
+                "call": ev.call,
+                "attempt": ev.attempt,
+                "execution": ev.execution,
+                "language": ev.language,
+                "code": ev.code,
+            }
         if isinstance(ev, ToolCall):
             if ev.outcome != "not_executed":
                 self.metrics.tool_calls.labels(outcome=ev.outcome if ev.ok or ev.outcome != "ok" else "no_output").inc()
                 self.metrics.tool_duration.observe(ev.duration_s)
             result = {
-                "ok": ev.ok, "outcome": ev.outcome, "exit_code": ev.exit_code, "stdout": ev.stdout,
-                "stderr": ev.stderr, "observation": ev.observation, "duration_s": round(ev.duration_s, 6),
-                "cached": ev.cached, "committed": ev.committed,
+                "ok": ev.ok,
+                "outcome": ev.outcome,
+                "exit_code": ev.exit_code,
+                "stdout": ev.stdout,
+                "stderr": ev.stderr,
+                "observation": ev.observation,
+                "duration_s": round(ev.duration_s, 6),
+                "cached": ev.cached,
+                "committed": ev.committed,
             }
             for call in reversed(st.tool_calls):
                 if call["execution"] == ev.execution:
                     call.update(result)
                     break
-            return {"type": "tool_result", "call": ev.call, "attempt": ev.attempt, "execution": ev.execution,
-                    **result}
+            return {"type": "tool_result", "call": ev.call, "attempt": ev.attempt, "execution": ev.execution, **result}
         if isinstance(ev, Backtrack):
             self.metrics.backtracks.inc()
-            bt = {"call": ev.call, "attempt": ev.attempt, "reason": ev.reason, "mode": ev.mode,
-                  "tokens_dropped": ev.tokens_dropped, "chars_retracted": ev.chars_retracted}
+            bt = {
+                "call": ev.call,
+                "attempt": ev.attempt,
+                "reason": ev.reason,
+                "mode": ev.mode,
+                "tokens_dropped": ev.tokens_dropped,
+                "chars_retracted": ev.chars_retracted,
+            }
             st.backtracks.append(bt)
             return {"type": "backtrack", **bt}
         if isinstance(ev, Final):
-            return {"type": "answer", "answer": ev.answer, "finish_reason": ev.finish_reason.value,
-                    "usage": ev.usage.model_dump(), "tools": ev.tools.model_dump()}
+            return {
+                "type": "answer",
+                "answer": ev.answer,
+                "finish_reason": ev.finish_reason.value,
+                "usage": ev.usage.model_dump(),
+                "tools": ev.tools.model_dump(),
+            }
         return None
 
     def _finish(self, st: ChoiceState, ev: Final) -> list[dict[str, Any]]:
@@ -258,12 +301,16 @@ class ResponseBuilder:
         reasoning = sum(f.usage.completion_tokens - f.usage.answer_tokens - f.usage.observation_tokens for f in done)
         observation = sum(f.usage.observation_tokens for f in done)
         return {
-            "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
             "completion_tokens_details": {
                 "reasoning_tokens": reasoning if (self.tools_enabled or self.reasoning_model) else 0,
-                "observation_tokens": observation, "accepted_prediction_tokens": 0,
-                "rejected_prediction_tokens": 0, "audio_tokens": 0,
+                "observation_tokens": observation,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+                "audio_tokens": 0,
             },
         }
 
@@ -280,15 +327,17 @@ class ResponseBuilder:
         choices = []
         for st in self.choices:
             f = st.final
-            choices.append({
-                "index": st.index,
-                "answer": f.answer if f else None,
-                "finish_reason": f.finish_reason.value if f else None,
-                "tool_calls": st.tool_calls,
-                "backtracks": st.backtracks,
-                "usage": f.usage.model_dump() if f else None,
-                "tools": f.tools.model_dump() if f else None,
-            })
+            choices.append(
+                {
+                    "index": st.index,
+                    "answer": f.answer if f else None,
+                    "finish_reason": f.finish_reason.value if f else None,
+                    "tool_calls": st.tool_calls,
+                    "backtracks": st.backtracks,
+                    "usage": f.usage.model_dump() if f else None,
+                    "tools": f.tools.model_dump() if f else None,
+                }
+            )
         obj: dict[str, Any] = {"trace_id": self.id, "choices": choices}
         if self.vote is not None:
             obj["vote"] = {"answer": self.vote.answer, "counts": self.vote.counts}
@@ -306,21 +355,41 @@ class ResponseBuilder:
                     message.update(self._reasoning(st.reasoning))
                 choices.append({"index": st.index, "message": message, "logprobs": None, "finish_reason": finish})
             else:
-                choices.append({"index": st.index, "text": st.content, "logprobs": None, "finish_reason": finish,
-                                "stop_reason": None})
+                choices.append(
+                    {
+                        "index": st.index,
+                        "text": st.content,
+                        "logprobs": None,
+                        "finish_reason": finish,
+                        "stop_reason": None,
+                    }
+                )
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
-                "usage": self.usage(), "thor": self.thor_object()}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+            "thor": self.thor_object(),
+        }
 
     def trace(self, request_summary: dict[str, Any]) -> dict[str, Any]:
         return {
-            "id": self.id, "object": "thor.trace", "created": self.created, "model": self.model,
+            "id": self.id,
+            "object": "thor.trace",
+            "created": self.created,
+            "model": self.model,
             "request": request_summary,
             "timings": {"time_to_first_token_s": self.first_token_s, "total_s": time.monotonic() - self.t0},
             "choices": [
-                {**c, "text": st.final.text if st.final else None,
-                 "trajectory": st.final.trajectory if st.final else None}
-                for c, st in zip(self.thor_object()["choices"], self.choices)
+                {
+                    **c,
+                    "text": st.final.text if st.final else None,
+                    "trajectory": st.final.trajectory if st.final else None,
+                }
+                for c, st in zip(self.thor_object()["choices"], self.choices, strict=True)
             ],
             "vote": self.thor_object().get("vote"),
         }

@@ -24,8 +24,9 @@ UNCACHED_OUTCOMES = {"timeout", "sandbox_error", "oom"}
 
 
 class CachingExecutor:
-    def __init__(self, inner: ToolExecutor, store: Store, sandbox_fingerprint: str, ttl_s: int,
-                 metrics: ServerMetrics) -> None:
+    def __init__(
+        self, inner: ToolExecutor, store: Store, sandbox_fingerprint: str, ttl_s: int, metrics: ServerMetrics
+    ) -> None:
         """`sandbox_fingerprint`: `HealthResponse.fingerprint` of the sandbox `inner` runs on."""
         if not sandbox_fingerprint:
             raise ValueError("sandbox_fingerprint is empty: pass the fingerprint from the sandbox's /health")
