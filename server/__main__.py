@@ -9,7 +9,7 @@ uvicorn. Before anything starts it applies the access policy: configuration erro
 (an empty API key, a key file without keys) and a non-loopback bind without a key
 (unless --allow-open-remote) end the process with exit code 2 and a message naming
 the fix; proxy headers are honoured only from --forwarded-allow-ips. Does not own:
-routes (app.py), key digests (auth.py) or the engine (thor_engine).
+the app and its routes (app.py, routes/), key digests (auth.py) or the engine (thor_engine).
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from pydantic import ValidationError
 
 from thor_sandbox.client import SandboxClient
 
-from .app import ServerState, create_app
+from .app import create_app
 from .auth import ApiKeys
 from .metrics import ServerMetrics
 from .settings import ServerSettings
+from .state import ServerState
 
 log = logging.getLogger("server")
 
@@ -44,19 +45,35 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
     )
     p.add_argument("--model", help="preset (default, quality, small), Hugging Face directory, or hub id")
     p.add_argument("--served-model-name", help="the model name clients use (default: the model's directory name)")
-    p.add_argument("--host", help="bind address (default 127.0.0.1; another address needs an API key "
-                   "or --allow-open-remote)")
+    p.add_argument(
+        "--host", help="bind address (default 127.0.0.1; another address needs an API key or --allow-open-remote)"
+    )
     p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", action="append",
-                   help="accepted Bearer key or its sha256:<hex> digest (repeatable); none = open server")
-    p.add_argument("--api-key-file", type=Path,
-                   help="file with one API key (or sha256:<hex> digest, see `python -m server.auth`) per line")
-    p.add_argument("--allow-open-remote", action="store_true", default=None,
-                   help="serve without API keys on a non-loopback --host (a trusted network only)")
-    p.add_argument("--auth-failures-per-minute", type=int,
-                   help="failed-auth attempts allowed per client address and minute, then 429 (default 20)")
-    p.add_argument("--forwarded-allow-ips",
-                   help="proxy addresses trusted to set X-Forwarded-For (default: none, the peer address counts)")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        help="accepted Bearer key or its sha256:<hex> digest (repeatable); none = open server",
+    )
+    p.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="file with one API key (or sha256:<hex> digest, see `python -m server.auth`) per line",
+    )
+    p.add_argument(
+        "--allow-open-remote",
+        action="store_true",
+        default=None,
+        help="serve without API keys on a non-loopback --host (a trusted network only)",
+    )
+    p.add_argument(
+        "--auth-failures-per-minute",
+        type=int,
+        help="failed-auth attempts allowed per client address and minute, then 429 (default 20)",
+    )
+    p.add_argument(
+        "--forwarded-allow-ips",
+        help="proxy addresses trusted to set X-Forwarded-For (default: none, the peer address counts)",
+    )
     p.add_argument("--dtype", help="auto, bfloat16, float16, float32")
     p.add_argument("--max-model-len", type=int, help="context length")
     p.add_argument("--tensor-parallel-size", type=int)
@@ -65,8 +82,11 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--block-size", type=int, help="KV cache block size (default: vLLM's; 32 on CPU)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--sandbox-url", help="sandbox service URL or unix:/path (default: the local sandbox address "
-                   "127.0.0.1:8080, where one is started with the server when none answers)")
+    p.add_argument(
+        "--sandbox-url",
+        help="sandbox service URL or unix:/path (default: the local sandbox address "
+        "127.0.0.1:8080, where one is started with the server when none answers)",
+    )
     p.add_argument("--local-sandbox-port", type=int, help="port of the local sandbox address (default 8080)")
     p.add_argument("--redis-url", help="Redis URL for cache, rate limits and traces (default: in-memory)")
     p.add_argument("--requests-per-minute", type=int, help="rate limit per API key")
@@ -106,30 +126,54 @@ def make_build(
             fingerprint, max_timeout_s = await sandbox_profile(sandbox, settings)
             log.info("sandbox: %s (%s, at most %s s per execution)", url, fingerprint, max_timeout_s)
             info["sandbox_url"] = url
-            store = create_store(settings.redis_url, rate_limit_fail_open=settings.rate_limit_fail_open,
-                                 on_error=lambda op: metrics.store_errors.labels(operation=op).inc(),
-                                 max_trace_bytes=settings.trace_memory_bytes)
+            store = create_store(
+                settings.redis_url,
+                rate_limit_fail_open=settings.rate_limit_fail_open,
+                on_error=lambda op: metrics.store_errors.labels(operation=op).inc(),
+                max_trace_bytes=settings.trace_memory_bytes,
+            )
             stack.push_async_callback(store.close)
-            backend = await VllmBackend.start(EngineOptions(
-                model=model, served_model_name=settings.served_model_name, dtype=settings.dtype,
-                max_model_len=settings.max_model_len, enforce_eager=settings.enforce_eager,
-                tensor_parallel_size=settings.tensor_parallel_size,
-                gpu_memory_utilization=settings.gpu_memory_utilization, seed=settings.seed,
-                max_num_seqs=settings.max_num_seqs,
-                extra={"block_size": settings.block_size} if settings.block_size else {},
-            ))
+            backend = await VllmBackend.start(
+                EngineOptions(
+                    model=model,
+                    served_model_name=settings.served_model_name,
+                    dtype=settings.dtype,
+                    max_model_len=settings.max_model_len,
+                    enforce_eager=settings.enforce_eager,
+                    tensor_parallel_size=settings.tensor_parallel_size,
+                    gpu_memory_utilization=settings.gpu_memory_utilization,
+                    seed=settings.seed,
+                    max_num_seqs=settings.max_num_seqs,
+                    extra={"block_size": settings.block_size} if settings.block_size else {},
+                )
+            )
             stack.callback(backend.shutdown)
             name = settings.served_model_name or _served_name(model)
-            policy = SandboxPolicy(busy_retries=settings.sandbox_busy_retries,
-                                   on_sandbox_error=settings.sandbox_error_policy,
-                                   max_concurrent_per_request=settings.sandbox_max_concurrent_per_request)
-            executor = CachingExecutor(SandboxExecutor(sandbox, policy), store, sandbox_fingerprint=fingerprint,
-                                       ttl_s=settings.tool_cache_ttl_s, metrics=metrics)
+            policy = SandboxPolicy(
+                busy_retries=settings.sandbox_busy_retries,
+                on_sandbox_error=settings.sandbox_error_policy,
+                max_concurrent_per_request=settings.sandbox_max_concurrent_per_request,
+            )
+            executor = CachingExecutor(
+                SandboxExecutor(sandbox, policy),
+                store,
+                sandbox_fingerprint=fingerprint,
+                ttl_s=settings.tool_cache_ttl_s,
+                metrics=metrics,
+            )
             # generated tokens are counted per request for the rate limits (server/metering.py)
             engine = ThorEngine(MeteredBackend(backend), executor, model_name=name)
             info["model_name"] = name
-            state = ServerState(settings=settings, engine=engine, store=store, sandbox=sandbox, metrics=metrics,
-                                model_name=name, api_keys=settings.api_keys(), sandbox_max_timeout_s=max_timeout_s)
+            state = ServerState(
+                settings=settings,
+                engine=engine,
+                store=store,
+                sandbox=sandbox,
+                metrics=metrics,
+                model_name=name,
+                api_keys=settings.api_keys(),
+                sandbox_max_timeout_s=max_timeout_s,
+            )
         except BaseException:
             await stack.aclose()
             raise
@@ -145,8 +189,11 @@ async def sandbox_profile(sandbox: SandboxClient, settings: ServerSettings) -> t
     the sandbox's limit (every tool call would be refused)."""
     health = await sandbox.health()
     if health.fingerprint is None or health.limits is None:
-        log.warning("the sandbox at %s reports no fingerprint or limits (an older service): the tool cache keys on "
-                    "its URL and thor.observation.timeout_s is checked by the sandbox only", sandbox.url)
+        log.warning(
+            "the sandbox at %s reports no fingerprint or limits (an older service): the tool cache keys on "
+            "its URL and thor.observation.timeout_s is checked by the sandbox only",
+            sandbox.url,
+        )
         return "url:" + sandbox.url, None
     limit = health.limits.max_timeout_s
     if settings.thor.observation.timeout_s > limit:
@@ -226,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     if keys:
         log.info("API keys: %d accepted (ids %s)", len(keys), ", ".join(keys.ids))
     elif not _is_loopback(settings.host):
@@ -237,10 +285,20 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings, make_build(settings, info))
     # proxy headers only from configured proxies: otherwise any client (even on 127.0.0.1, which uvicorn
     # trusts by default) could choose its own address and with it a fresh rate-limit bucket
-    proxy = {"proxy_headers": True, "forwarded_allow_ips": settings.forwarded_allow_ips} \
-        if settings.forwarded_allow_ips else {"proxy_headers": False}
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            access_log=False, timeout_graceful_shutdown=10, **proxy)
+    proxy = (
+        {"proxy_headers": True, "forwarded_allow_ips": settings.forwarded_allow_ips}
+        if settings.forwarded_allow_ips
+        else {"proxy_headers": False}
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        **proxy,
+    )
     server = uvicorn.Server(config)
     started = server.startup
 
@@ -250,9 +308,13 @@ def main(argv: list[str] | None = None) -> int:
             for sock in s.sockets:
                 host, port = sock.getsockname()[:2]
                 print(f"THOR_SERVER_LISTENING {host}:{port}", flush=True)
-                print(banner(f"http://{host}:{port}", info.get("model_name", "?"), bool(keys),
-                             info.get("sandbox_url", "?")),
-                      file=sys.stderr, flush=True)
+                print(
+                    banner(
+                        f"http://{host}:{port}", info.get("model_name", "?"), bool(keys), info.get("sandbox_url", "?")
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     server.startup = announce  # type: ignore[method-assign]
     try:

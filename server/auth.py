@@ -8,7 +8,7 @@ exit), and the key id (`key:` + the first 16 hex digits of the digest) that rate
 limits and traces use. Only digests are kept: the running server holds no key in
 clear, and nothing a client sends is written to the store in clear.
 
-Does not own: where keys come from (settings.py), the HTTP side of auth (app.py) or
+Does not own: where keys come from (settings.py), the HTTP side of auth (guards.py) or
 the bind-address policy (__main__.py).
 """
 
@@ -113,7 +113,7 @@ class ApiKeys:
         return None if found is None else key_id(found)
 
 
-KEY_ID_SCOPE = "thor_key_id"  # where the auth middleware puts the key id in the ASGI scope's "state"
+KEY_ID_SCOPE = "thor_key_id"  # where guards.authenticate puts the key id in the ASGI scope's "state"
 
 
 def address_id(scope: Mapping[str, Any]) -> str:
@@ -135,7 +135,7 @@ def address_id(scope: Mapping[str, Any]) -> str:
 
 def client_id(scope: Mapping[str, Any]) -> str:
     """Who a request counts as for rate limits and trace ownership: the key id the auth
-    middleware found when auth is on, the client's address otherwise. Never anything the
+    dependency found when auth is on, the client's address otherwise. Never anything the
     client chose freely (an arbitrary Bearer string on an open server is ignored)."""
     state = scope.get("state") or {}
     found = state.get(KEY_ID_SCOPE)

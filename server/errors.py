@@ -1,8 +1,11 @@
 """OpenAI-shaped errors: every 4xx/5xx body is `{"error": {message, type, param, code}}`.
 
-Owns: the `ApiError` exception the routes raise and the FastAPI handlers that turn
-it, validation errors, HTTP errors and unexpected exceptions into that body.
-Does not own: deciding when a request is wrong (protocol.py, app.py).
+Owns: the `ApiError` exception the routes raise, the FastAPI handlers that turn
+it, validation errors, HTTP errors and unexpected exceptions into that body, and
+`generation_error`, the client-facing error for a failure while the engine generates
+(sandbox down or failing, a value the engine refused, the engine gone).
+Does not own: deciding when a request is wrong (protocol.py, checks.py, guards.py,
+the routes) or where an error goes once a stream has started (generation.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from thor_engine.engine import EngineUnavailable, InvalidParameter
+from thor_sandbox.client import SandboxError, SandboxUnavailable
 
 log = logging.getLogger("server.errors")
 
@@ -42,6 +48,25 @@ def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(
         error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status, headers=exc.headers
     )
+
+
+def generation_error(exc: Exception) -> ApiError | None:
+    """The client-facing error for a failure while generating (None: an unexpected one)."""
+    if isinstance(exc, SandboxUnavailable):
+        return ApiError(
+            503,
+            f"the code sandbox is unavailable: {exc}",
+            type="service_unavailable",
+            code="sandbox_unavailable",
+            headers={"Retry-After": "5"},
+        )
+    if isinstance(exc, SandboxError):
+        return ApiError(502, f"the code sandbox failed: {exc}", type="server_error", code="sandbox_error")
+    if isinstance(exc, InvalidParameter):  # the engine refused a value
+        return ApiError(400, str(exc), param=exc.param)
+    if isinstance(exc, EngineUnavailable):
+        return ApiError(503, str(exc), type="service_unavailable", code="engine_unavailable")
+    return None
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict", "bytes"})

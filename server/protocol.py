@@ -12,7 +12,7 @@ means a field's default, as OpenAI's spec allows. Fields with no effect on the
 answer (user, store, metadata, service_tier) and unknown fields are ignored, as
 OpenAI's SDKs send many. Wrong types or values are 400s naming the field.
 
-Does not own: response rendering (responses.py) or routing (app.py).
+Does not own: response rendering (responses.py) or routing (routes/).
 """
 
 from __future__ import annotations

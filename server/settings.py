@@ -3,7 +3,7 @@
 Owns: every setting of the API server with its default (engine arguments in
 vLLM's vocabulary, sandbox and store endpoints, API keys, rate limits, THOR
 defaults for requests that do not say otherwise). Does not own: applying them
-(app.py, __main__.py) or the engine's own option types (thor_engine).
+(app.py, routes/, checks.py, guards.py, __main__.py) or the engine's own option types (thor_engine).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from .auth import ApiKeys, normalize_key, read_key_file
 class ServerSettings(BaseSettings):
     """Env prefix `THOR_`, e.g. THOR_MODEL, THOR_API_KEY (comma-separated), THOR_REDIS_URL."""
 
-    model_config = SettingsConfigDict(env_prefix="THOR_", env_nested_delimiter="__", extra="ignore",
-                                      protected_namespaces=())
+    model_config = SettingsConfigDict(
+        env_prefix="THOR_", env_nested_delimiter="__", extra="ignore", protected_namespaces=()
+    )
 
     # --- engine (vLLM's names)
     model: str = Field(default="default", description="A preset (default, quality, small), an HF directory or hub id.")
@@ -38,8 +39,9 @@ class ServerSettings(BaseSettings):
     block_size: int | None = Field(default=None, ge=1, description="KV cache block size (CPU default here: 32).")
 
     # --- HTTP
-    host: str = Field(default="127.0.0.1", description="Bind address. A non-loopback address needs an API key "
-                      "(or allow_open_remote).")
+    host: str = Field(
+        default="127.0.0.1", description="Bind address. A non-loopback address needs an API key (or allow_open_remote)."
+    )
     allow_open_remote: bool = Field(
         default=False,
         description="Allow serving without API keys on a non-loopback address (only on a network you trust: "
@@ -58,7 +60,8 @@ class ServerSettings(BaseSettings):
     )
     api_key_file: Path | None = Field(default=None, description="A file with one API key (or sha256:<hex>) per line.")
     auth_failures_per_minute: int | None = Field(
-        default=20, ge=1, description="Failed-auth attempts allowed per client address and minute (then 429).")
+        default=20, ge=1, description="Failed-auth attempts allowed per client address and minute (then 429)."
+    )
     max_n: int = Field(default=16, ge=1, description="Largest n per request.")
     reasoning_fields: Literal["both", "reasoning", "reasoning_content"] = Field(
         default="both",
@@ -68,23 +71,34 @@ class ServerSettings(BaseSettings):
 
     # --- sandbox and store
     sandbox_url: str | None = Field(
-        default=None, description="Sandbox service URL; none = the local sandbox address 127.0.0.1:<local_sandbox_port> "
-        "(a THOR sandbox already there is used, otherwise one is started there with the server).")
-    local_sandbox_port: int = Field(default=8080, ge=1, le=65535,
-                                    description="Port of the local sandbox address (SandboxFusion clients use 8080).")
-    sandbox_busy_retries: int = Field(default=3, ge=0, description="Further attempts of a tool call after a sandbox "
-                                      "busy spell or worker death (backoff 1 s, doubling, at most 10 s).")
+        default=None,
+        description="Sandbox service URL; none = the local sandbox address 127.0.0.1:<local_sandbox_port> "
+        "(a THOR sandbox already there is used, otherwise one is started there with the server).",
+    )
+    local_sandbox_port: int = Field(
+        default=8080, ge=1, le=65535, description="Port of the local sandbox address (SandboxFusion clients use 8080)."
+    )
+    sandbox_busy_retries: int = Field(
+        default=3,
+        ge=0,
+        description="Further attempts of a tool call after a sandbox "
+        "busy spell or worker death (backoff 1 s, doubling, at most 10 s).",
+    )
     sandbox_error_policy: Literal["observe", "fail"] = Field(
-        default="observe", description="When the retries are spent: `observe` gives the model a `sandbox_error` "
-        "observation (the other samples carry on); `fail` fails the request (503).")
+        default="observe",
+        description="When the retries are spent: `observe` gives the model a `sandbox_error` "
+        "observation (the other samples carry on); `fail` fails the request (503).",
+    )
     sandbox_max_concurrent_per_request: int = Field(
-        default=4, ge=1, description="Sandbox calls one request (all its samples) may have in flight at once.")
+        default=4, ge=1, description="Sandbox calls one request (all its samples) may have in flight at once."
+    )
     redis_url: str | None = Field(default=None, description="Redis for cache, rate limits, traces; none = in-memory.")
     rate_limit_fail_open: bool = Field(default=True, description="When Redis is down: allow (true) or refuse.")
     tool_cache_ttl_s: int = Field(default=24 * 3600, ge=0, description="0 disables the tool-result cache.")
     trace_ttl_s: int = Field(default=24 * 3600, ge=0, description="0 disables trace storage.")
-    trace_memory_bytes: int = Field(default=64 * 1024 * 1024, ge=1,
-                                    description="Bound on the in-memory trace store (oldest evicted first).")
+    trace_memory_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1, description="Bound on the in-memory trace store (oldest evicted first)."
+    )
 
     # --- rate limits per API key id (or per client address on an open server); generated tokens,
     # discarded ones included, are charged when a request ends however it ends
@@ -95,31 +109,44 @@ class ServerSettings(BaseSettings):
     thor: ThorConfig = ThorConfig()
     default_max_tokens: int = Field(default=2048, ge=1)
     tir_instructions: Literal["append", "if_no_system", "off"] = Field(
-        default="append", description="Where THOR's tool-use instructions go when tools are on: appended to the "
+        default="append",
+        description="Where THOR's tool-use instructions go when tools are on: appended to the "
         "client's system message (or added as one), only when the client sent none, or never. Requests may "
-        "override with thor.tir_instructions.")
+        "override with thor.tir_instructions.",
+    )
 
     # --- server-side maxima for what a client may ask (400 naming the parameter beyond them)
     max_tool_calls_limit: int = Field(default=32, ge=0, description="Largest thor.max_tool_calls a request may set.")
-    max_retries_limit: int = Field(default=8, ge=0,
-                                   description="Largest thor.self_correction.max_retries a request may set.")
-    max_request_tokens: int = Field(default=131072, ge=1,
-                                    description="Largest n x max_tokens (after clamping to the context) per request.")
-    max_request_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024,
-                                        description="Largest request body (larger: 413).")
-    sse_keepalive_s: float = Field(default=15.0, ge=0, description="Send an SSE `: keep-alive` comment when a "
-                                   "stream has been silent this long (long tool calls); 0 disables.")
+    max_retries_limit: int = Field(
+        default=8, ge=0, description="Largest thor.self_correction.max_retries a request may set."
+    )
+    max_request_tokens: int = Field(
+        default=131072, ge=1, description="Largest n x max_tokens (after clamping to the context) per request."
+    )
+    max_request_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest request body (larger: 413)."
+    )
+    sse_keepalive_s: float = Field(
+        default=15.0,
+        ge=0,
+        description="Send an SSE `: keep-alive` comment when a "
+        "stream has been silent this long (long tool calls); 0 disables.",
+    )
 
     log_level: str = "INFO"
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ServerSettings:
         if self.thor.max_tool_calls > self.max_tool_calls_limit:
-            raise ValueError(f"thor.max_tool_calls ({self.thor.max_tool_calls}) exceeds max_tool_calls_limit "
-                             f"({self.max_tool_calls_limit}): lower the default or raise the limit")
+            raise ValueError(
+                f"thor.max_tool_calls ({self.thor.max_tool_calls}) exceeds max_tool_calls_limit "
+                f"({self.max_tool_calls_limit}): lower the default or raise the limit"
+            )
         if self.thor.self_correction.max_retries > self.max_retries_limit:
-            raise ValueError(f"thor.self_correction.max_retries ({self.thor.self_correction.max_retries}) exceeds "
-                             f"max_retries_limit ({self.max_retries_limit}): lower the default or raise the limit")
+            raise ValueError(
+                f"thor.self_correction.max_retries ({self.thor.self_correction.max_retries}) exceeds "
+                f"max_retries_limit ({self.max_retries_limit}): lower the default or raise the limit"
+            )
         return self
 
     @field_validator("api_key", mode="before")

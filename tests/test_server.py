@@ -200,6 +200,64 @@ def test_plain_completion_vllm_compatible(client, server, tiny_tir_model):
     assert sdk.choices[0].text
 
 
+def test_plain_completion_stream_equals_non_stream(server):
+    """Plain /v1/completions goes through the same stream and non-stream paths as chat: the
+    stream's chunks, concatenated per choice, give the non-stream body (text, logprobs with
+    offsets, finish and stop reasons), and its usage chunk the non-stream usage."""
+    request = {
+        "model": MODEL,
+        "prompt": "I will compute",
+        "max_tokens": 12,
+        "temperature": 0,
+        "n": 2,
+        "seed": 3,
+        "logprobs": 2,
+        "stop": ["\n\n"],
+    }
+    whole = httpx.post(server.url + "/v1/completions", headers=H(), json=request, timeout=120)
+    assert whole.status_code == 200, whole.text
+    body = whole.json()
+    validate(body, "CreateCompletionResponse")
+    assert "thor" not in body and "x-thor-trace-id" not in whole.headers  # plain: no THOR object, no trace
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        headers=H(),
+        timeout=120,
+        json={**request, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    *deltas, usage_chunk = chunks
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == body["usage"]
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] > 0
+    streamed = {
+        i: {
+            "text": "",
+            "logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []},
+            "finish_reason": None,
+            "stop_reason": None,
+        }
+        for i in range(2)
+    }
+    for chunk in deltas:  # (OpenAI's schema has no null finish_reason: it describes whole responses)
+        assert chunk["object"] == "text_completion" and "usage" not in chunk
+        assert chunk["id"] == deltas[0]["id"] and chunk["id"].startswith("cmpl-")
+        (c,) = chunk["choices"]
+        acc = streamed[c["index"]]
+        assert acc["finish_reason"] is None  # nothing after a choice's last chunk
+        acc["text"] += c["text"]
+        for k, v in (c["logprobs"] or {}).items():
+            acc["logprobs"][k] += v
+        acc["finish_reason"], acc["stop_reason"] = c["finish_reason"], c["stop_reason"]
+    for choice in body["choices"]:
+        acc = streamed[choice["index"]]
+        assert acc == {k: choice[k] for k in ("text", "logprobs", "finish_reason", "stop_reason")}
+        assert acc["text"] and len(acc["logprobs"]["tokens"]) == len(acc["logprobs"]["text_offset"]) > 0
+
+
 def test_completion_with_thor_runs_loop_on_raw_text(server, tiny_tir_model):
     from transformers import AutoTokenizer
 

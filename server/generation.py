@@ -1,0 +1,230 @@
+"""Running one generation request: the one non-stream path and the one SSE path.
+
+Owns: `respond`, used by chat, THOR completions and plain completions alike: it feeds
+the engine's output (counted by a `TokenMeter`) to the request's response builder and
+returns either the non-stream JSON body (the request is aborted when its client
+disconnects: a 499) or a `StreamingResponse` of `data:` lines (`: keep-alive` comments
+while the engine is silent, e.g. during a long tool call; an in-band error event then
+`[DONE]` when a started stream fails; a client that goes away cancels the stream, which
+aborts the engine requests and sandbox calls). However the request ends, the client is
+charged with every token the engine generated, in a `finally`; a completed request's
+trace is stored, bound to its client, unless it asked for none. Also `with_keepalive`.
+
+Does not own: what the chunks and bodies say (the builders: responses.py,
+plain_responses.py), checking the request (checks.py, guards.py), the engine, or
+anything about tokens beyond the counts the engine reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from thor_engine.tools import sandbox_request_scope
+
+from .errors import ApiError, error_body, generation_error
+from .guards import RateLimiter
+from .metering import TokenMeter, metered
+from .state import ServerState
+
+log = logging.getLogger("server")
+
+
+class Builder(Protocol):
+    """What `respond` needs of a response builder (responses.ResponseBuilder,
+    plain_responses.PlainCompletionBuilder)."""
+
+    id: str
+    include_usage: bool
+
+    def feed(self, ev: Any) -> list[dict[str, Any]]:
+        """Consume one item of the engine's output; return the stream chunks it produces."""
+
+    def usage_chunk(self) -> dict[str, Any]: ...
+
+    def response(self) -> dict[str, Any]: ...
+
+    def generated_tokens(self) -> int: ...
+
+    def trace(self, request_summary: dict[str, Any]) -> dict[str, Any]: ...
+
+    @property
+    def choices(self) -> list[Any]:
+        """One state per choice; a finished choice has a truthy `final`."""
+
+
+async def respond(
+    state: ServerState,
+    request: Request,
+    limiter: RateLimiter,
+    builder: Builder,
+    output: AsyncIterator[Any],
+    *,
+    stream: bool,
+    include_usage: bool,
+    summary: dict[str, Any] | None,
+) -> Response:
+    """Run the request; `summary` None stores no trace (`thor.trace: false`, plain completions)."""
+    builder.include_usage = stream and include_usage  # `"usage": null` on every chunk, as OpenAI does
+    sandbox_request_scope(state.settings.sandbox_max_concurrent_per_request)  # this request's samples share it
+    meter = TokenMeter()
+    events = metered(output, meter)
+    tracing = summary is not None and state.settings.trace_ttl_s > 0
+    trace_headers = {"X-Thor-Trace-Id": builder.id} if tracing else {}
+
+    def charge() -> None:
+        # what the engine generated (discarded attempts included), however the request ended
+        limiter.charge(max(meter.generated, builder.generated_tokens()))
+
+    async def finish() -> None:
+        if tracing and summary is not None and all(c.final for c in builder.choices):
+            await state.store.trace_put(
+                builder.id, builder.trace(summary), state.settings.trace_ttl_s, owner=limiter.key
+            )
+
+    if not stream:
+
+        async def collect() -> None:
+            async with contextlib.aclosing(events) as evs:
+                async for ev in evs:
+                    builder.feed(ev)
+
+        try:
+            await until_disconnect(state, request, collect())
+        except Exception as exc:
+            err = generation_error(exc)
+            if err is None:
+                raise
+            raise err from exc
+        finally:
+            charge()
+        await finish()
+        return JSONResponse(builder.response(), headers=trace_headers)
+
+    lines = sse(state, builder, events, include_usage=include_usage, on_complete=finish)
+    return StreamingResponse(
+        then(lines, charge),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **trace_headers},
+    )
+
+
+async def sse(
+    state: ServerState,
+    builder: Builder,
+    events: AsyncIterator[Any],
+    *,
+    include_usage: bool,
+    on_complete: Callable[[], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """The SSE lines of a stream: the builder's chunks, keep-alives, the usage chunk when asked
+    for, `on_complete()` once all is sent, then `[DONE]` (after an error event on a failure)."""
+    completed = False
+    try:
+        async with contextlib.aclosing(with_keepalive(events, state.settings.sse_keepalive_s)) as evs:
+            async for ev in evs:
+                if ev is KEEPALIVE:  # a long tool call: keep proxies and clients from timing out
+                    yield ": keep-alive\n\n"
+                    continue
+                for chunk in builder.feed(ev):
+                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        if include_usage:
+            yield f"data: {json.dumps(builder.usage_chunk())}\n\n"
+        completed = True
+    except (asyncio.CancelledError, GeneratorExit):
+        state.metrics.aborted.inc()
+        raise
+    except Exception as exc:
+        err = generation_error(exc)
+        if err is None:
+            log.error("stream failed", exc_info=exc)
+            err = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
+        yield f"data: {json.dumps(error_body(err.message, err.type, err.param, err.code))}\n\n"
+    if completed:
+        await on_complete()
+    yield "data: [DONE]\n\n"
+
+
+async def until_disconnect(state: ServerState, request: Request, work: Awaitable[Any]) -> Any:
+    """`work`'s result; cancelled, and a 499, when the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                state.metrics.aborted.inc()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                raise ApiError(499, "the client closed the request", type="client_closed_request")
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def then(stream: AsyncIterator[str], done: Callable[[], None]) -> AsyncIterator[str]:
+    """`stream`, then `done()` however it ends (completed, failed, or closed by a disconnect)."""
+    try:
+        async with contextlib.aclosing(stream) as items:  # type: ignore[type-var]
+            async for item in items:
+                yield item
+    finally:
+        done()
+
+
+KEEPALIVE = object()
+
+
+async def with_keepalive(events: AsyncIterator[Any], interval_s: float) -> AsyncIterator[Any]:
+    """`events`, plus `KEEPALIVE` each time `interval_s` passes without one (0: never).
+
+    One producer task pulls the events (so the source runs in a single task however long the
+    consumer waits); closing this iterator cancels the producer, which closes the source."""
+    if interval_s <= 0:
+        async with contextlib.aclosing(events) as evs:  # type: ignore[type-var]
+            async for ev in evs:
+                yield ev
+        return
+    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue(maxsize=64)
+
+    async def pump() -> None:
+        try:
+            async with contextlib.aclosing(events) as evs:  # type: ignore[type-var]
+                async for ev in evs:
+                    await queue.put((True, ev))
+            await queue.put((False, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            await queue.put((False, exc))
+
+    producer = asyncio.create_task(pump())
+    getter: asyncio.Future[tuple[bool, Any]] | None = None
+    try:
+        while True:
+            getter = getter or asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter}, timeout=interval_s)
+            if not done:
+                yield KEEPALIVE
+                continue
+            is_event, item = getter.result()
+            getter = None
+            if is_event:
+                yield item
+            elif item is None:
+                return
+            else:
+                raise item
+    finally:
+        if getter is not None:
+            getter.cancel()
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)

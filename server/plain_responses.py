@@ -1,0 +1,150 @@
+"""Turning plain (tool-free) `/v1/completions` output into OpenAI responses and stream chunks.
+
+Owns: `PlainCompletionBuilder`, one per plain completion request, with the interface of
+responses.ResponseBuilder (`feed`, `usage_chunk`, `response`, `generated_tokens`,
+`choices`, `trace`), so plain completions go through the same stream and non-stream
+paths (generation.py) as chat and THOR completions. It consumes the engine's
+`PlainChunk`s (n choices interleaved, as vLLM does) and produces `text_completion`
+chunks carrying text, logprobs (tokens, token_logprobs, top_logprobs, text_offset),
+finish_reason and stop_reason, the non-stream body (the same text and logprobs,
+accumulated), and `usage` (prompt, completion and total tokens) as the engine counted it.
+
+Does not own: THOR's responses (responses.py), HTTP plumbing (generation.py, routes/),
+or anything about tokens beyond the counts the engine reports.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from thor_engine.engine import PlainChunk
+
+from .metrics import ServerMetrics
+
+
+def _empty_logprobs() -> dict[str, list[Any]]:
+    return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+
+@dataclass
+class PlainChoice:
+    index: int
+    text: str = ""
+    logprobs: dict[str, list[Any]] = field(default_factory=_empty_logprobs)
+    completion_tokens: int = 0
+    final: dict[str, Any] | None = None  # finish_reason and stop_reason once the choice has finished
+
+
+class PlainCompletionBuilder:
+    def __init__(
+        self,
+        *,
+        response_id: str,
+        model: str,
+        n: int,
+        prompt_tokens: int,
+        logprobs: int | None,
+        metrics: ServerMetrics,
+        include_usage: bool = False,
+    ) -> None:
+        self.id, self.model = response_id, model
+        self.created = int(time.time())
+        self.choices = [PlainChoice(i) for i in range(n)]
+        self.prompt_tokens = prompt_tokens
+        self.logprobs = logprobs
+        self.metrics = metrics
+        # plain completion chunks carry no `usage` key; the usage chunk comes at the end
+        self.include_usage = include_usage
+        self.t0 = time.monotonic()
+        self.first_token_s: float | None = None
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+    def _add_logprobs(
+        self, st: PlainChoice, entries: list[tuple[str, float, dict[str, float]]] | None
+    ) -> dict[str, list[Any]] | None:
+        """This chunk's logprobs (also added to the choice's), offsets counted in the choice's text."""
+        if entries is None:
+            return None
+        part = _empty_logprobs()
+        for text, lp, tops in entries:
+            offset = len(st.text) + sum(len(t) for t in part["tokens"])
+            for d in (part, st.logprobs):
+                d["tokens"].append(text)
+                d["token_logprobs"].append(lp)
+                d["top_logprobs"].append(tops)
+                d["text_offset"].append(offset)
+        return part
+
+    def feed(self, c: PlainChunk) -> list[dict[str, Any]]:
+        """Consume one chunk of one choice; return the stream chunks it produces (possibly none)."""
+        if self.first_token_s is None and c.text:
+            self.first_token_s = time.monotonic() - self.t0
+            self.metrics.ttft.observe(self.first_token_s)
+        st = self.choices[c.index]
+        lp = self._add_logprobs(st, c.logprobs)
+        st.text += c.text
+        st.completion_tokens = c.completion_tokens
+        if c.finished:
+            st.final = {"finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            if all(s.final for s in self.choices):
+                self.metrics.generated_tokens.inc(self.generated_tokens())
+        if not (c.text or c.finished or lp):
+            return []
+        finish, stop = (c.finish_reason, c.stop_reason) if c.finished else (None, None)
+        return [
+            self._chunk(
+                [{"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": finish, "stop_reason": stop}]
+            )
+        ]
+
+    def generated_tokens(self) -> int:
+        """Tokens the engine generated for this request: what rate limits charge."""
+        return sum(st.completion_tokens for st in self.choices)
+
+    def usage(self) -> dict[str, Any]:
+        completion = self.generated_tokens()
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return self._chunk([], usage=self.usage())
+
+    def response(self) -> dict[str, Any]:
+        """The non-stream body: the same text and logprobs the stream sends, accumulated."""
+        choices = [
+            {
+                "index": st.index,
+                "text": st.text,
+                "logprobs": st.logprobs if self.logprobs is not None else None,
+                "finish_reason": (st.final or {}).get("finish_reason"),
+                "stop_reason": (st.final or {}).get("stop_reason"),
+            }
+            for st in self.choices
+        ]
+        return self._chunk(choices, usage=self.usage())
+
+    def trace(self, request_summary: dict[str, Any]) -> dict[str, Any]:
+        """The stored trace: the request summary, timings and each choice's text."""
+        return {
+            "id": self.id,
+            "object": "thor.trace",
+            "created": self.created,
+            "model": self.model,
+            "request": request_summary,
+            "timings": {"time_to_first_token_s": self.first_token_s, "total_s": time.monotonic() - self.t0},
+            "choices": [{"index": st.index, "text": st.text, **(st.final or {})} for st in self.choices],
+        }
