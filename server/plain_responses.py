@@ -5,7 +5,8 @@ responses.ResponseBuilder (`feed`, `usage_chunk`, `response`, `generated_tokens`
 `choices`, `trace`), so plain completions go through the same stream and non-stream
 paths (generation.py) as chat and THOR completions. It consumes the engine's
 `PlainChunk`s (n choices interleaved, as vLLM does) and produces `text_completion`
-chunks carrying text, logprobs (tokens, token_logprobs, top_logprobs, text_offset),
+chunks carrying text, logprobs (tokens, token_logprobs, top_logprobs, and text_offset
+counted over the tokens, independent of how the engine grouped them into chunks),
 finish_reason and stop_reason, the non-stream body (the same text and logprobs,
 accumulated), and `usage` (prompt, completion and total tokens) as the engine counted it.
 
@@ -34,6 +35,7 @@ class PlainChoice:
     text: str = ""
     logprobs: dict[str, list[Any]] = field(default_factory=_empty_logprobs)
     completion_tokens: int = 0
+    token_chars: int = 0  # characters of the tokens with logprobs so far (where the next one starts)
     final: dict[str, Any] | None = None  # finish_reason and stop_reason once the choice has finished
 
 
@@ -73,17 +75,20 @@ class PlainCompletionBuilder:
     def _add_logprobs(
         self, st: PlainChoice, entries: list[tuple[str, float, dict[str, float]]] | None
     ) -> dict[str, list[Any]] | None:
-        """This chunk's logprobs (also added to the choice's), offsets counted in the choice's text."""
+        """This chunk's logprobs (also added to the choice's). A token's `text_offset` is where it
+        starts in the choice's tokens put end to end: the same however the engine grouped tokens
+        into chunks (a chunk's text can lag its tokens while the detokeniser holds a partial
+        character back), so a stream's offsets equal the non-stream ones."""
         if entries is None:
             return None
         part = _empty_logprobs()
         for text, lp, tops in entries:
-            offset = len(st.text) + sum(len(t) for t in part["tokens"])
             for d in (part, st.logprobs):
                 d["tokens"].append(text)
                 d["token_logprobs"].append(lp)
                 d["top_logprobs"].append(tops)
-                d["text_offset"].append(offset)
+                d["text_offset"].append(st.token_chars)
+            st.token_chars += len(text)
         return part
 
     def feed(self, c: PlainChunk) -> list[dict[str, Any]]:

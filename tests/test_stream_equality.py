@@ -245,3 +245,40 @@ async def test_answer_is_not_sent_twice(tokenizer, executor):
     assert fields["content"] == "So \\boxed{42}."
     assert "boxed" not in fields["reasoning"]
     assert fields["reasoning"] == "Compute.\n```python\nprint(6*7)\n```\n```output\n42\n```\n"
+
+
+def test_plain_completion_logprob_offsets_do_not_depend_on_chunking() -> None:
+    """Plain /v1/completions: the engine groups tokens into chunks as timing allows, and a
+    chunk's text can lag its tokens (the detokeniser holds a lone space or a partial character
+    back). The logprobs, offsets included, must not depend on that grouping, or a stream and
+    the same request without streaming disagree."""
+    from server.plain_responses import PlainCompletionBuilder
+    from thor_engine.engine import PlainChunk
+
+    tokens = [(" ", -1.5, {" ": -1.5}), ("3", -0.1, {"3": -0.1}), ("36", -0.2, {"36": -0.2})]
+    held_back = [
+        PlainChunk(0, "", logprobs=tokens[:1], completion_tokens=1),
+        PlainChunk(0, " 3", logprobs=tokens[1:2], completion_tokens=2),
+        PlainChunk(0, "36", finished=True, finish_reason="length", logprobs=tokens[2:], completion_tokens=3),
+    ]
+    together = [PlainChunk(0, " 336", finished=True, finish_reason="length", logprobs=tokens, completion_tokens=3)]
+
+    def run(chunks: list[PlainChunk]) -> tuple[dict, list[dict]]:
+        builder = PlainCompletionBuilder(
+            response_id="cmpl-1", model="m", n=1, prompt_tokens=4, logprobs=1, metrics=ServerMetrics()
+        )
+        sent = [chunk for c in chunks for chunk in builder.feed(c)]
+        return builder.response(), sent
+
+    split_body, split_stream = run(held_back)
+    whole_body, _ = run(together)
+    assert split_body["choices"] == whole_body["choices"]
+    assert whole_body["choices"][0]["logprobs"]["text_offset"] == [0, 1, 2]
+    assert split_body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    # the stream's chunks, concatenated, are the non-stream choice
+    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in split_stream:
+        for k, v in chunk["choices"][0]["logprobs"].items():
+            streamed[k] += v
+    assert streamed == split_body["choices"][0]["logprobs"]
+    assert "".join(c["choices"][0]["text"] for c in split_stream) == split_body["choices"][0]["text"] == " 336"
