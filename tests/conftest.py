@@ -55,3 +55,31 @@ def tiny_tir_model(default_model: Path) -> Path:
 
     root = Path(__file__).resolve().parents[1]
     return build_tiny_tir_model(root / ".cache" / "models" / "tiny-tir", default_model)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model: Path):
+    """The default model's tokenizer (real Qwen2.5 BPE): what the scripted decoder tests tokenise with."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model)
+
+
+@pytest.fixture(scope="session")
+def think_tokenizer(default_model: Path):
+    """The same tokenizer with Qwen3's think tags added: the decoder treats it as a reasoning model."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model)
+    tok.add_tokens(["<think>", "</think>"])
+    return tok
+
+
+@pytest.fixture
+async def executor(sandbox: SandboxService):
+    """A `SandboxExecutor` on the shared test sandbox (what the decoder awaits for each code block)."""
+    from thor_engine.tools import SandboxExecutor
+    from thor_sandbox.client import SandboxClient
+
+    async with SandboxClient(sandbox.url) as client:
+        yield SandboxExecutor(client)

@@ -26,7 +26,7 @@ import pytest
 
 from tests.support.openapi import validate
 from tests.support.sandbox_service import run_sandbox
-from tests.support.thor_server import run_server
+from tests.support.thor_server import run_server, tiny_server_args
 from thor_engine.prompting import TIR_INSTRUCTIONS
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.sandbox]
@@ -87,16 +87,7 @@ def sandbox1():
 
 @pytest.fixture(scope="module")
 def server(tiny_tir_model, sandbox1):
-    args = [
-        "--model",
-        str(tiny_tir_model),
-        "--served-model-name",
-        MODEL,
-        "--max-model-len",
-        "2048",
-        "--sandbox-url",
-        sandbox1.url,
-    ]
+    args = tiny_server_args(tiny_tir_model, MODEL, sandbox_url=sandbox1.url)
     with run_server(args, env=SERVER_ENV) as srv:
         yield srv
 
@@ -116,16 +107,7 @@ def strict_model(tiny_tir_model: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def strict_server(strict_model, sandbox):
-    args = [
-        "--model",
-        str(strict_model),
-        "--served-model-name",
-        STRICT,
-        "--max-model-len",
-        "2048",
-        "--sandbox-url",
-        sandbox.url,
-    ]
+    args = tiny_server_args(strict_model, STRICT, sandbox_url=sandbox.url)
     with run_server(args) as srv:
         yield srv
 
@@ -518,16 +500,7 @@ def _engine_core_pid(server_pid: int) -> int:
 
 
 def test_engine_death_health_503_and_stream_error_event(tiny_tir_model, sandbox):
-    args = [
-        "--model",
-        str(tiny_tir_model),
-        "--served-model-name",
-        MODEL,
-        "--max-model-len",
-        "2048",
-        "--sandbox-url",
-        sandbox.url,
-    ]
+    args = tiny_server_args(tiny_tir_model, MODEL, sandbox_url=sandbox.url)
     with run_server(args) as srv:
         assert httpx.get(srv.url + "/health").json()["engine"]["status"] == "ok"
         body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1900, "ignore_eos": True, "stream": True}

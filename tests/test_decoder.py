@@ -15,7 +15,6 @@ from thor_engine.decoder import ThorDecoder, collect, finals
 from thor_engine.events import Backtrack, CodeBlock, FinishReason, TextDelta, ToolCall, Vote
 from thor_engine.observation import judge
 from thor_engine.prompting import render_chat
-from thor_engine.tools import SandboxExecutor
 from thor_engine.trajectory import SegmentKind
 from thor_sandbox.client import SandboxClient
 
@@ -41,19 +40,6 @@ def fixed_model(full: str):
         return target[len(done) :] if target.startswith(done) else ""
 
     return respond
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model)
-
-
-@pytest.fixture
-async def executor(sandbox):
-    async with SandboxClient(sandbox.url) as client:
-        yield SandboxExecutor(client)
 
 
 def prompt_ids(tokenizer, question: str = "What is 123*457?") -> list[int]:

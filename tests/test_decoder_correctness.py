@@ -15,8 +15,6 @@ from thor_engine.decoder import ThorDecoder, collect, finals
 from thor_engine.detokenize import TokenText
 from thor_engine.events import Backtrack, CodeBlock, FinishReason, TextDelta, ToolCall, Vote
 from thor_engine.prompting import render_chat
-from thor_engine.tools import SandboxExecutor
-from thor_sandbox.client import SandboxClient
 
 pytestmark = pytest.mark.sandbox
 
@@ -26,29 +24,6 @@ CUT = "Considering the limited time by the user"
 
 def done_text(prompt: str) -> str:
     return prompt.split(ASSISTANT)[-1]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model)
-
-
-@pytest.fixture(scope="module")
-def think_tokenizer(default_model):
-    """The default model's tokenizer with Qwen3's think tags: the decoder treats it as a reasoning model."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model)
-    tok.add_tokens(["<think>", "</think>"])
-    return tok
-
-
-@pytest.fixture
-async def executor(sandbox):
-    async with SandboxClient(sandbox.url) as client:
-        yield SandboxExecutor(client)
 
 
 def prompt_ids(tokenizer, suffix: str = "") -> list[int]:

@@ -22,7 +22,7 @@ from schemathesis.generation.modes import GenerationMode
 
 from tests.support.openapi import validate
 from tests.support.shared_data import schema_path
-from tests.support.thor_server import run_server
+from tests.support.thor_server import run_server, tiny_server_args
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.sandbox]
 
@@ -41,16 +41,7 @@ SUCCESS_OBJECT = {"/chat/completions": "chat.completion", "/completions": "text_
 def server(tiny_tir_model, sandbox):
     # small budgets keep each generated request quick; the limits are part of what is fuzzed
     env = {"THOR_DEFAULT_MAX_TOKENS": "16", "THOR_MAX_REQUEST_TOKENS": "256", "THOR_MAX_REQUEST_BODY_BYTES": "262144"}
-    args = [
-        "--model",
-        str(tiny_tir_model),
-        "--served-model-name",
-        MODEL,
-        "--max-model-len",
-        "1024",
-        "--sandbox-url",
-        sandbox.url,
-    ]
+    args = tiny_server_args(tiny_tir_model, MODEL, sandbox_url=sandbox.url, max_model_len=1024)
     with run_server(args, env=env) as srv:
         yield srv
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.openapi import validate
 from tests.support.redis_server import run_redis
 from tests.support.sandbox_service import run_sandbox
-from tests.support.thor_server import run_server
+from tests.support.thor_server import run_server, tiny_server_args
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.sandbox]
 
@@ -37,14 +37,7 @@ def redis_srv():
 @pytest.fixture(scope="module")
 def server(tiny_tir_model, sandbox, redis_srv):
     args = [
-        "--model",
-        str(tiny_tir_model),
-        "--served-model-name",
-        MODEL,
-        "--max-model-len",
-        "2048",
-        "--sandbox-url",
-        sandbox.url,
+        *tiny_server_args(tiny_tir_model, MODEL, sandbox_url=sandbox.url),
         "--redis-url",
         redis_srv.url,
         "--api-key",
@@ -469,16 +462,7 @@ def test_metrics_exposition(server, client):
 
 def test_sandbox_down_is_503(tiny_tir_model):
     with run_sandbox() as sbx:
-        args = [
-            "--model",
-            str(tiny_tir_model),
-            "--served-model-name",
-            MODEL,
-            "--max-model-len",
-            "2048",
-            "--sandbox-url",
-            sbx.url,
-        ]
+        args = tiny_server_args(tiny_tir_model, MODEL, sandbox_url=sbx.url)
         with run_server(args) as srv:
             sbx.process.terminate()
             sbx.process.wait(timeout=30)

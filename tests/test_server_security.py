@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.openapi import validate
 from tests.support.redis_server import run_redis
-from tests.support.thor_server import run_server
+from tests.support.thor_server import run_server, tiny_server_args
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-tir"
@@ -298,14 +298,7 @@ async def test_meter_counts_generated_tokens_of_all_samples_and_discarded_attemp
 @pytest.fixture(scope="module")
 def open_server(tiny_tir_model, sandbox) -> Iterator:
     args = [
-        "--model",
-        str(tiny_tir_model),
-        "--served-model-name",
-        MODEL,
-        "--max-model-len",
-        "2048",
-        "--sandbox-url",
-        sandbox.url,
+        *tiny_server_args(tiny_tir_model, MODEL, sandbox_url=sandbox.url),
         "--requests-per-minute",
         "3",
         "--tokens-per-minute",
@@ -416,14 +409,7 @@ def keyed_server(tiny_tir_model, sandbox, redis_srv) -> Iterator:
     keyfile = Path(tempfile.mkdtemp(prefix="thor-keys-")) / "keys"
     keyfile.write_text(f"{K2}\n# stored as a digest only:\n{key_digest(K3)}\n")
     args = [
-        "--model",
-        str(tiny_tir_model),
-        "--served-model-name",
-        MODEL,
-        "--max-model-len",
-        "2048",
-        "--sandbox-url",
-        sandbox.url,
+        *tiny_server_args(tiny_tir_model, MODEL, sandbox_url=sandbox.url),
         "--redis-url",
         redis_srv.url,
         "--api-key",

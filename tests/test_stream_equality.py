@@ -23,8 +23,6 @@ from thor_engine.config import SamplingOptions, SelfCorrectionConfig, ThorConfig
 from thor_engine.decoder import ThorDecoder
 from thor_engine.events import Final
 from thor_engine.prompting import render_chat
-from thor_engine.tools import SandboxExecutor
-from thor_sandbox.client import SandboxClient
 
 pytestmark = pytest.mark.sandbox
 
@@ -120,28 +118,6 @@ THINK_CASES: dict[str, tuple[Callable[[], Callable[[str], str]], dict, str | Non
     ),
     "think-budget": (lambda: continuing("<think>\n" + "hmm " * 200), {"thinking_budget": 40}, None),
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model)
-
-
-@pytest.fixture(scope="module")
-def think_tokenizer(default_model):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model)
-    tok.add_tokens(["<think>", "</think>"])
-    return tok
-
-
-@pytest.fixture
-async def executor(sandbox):
-    async with SandboxClient(sandbox.url) as client:
-        yield SandboxExecutor(client)
 
 
 async def build(

@@ -27,6 +27,14 @@ class ThorServer:
         return self.log_path.read_text(errors="replace")
 
 
+def tiny_server_args(
+    model: Path | str, served_name: str, *, sandbox_url: str | None = None, max_model_len: int = 2048
+) -> list[str]:
+    """`python -m server` flags for a test model under a served name (plus a sandbox URL)."""
+    args = ["--model", str(model), "--served-model-name", served_name, "--max-model-len", str(max_model_len)]
+    return args + (["--sandbox-url", sandbox_url] if sandbox_url else [])
+
+
 @contextlib.contextmanager
 def run_server(
     args: list[str], env: dict[str, str] | None = None, ready_timeout: float = 240.0
