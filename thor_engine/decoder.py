@@ -84,6 +84,7 @@ class _State:
     prompt_in_think: bool  # the prompt leaves the model inside <think>
     prompt_think_closed: bool  # the prompt's last think tag is </think> (thinking switched off)
     tools_on: bool  # fences are watched (THOR tools were requested at all)
+    languages: tuple[str, ...]  # fence info strings of executable code
     watch: FenceWatch | None = None
     emitted: int = 0  # characters of `text` already sent as TextDelta
     emit_in_think: bool = False
@@ -195,14 +196,14 @@ class ThorDecoder:
     def _after_cut(self, st: _State) -> None:
         st.emitted = min(st.emitted, len(st.text.text))
         st.emit_in_think = self._in_think(st, st.emitted)
-        self._new_watch(st, cfg_languages=st.watch.languages if st.watch else None)
 
-    def _new_watch(self, st: _State, cfg_languages: tuple[str, ...] | None) -> None:
-        if not st.tools_on or cfg_languages is None:
+    def _new_watch(self, st: _State) -> None:
+        """Watch the current round from its start (a new round, or one a backtrack shortened)."""
+        if not st.tools_on:
             st.watch = None
             return
-        st.watch = FenceWatch(cfg_languages, start=st.round_start)
-        st.watch.feed(st.text.text)  # re-read the kept text of this round (it holds no event: it was cut before)
+        st.watch = FenceWatch(st.languages, start=st.round_start)
+        st.watch.feed(st.text.text)  # the kept text of a shortened round holds no event: it ends before the block
 
     def _in_think(self, st: _State, upto: int) -> bool:
         """Whether the completion's first `upto` characters leave the model inside <think>."""
@@ -310,9 +311,10 @@ class ThorDecoder:
             prompt_in_think=tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE),
             prompt_think_closed=tail.rfind(THINK_CLOSE) > tail.rfind(THINK_OPEN),
             tools_on=cfg.max_tool_calls > 0 or cfg.on_tool_budget == "stop",
+            languages=cfg.code_languages,
         )
         st.emit_in_think = st.prompt_in_think
-        self._new_watch(st, cfg.code_languages)
+        self._new_watch(st)
         eos = self.backend.eos_token_ids
         max_len = self.backend.max_model_len
         budget = sampling.max_tokens if sampling.max_tokens is not None else max_len - len(prompt)
@@ -474,7 +476,7 @@ class ThorDecoder:
         self._append(st, self.tokenizer.encode(cfg.thinking_cut_text, add_special_tokens=False), SegmentKind.injected)
         st.traj.protect()
         st.cut = True
-        self._new_watch(st, cfg.code_languages)
+        self._new_watch(st)
         events += self._emit(st, len(st.text.text), False, source="injected")
         return events
 
@@ -575,7 +577,7 @@ class ThorDecoder:
         text = injection(observation, st.text.text.endswith("\n"))
         self._append(st, self.tokenizer.encode(text, add_special_tokens=False), SegmentKind.observation)
         st.traj.protect()
-        self._new_watch(st, cfg.code_languages)
+        self._new_watch(st)
         return self._emit(st, len(st.text.text), False, source="observation")
 
     def _backtrack(self, st: _State, cfg: ThorConfig, block: FencedBlock, call: int, reason: str) -> Backtrack:
@@ -595,6 +597,7 @@ class ThorDecoder:
         dropped = st.traj.truncate(st.prompt_len + keep)
         st.text.truncate(keep)
         self._after_cut(st)
+        self._new_watch(st)
         st.counters.discarded += len(dropped)
         st.stats.backtracks += 1
         st.attempt += 1
@@ -614,7 +617,7 @@ class ThorDecoder:
         answer_text = "".join(p for p, ch, markup in pieces if ch == "answer" and not markup).lstrip()
         model_text = "".join(
             text[st.text.offset(a - st.prompt_len) : st.text.offset(b - st.prompt_len)]
-            for a, b, kind in _spans(traj)
+            for a, b, kind in traj.spans()
             if kind is SegmentKind.model
         )
         answer = extract_boxed(answer_text) or extract_boxed(_prose(model_text))
@@ -653,15 +656,6 @@ def _prose(text: str) -> str:
         pos = block.end
     out.append(text[pos:])
     return "".join(out)
-
-
-def _spans(traj: Trajectory) -> list[tuple[int, int, SegmentKind]]:
-    """(start, end, kind) token ranges of a trajectory's segments."""
-    out, pos = [], 0
-    for seg in traj.segments:
-        out.append((pos, pos + len(seg.token_ids), seg.kind))
-        pos += len(seg.token_ids)
-    return [s for s in out if s[2] is not SegmentKind.prompt]
 
 
 async def collect(events: AsyncIterator[Event]) -> list[Event]:

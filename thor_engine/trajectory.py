@@ -97,6 +97,15 @@ class Trajectory:
         """1 for tokens the model generated (trained on), 0 for prompt, observations, injections."""
         return [1 if k is SegmentKind.model else 0 for k in self.kinds]
 
+    def spans(self) -> list[tuple[int, int, SegmentKind]]:
+        """(start, end, kind) token ranges of the segments after the prompt."""
+        out, pos = [], 0
+        for seg in self.segments:
+            if seg.kind is not SegmentKind.prompt:
+                out.append((pos, pos + len(seg.token_ids), seg.kind))
+            pos += len(seg.token_ids)
+        return out
+
     def completion_segments(self) -> list[Segment]:
         """Everything after the prompt."""
         return [s for s in self.segments if s.kind is not SegmentKind.prompt]
