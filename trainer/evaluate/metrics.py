@@ -216,7 +216,10 @@ def wilson_interval(successes: int, n: int, *, confidence: float = 0.95) -> Inte
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Interval(value=p, low=max(0.0, centre - half), high=min(1.0, centre + half))
+    # At p = 0 (p = 1) the lower (upper) bound is exactly 0 (1); floats leave ~1e-17 there.
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return Interval(value=p, low=low, high=high)
 
 
 class PairedDifference(BaseModel):
