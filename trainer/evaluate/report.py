@@ -308,7 +308,10 @@ def _finish_lines(summary: Summary) -> list[str]:
     examples = [(r, msg, n) for r in summary.results for msg, n in r.error_examples.items()]
     if examples:
         lines += ["", "Errors (samples that could not be generated count as wrong):", ""]
-        lines += [f"- {_esc(r.benchmark)}/{_esc(r.mode)} ({n} samples): {_esc(msg)}" for r, msg, n in examples]
+        lines += [
+            f"- {_esc(r.benchmark)}/{_esc(r.mode)} ({n} sample{'' if n == 1 else 's'}): {_esc(msg)}"
+            for r, msg, n in examples
+        ]
     return [*lines, ""]
 
 
@@ -319,8 +322,8 @@ def render_markdown(summary: Summary, *, title: str | None = None) -> str:
     lines = [
         f"# {title or f'Evaluation: Avg@{k}'}",
         "",
-        f"{summary.records} samples; k = {k}; modes: {', '.join(summary.modes)}; "
-        f"benchmarks: {', '.join(summary.benchmarks)}. Cells: value ({conf}% interval), in percent. "
+        f"{summary.records} samples; k = {k}; modes: {', '.join(summary.modes) or 'none'}; "
+        f"benchmarks: {', '.join(summary.benchmarks) or 'none'}. Cells: value ({conf}% interval), in percent. "
         f"Intervals: percentile bootstrap over problems ({summary.resamples} resamples, seed {summary.seed}); "
         "Wilson over samples in the key-insight table.",
         "",
@@ -413,7 +416,10 @@ def plot_accuracy(summary: Summary, path: Path) -> None:
     ax.set_title(f"Accuracy by benchmark and mode (Avg@{summary.k}, {_conf(summary)}% intervals)")
     ax.yaxis.grid(True, alpha=0.3)
     ax.set_axisbelow(True)
-    ax.legend(title="mode", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    if modes:
+        ax.legend(title="mode", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    if not summary.results:
+        ax.text(0.5, 0.5, "no results", transform=ax.transAxes, ha="center", va="center")
     fig.tight_layout()
     _save_png(fig, path)
 
@@ -447,7 +453,11 @@ def plot_key_insight(summary: Summary, path: Path) -> None:
         ax.set_axisbelow(True)
     axes[0].set_ylabel("accuracy of the trajectories (%)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(_GROUPS), fontsize=8, frameon=False)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(_GROUPS), fontsize=8, frameon=False)
+    else:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no results", transform=ax.transAxes, ha="center", va="center")
     fig.suptitle("Key insight: tool-call success vs answer accuracy (Wilson intervals; n = samples)")
     fig.tight_layout(rect=(0.0, 0.06, 1.0, 1.0))
     _save_png(fig, path)
