@@ -39,7 +39,7 @@ $(STAMPS)/venv: pyproject.toml sandbox_image/pyproject.toml | $(STAMPS)
 	@test -n "$(PY311)" || { echo "error: Python 3.11 not found; set PY311=/path/to/python3.11"; exit 1; }
 	test -x $(VENV)/bin/python || $(PY311) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ./sandbox_image -e '.[test]'
+	$(VENV)/bin/pip install -q -e ./sandbox_image -e '.[test,train]'
 	touch $@
 
 venv: $(STAMPS)/venv

@@ -1,0 +1,106 @@
+"""Evaluation modes: what "thor", "thor-nosc", "cot" and "tir-ref" mean, in one place.
+
+Owns: the table of modes, each one the chat messages a problem becomes, whether THOR's
+tool instructions are added, and the `ThorConfig` the decoder runs with; plus how a
+mode is asked of a THOR server (its `thor` request field), so that every target runs
+the same prompts and settings.
+
+- ``thor``: tools + self-correction, the server's defaults (notebook observation profile).
+- ``thor-nosc``: the same without self-correction (a failed call is kept, not resampled).
+- ``cot``: no tools; Qwen2.5-Math's chain-of-thought system prompt.
+- ``tir-ref``: the reference code's settings (reference observation profile: no stdout
+  is a failure and nothing is echoed; 10 calls; backtrack 500 tokens; 4 retries).
+
+Does not own: sampling (the run's), scoring, or the targets that run a mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from thor_engine.config import ObservationConfig, SelfCorrectionConfig, ThorConfig
+from thor_engine.prompting import TIR_INSTRUCTIONS
+
+__all__ = ["COT_PROMPT", "MODES", "Mode", "parse_modes"]
+
+#: Qwen2.5-Math's CoT prompt (its evaluation's system message), as THOR's Table 1 baselines use.
+COT_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    description: str
+    tools: bool
+    config: ThorConfig
+    system_prompt: str | None = None
+    #: THOR's tool instructions, appended to the system message (as the server does) when tools are on.
+    tir_instructions: str | None = TIR_INSTRUCTIONS
+    #: The `thor` request field that asks a THOR server for this mode.
+    server_options: dict[str, Any] = field(default_factory=dict)
+
+    def messages(self, problem: str) -> list[dict[str, str]]:
+        """The chat messages of a problem (THOR's tool instructions are added by the engine)."""
+        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*msgs, {"role": "user", "content": problem}]
+
+
+_THOR = ThorConfig()
+
+MODES: dict[str, Mode] = {
+    m.name: m
+    for m in (
+        Mode(
+            "thor",
+            "tools + self-correction (server defaults)",
+            tools=True,
+            config=_THOR,
+            server_options={},
+        ),
+        Mode(
+            "thor-nosc",
+            "tools, no self-correction",
+            tools=True,
+            config=_THOR.model_copy(update={"self_correction": SelfCorrectionConfig(enabled=False)}),
+            server_options={"self_correction": False},
+        ),
+        Mode(
+            "cot",
+            "no tools, Qwen2.5-Math CoT prompt",
+            tools=False,
+            config=_THOR.model_copy(update={"max_tool_calls": 0, "on_tool_budget": "continue"}),
+            system_prompt=COT_PROMPT,
+            tir_instructions=None,
+            server_options={"enabled": False},
+        ),
+        Mode(
+            "tir-ref",
+            "reference settings: reference observations, 10 calls, backtrack 500",
+            tools=True,
+            config=ThorConfig(
+                max_tool_calls=10,
+                observation=ObservationConfig(profile="reference"),
+                self_correction=SelfCorrectionConfig(enabled=True, backtrack_tokens=500, max_retries=4),
+            ),
+            server_options={
+                "max_tool_calls": 10,
+                "observation": {"profile": "reference"},
+                "self_correction": {"enabled": True, "backtrack_tokens": 500, "max_retries": 4},
+            },
+        ),
+    )
+}
+
+
+def parse_modes(spec: str) -> list[Mode]:
+    """`"thor,cot"` -> the modes, in the order given; ValueError naming the unknown one."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ValueError("--modes is empty; choose from " + ", ".join(MODES))
+    unknown = [n for n in names if n not in MODES]
+    if unknown:
+        raise ValueError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--modes lists a mode twice: {spec!r}")
+    return [MODES[n] for n in names]
