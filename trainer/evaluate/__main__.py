@@ -153,13 +153,16 @@ def default_out(model: str) -> Path:
     return Path("runs") / "eval" / f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def refuse_used_out(out: Path) -> None:
+    records = out / RECORDS_FILE
+    if records.exists() and records.stat().st_size > 0:
+        raise InputError(f"{out} already holds records: pass --resume to continue that run, or choose another --out")
+
+
 def check_out_dir(out: Path, spec: RunSpec, resume: bool) -> None:
     records = out / RECORDS_FILE
     if not resume:
-        if records.exists() and records.stat().st_size > 0:
-            raise InputError(
-                f"{out} already holds records: pass --resume to continue that run, or choose another --out"
-            )
+        refuse_used_out(out)
         return
     spec_path = out / SPEC_FILE
     if not spec_path.exists():
@@ -214,6 +217,8 @@ async def run(args: argparse.Namespace) -> int:
         print("\n".join(str(p) for p in paths))
         return EXIT_OK
     names, problems = load_problems(args)
+    if args.out is not None and not args.resume:
+        refuse_used_out(args.out)  # before a model is loaded
     temperature = args.temperature if args.temperature is not None else (0.6 if args.k > 1 else 0.0)
 
     async with contextlib.AsyncExitStack() as stack:
