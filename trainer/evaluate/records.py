@@ -81,7 +81,9 @@ class SampleRecord(BaseModel):
     sample: int = Field(description="0..k-1")
     model: str
     target: str = Field(description="in-process, thor-server, openai-completions or openai-chat")
-    prompt: list[dict[str, Any]] = Field(description="The chat messages sent (before THOR's tool instructions).")
+    prompt: list[dict[str, Any]] = Field(
+        description="The chat messages the model saw (THOR's tool instructions included where the mode uses them)."
+    )
     text: str = Field(description="The whole completion: reasoning, code, outputs, answer.")
     answer: str | None = Field(description="The extracted final answer (last \\boxed{}), None if none.")
     gold: str

@@ -24,6 +24,7 @@ from typing import Any
 
 from thor_engine.answer import AnswerChecker
 from thor_engine.config import SamplingOptions
+from thor_engine.prompting import with_tir_instructions
 
 from .benchmarks import Problem
 from .modes import Mode
@@ -196,7 +197,7 @@ async def _sample(target: Target, job: _Job, spec: RunSpec, checker: AnswerCheck
         "sample": job.sample,
         "model": target.model,
         "target": target.kind,
-        "prompt": messages,
+        "prompt": with_tir_instructions(messages, mode.tir_instructions if mode.tools else None, "append"),
         "gold": p.answer,
     }
     try:
