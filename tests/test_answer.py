@@ -295,7 +295,8 @@ def test_extract_boxed(text: str, expected: str | None) -> None:
         ("7.", "7"),
         ("1/2", r"\frac{1}{2}"),
         (r"\left( 1, 2 \right)", "(1,2)"),
-        (r"x \le 3", r"x\leq3"),
+        (r"x \le 2y", r"x\leq2y"),
+        (r"x \le 3", r"(-\infty,3]"),  # a one-variable inequality is its interval
         (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}"),
         (r"\boxed{4}", "4"),
         ("", ""),

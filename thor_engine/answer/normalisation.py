@@ -34,12 +34,27 @@ _UNITS = (
 _TEXT_CMDS = r"\\(?:text|textrm|textbf|textit|textup|texttt|textnormal|mathrm|mathbf|mathit|mbox)"
 _UNIT_CMDS = r"\\(?:text|textrm|textup|textnormal|mathrm|mbox)"
 _TEXT_UNIT_RE = re.compile(
-    _UNIT_CMDS + r"\s*\{\s*(?:" + _UNITS + r")\s*\}(?:\s*\^\s*\{?\s*[23]\s*\}?)?",
+    _UNIT_CMDS + r"\s*\{(?:\s|~|\\[,;: ])*(?:" + _UNITS + r")\s*\}(?:\s*\^\s*\{?\s*[23]\s*\}?)?",
     re.IGNORECASE,
+)
+# A number (decimal, e-notation, "a \times 10^{b}", or an integer fraction) followed only by
+# upright-text blocks: those are its units, whatever they say (Minerva: 4.5 \times 10^{33}
+# \mathrm{ergs} \mathrm{s}^{-1}, 20 \mathrm{~km} / \mathrm{s}). Only whole strings match.
+_NUMBER_PAT = (
+    r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+    r"(?:\s*\\(?:times|cdot)\s*10\s*\^\s*(?:\{\s*[-+]?\d+\s*\}|\d))?"
+    r"|[-+]?\\[dt]?frac\s*\{\s*[-+]?\d+\s*\}\s*\{\s*\d+\s*\}"
+)
+_UNIT_TAIL_RE = re.compile(
+    r"^\s*(" + _NUMBER_PAT + r")"
+    r"(?:\s*(?:/|\\cdot|\\[,;: ]|~)?\s*" + _UNIT_CMDS + r"\s*\{[^{}]*\}(?:\s*\^\s*(?:\{\s*-?\d+\s*\}|-?\d))?)+"
+    r"\s*\.?\s*$"
 )
 _TEXT_WRAP_RE = re.compile(_TEXT_CMDS + r"\s*\{([^{}]*)\}")
 _PLAIN_UNIT_RE = re.compile(
-    r"(?<=[\d}])\s+(?:" + "|".join(u for u in _UNITS.split("|") if len(u) > 1) + r")(?:\s*\^\s*\{?[23]\}?)?\s*\.?\s*$",
+    r"(?<=[\d}])\s+(?:(?:square|sq\.?|cubic)\s+)?(?:"
+    + "|".join(u for u in _UNITS.split("|") if len(u) > 1)
+    + r")(?:\s*\^\s*\{?[23]\}?)?\s*\.?\s*$",
     re.IGNORECASE,
 )
 # "\\" (a row break) is matched first so the "\\ " of a matrix is never read as "\ ".
@@ -51,13 +66,17 @@ _CHOICE_RE = re.compile(r"^\(?([A-Z])\)$")
 _ASSIGN_RE = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:=|\\in(?![a-zA-Z]))(.+)$")
 _CTRL_WORD_RE = re.compile(r"\\[a-zA-Z]+")
 _SLASH_FRAC_RE = re.compile(r"^(-?)(\d+)/(\d+)$")
+_DOT_BEFORE_SLASH_RE = re.compile(r"(?<![\d.])(\d+)\.(?=/)")  # Python's "-1./3"
+_E_NOTATION_RE = re.compile(r"^([-+]?)(\d+(?:\.\d*)?|\.\d+)[eE]\+?(-?)0*(\d+)$")
+_CODE_FUNC_RE = re.compile(r"(?<![\w.\\])(?:np|numpy|math|sp|sympy)\.(arcsin|arccos|arctan|sin|cos|tan|exp|log|pi)\b")
+_ONE_CHAR_SCRIPT_RE = re.compile(r"([_^])\{([a-zA-Z0-9])\}")
 _THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _TRAILING_ZEROS_RE = re.compile(r"(?<![\d.])(\d+)\.(\d*[1-9])?0+(?![\d.])")
 _LEADING_DOT_RE = re.compile(r"(?<![\w}.])\.(\d)")
 _RENAMES = (
     (re.compile(r"\\[dt]frac(?![a-zA-Z])"), r"\\frac"),
-    (re.compile(r"\\le(?![a-zA-Z])"), r"\\leq"),
-    (re.compile(r"\\ge(?![a-zA-Z])"), r"\\geq"),
+    (re.compile(r"\\le(?:qslant)?(?![a-zA-Z])"), r"\\leq"),
+    (re.compile(r"\\ge(?:qslant)?(?![a-zA-Z])"), r"\\geq"),
     (re.compile(r"\\ne(?![a-zA-Z])"), r"\\neq"),
     (re.compile(r"\\varnothing(?![a-zA-Z])"), r"\\emptyset"),
     (re.compile(r"\{bmatrix\}"), "{pmatrix}"),
@@ -156,6 +175,57 @@ def _strip_assignment(s: str) -> str:
     return rhs
 
 
+_REL = r"(<|>|\\leq|\\geq|\\lt|\\gt)"
+_ONE_SIDED_RE = re.compile(r"^([a-zA-Z])" + _REL + r"(.+)$")
+_ONE_SIDED_REVERSED_RE = re.compile(r"^(.+?)" + _REL + r" ?([a-zA-Z])$")
+_TWO_SIDED_RE = re.compile(r"^(.+?)(<|\\leq|\\lt) ?([a-zA-Z])(<|\\leq|\\lt)(.+)$")
+_FLIP = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq", "\\lt": ">", "\\gt": "<"}
+
+
+def _is_value(s: str) -> bool:
+    """No free letter (control words such as ``\\pi`` or ``\\infty`` are fine) and no relation."""
+    return bool(s) and not re.search(r"[a-zA-Z<>=]", _CTRL_WORD_RE.sub("", s)) and "\\leq" not in s and "\\geq" not in s
+
+
+def _inequality_to_interval(s: str) -> str:
+    """A one-variable inequality as the interval it describes: ``x<-5`` -> ``(-\\infty,-5)``.
+
+    ``x\\geq 3`` -> ``[3,\\infty)``, ``-2\\leq x\\leq 7`` -> ``[-2,7]``, ``5>x`` -> ``(-\\infty,5)``;
+    only when the bounds are values (see :func:`_is_value`). The variable's name is dropped:
+    the answer is the set.
+    """
+    if m := _TWO_SIDED_RE.match(s):
+        low, rel_low, _, rel_high, high = m.groups()
+        if _is_value(low) and _is_value(high):
+            return (
+                ("(" if rel_low in ("<", "\\lt") else "[")
+                + f"{low},{high}"
+                + (")" if rel_high in ("<", "\\lt") else "]")
+            )
+        return s
+    if m := _ONE_SIDED_RE.match(s):
+        rel, bound = m[2], m[3]
+    elif m := _ONE_SIDED_REVERSED_RE.match(s):
+        bound, rel = m[1], _FLIP[m[2]]
+    else:
+        return s
+    if not _is_value(bound):
+        return s
+    if rel in ("<", "\\lt"):
+        return f"(-\\infty,{bound})"
+    if rel == "\\leq":
+        return f"(-\\infty,{bound}]"
+    if rel in (">", "\\gt"):
+        return f"({bound},\\infty)"
+    return f"[{bound},\\infty)"
+
+
+def _e_notation_to_latex(m: re.Match[str]) -> str:
+    """``4.5e33`` -> ``4.5\\times10^{33}``, ``1e-5`` -> ``1\\times10^{-5}`` (math-verify reads no e-notation)."""
+    exponent = m[3] + m[4]
+    return f"{m[1]}{m[2].rstrip('.')}\\times10^" + (exponent if len(exponent) == 1 else "{" + exponent + "}")
+
+
 def normalize_answer(s: str) -> str:
     """Canonical string form of an answer; equal strings mean equal answers.
 
@@ -164,24 +234,35 @@ def normalize_answer(s: str) -> str:
 
     1. a ``\\boxed{...}`` inside the string is replaced by its content;
     2. math delimiters ``$``, ``\\(..\\)``, ``\\[..\\]`` and dollar signs ``\\$`` go;
-    3. unit words (cm, inches, degrees, dollars, units, ...) go when they sit in
-       ``\\text{}``/``\\mathrm{}``/``\\mbox{}`` (with an optional ``^2``/``^3``), or as plain
-       multi-letter words after ``<number><space>`` at the end; other ``\\text{X}``-like
-       wrappers are unwrapped to ``X``;
+    3. a number (decimal, e-notation, ``a\\times10^{b}`` or an integer fraction) followed
+       only by ``\\text{}``/``\\mathrm{}``/``\\mbox{}`` blocks (with exponents, ``/`` or
+       ``\\cdot`` between) keeps just the number: the blocks are its units, whatever they
+       say (``4.5 \\times 10^{33} \\mathrm{ergs} \\mathrm{s}^{-1}``); unit words (cm, inches,
+       degrees, dollars, units, ...) go when they sit in such a block (``\\mathrm{~cm}``
+       too, with an optional ``^2``/``^3``), or as plain multi-letter words, optionally
+       after ``square``/``sq``/``cubic``, after ``<number><space>`` at the end; other
+       ``\\text{X}``-like wrappers are unwrapped to ``X``;
     4. ``\\left``/``\\right``/``\\big``, ``\\displaystyle``, spacing (``\\!``, ``\\,``,
        ``\\;``, ``\\:``, ``\\ ``, ``~``, ``\\quad``) go; ``{,}`` becomes ``,``;
     5. degree marks (``^\\circ``, ``^{\\circ}``, ``°``) and percent signs (``\\%``, ``%``) go;
-    6. spellings unify: ``\\dfrac``/``\\tfrac`` -> ``\\frac``, ``\\le``/``\\ge``/``\\ne`` ->
-       ``\\leq``/``\\geq``/``\\neq``, ``\\varnothing`` -> ``\\emptyset``, ``bmatrix`` ->
-       ``pmatrix``;
+    6. spellings unify: ``\\dfrac``/``\\tfrac`` -> ``\\frac``, ``\\le``/``\\ge``/``\\ne`` (and
+       ``\\leqslant``/``\\geqslant``) -> ``\\leq``/``\\geq``/``\\neq``, ``\\varnothing`` ->
+       ``\\emptyset``, ``bmatrix`` -> ``pmatrix``, code's ``np.arcsin`` (also ``numpy.``,
+       ``math.``, ``sympy.``; a few functions) -> ``\\arcsin``;
     7. whitespace goes, except one space after a control word followed by a letter
        (``\\pi r`` must not become ``\\pir``);
     8. ``\\sqrt`` and ``\\frac`` arguments get braces: ``\\sqrt2`` -> ``\\sqrt{2}``,
-       ``\\frac12`` -> ``\\frac{1}{2}``;
+       ``\\frac12`` -> ``\\frac{1}{2}``; a one-character sub- or superscript loses its
+       braces (``E_{1}`` -> ``E_1``, ``x^{2}`` -> ``x^2``);
     9. trailing full stops go; a lone choice ``(B)`` or ``B)`` becomes ``B``;
     10. a leading ``x=`` or ``x\\in`` goes when the rest is a value (see
-        :func:`_strip_assignment`);
-    11. numbers: ``a/b`` -> ``\\frac{a}{b}`` (whole string of integers), thousands
+        :func:`_strip_assignment`); a one-variable inequality becomes its interval
+        (``x<-5`` -> ``(-\\infty,-5)``, ``-2\\leq x\\leq7`` -> ``[-2,7]``; see
+        :func:`_inequality_to_interval`);
+    11. numbers: ``a/b`` -> ``\\frac{a}{b}`` (whole string of integers; code's ``-1./3``
+        too), a whole-string e-notation number becomes LaTeX (``4.5e33`` ->
+        ``4.5\\times10^{33}``, ``1e-5`` -> ``1\\times10^{-5}``; so a whole answer ``2e-1``
+        reads as 0.2, not 2e - 1), thousands
         separators go when the whole string is one number (``1,000`` -> ``1000``, while a
         tuple ``(1,2)`` or list ``1,2`` is kept), trailing decimal zeros go (``2.50`` ->
         ``2.5``, ``3.0`` -> ``3``), a leading dot gets a zero (``.5`` -> ``0.5``);
@@ -201,6 +282,7 @@ def normalize_answer(s: str) -> str:
     s = s.replace("\\$", "").replace("$", "")
     if (s.startswith("\\(") and s.endswith("\\)")) or (s.startswith("\\[") and s.endswith("\\]")):
         s = s[2:-2]
+    s = _UNIT_TAIL_RE.sub(r"\1", s)
     s = _TEXT_UNIT_RE.sub("", s)
     while (unwrapped := _TEXT_WRAP_RE.sub(r"\1", s)) != s:
         s = unwrapped
@@ -211,14 +293,19 @@ def normalize_answer(s: str) -> str:
     s = _DEGREE_RE.sub("", s).replace("\\%", "").replace("%", "")
     for pattern, replacement in _RENAMES:
         s = pattern.sub(replacement, s)
+    s = _CODE_FUNC_RE.sub(r"\\\1", s)
     s = _CTRL_SPACE_RE.sub("\\1\x00", s)
     s = re.sub(r"\s+", "", s).replace("\x00", " ")
     s = _brace_args(_brace_args(s, "\\sqrt", 1), "\\frac", 2)
+    s = _ONE_CHAR_SCRIPT_RE.sub(r"\1\2", s)
     s = s.rstrip(".")
     if choice := _CHOICE_RE.match(s):
         s = choice.group(1)
     s = _strip_assignment(s)
+    s = _inequality_to_interval(s)
+    s = _DOT_BEFORE_SLASH_RE.sub(r"\1", s)
     s = _SLASH_FRAC_RE.sub(r"\1\\frac{\2}{\3}", s)
+    s = _E_NOTATION_RE.sub(_e_notation_to_latex, s)
     if _THOUSANDS_RE.match(s):
         s = s.replace(",", "")
     s = _TRAILING_ZEROS_RE.sub(lambda m: m.group(1) + ("." + m.group(2) if m.group(2) else ""), s)

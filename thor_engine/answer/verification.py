@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import queue
+import re
 import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -35,6 +36,9 @@ from .normalisation import normalize_answer
 __all__ = ["AnswerChecker", "answers_match", "answers_match_async", "default_checker"]
 
 logger = logging.getLogger(__name__)
+
+#: A whole answer written as a number in a base (``204_5``, ``4A3_12``), once normalised.
+_BASE_NUMBER_RE = re.compile(r"^[0-9A-Z]+_\d+$")
 
 
 def _warm_up() -> int:
@@ -50,10 +54,22 @@ def _parse(text: str, seconds: int) -> list[object]:
 
     Bare parsing is the fallback, not the first try: on a bare string math-verify
     often extracts a fragment (``(1, 2)`` parses as ``2``) instead of the whole answer.
-    """
-    from math_verify import parse
 
-    return parse(f"${text}$", parsing_timeout=seconds) or parse(text, parsing_timeout=seconds)
+    math-verify's own unit stripping is off (its defaults otherwise): it drops a trailing
+    single letter from its unit list, so ``\\frac{37}{4} m`` (m a mass) would equal
+    ``\\frac{37}{4}`` and ``\\frac{1}{\\sqrt{2}}c`` would equal ``\\frac{1}{\\sqrt{2}}``.
+    Units are removed by :func:`.normalize_answer` instead, where the rules are ours.
+    """
+    from latex2sympy2_extended.math_normalization import NormalizationConfig
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    normalization = NormalizationConfig(
+        basic_latex=True, units=False, malformed_operators=True, nits=True, boxed="all", equations=False
+    )
+    config = [LatexExtractionConfig(normalization_config=normalization), ExprExtractionConfig()]
+    return parse(f"${text}$", extraction_config=config, parsing_timeout=seconds) or parse(
+        text, extraction_config=config, parsing_timeout=seconds
+    )
 
 
 def _verify_in_worker(pairs: list[tuple[str, str]], seconds: int) -> bool | None:
@@ -109,8 +125,9 @@ class AnswerChecker:
     empty form never does. Otherwise math-verify runs in a worker on the normalised and
     the raw forms (each wrapped as ``$...$``, gold first since ``verify`` is asymmetric).
     When a side parses to nothing, the result is normalised string equality (False by
-    then). A worker past the ``timeout`` deadline is killed, the pair scores False, and a
-    fresh worker is spawned on next use. Workers are created lazily, at most
+    then). Two numbers written in a base (``204_5``, ``204_6``) are compared as strings
+    only, since math-verify drops the subscript. A worker past the ``timeout`` deadline
+    is killed, the pair scores False, and a fresh worker is spawned on next use. Workers are created lazily, at most
     ``max_workers``; waiting for a free one is not counted in ``timeout``.
 
     Thread-safe. Use as a context manager or call :meth:`close`. Workers are spawned
@@ -134,6 +151,8 @@ class AnswerChecker:
         norm_pred, norm_gold = normalize_answer(pred), normalize_answer(gold)
         if not norm_pred or not norm_gold or norm_pred == norm_gold:
             return bool(norm_pred) and norm_pred == norm_gold
+        if _BASE_NUMBER_RE.match(norm_pred) and _BASE_NUMBER_RE.match(norm_gold):
+            return False  # 204_5 vs 204_6: math-verify drops the base subscript
         pairs = [(norm_gold, norm_pred)]
         raw_pred, raw_gold = _light_clean(pred), _light_clean(gold)
         if (raw_gold, raw_pred) != (norm_gold, norm_pred):
