@@ -9,6 +9,8 @@ chunks carrying text, logprobs (tokens, token_logprobs, top_logprobs, and text_o
 counted over the tokens, independent of how the engine grouped them into chunks),
 finish_reason and stop_reason, the non-stream body (the same text and logprobs,
 accumulated), and `usage` (prompt, completion and total tokens) as the engine counted it.
+With vLLM's `return_token_ids`, each chunk also carries its new `token_ids` (and a choice's
+first chunk `prompt_token_ids`), as vLLM 0.32 puts them; the non-stream choices carry both whole.
 
 Does not own: THOR's responses (responses.py), HTTP plumbing (generation.py, routes/),
 or anything about tokens beyond the counts the engine reports.
@@ -35,6 +37,9 @@ class PlainChoice:
     text: str = ""
     logprobs: dict[str, list[Any]] = field(default_factory=_empty_logprobs)
     completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    prompt_token_ids: list[int] | None = None
+    prompt_sent: bool = False  # whether a stream chunk carried prompt_token_ids yet
     token_chars: int = 0  # characters of the tokens with logprobs so far (where the next one starts)
     final: dict[str, Any] | None = None  # finish_reason and stop_reason once the choice has finished
 
@@ -50,8 +55,10 @@ class PlainCompletionBuilder:
         logprobs: int | None,
         metrics: ServerMetrics,
         include_usage: bool = False,
+        return_token_ids: bool = False,
     ) -> None:
         self.id, self.model = response_id, model
+        self.return_token_ids = return_token_ids
         self.created = int(time.time())
         self.choices = [PlainChoice(i) for i in range(n)]
         self.prompt_tokens = prompt_tokens
@@ -100,18 +107,30 @@ class PlainCompletionBuilder:
         lp = self._add_logprobs(st, c.logprobs)
         st.text += c.text
         st.completion_tokens = c.completion_tokens
+        if self.return_token_ids:
+            st.token_ids += c.token_ids
+            if st.prompt_token_ids is None:
+                st.prompt_token_ids = c.prompt_token_ids
         if c.finished:
             st.final = {"finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
             if all(s.final for s in self.choices):
                 self.metrics.generated_tokens.inc(self.generated_tokens())
-        if not (c.text or c.finished or lp):
+        ids = self.return_token_ids and bool(c.token_ids)  # tokens whose text the detokeniser still holds
+        if not (c.text or c.finished or lp or ids):
             return []
         finish, stop = (c.finish_reason, c.stop_reason) if c.finished else (None, None)
-        return [
-            self._chunk(
-                [{"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": finish, "stop_reason": stop}]
-            )
-        ]
+        choice = {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": finish, "stop_reason": stop}
+        if self.return_token_ids:
+            if st.prompt_token_ids is not None and not st.prompt_sent:
+                choice["prompt_token_ids"] = st.prompt_token_ids
+                st.prompt_sent = True
+            choice["token_ids"] = list(c.token_ids)
+        return [self._chunk([choice])]
+
+    def _ids(self, st: PlainChoice) -> dict[str, Any]:
+        if not self.return_token_ids:
+            return {}
+        return {"prompt_token_ids": st.prompt_token_ids, "token_ids": st.token_ids}
 
     def generated_tokens(self) -> int:
         """Tokens the engine generated for this request: what rate limits charge."""
@@ -137,6 +156,7 @@ class PlainCompletionBuilder:
                 "logprobs": st.logprobs if self.logprobs is not None else None,
                 "finish_reason": (st.final or {}).get("finish_reason"),
                 "stop_reason": (st.final or {}).get("stop_reason"),
+                **self._ids(st),
             }
             for st in self.choices
         ]

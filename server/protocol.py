@@ -361,6 +361,8 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     include_stop_str_in_output: bool = False
+    # vLLM's: each choice also carries `token_ids` (and `prompt_token_ids`); plain completions only
+    return_token_ids: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
 

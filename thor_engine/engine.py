@@ -24,7 +24,7 @@ import functools
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,9 @@ class PlainChunk:
     logprobs: list[tuple[str, float, dict[str, float]]] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # the new tokens' ids (vLLM's `return_token_ids`), and the prompt's ids on a choice's first chunk
+    token_ids: list[int] = field(default_factory=list)
+    prompt_token_ids: list[int] | None = None
 
 
 class ThorEngine:
@@ -280,7 +283,7 @@ class ThorEngine:
                 ignore_eos=sampling.ignore_eos,
                 skip_special_tokens=sampling.skip_special_tokens,
             )
-            produced = 0
+            produced, sent_prompt = 0, False
             async with contextlib.aclosing(self.backend.generate(list(prompt._ids), params, f"{rid}-{i}")) as gen:
                 async for chunk in gen:
                     produced += len(chunk.token_ids)
@@ -298,7 +301,10 @@ class ThorEngine:
                         logprobs=lp,
                         prompt_tokens=prompt.num_tokens,
                         completion_tokens=produced,
+                        token_ids=list(chunk.token_ids),
+                        prompt_token_ids=None if sent_prompt else list(prompt._ids),
                     )
+                    sent_prompt = True
 
         async with contextlib.aclosing(merge([functools.partial(one, i) for i in range(n)])) as merged:
             async for item in merged:

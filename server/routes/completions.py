@@ -33,6 +33,13 @@ router = v1_router()
 async def completions(body: CompletionRequest, request: Request, state: StateDep, limiter: LimiterDep) -> Response:
     check_model(state, body)
     if body.thor is not None:
+        if body.return_token_ids:
+            raise ApiError(
+                400,
+                "return_token_ids is supported on plain completions only (without `thor`): a THOR trajectory's "
+                "text includes tool outputs the model did not generate",
+                param="return_token_ids",
+            )
         check_thor_limits(state, body.thor.to_config(state.settings.thor))
     try:
         prompt = await state.engine.prepare_text(body.single_prompt())
@@ -75,6 +82,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         prompt_tokens=prompt.num_tokens,
         logprobs=body.logprobs,
         metrics=state.metrics,
+        return_token_ids=bool(body.return_token_ids),
     )
     chunks = state.engine.generate_plain(
         prompt,
