@@ -315,6 +315,8 @@ def test_gold_against_model_spellings(
         (r"\frac{37}{4} m", r"\frac{37}{4}m"),  # a trailing variable is not a unit
         (r"2 \text{ moves}", "2"),
         (r"69 \text{ and } 84", "69and84"),  # text between numbers is not a unit tail
+        # Not a unit tail (ends in x); a backtracking unit-tail pattern would never finish here.
+        ("1" + r" \text{a}" * 150 + "x", "1" + "a" * 150 + "x"),
     ],
 )
 def test_normalisation_of_benchmark_forms(raw: str, normalised: str) -> None:

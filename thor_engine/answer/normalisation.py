@@ -45,10 +45,11 @@ _NUMBER_PAT = (
     r"(?:\s*\\(?:times|cdot)\s*10\s*\^\s*(?:\{\s*[-+]?\d+\s*\}|\d))?"
     r"|[-+]?\\[dt]?frac\s*\{\s*[-+]?\d+\s*\}\s*\{\s*\d+\s*\}"
 )
+# Each block is an atomic group, so a string that fails to match fails in linear time.
 _UNIT_TAIL_RE = re.compile(
     r"^\s*(" + _NUMBER_PAT + r")"
-    r"(?:\s*(?:/|\\cdot|\\[,;: ]|~)?\s*" + _UNIT_CMDS + r"\s*\{[^{}]*\}(?:\s*\^\s*(?:\{\s*-?\d+\s*\}|-?\d))?)+"
-    r"\s*\.?\s*$"
+    r"(?>(?:\s*(?:/|\\cdot|\\[,;: ]|~))?\s*" + _UNIT_CMDS + r"\s*\{[^{}]*\}(?:\s*\^\s*(?:\{\s*-?\d+\s*\}|-?\d))?)+"
+    r"\s*(?:\.\s*)?$"
 )
 _TEXT_WRAP_RE = re.compile(_TEXT_CMDS + r"\s*\{([^{}]*)\}")
 _PLAIN_UNIT_RE = re.compile(
@@ -67,7 +68,7 @@ _ASSIGN_RE = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:=|\\in(?![a
 _CTRL_WORD_RE = re.compile(r"\\[a-zA-Z]+")
 _SLASH_FRAC_RE = re.compile(r"^(-?)(\d+)/(\d+)$")
 _DOT_BEFORE_SLASH_RE = re.compile(r"(?<![\d.])(\d+)\.(?=/)")  # Python's "-1./3"
-_E_NOTATION_RE = re.compile(r"^([-+]?)(\d+(?:\.\d*)?|\.\d+)[eE]\+?(-?)0*(\d+)$")
+_E_NOTATION_RE = re.compile(r"^([-+]?)(\d+(?:\.\d*)?|\.\d+)[eE]\+?(-?)(\d+)$")
 _CODE_FUNC_RE = re.compile(r"(?<![\w.\\])(?:np|numpy|math|sp|sympy)\.(arcsin|arccos|arctan|sin|cos|tan|exp|log|pi)\b")
 _ONE_CHAR_SCRIPT_RE = re.compile(r"([_^])\{([a-zA-Z0-9])\}")
 _THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
@@ -222,7 +223,7 @@ def _inequality_to_interval(s: str) -> str:
 
 def _e_notation_to_latex(m: re.Match[str]) -> str:
     """``4.5e33`` -> ``4.5\\times10^{33}``, ``1e-5`` -> ``1\\times10^{-5}`` (math-verify reads no e-notation)."""
-    exponent = m[3] + m[4]
+    exponent = m[3] + (m[4].lstrip("0") or "0")
     return f"{m[1]}{m[2].rstrip('.')}\\times10^" + (exponent if len(exponent) == 1 else "{" + exponent + "}")
 
 
