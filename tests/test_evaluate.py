@@ -228,3 +228,22 @@ def test_bad_flags_and_a_used_run_directory(tmp_path, in_process_run: Path) -> N
     )
     assert r.returncode == 2 and "--resume" in r.stderr.splitlines()[-1]
     assert (in_process_run / "records.jsonl").read_bytes() == before
+
+
+def test_rescore_after_a_scoring_fix(tmp_path) -> None:
+    """`--report-only --rescore` scores stored answers again with today's checker and rewrites only what changed."""
+    from trainer.evaluate.records import RecordLog, SampleRecord
+
+    out = tmp_path / "run"
+    out.mkdir()
+    log = RecordLog(out / "records.jsonl")
+    base = {"benchmark": "b", "mode": "cot", "sample": 0, "model": "m", "target": "in-process", "prompt": [],
+            "text": "", "finish_reason": "stop", "wall_s": 1.0}  # fmt: skip
+    log.append(SampleRecord(**base, problem_id="p0", problem_index=0, answer="\\frac{1}{2}", gold="0.5", correct=False))
+    log.append(SampleRecord(**base, problem_id="p1", problem_index=1, answer="3", gold="4", correct=True))
+    log.append(SampleRecord(**base, problem_id="p2", problem_index=2, answer=None, gold="4", correct=False))
+    r = evaluate("--report-only", "--rescore", "--out", str(out), "--modes", "cot", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rescored 3 records: 2 changed" in r.stderr
+    assert [x["correct"] for x in records(out)] == [True, False, False]
+    assert "| cot |" in (out / "table.md").read_text() and (out / "summary.json").exists()

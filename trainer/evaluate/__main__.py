@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     o.add_argument("--out", type=Path, default=None, help="run directory (default: runs/eval/<model>-<time>)")
     o.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished samples")
     o.add_argument("--report-only", action="store_true", help="rewrite the reports of --out from its records")
+    o.add_argument(
+        "--rescore", action="store_true", help="with --report-only: score the records again with the current checker"
+    )
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = p.add_argument_group("in-process engine")
     e.add_argument("--max-model-len", type=int, default=4096)
@@ -117,13 +120,13 @@ def load_problems(args: argparse.Namespace) -> tuple[list[str], list[Problem]]:
         raise InputError("--benchmarks is empty")
     problems: list[Problem] = []
     for name in names:
-        rows = load_benchmark(
-            name,
-            problem_field=args.problem_field,
-            answer_field=args.answer_field,
-            id_field=args.id_field,
-            split=args.split,
+        # the field flags are for files; a named set maps its own fields (gsm8k,my.jsonl --problem-field q works)
+        fields = (
+            {}
+            if name in BENCHMARKS
+            else {"problem_field": args.problem_field, "answer_field": args.answer_field, "id_field": args.id_field}
         )
+        rows = load_benchmark(name, split=args.split, **fields)
         chosen = select(rows, offset=args.offset, limit=args.limit)
         if not chosen:
             raise InputError(f"benchmark {name}: no problems left after --offset {args.offset} (it has {len(rows)})")
@@ -144,6 +147,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--temperature must be in [0, 2] (got {args.temperature})")
     if not 0 < args.top_p <= 1:
         raise InputError(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if args.rescore and not args.report_only:
+        raise InputError("--rescore goes with --report-only (it rescores a finished run's records)")
     if (args.resume or args.report_only) and args.out is None:
         raise InputError("--resume and --report-only need --out (the run directory)")
 
@@ -213,8 +218,16 @@ async def run(args: argparse.Namespace) -> int:
 
         spec_path = args.out / SPEC_FILE
         spec = json.loads(spec_path.read_text(encoding="utf-8"))["spec"] if spec_path.exists() else {}
-        paths = report(args.out, spec.get("benchmarks", []), [m.name for m in modes], args.seed)
-        print("\n".join(str(p) for p in paths))
+        if not (args.out / RECORDS_FILE).exists():
+            raise InputError(f"{args.out} holds no {RECORDS_FILE}: not a run directory of this tool")
+        if args.rescore:
+            from .runner import rescore
+
+            total, flipped = await rescore(args.out)
+            print(f"[evaluate] rescored {total} records: {flipped} changed", file=sys.stderr)
+        paths = report(args.out, spec.get("benchmarks", []), [m.name for m in modes], args.seed, spec.get("k"))
+        print((args.out / "table.md").read_text(encoding="utf-8"))
+        print("\n".join(str(p) for p in paths), file=sys.stderr)
         return EXIT_OK
     names, problems = load_problems(args)
     if args.out is not None and not args.resume:

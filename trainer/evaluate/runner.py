@@ -6,7 +6,8 @@ cap (vLLM batches what is in flight; never one problem at a time), per-sample se
 (reproducible sampling at temperature > 0), scoring with `thor_engine.answer` (math-verify
 in killable workers), appending each record as it finishes (`RecordLog`), `--resume`
 (finished samples are skipped; samples that errored are tried again), the progress bar with
-running accuracy per mode, and the run's timing log (`run.json`).
+running accuracy per mode, the run's timing log (`run.json`), and rescoring a finished run's
+records with the current checker (`--report-only --rescore`, after a scoring fix).
 
 Does not own: loading problems (benchmarks.py), the targets, metrics or reports.
 """
@@ -28,10 +29,19 @@ from thor_engine.prompting import with_tir_instructions
 
 from .benchmarks import Problem
 from .modes import Mode
-from .records import RECORDS_FILE, SPEC_FILE, RecordKey, RecordLog, RunSpec, SampleRecord, write_json_atomic
+from .records import (
+    RECORDS_FILE,
+    SPEC_FILE,
+    RecordKey,
+    RecordLog,
+    RunSpec,
+    SampleRecord,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .targets import Target, TargetError
 
-__all__ = ["RunResult", "latest_records", "run_evaluation", "sample_seed"]
+__all__ = ["RunResult", "latest_records", "rescore", "run_evaluation", "sample_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -243,3 +253,26 @@ def _log_timing(out_dir: Path, spec: RunSpec, entry: dict[str, Any], *, replace_
     else:
         runs.append(entry)
     write_json_atomic(path, {"spec": spec.model_dump(), "runs": runs})
+
+
+async def rescore(out_dir: Path, *, checker: AnswerChecker | None = None) -> tuple[int, int]:
+    """Score every record of a run again with the current checker (after a scoring fix).
+
+    Rewrites records.jsonl atomically when anything changed; returns (records, flipped)."""
+    logfile = RecordLog(out_dir / RECORDS_FILE)
+    records = logfile.load()
+    own = checker is None
+    checker = checker or AnswerChecker(max_workers=2)
+    try:
+        flipped = 0
+        for r in records:
+            correct = bool(r.answer) and await checker.answers_match_async(r.answer or "", r.gold)
+            if correct != r.correct:
+                flipped += 1
+                r.correct = correct
+    finally:
+        if own:
+            checker.close()
+    if flipped:
+        write_text_atomic(logfile.path, "".join(r.model_dump_json() + "\n" for r in records))
+    return len(records), flipped
