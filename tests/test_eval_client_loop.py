@@ -36,7 +36,7 @@ from thor_engine.backend import GenParams
 from thor_engine.config import SamplingOptions
 from trainer.evaluate.client_loop import ClientLoopTarget, open_client_loop
 from trainer.evaluate.modes import MODES
-from trainer.evaluate.remote_backend import NO_TOKEN_IDS, CompletionsBackend
+from trainer.evaluate.remote_backend import NO_TOKEN_IDS, ClientLoopUnavailable, CompletionsBackend
 from trainer.evaluate.targets import Generation, TargetError
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.sandbox]
@@ -233,7 +233,7 @@ async def test_closing_the_stream_aborts_the_request_on_vllm(endpoints: Endpoint
 async def test_endpoint_refusing_token_ids_is_a_clear_error(endpoints: Endpoints, sandbox, tiny_tir_model) -> None:
     # our server refuses return_token_ids on THOR completions (a trajectory includes tool outputs): a real
     # endpoint that cannot give token ids for this request
-    with pytest.raises(TargetError) as err:
+    with pytest.raises(ClientLoopUnavailable) as err:
         async with open_client_loop(
             endpoints.thor,
             model=SERVED,
@@ -243,6 +243,22 @@ async def test_endpoint_refusing_token_ids_is_a_clear_error(endpoints: Endpoints
         ):
             pass
     assert NO_TOKEN_IDS in str(err.value) and "--endpoint-kind chat" in str(err.value)
+
+
+async def test_no_tokenizer_at_hand_is_a_clear_error(endpoints: Endpoints, sandbox) -> None:
+    # our server's model name is not a directory here: the loop cannot tokenise without --tokenizer
+    with pytest.raises(ClientLoopUnavailable, match="pass --tokenizer"):
+        async with open_client_loop(endpoints.thor, model=SERVED, sandbox_url=sandbox.url):
+            pass
+
+
+async def test_another_tokenizer_is_a_clear_error(endpoints: Endpoints, think_tokenizer, tmp_path: Path) -> None:
+    # the same vocabulary plus think tags as single tokens: the endpoint's model splits them
+    think_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(TargetError, match="does not tokenise text as endpoint") as err:
+        async with CompletionsBackend.open(endpoints.vllm, tokenizer=str(tmp_path)):
+            pass
+    assert not isinstance(err.value, ClientLoopUnavailable)  # a wrong --tokenizer: no fallback to chat
 
 
 async def test_unreachable_endpoint_is_a_clear_error(tiny_tir_model: Path) -> None:

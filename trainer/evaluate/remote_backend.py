@@ -14,12 +14,15 @@ context length (`max_model_len` in `/v1/models`, or a given one), returns token 
 tokenises text as the local tokenizer does.
 
 Errors: `TargetError` (targets.py) when the endpoint cannot serve this loop at all
-(unreachable, refused key, unknown model, no token ids, another tokenizer); `InvalidParameter`
+(unreachable, refused key, unknown model, another tokenizer), its subclass
+`ClientLoopUnavailable` when the endpoint works but not for this loop (no token ids, no
+completions API, no tokenizer given or found: plain chat may still serve CoT); `InvalidParameter`
 when it refuses one request's value (a 400); `EndpointError` when one request failed
 server-side (a 5xx, an error event in the stream): that sample fails, the run goes on.
 
 Does not own: the TIR loop (thor_engine.decoder), the target that runs it (client_loop.py),
-or which tokenizer to use (the caller gives a local path or hub id).
+or which tokenizer to use (the caller gives a local path or hub id; without one, the endpoint's
+model path when it is a directory on this machine).
 """
 
 from __future__ import annotations
@@ -38,7 +41,14 @@ from thor_engine.backends.vllm_backend import engine_seed
 
 from .targets import TargetError
 
-__all__ = ["NO_TOKEN_IDS", "CompletionsBackend", "EndpointError", "base_url", "load_tokenizer"]
+__all__ = [
+    "NO_TOKEN_IDS",
+    "ClientLoopUnavailable",
+    "CompletionsBackend",
+    "EndpointError",
+    "base_url",
+    "load_tokenizer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +56,16 @@ NO_TOKEN_IDS = (
     "this endpoint does not support return_token_ids (vLLM >= 0.10.2 does): use --endpoint-kind chat for plain CoT"
 )
 
-#: Text whose tokenisation the endpoint and the local tokenizer must agree on (digits, LaTeX, code, non-ASCII).
-TOKENIZER_PROBE = "Tokenizer check: 12345 * 678 = \\boxed{8369910}.\n```python\nprint('ü', 3.14)\n```\n"
+#: Text whose tokenisation the endpoint and the local tokenizer must agree on (think tags, digits, LaTeX, code,
+#: non-ASCII).
+TOKENIZER_PROBE = "<think>Tokenizer check: 12345 * 678 = \\boxed{8369910}.</think>\n```python\nprint('ü', 3.14)\n```\n"
 
 _FINISH: dict[str, Literal["stop", "length", "abort"]] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+class ClientLoopUnavailable(TargetError):
+    """The endpoint answers but cannot run the client-side loop: it returns no token ids, has no
+    completions API, or no tokenizer is at hand. Plain chat (CoT) may still work there."""
 
 
 class EndpointError(RuntimeError):
@@ -179,7 +195,7 @@ class CompletionsBackend:
         r = await self._post(base, body)
         choice = (r.get("choices") or [{}])[0]
         if choice.get("token_ids") is None or choice.get("prompt_token_ids") is None:
-            raise TargetError(f"{base}: {NO_TOKEN_IDS}")
+            raise ClientLoopUnavailable(f"{base}: {NO_TOKEN_IDS}")
         remote = list(choice["prompt_token_ids"])
         local = [self._tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=s) for s in (True, False)]
         if remote not in local:
@@ -202,11 +218,11 @@ class CompletionsBackend:
         message, param = _error_message(r)
         where = f"{self.client.base_url}/v1/completions"
         if r.status_code == 400 and (param == "return_token_ids" or "return_token_ids" in message):
-            return TargetError(f"{where}: {NO_TOKEN_IDS} (it answered: {message})")
+            return ClientLoopUnavailable(f"{where}: {NO_TOKEN_IDS} (it answered: {message})")
         if r.status_code in (401, 403):
             return TargetError(f"{where} refused the API key ({r.status_code}): pass --api-key ({message})")
         if r.status_code in (404, 405):
-            return TargetError(
+            return ClientLoopUnavailable(
                 f"{where} answered {r.status_code} ({message}): no completions API for model {self.model}; "
                 "use --endpoint-kind chat for plain CoT"
             )
@@ -295,7 +311,7 @@ class CompletionsBackend:
     def _chunk(self, choice: dict[str, Any]) -> GenChunk:
         ids = choice.get("token_ids")
         if ids is None:
-            raise TargetError(f"{self.client.base_url}: {NO_TOKEN_IDS}")
+            raise ClientLoopUnavailable(f"{self.client.base_url}: {NO_TOKEN_IDS}")
         reason = choice.get("finish_reason")
         finished = reason is not None
         return GenChunk(
@@ -360,7 +376,7 @@ def _local_model_dir(entry: dict[str, Any], base: str) -> str:
     for name in (entry.get("root"), entry.get("id")):
         if isinstance(name, str) and Path(name).is_dir():
             return name
-    raise TargetError(
+    raise ClientLoopUnavailable(
         f"endpoint {base} serves {entry['id']!r}, which is not a model directory on this machine: pass --tokenizer "
         "(the served model's directory or preset) so the client-side loop can tokenise"
     )
