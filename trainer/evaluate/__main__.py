@@ -28,6 +28,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .benchmarks import BENCHMARKS, BenchmarkError, Problem, load_benchmark, select
 from .modes import MODES, Mode, parse_modes
@@ -61,10 +62,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     t.add_argument(
         "--endpoint-kind",
-        choices=("auto", "thor", "chat"),
+        choices=("auto", "thor", "completions", "chat"),
         default="auto",
-        help="thor: a THOR server (loop server-side); chat: any other server (cot only); "
-        "auto: ask /v1/models (default)",
+        help="thor: a THOR server (the loop runs server-side); completions: the THOR loop here over the endpoint's "
+        "/v1/completions with token ids (vLLM >= 0.10.2), every mode; chat: plain chat, cot only; auto (default): "
+        "thor when /v1/models says owned_by thor, else completions when the endpoint returns token ids and a "
+        "tokenizer is at hand, else chat",
+    )
+    t.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the served model's tokenizer for the client-side loop: a preset or a directory "
+        "(default: the endpoint's model path when it is a directory on this machine)",
     )
     b = p.add_argument_group("problems")
     b.add_argument(
@@ -100,7 +109,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = p.add_argument_group("in-process engine")
-    e.add_argument("--max-model-len", type=int, default=4096)
+    e.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length (default 4096; with --endpoint: the endpoint's own)",
+    )
     e.add_argument("--max-num-seqs", type=int, default=None)
     e.add_argument("--dtype", default="bfloat16")
     e.add_argument("--no-enforce-eager", action="store_true", help="compile (slower start, faster decode)")
@@ -204,9 +218,47 @@ def report(out: Path, names: list[str], modes: list[str], seed: int, k: int | No
     return write_reports(summary, out)
 
 
+async def open_endpoint_target(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> tuple[Any, str | None]:
+    """The target for --endpoint: a THOR server, the client-side loop over /v1/completions, or plain chat;
+    plus why an auto-detected endpoint fell back to plain chat (None when it did not)."""
+    from .client_loop import open_client_loop
+    from .remote_backend import ClientLoopUnavailable
+    from .targets import is_thor_server, open_endpoint
+
+    kind = args.endpoint_kind
+    if kind == "auto":
+        kind = "thor" if await is_thor_server(args.endpoint, api_key=args.api_key) else "other"
+    if kind in ("completions", "other"):
+        try:
+            target = await stack.enter_async_context(
+                open_client_loop(
+                    args.endpoint,
+                    api_key=args.api_key,
+                    model=args.model,
+                    tokenizer=args.tokenizer,
+                    sandbox_url=args.sandbox_url,
+                    sandbox_pool=args.sandbox_pool,
+                    max_model_len=args.max_model_len,  # None: the endpoint's own
+                )
+            )
+            return target, None
+        except ClientLoopUnavailable as exc:
+            if kind == "completions":
+                raise
+            logging.getLogger(__name__).warning("%s; plain chat instead (cot only)", exc)
+            reason: str | None = str(exc)
+            kind = "chat"
+    else:
+        reason = None
+    target = await stack.enter_async_context(
+        open_endpoint(args.endpoint, api_key=args.api_key, model=args.model, kind=kind)
+    )
+    return target, reason
+
+
 async def run(args: argparse.Namespace) -> int:
     from .runner import run_evaluation
-    from .targets import InProcessTarget, TargetError, open_endpoint
+    from .targets import InProcessTarget, TargetError
 
     check_args(args)
     try:
@@ -236,17 +288,16 @@ async def run(args: argparse.Namespace) -> int:
 
     async with contextlib.AsyncExitStack() as stack:
         try:
+            fallback_reason: str | None = None
             if args.endpoint:
-                target = await stack.enter_async_context(
-                    open_endpoint(args.endpoint, api_key=args.api_key, model=args.model, kind=args.endpoint_kind)
-                )
+                target, fallback_reason = await open_endpoint_target(args, stack)
             else:
                 target = await stack.enter_async_context(
                     InProcessTarget.open(
                         args.model or "default",
                         sandbox_url=args.sandbox_url,
                         sandbox_pool=args.sandbox_pool,
-                        max_model_len=args.max_model_len,
+                        max_model_len=args.max_model_len or 4096,
                         max_num_seqs=args.max_num_seqs,
                         enforce_eager=not args.no_enforce_eager,
                         dtype=args.dtype,
@@ -258,9 +309,11 @@ async def run(args: argparse.Namespace) -> int:
             return EXIT_TARGET
         unsupported = [m.name for m in modes if not target.supports(m)]
         if unsupported:
+            why = f" ({fallback_reason})" if fallback_reason else ""
             raise InputError(
-                f"{target.kind} target {args.endpoint} cannot run mode(s) {', '.join(unsupported)}: tools need a "
-                "THOR server (or run in process); use --modes cot for a plain OpenAI-compatible endpoint"
+                f"{target.kind} target {args.endpoint} cannot run mode(s) {', '.join(unsupported)}{why}: tools need "
+                "a THOR server, an endpoint with token ids (vLLM) and --tokenizer, or an in-process model; "
+                "use --modes cot for plain chat"
             )
         spec = RunSpec(
             model=target.model,

@@ -44,6 +44,7 @@ __all__ = [
     "Target",
     "TargetError",
     "ThorServerTarget",
+    "is_thor_server",
     "open_endpoint",
     "resolve_model",
 ]
@@ -331,31 +332,50 @@ class ChatTarget(_Endpoint):
         )
 
 
+def _base(url: str) -> str:
+    base = url.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def _served_models(client: httpx.AsyncClient) -> list[dict[str, Any]]:
+    base = str(client.base_url).rstrip("/")
+    try:
+        r = await client.get("/v1/models")
+    except httpx.TransportError as exc:
+        raise TargetError(f"endpoint {base} is unreachable: {type(exc).__name__}: {exc}") from exc
+    if r.status_code in (401, 403):
+        raise TargetError(f"endpoint {base} refused the API key ({r.status_code}): pass --api-key")
+    if r.status_code != 200:
+        raise TargetError(f"endpoint {base}/v1/models answered {r.status_code}: {r.text[:200]}")
+    try:
+        return list(r.json()["data"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TargetError(f"endpoint {base}/v1/models did not answer an OpenAI model list") from exc
+
+
+async def is_thor_server(url: str, *, api_key: str | None) -> bool:
+    """Whether the endpoint is a THOR server (its `/v1/models` says `owned_by: "thor"`)."""
+    async with httpx.AsyncClient(base_url=_base(url), headers=_headers(api_key), timeout=30) as c:
+        return any(m.get("owned_by") == "thor" for m in await _served_models(c))
+
+
 @contextlib.asynccontextmanager
 async def open_endpoint(
     url: str, *, api_key: str | None, model: str | None, kind: str = "auto", timeout_s: float = 1800.0
 ) -> AsyncIterator[ThorServerTarget | ChatTarget]:
     """Connect to an endpoint, check it answers, pick its model, and tell a THOR server from others.
 
-    A THOR server says so in `GET /v1/models` (`owned_by: "thor"`); anything else gets plain chat."""
-    base = url.rstrip("/")
-    if base.endswith("/v1"):
-        base = base[: -len("/v1")]
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(timeout_s, connect=10)) as c:
+    `kind`: "thor" (the loop runs server-side), "chat" (plain CoT), or "auto" (a THOR server
+    says so in `GET /v1/models` with `owned_by: "thor"`; anything else gets plain chat)."""
+    base = _base(url)
+    timeout = httpx.Timeout(timeout_s, connect=10)
+    async with httpx.AsyncClient(base_url=base, headers=_headers(api_key), timeout=timeout) as c:
         t0 = time.monotonic()
-        try:
-            r = await c.get("/v1/models")
-        except httpx.TransportError as exc:
-            raise TargetError(f"endpoint {base} is unreachable: {type(exc).__name__}: {exc}") from exc
-        if r.status_code in (401, 403):
-            raise TargetError(f"endpoint {base} refused the API key ({r.status_code}): pass --api-key")
-        if r.status_code != 200:
-            raise TargetError(f"endpoint {base}/v1/models answered {r.status_code}: {r.text[:200]}")
-        try:
-            models = r.json()["data"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TargetError(f"endpoint {base}/v1/models did not answer an OpenAI model list") from exc
+        models = await _served_models(c)
         ids = [m.get("id") for m in models]
         if model is None:
             if not ids:
