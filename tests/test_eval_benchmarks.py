@@ -450,10 +450,17 @@ def test_data_dir_argument_env_and_missing_file(tmp_path: Path, monkeypatch: pyt
         load_benchmark("math500")
 
 
-def test_default_data_dir_is_shared_beside_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_data_dir_is_the_shared_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Beside the repository where it exists there; a clone elsewhere (CI) finds the shared copy."""
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
-    repo = Path(__file__).resolve().parents[1]
-    assert default_data_dir() == repo.parent / "shared" / "data" / "benchmarks"
+    monkeypatch.delenv("THOR_SHARED_DATA_DIR", raising=False)
+    beside = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
+    found = default_data_dir()
+    assert found == (beside if beside.is_dir() else Path("/work/shared/data/benchmarks"))
+    assert (found / "gsm8k" / "test.jsonl").is_file()
+    (tmp_path / "benchmarks").mkdir()
+    monkeypatch.setenv("THOR_SHARED_DATA_DIR", str(tmp_path))
+    assert default_data_dir() == tmp_path / "benchmarks"
 
 
 # --------------------------------------------------------------------- Hugging Face datasets from local files

@@ -182,11 +182,18 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 
 
 def default_data_dir() -> Path:
-    """``$THOR_BENCHMARKS_DIR`` if set, else ``shared/data/benchmarks`` beside the repository."""
+    """Where the named benchmark sets live: ``$THOR_BENCHMARKS_DIR`` if set; else the first that
+    exists of ``$THOR_SHARED_DATA_DIR/benchmarks``, ``shared/data/benchmarks`` beside the
+    repository, and the workplace's ``/work/shared/data/benchmarks`` (a clone elsewhere, e.g. CI's);
+    else the one beside the repository (the error then names it)."""
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "benchmarks"
+    beside = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "benchmarks"
+    shared = os.environ.get("THOR_SHARED_DATA_DIR")
+    candidates = [Path(shared) / "benchmarks"] if shared else []
+    candidates += [beside, Path("/work/shared/data/benchmarks")]
+    return next((c for c in candidates if c.is_dir()), beside)
 
 
 # ------------------------------------------------------------------ gold answers
