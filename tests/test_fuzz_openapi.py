@@ -89,14 +89,18 @@ def test_openai_spec_fuzzing_never_5xx(server, openai_schema, path, method, exam
         suppress_health_check=list(HealthCheck),
         phases=[Phase.explicit, Phase.generate],
     )
-    @given(case=operation.as_strategy(generation_mode=mode), ours=st.booleans())
-    def run(case, ours):
+    @given(case=operation.as_strategy(generation_mode=mode), ours=st.booleans(), plain=st.booleans())
+    def run(case, ours, plain):
         # half the bodies name the served model and (completions) carry one text prompt, so that
-        # generation is reached, not only the model check and the batched-prompt refusal
+        # generation is reached, not only the model check and the batched-prompt refusal; half of
+        # those (chat) carry one plain user message, so the other fields reach generation too
+        # (generated messages are mostly refused: content parts and roles this server does not take)
         if ours and isinstance(case.body, dict) and "model" in case.body:
             case.body["model"] = MODEL
             if path == "/completions" and not isinstance(case.body.get("prompt"), str):
                 case.body["prompt"] = "I will compute"
+            if path == "/chat/completions" and plain:
+                case.body["messages"] = [{"role": "user", "content": "Compute 17*23."}]
         response = case.call(base_url=server.url + "/v1", timeout=120)
         statuses[response.status_code] += 1
         check_response(path, response)
