@@ -39,7 +39,7 @@ import httpx
 from thor_engine.backend import EngineUnavailable, GenChunk, GenParams, InvalidParameter
 from thor_engine.backends.vllm_backend import engine_seed
 
-from .targets import TargetError
+from .targets import TargetError, _served_models
 
 __all__ = [
     "NO_TOKEN_IDS",
@@ -349,18 +349,7 @@ class CompletionsBackend:
 
 async def _model_entry(client: httpx.AsyncClient, base: str, model: str | None) -> dict[str, Any]:
     """The endpoint's `/v1/models` entry of `model` (None: the first it serves)."""
-    try:
-        r = await client.get("/v1/models")
-    except httpx.TransportError as exc:
-        raise TargetError(f"endpoint {base} is unreachable: {type(exc).__name__}: {exc}") from exc
-    if r.status_code in (401, 403):
-        raise TargetError(f"endpoint {base} refused the API key ({r.status_code}): pass --api-key")
-    if r.status_code != 200:
-        raise TargetError(f"endpoint {base}/v1/models answered {r.status_code}: {r.text[:200]}")
-    try:
-        entries = [m for m in r.json()["data"] if isinstance(m, dict) and "id" in m]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise TargetError(f"endpoint {base}/v1/models did not answer an OpenAI model list") from exc
+    entries = [m for m in await _served_models(client) if isinstance(m, dict) and "id" in m]
     if not entries:
         raise TargetError(f"endpoint {base} serves no model")
     if model is None:
