@@ -67,11 +67,11 @@ class FilterConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
     min_chars: int = Field(
-        default=200,
+        default=100,
         ge=0,
-        description="Fewest characters of completion (model text + observations). A solution with reasoning, "
-        "one code block, its output and a boxed answer is hardly under 200 characters; shorter ones are "
-        "truncated or answer-only.",
+        description="Fewest characters of completion (model text + observations). A sentence of reasoning, a "
+        "code block, its output and a boxed answer take at least about 100 characters; shorter completions are "
+        "answer-only or cut off.",
     )
     max_chars: int = Field(
         default=16_000,
