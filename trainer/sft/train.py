@@ -205,6 +205,10 @@ def run_sft(cfg: SftConfig) -> SftResult:
     use_cpu = not torch.cuda.is_available()
     state = PartialState(cpu=use_cpu)
     main = state.is_main_process
+    _log(
+        f"process {state.process_index} of {state.num_processes} "
+        f"({state.distributed_type.value}, backend {state.backend or 'none'}, {'cpu' if use_cpu else 'cuda'})"
+    )
 
     existing = _checkpoints(out)
     if existing and not cfg.resume and not cfg.overwrite:
@@ -284,6 +288,7 @@ def run_sft(cfg: SftConfig) -> SftResult:
         bf16=cfg.bf16,
         use_cpu=use_cpu,
         ddp_backend="gloo" if use_cpu and state.num_processes > 1 else None,
+        ddp_find_unused_parameters=False,
         dataloader_pin_memory=not use_cpu,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
