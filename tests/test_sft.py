@@ -284,6 +284,7 @@ def straight_run(tmp_path_factory, samples_file, tiny_tir_model) -> Path:
 @pytest.mark.vllm
 @pytest.mark.sandbox
 def test_sft_export_is_served_with_a_real_tool_round(straight_run, sandbox) -> None:
+    import httpx
     import openai
 
     from tests.support.thor_server import run_server, tiny_server_args
@@ -315,6 +316,12 @@ def test_sft_export_is_served_with_a_real_tool_round(straight_run, sandbox) -> N
         resp = client.chat.completions.create(
             model="sft-tiny", messages=[{"role": "user", "content": p.prompt}], temperature=0, max_tokens=400
         )
+        trace = httpx.get(f"{server.url}/v1/traces/{resp.model_extra['thor']['trace_id']}", timeout=30).json()
+    # what the server produced is, token for token, the sequence SFT trained on
+    served = [t for seg in trace["choices"][0]["trajectory"]["segments"] for t in seg["token_ids"]]
+    tok = exported_tokenizer(final)
+    [sample] = [s for s in tiny_tir_samples(tok) if s.problem_id == "modpow"]
+    assert served == encode_segments(tok, sample.segments).input_ids
     msg = resp.choices[0].message
     reasoning = msg.model_extra["reasoning_content"]
     assert "```python\nprint(pow(7, 100, 13))\n```\n```output\n9\n```" in reasoning
