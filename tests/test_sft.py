@@ -439,3 +439,25 @@ def test_shipped_accelerate_configs_load() -> None:
     ds = load_config_from_file(str(d / "deepspeed_zero3.yaml"))
     assert ds.distributed_type.value == "DEEPSPEED" and ds.deepspeed_config["zero_stage"] == 3
     assert ds.deepspeed_config["zero3_save_16bit_model"] is True
+
+
+@pytest.mark.slow
+def test_model_card_takes_evaluation_results(tmp_path, straight_run, capsys) -> None:
+    """A trainer.evaluate summary.json (a committed one) added to an exported card later."""
+    import shutil
+
+    from trainer.sft.export import main as export_main
+
+    card_dir = tmp_path / "final"
+    card_dir.mkdir()
+    for name in ("README.md", "thor_sft.json"):
+        shutil.copyfile(straight_run / "final" / name, card_dir / name)
+    assert "Not evaluated yet" in (card_dir / "README.md").read_text()
+    summary = ROOT / "docs" / "eval" / "default-gsm8k-math500" / "summary.json"
+    assert export_main([str(card_dir), "--eval-json", str(summary)]) == 0
+    card = (card_dir / "README.md").read_text()
+    assert "Not evaluated yet" not in card and "### Avg@1 (%)" in card and "gsm8k" in card
+    assert read_json(card_dir / "thor_sft.json")["eval_json"] == [str(summary)]
+    capsys.readouterr()
+    assert export_main([str(card_dir), "--eval-json", str(straight_run / "sft.json")]) == 1
+    assert "not a trainer.evaluate summary.json" in capsys.readouterr().err
