@@ -46,6 +46,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -241,7 +242,21 @@ def training_sequences(tokenizer: Any, problems: tuple[TirProblem, ...] = TIR_PR
     return out
 
 
-def _fingerprint(tokenizer_source: Path, steps: int, seed: int) -> str:
+def text_sequences(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[TrainingSequence]:
+    """Plain text continuations to memorise: ``(prompt text, completion text)``, the prompt tokenised as
+    a `/v1/completions` endpoint tokenises it (one string, no special tokens added), the completion on its
+    own and ended by the end-of-turn token (so generation stops there)."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for i, (prompt, completion) in enumerate(pairs):
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        done = [*tokenizer.encode(completion, add_special_tokens=False), eos]
+        problem = TirProblem(f"text-{i}", "single", prompt, completion, "")
+        out.append(TrainingSequence(problem, ids + done, [0] * len(ids) + [1] * len(done), len(ids)))
+    return out
+
+
+def _fingerprint(tokenizer_source: Path, steps: int, seed: int, extra: Sequence[tuple[str, str]] = ()) -> str:
     import torch
 
     h = hashlib.sha256(
@@ -257,6 +272,7 @@ def _fingerprint(tokenizer_source: Path, steps: int, seed: int) -> str:
                 "threads": TRAIN_THREADS,
                 "torch": torch.__version__,
                 "problems": [p.__dict__ for p in TIR_PROBLEMS],
+                **({"extra": [list(e) for e in extra]} if extra else {}),
             },
             sort_keys=True,
         ).encode()
@@ -418,6 +434,7 @@ def build_tiny_tir_model(
     force: bool = False,
     verify: bool = True,
     log: Any = None,
+    extra: Sequence[tuple[str, str]] = (),
 ) -> Path:
     """Train and write the tiny TIR model into *out_dir* (reused when already built identically).
 
@@ -425,7 +442,8 @@ def build_tiny_tir_model(
     template (e.g. models/Qwen2.5-Coder-0.5B-Instruct). Raises RuntimeError when the
     trained model does not reproduce every memorised trajectory; ``verify=False`` skips
     that check (only for testing the build itself with a handful of steps). *log*
-    receives progress lines.
+    receives progress lines. *extra*: further ``(prompt text, completion text)`` pairs to
+    memorise as plain completions (`text_sequences`), e.g. a TIRGen actor's and critic's turns.
     """
     log = log or (lambda msg: None)
     out_dir, tokenizer_source = Path(out_dir), Path(tokenizer_source)
@@ -434,7 +452,7 @@ def build_tiny_tir_model(
         and not (tokenizer_source / "tokenizer_config.json").is_file()
     ):
         raise FileNotFoundError(f"{tokenizer_source} holds no tokenizer files")
-    fp = _fingerprint(tokenizer_source, steps, seed) + ("" if verify else "-unverified")
+    fp = _fingerprint(tokenizer_source, steps, seed, extra) + ("" if verify else "-unverified")
     if not force and is_complete(out_dir, MARKER, fp):
         return out_dir
 
@@ -447,7 +465,7 @@ def build_tiny_tir_model(
     if (tokenizer_source / "config.json").is_file():
         src_cfg = json.loads((tokenizer_source / "config.json").read_text())
     vocab = max(int(src_cfg.get("vocab_size") or len(tok)), len(tok))
-    seqs = training_sequences(tok)
+    seqs = training_sequences(tok) + text_sequences(tok, extra)
 
     threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()

@@ -101,7 +101,8 @@ def _check_settings(out: Path, settings: dict[str, Any], resume: bool) -> None:
         if not resume:
             raise RunSettingsError(f"{out} already holds a TIRGen run: pass --resume to continue it, or another --out")
         old = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in settings if k != "problems" and old.get(k) != settings[k])
+        # the problem list may grow (--limit) and the filters may change (they run again on every report)
+        changed = sorted(k for k in settings if k not in ("problems", "filters") and old.get(k) != settings[k])
         if changed:
             raise RunSettingsError(
                 f"{out}: --resume with different settings ({', '.join(changed)}); use the run's settings or a new --out"
@@ -143,7 +144,10 @@ async def run_tirgen(
             "actor_model": actor.model,
             "critic_model": critic.model,
             "config": config.model_dump(),
-            "filters": filters.model_dump(mode="json", exclude={"count_tokens"}),
+            "filters": {
+                **filters.model_dump(mode="json", exclude={"count_tokens"}),
+                "disabled": sorted(filters.disabled),
+            },
             "samples_per_problem": samples_per_problem,
             "seed": seed,
             "problems": [problem_key(p.benchmark, p.id) for p in problems],
