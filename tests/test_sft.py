@@ -45,10 +45,9 @@ def problem(name: str):
 
 
 @pytest.fixture(scope="module")
-def tir_tokenizer(tiny_tir_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_tir_model)
+def tir_tokenizer(tokenizer):
+    """The default model's tokenizer and chat template: the tiny TIR model carries a copy of them."""
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -241,9 +240,10 @@ def test_collator_pads_labels_with_ignore_index() -> None:
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
-def test_clear_errors(tmp_path, samples_file, tiny_tir_model, capsys) -> None:
+@pytest.mark.slow
+def test_clear_errors(tmp_path, samples_file, default_model, capsys) -> None:
     out = tmp_path / "out"
-    common = ["--model", tiny_tir_model, "--out", out, "--max-steps", "1", *BASE_ARGS]
+    common = ["--model", default_model, "--out", out, "--max-steps", "1", *BASE_ARGS]
 
     assert sft(["--data", tmp_path / "missing.jsonl", *common]) == 1
     assert "missing.jsonl: no such SFT data file" in capsys.readouterr().err
