@@ -192,3 +192,34 @@ def test_unreachable_endpoint_and_unknown_model_are_clear_errors(server, problem
 def test_eval_problems_are_refused_unless_allowed(tmp_path: Path) -> None:
     r = tirgen("--actor-url", "http://127.0.0.1:9", "--benchmark", "math500", "--out", str(tmp_path / "m"))
     assert r.returncode == 2 and "held out for evaluation" in r.stderr and "--allow-eval-problems" in r.stderr
+
+
+def test_splits_keep_gsm8k_training_rows_apart_from_its_held_out_rows() -> None:
+    from trainer.evaluate.benchmarks import load_benchmark
+    from trainer.splits import split_problems
+
+    gsm8k = load_benchmark("gsm8k")
+    train, held_out = split_problems(gsm8k, "train"), split_problems(gsm8k, "eval")
+    assert len(held_out) == 200 and [p.index for p in held_out] == list(range(200))
+    assert len(train) == len(gsm8k) - 200 and not {p.id for p in train} & {p.id for p in held_out}
+    assert split_problems(load_benchmark("math500"), "train") == []
+
+
+def test_evaluate_refuses_a_checkpoint_on_its_training_problems(tmp_path: Path) -> None:
+    from trainer.splits import TRAINING_PROBLEMS_FILE, TrainingProblems
+
+    model = tmp_path / "sft-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    trained = TrainingProblems(problems=["gsm8k/gsm8k-250", "gsm8k/gsm8k-251"], sources=["x/samples.jsonl"])
+    (model / TRAINING_PROBLEMS_FILE).write_text(trained.model_dump_json())
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "trainer.evaluate", "--model", str(model), "--benchmarks", "gsm8k"]
+    r = subprocess.run(
+        [*cmd, "--offset", "249", "--limit", "3", "--out", str(tmp_path / "e")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "2 of the evaluation problems were in" in r.stderr and "gsm8k/gsm8k-250" in r.stderr
+    assert "--allow-train-overlap" in r.stderr
+    assert not (tmp_path / "e").exists()  # refused before any model is loaded or run directory made

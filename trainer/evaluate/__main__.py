@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a preset (default, quality, small), a model directory or a hub id; "
         "with --endpoint: the served model name (default: the endpoint's first)",
     )
+    t.add_argument(
+        "--allow-train-overlap",
+        action="store_true",
+        help="score a checkpoint of ours on problems it was trained on (its thor_training.json lists them)",
+    )
     t.add_argument("--endpoint", default=None, help="an OpenAI-compatible server, e.g. http://localhost:8000")
     t.add_argument(
         "--api-key",
@@ -288,6 +293,7 @@ async def run(args: argparse.Namespace) -> int:
         print("\n".join(str(p) for p in paths), file=sys.stderr)
         return EXIT_OK
     names, problems = load_problems(args)
+    check_training_overlap(args, problems)
     if args.out is not None and not args.resume:
         refuse_used_out(args.out)  # before a model is loaded
     temperature = args.temperature if args.temperature is not None else (0.6 if args.k > 1 else 0.0)
@@ -367,6 +373,25 @@ async def run(args: argparse.Namespace) -> int:
         )
         return EXIT_TARGET
     return EXIT_OK
+
+
+def check_training_overlap(args: argparse.Namespace, problems: list[Problem]) -> None:
+    """Refuse (InputError) to evaluate a checkpoint of ours on its own training problems, unless told.
+
+    The check reads ``thor_training.json`` (written by `python -m trainer.sft`) from the model directory:
+    ``--model DIR`` in process, or ``--tokenizer DIR`` / a served model directory for an endpoint."""
+    from trainer.splits import SplitError, check_no_overlap, read_training_problems
+
+    if args.allow_train_overlap:
+        return
+    for where in (args.model, getattr(args, "tokenizer", None)):
+        if where and Path(where).is_dir():
+            trained = read_training_problems(where)
+            if trained is not None:
+                try:
+                    check_no_overlap(problems, trained, model=str(where))
+                except SplitError as exc:
+                    raise InputError(str(exc)) from exc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,6 +97,22 @@ def iter_segment_rows(path: str | Path) -> Iterator[tuple[str, list[Any]]]:
         yield f"{p} row {n} ({ids[n] if ids is not None else 'no id'})", segs
 
 
+def training_problem_ids(path: str | Path) -> list[str]:
+    """The problem ids (``<source>/<id>``, TirSample.id) of the input's samples, in order, without repeats."""
+    p, kind = resolve_data_path(path)
+    ids: list[str] = []
+    if kind == "jsonl":
+        with p.open(encoding="utf-8") as f:
+            ids = [str(json.loads(line).get("id")) for line in f if line.strip()]
+    else:
+        import datasets
+
+        ds = datasets.load_from_disk(str(p))
+        ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+        ids = [str(i) for i in ds["id"]] if "id" in ds.column_names else []
+    return list(dict.fromkeys(i for i in ids if i and i != "None"))
+
+
 def load_sft_dataset(path: str | Path, tokenizer: Any, max_length: int) -> tuple[Any, DataStats]:
     """A ``datasets.Dataset`` with ``input_ids`` and ``labels`` (plus ``length``), and its stats.
 

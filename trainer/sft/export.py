@@ -191,8 +191,12 @@ def export_checkpoint(
     dtype: str = "auto",
     card: dict[str, Any] | None = None,
     eval_json: str | Path | None = None,
+    training_problems: Any = None,
 ) -> Path:
-    """Write the served checkpoint into *out_dir* (replaced atomically) and return it."""
+    """Write the served checkpoint into *out_dir* (replaced atomically) and return it.
+
+    *training_problems* (`trainer.splits.TrainingProblems`): written as ``thor_training.json``, so the
+    evaluation harness refuses to score the checkpoint on the problems it was trained on."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -241,6 +245,10 @@ def export_checkpoint(
         (tmp / CARD_JSON).write_text(json.dumps(info, indent=2) + "\n")
         md = _eval_markdown(Path(eval_json)) if eval_json else None
         (tmp / CARD_FILE).write_text(render_card(info, md))
+        if training_problems is not None:
+            from trainer.splits import TRAINING_PROBLEMS_FILE
+
+            (tmp / TRAINING_PROBLEMS_FILE).write_text(training_problems.model_dump_json(indent=2) + "\n")
         publish_dir(tmp, out_dir)
     finally:
         if tmp.exists():

@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import DataStats, load_sft_dataset
+from trainer.splits import TrainingProblems
+
+from .data import DataStats, load_sft_dataset, training_problem_ids
 from .encode import IGNORE_INDEX
 
 __all__ = [
@@ -352,6 +354,7 @@ def run_sft(cfg: SftConfig) -> SftResult:
             dtype=cfg.export_dtype,
             card={**summary, "data_path": str(cfg.data)},
             eval_json=cfg.eval_json,
+            training_problems=TrainingProblems(problems=training_problem_ids(cfg.data), sources=[str(cfg.data)]),
         )
         shutil.rmtree(weights, ignore_errors=True)
         summary["wall_s"] = round(time.monotonic() - t0, 2)

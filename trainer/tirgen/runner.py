@@ -213,6 +213,10 @@ async def run_tirgen(
 
 def write_reports(out: Path, filters: FilterConfig, *, wall_s: float = 0.0) -> TirGenResult:
     """Filter every logged attempt and write samples.jsonl, rejected.jsonl, summary.json, funnel.md/png."""
+    if not (out / "generated.jsonl").is_file():
+        raise FileNotFoundError(
+            f"{out} holds no TIRGen run (no generated.jsonl): check --out, or run without --report-only"
+        )
     entries = _Log(out / "generated.jsonl").load()
     latest: dict[tuple[str, int], dict[str, Any]] = {}
     for e in entries:
