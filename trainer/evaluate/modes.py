@@ -7,6 +7,8 @@ the same prompts and settings.
 
 - ``thor``: tools + self-correction, the server's defaults (notebook observation profile).
 - ``thor-nosc``: the same without self-correction (a failed call is kept, not resampled).
+- ``thor-cotq``: ``thor`` with the CoT instruction at the end of the user message, as many
+  users (and Qwen2.5-Math's evaluation) write it: does the model still use its tool?
 - ``cot``: no tools; Qwen2.5-Math's chain-of-thought system prompt.
 - ``tir-ref``: the reference code's settings (reference observation profile: no stdout
   is a failure and nothing is echoed; 10 calls; backtrack 500 tokens; 4 retries).
@@ -39,11 +41,14 @@ class Mode:
     tir_instructions: str | None = TIR_INSTRUCTIONS
     #: The `thor` request field that asks a THOR server for this mode.
     server_options: dict[str, Any] = field(default_factory=dict)
+    #: Text appended to the user message (on a new line), as a user would write it.
+    user_suffix: str | None = None
 
     def messages(self, problem: str) -> list[dict[str, str]]:
         """The chat messages of a problem (THOR's tool instructions are added by the engine)."""
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return [*msgs, {"role": "user", "content": problem}]
+        content = f"{problem}\n{self.user_suffix}" if self.user_suffix else problem
+        return [*msgs, {"role": "user", "content": content}]
 
 
 _THOR = ThorConfig()
@@ -64,6 +69,14 @@ MODES: dict[str, Mode] = {
             tools=True,
             config=_THOR.model_copy(update={"self_correction": SelfCorrectionConfig(enabled=False)}),
             server_options={"self_correction": False},
+        ),
+        Mode(
+            "thor-cotq",
+            "tools + self-correction; the user message ends with the CoT instruction",
+            tools=True,
+            config=_THOR,
+            server_options={},
+            user_suffix=COT_PROMPT,
         ),
         Mode(
             "cot",
