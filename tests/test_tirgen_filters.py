@@ -26,6 +26,7 @@ from trainer.tirgen.filters import (
     filter_code_quality,
     filter_correct,
     filter_dollars,
+    filter_fences,
     filter_has_code,
     filter_length,
     filter_repetition,
@@ -214,6 +215,13 @@ def test_dollars() -> None:
     # A `$` inside code or an observation is not math.
     code_with_dollar = block(GOOD_CODE + 'print(f"${total}")\n')
     assert filter_dollars(make(blocks=[code_with_dollar], outputs=["$87"]), CFG) is None
+
+
+def test_fences() -> None:
+    assert filter_fences(make(), CFG) is None
+    # a stray fence after the last output (seen in real TIRGen data) opens a block that swallows the answer
+    stray = make(final="So Carmen spent 70 minutes.\n```\n\\boxed{70}")
+    assert "unclosed code fence" in (filter_fences(stray, CFG) or "")
 
 
 # --- think ---------------------------------------------------------------------------------------------------------

@@ -238,6 +238,7 @@ class Critic:
         answer_at = current.find("\\boxed")
         if answer_at >= 0:
             current = current[: current.rfind("\n", 0, answer_at) + 1]
+        current = _without_trailing_fences(current)
         if current:
             segments.append(SegmentText(kind="model", text=current))
         _strip_end_token(segments, tok)
@@ -248,6 +249,17 @@ class Critic:
             finish_reason=finish,
             observations=observations,
         )
+
+
+def _without_trailing_fences(text: str) -> str:
+    """`text` without a trailing fence that closes nothing: after the answer line is cut, a stray fence
+    line would open a block that swallows the actor's ending."""
+    from thor_engine.codeblocks import find_blocks
+
+    blocks = find_blocks(text)
+    if blocks and not blocks[-1].closed and not blocks[-1].language and not text[blocks[-1].start :].strip("` \t\n"):
+        return text[: blocks[-1].start]
+    return text
 
 
 def _strip_end_token(segments: list[SegmentText], tokenizer: Any) -> None:

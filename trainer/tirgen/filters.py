@@ -9,7 +9,7 @@ Markdown table (`format_funnel`) and bar chart (`plot_funnel`, ``funnel.png``).
 Stages, in order (a sample is rejected by the first stage it fails; each name is stable and
 is what the funnel, `FilterConfig.disabled` and the rejection records use):
 
-    correct, code_passed, length, boxed, dollars, think, has_code, code_quality,
+    correct, code_passed, length, boxed, dollars, fences, think, has_code, code_quality,
     repetition, dedup, single_call_downsample
 
 Does not own: generating samples (generate.py), grading answers (the generator sets
@@ -48,6 +48,7 @@ __all__ = [
     "filter_code_quality",
     "filter_correct",
     "filter_dollars",
+    "filter_fences",
     "filter_has_code",
     "filter_length",
     "filter_repetition",
@@ -288,6 +289,14 @@ def filter_dollars(sample: TirSample, cfg: FilterConfig) -> str | None:
     return None if count % 2 == 0 else f"{count} unescaped '$' (odd: unbalanced math)"
 
 
+def filter_fences(sample: TirSample, cfg: FilterConfig) -> str | None:
+    """Every code fence of the model's text is closed (a stray ```` ``` ```` line opens a block that
+    swallows the rest: the answer would be read as code)."""
+    blocks = find_blocks(sample.model_text)
+    open_blocks = [b for b in blocks if not b.closed]
+    return f"an unclosed code fence at character {open_blocks[0].start}" if open_blocks else None
+
+
 def filter_think(sample: TirSample, cfg: FilterConfig) -> str | None:
     """Reasoning models only: exactly one complete think block, with at least one executable code block in it.
 
@@ -355,6 +364,7 @@ SAMPLE_FILTERS: tuple[tuple[str, SampleFilter], ...] = (
     ("length", filter_length),
     ("boxed", filter_boxed),
     ("dollars", filter_dollars),
+    ("fences", filter_fences),
     ("think", filter_think),
     ("has_code", filter_has_code),
     ("code_quality", filter_code_quality),
