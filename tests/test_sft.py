@@ -1,24 +1,25 @@
 """Cold-start SFT (`python -m trainer.sft`) on the real thing.
 
-Owns: segment tokenisation against the real decoder's trajectories (vLLM + sandbox), the
-data layer's inputs and errors, a few CPU training steps from the tiny TIR model whose
-export the real server serves with a real tool round, the LoRA path (merged export equals
-base + adapter merged by peft), resume (the step count continues and the continued steps
-equal an uninterrupted run), DDP with 2 CPU processes under `accelerate launch`, and the
-shipped accelerate configs.
+Owns: segment tokenisation (against the fixture's decoder-faithful build, and against the
+real decoder's trajectories: the server's ThorEngine on vLLM with the real sandbox, serving
+the SFT export of the tiny TIR model), the data layer's inputs and errors, a few CPU
+training steps from the tied tiny TIR model whose untied export the real server serves with
+a real tool round, the LoRA path (merged export equals base + adapter merged by peft),
+resume (the step count continues and the continued steps equal an uninterrupted run), DDP
+with 2 CPU processes under `accelerate launch`, the model card, the shipped accelerate configs.
+One vLLM start for the whole file (the server), so it stays a few minutes.
 
 Does not own: the tiny model (tests/support/tiny_tir_model.py) or the decoder's own tests.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -131,73 +132,6 @@ def test_bad_segments_are_named(tir_tokenizer, segments, message) -> None:
         encode_segments(tir_tokenizer, segments)
 
 
-# ----------------------------------------------------------------- the real decoder
-
-
-@contextlib.contextmanager
-def vllm_cpu_env() -> Iterator[None]:
-    want = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
-    saved = {k: os.environ.get(k) for k in want}
-    for k, v in want.items():
-        os.environ.setdefault(k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-
-
-@pytest.fixture(scope="module")
-async def tir_backend(tiny_tir_model) -> AsyncIterator:
-    require_vllm()
-    from thor_engine.backends.vllm_backend import EngineOptions, VllmBackend
-
-    with vllm_cpu_env():
-        backend = await VllmBackend.start(
-            EngineOptions(model=str(tiny_tir_model), dtype="bfloat16", enforce_eager=True, max_model_len=2048)
-        )
-    try:
-        yield backend
-    finally:
-        backend.shutdown()
-
-
-@pytest.mark.slow
-@pytest.mark.vllm
-@pytest.mark.sandbox
-async def test_rebuilt_segments_equal_decoder_trajectories(tir_backend, executor, tir_tokenizer) -> None:
-    """The real decoder on vLLM with the real sandbox: its token-level trajectory and the SFT
-    rebuild from text segments (decoded from it, and the TirSample's own) agree id for id."""
-    from thor_engine.config import SamplingOptions, ThorConfig
-    from thor_engine.decoder import ThorDecoder, collect, finals
-    from thor_engine.prompting import render_chat
-
-    tok = tir_backend.tokenizer
-    dec = ThorDecoder(tir_backend, executor)
-    samples = {s.problem_id: s for s in tiny_tir_samples(tir_tokenizer)}
-    for name in ("modpow", "divisors360", "divzero"):  # 2 and 3 tool rounds, a failed call shown to the model
-        p = problem(name)
-        ids = render_chat(tok, [{"role": "user", "content": p.prompt}])
-        events = await collect(dec.stream(ids, ThorConfig(), SamplingOptions(max_tokens=800)))
-        [final] = finals(events)
-        assert final.text == p.completion and final.tools.calls >= p.rounds
-        traj = final.trajectory
-        assert traj is not None
-        kinds = [s["kind"] for s in traj["segments"]]
-        assert kinds.count("observation") == p.rounds and kinds[0] == "prompt" and kinds[-1] == "model"
-        recorded = [t for s in traj["segments"] for t in s["token_ids"]]
-        mask = [1 if s["kind"] == "model" else 0 for s in traj["segments"] for _ in s["token_ids"]]
-        # vLLM's output ids include the EOS it stopped at; the trajectory ends with it
-        assert recorded[-1] == tok.convert_tokens_to_ids("<|im_end|>") in tir_backend.eos_token_ids
-
-        rebuilt = encode_trajectory_segments(tok, traj)
-        assert rebuilt.input_ids == recorded and rebuilt.loss_mask == mask
-        assert all((lab != IGNORE_INDEX) == bool(m) for lab, m in zip(rebuilt.labels, mask, strict=True))
-        from_sample = encode_segments(tok, samples[name].segments)  # what SFT trains on
-        assert from_sample.input_ids == recorded and from_sample.loss_mask == mask
-
-
 # ----------------------------------------------------------------- data layer
 
 
@@ -281,14 +215,9 @@ def straight_run(tmp_path_factory, samples_file, tiny_tir_model) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.vllm
-@pytest.mark.sandbox
-def test_sft_export_is_served_with_a_real_tool_round(straight_run, sandbox) -> None:
-    import httpx
-    import openai
-
-    from tests.support.thor_server import run_server, tiny_server_args
+def test_sft_run_writes_logs_and_an_untied_export(straight_run) -> None:
     from trainer.sft.export import check_untied
+    from trainer.splits import read_training_problems
 
     out = straight_run
     info = read_json(out / "sft.json")
@@ -307,21 +236,46 @@ def test_sft_export_is_served_with_a_real_tool_round(straight_run, sandbox) -> N
     check_untied(final)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (final / name).is_file(), name
+    trained_on = read_training_problems(final)  # what trainer.evaluate refuses to score it on
+    assert trained_on is not None and trained_on.problems == [f"tiny/{p.name}" for p in TIR_PROBLEMS]
     card = (final / "README.md").read_text()
     assert "full fine-tuning" in card and f"trained on: {len(TIR_PROBLEMS)}" in card and "final training loss" in card
 
-    with run_server(tiny_server_args(final, "sft-tiny", sandbox_url=sandbox.url)) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-        p = problem("modpow")
-        resp = client.chat.completions.create(
-            model="sft-tiny", messages=[{"role": "user", "content": p.prompt}], temperature=0, max_tokens=400
-        )
-        trace = httpx.get(f"{server.url}/v1/traces/{resp.model_extra['thor']['trace_id']}", timeout=30).json()
-    # what the server produced is, token for token, the sequence SFT trained on
-    served = [t for seg in trace["choices"][0]["trajectory"]["segments"] for t in seg["token_ids"]]
-    tok = exported_tokenizer(final)
-    [sample] = [s for s in tiny_tir_samples(tok) if s.problem_id == "modpow"]
-    assert served == encode_segments(tok, sample.segments).input_ids
+
+@pytest.fixture(scope="module")
+def served(straight_run, sandbox) -> Iterator:
+    """`python -m server` on the SFT export (real vLLM, real sandbox): ThorEngine and its decoder."""
+    require_vllm()
+    from tests.support.thor_server import run_server, tiny_server_args
+
+    args = tiny_server_args(straight_run / "final", "sft-tiny", sandbox_url=sandbox.url)
+    # a readiness bound, not a timed assertion: engine start-up takes minutes on a busy 2-core machine
+    with run_server(args, ready_timeout=600) as server:
+        yield server
+
+
+def ask(server, name: str, max_tokens: int = 800) -> tuple[object, dict]:
+    """A greedy chat request through the openai SDK, and the decoder's trajectory from its trace."""
+    import httpx
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    resp = client.chat.completions.create(
+        model="sft-tiny",
+        messages=[{"role": "user", "content": problem(name).prompt}],
+        temperature=0,
+        max_tokens=max_tokens,
+    )
+    trace = httpx.get(f"{server.url}/v1/traces/{resp.model_extra['thor']['trace_id']}", timeout=30).json()
+    return resp, trace["choices"][0]["trajectory"]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.sandbox
+def test_sft_export_is_served_with_a_real_tool_round(served) -> None:
+    p = problem("modpow")
+    resp, _ = ask(served, "modpow", max_tokens=400)
     msg = resp.choices[0].message
     reasoning = msg.model_extra["reasoning_content"]
     assert "```python\nprint(pow(7, 100, 13))\n```\n```output\n9\n```" in reasoning
@@ -329,6 +283,36 @@ def test_sft_export_is_served_with_a_real_tool_round(straight_run, sandbox) -> N
     thor = resp.model_extra["thor"]["choices"][0]
     assert [c["stdout"] for c in thor["tool_calls"]] == ["9\n", "14\n"] and all(c["ok"] for c in thor["tool_calls"])
     assert thor["answer"] == p.answer and msg.content.endswith("\\boxed{14}.")
+    assert resp.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.sandbox
+def test_rebuilt_segments_equal_decoder_trajectories(served, straight_run) -> None:
+    """The real decoder (the server's ThorEngine on vLLM, real sandbox) on the tiny TIR model
+    after SFT: its token-level trajectory, the SFT rebuild from the text segments decoded from
+    it, and the TirSample SFT trained on agree id for id and mask for mask."""
+    tok = exported_tokenizer(straight_run / "final")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    eos = read_json(straight_run / "final" / "generation_config.json")["eos_token_id"]
+    assert im_end in (eos if isinstance(eos, list) else [eos])
+    samples = {s.problem_id: s for s in tiny_tir_samples(tok)}
+    for name in ("modpow", "divisors360", "divzero"):  # 2 and 3 tool rounds; a failed call shown to the model
+        p = problem(name)
+        resp, traj = ask(served, name)
+        assert resp.choices[0].message.content.endswith(f"\\boxed{{{p.answer}}}.")
+        kinds = [s["kind"] for s in traj["segments"]]
+        assert kinds.count("observation") == p.rounds and kinds[0] == "prompt" and kinds[-1] == "model"
+        recorded = [t for s in traj["segments"] for t in s["token_ids"]]
+        mask = [1 if s["kind"] == "model" else 0 for s in traj["segments"] for _ in s["token_ids"]]
+        assert recorded[-1] == im_end  # vLLM's output ids include the EOS it stopped at
+
+        rebuilt = encode_trajectory_segments(tok, traj)
+        assert rebuilt.input_ids == recorded and rebuilt.loss_mask == mask
+        assert all((lab != IGNORE_INDEX) == bool(m) for lab, m in zip(rebuilt.labels, mask, strict=True))
+        from_sample = encode_segments(tok, samples[name].segments)  # what SFT trained on
+        assert from_sample.input_ids == recorded and from_sample.loss_mask == mask
 
 
 @pytest.mark.slow
