@@ -116,6 +116,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     o.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished samples")
     o.add_argument("--report-only", action="store_true", help="rewrite the reports of --out from its records")
     o.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("BEFORE", "AFTER"),
+        default=None,
+        help="compare two finished runs (e.g. a model before and after training): accuracy with the paired "
+        "difference, code-invocation ratio and call success per mode; writes compare.md/json into AFTER",
+    )
+    o.add_argument(
         "--rescore", action="store_true", help="with --report-only: score the records again with the current checker"
     )
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -271,6 +280,15 @@ async def run(args: argparse.Namespace) -> int:
     from .runner import run_evaluation
     from .targets import InProcessTarget, TargetError
 
+    if args.compare:
+        from .compare import compare_runs
+
+        try:
+            compare_runs(*args.compare)
+        except (FileNotFoundError, ValueError) as exc:
+            raise InputError(str(exc)) from exc
+        print((args.compare[1] / "compare.md").read_text(encoding="utf-8"))
+        return EXIT_OK
     check_args(args)
     try:
         modes: list[Mode] = parse_modes(args.modes)
