@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Self
 
 import httpx
 
@@ -34,7 +35,7 @@ from trainer.evaluate.targets import TargetError
 from .prompts import actor_messages, critic_messages
 from .sample import SegmentText
 
-__all__ = ["Actor", "ActorStep", "Critic", "CriticRewrite", "EndpointError", "TargetError"]
+__all__ = ["Actor", "Completion", "CompletionsClient", "Critic", "CriticRewrite", "EndpointError", "TargetError"]
 
 
 class EndpointError(RuntimeError):
@@ -42,14 +43,14 @@ class EndpointError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ActorStep:
+class Completion:
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     tokens: int
 
 
-class Actor:
-    """The actor model on a text completions endpoint."""
+class CompletionsClient:
+    """One model on a text completions endpoint, with its tokenizer here (for its chat template)."""
 
     def __init__(self, client: httpx.AsyncClient, model: str, tokenizer: Any) -> None:
         self.client = client
@@ -60,7 +61,7 @@ class Actor:
     @contextlib.asynccontextmanager
     async def open(
         cls, url: str, *, model: str | None, tokenizer: str | None, api_key: str | None = None, timeout_s: float = 900
-    ) -> AsyncIterator[Actor]:
+    ) -> AsyncIterator[Self]:
         """Connect and check the model exists; raises TargetError (unreachable, unknown model, no tokenizer)."""
         base = base_url(url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -72,11 +73,7 @@ class Actor:
             tok, _ = load_tokenizer(tok_path)
             yield cls(client, str(entry["id"]), tok)
 
-    def prompt(self, problem: str) -> str:
-        """The actor's chat-templated prompt, ready for the assistant's text."""
-        return self.tokenizer.apply_chat_template(actor_messages(problem), tokenize=False, add_generation_prompt=True)
-
-    async def step(self, prompt: str, *, max_tokens: int, temperature: float, top_p: float, seed: int) -> ActorStep:
+    async def step(self, prompt: str, *, max_tokens: int, temperature: float, top_p: float, seed: int) -> Completion:
         body = {
             "model": self.model,
             "prompt": prompt,
@@ -89,32 +86,38 @@ class Actor:
         try:
             r = await self.client.post("/v1/completions", json=body)
         except httpx.TransportError as exc:
-            raise TargetError(f"actor endpoint {where} stopped answering: {type(exc).__name__}: {exc}") from exc
+            raise TargetError(f"endpoint {where} stopped answering: {type(exc).__name__}: {exc}") from exc
         if r.status_code in (401, 403, 404):
-            raise TargetError(f"actor endpoint {where} answered {r.status_code}: {r.text[:300]}")
+            raise TargetError(f"endpoint {where} answered {r.status_code}: {r.text[:300]}")
         if r.status_code != 200:
-            raise EndpointError(f"actor endpoint {where} answered {r.status_code}: {r.text[:300]}")
+            raise EndpointError(f"endpoint {where} answered {r.status_code}: {r.text[:300]}")
         try:
             choice = r.json()["choices"][0]
             usage = r.json().get("usage") or {}
-            return ActorStep(
+            return Completion(
                 text=str(choice["text"]),
                 finish_reason=str(choice.get("finish_reason") or "stop"),
                 tokens=int(usage.get("completion_tokens") or 0),
             )
         except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise EndpointError(f"actor endpoint {where} did not answer an OpenAI completion: {r.text[:200]}") from exc
+            raise EndpointError(f"endpoint {where} did not answer an OpenAI completion: {r.text[:200]}") from exc
+
+
+class Actor(CompletionsClient):
+    """The actor: step-wise reasoning continued from any prefix."""
+
+    def prompt(self, problem: str) -> str:
+        """The actor's chat-templated prompt, ready for the assistant's text."""
+        return self.tokenizer.apply_chat_template(actor_messages(problem), tokenize=False, add_generation_prompt=True)
 
 
 def _model_dir(entry: dict[str, Any], base: str) -> str:
-    from pathlib import Path
-
     for name in (entry.get("root"), entry.get("id")):
         if isinstance(name, str) and Path(name).is_dir():
             return name
     raise TargetError(
-        f"endpoint {base} serves {entry['id']!r}, which is not a model directory here: pass --actor-tokenizer "
-        "(the actor's directory or preset) for its chat template"
+        f"endpoint {base} serves {entry['id']!r}, which is not a model directory here: pass --actor-tokenizer / "
+        "--critic-tokenizer (the model's directory or preset) for its chat template"
     )
 
 
@@ -147,7 +150,9 @@ class Critic:
     final ``\\boxed`` answer and what follows it are cut: the actor writes the ending.
     """
 
-    def __init__(self, completions: Actor, executor: Any, *, max_calls: int, observation: Any = None) -> None:
+    def __init__(
+        self, completions: CompletionsClient, executor: Any, *, max_calls: int, observation: Any = None
+    ) -> None:
         from thor_engine.config import ObservationConfig
 
         self.completions = completions
@@ -175,7 +180,7 @@ class Critic:
 
         async with contextlib.AsyncExitStack() as stack:
             completions = await stack.enter_async_context(
-                Actor.open(url, model=model, tokenizer=tokenizer, api_key=api_key)
+                CompletionsClient.open(url, model=model, tokenizer=tokenizer, api_key=api_key)
             )
             try:
                 sandbox = await stack.enter_async_context(sandbox_at(sandbox_url, pool_size=sandbox_pool))
