@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,7 +31,11 @@ __all__ = [
     "ToolCallRecord",
     "ToolTotals",
     "UsageRecord",
+    "append_jsonl",
+    "load_jsonl",
 ]
+
+T = TypeVar("T")
 
 RECORDS_FILE = "records.jsonl"
 SPEC_FILE = "run.json"
@@ -137,33 +141,43 @@ class RecordLog:
 
     def load(self) -> list[SampleRecord]:
         """Every complete record; a torn last line (a run killed mid-write) is dropped and truncated away."""
-        if not self.path.exists():
-            return []
-        records: list[SampleRecord] = []
-        good_bytes = 0
-        with self.path.open("rb") as f:
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    break
-                try:
-                    records.append(SampleRecord.model_validate_json(raw))
-                except ValueError:
-                    break
-                good_bytes += len(raw)
-        if good_bytes != self.path.stat().st_size:
-            with self.path.open("r+b") as f:
-                f.truncate(good_bytes)
-        return records
+        return load_jsonl(self.path, SampleRecord.model_validate_json)
 
     def append(self, record: SampleRecord) -> None:
-        line = record.model_dump_json() + "\n"
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, record.model_dump_json())
 
     def __iter__(self) -> Iterator[SampleRecord]:
         return iter(self.load())
+
+
+def load_jsonl(path: Path, parse: Callable[[bytes], T]) -> list[T]:
+    """The complete lines of an append-only JSONL log, parsed; reading stops at a torn or unparsable line
+    (a writer killed mid-write), which is truncated away so later appends start on a clean line."""
+    if not path.exists():
+        return []
+    items: list[T] = []
+    good_bytes = 0
+    with path.open("rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                items.append(parse(raw))
+            except ValueError:
+                break
+            good_bytes += len(raw)
+    if good_bytes != path.stat().st_size:
+        with path.open("r+b") as f:
+            f.truncate(good_bytes)
+    return items
+
+
+def append_jsonl(path: Path, line: str) -> None:
+    """Append one JSON line and fsync it: a finished item survives a kill."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

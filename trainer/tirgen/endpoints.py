@@ -23,13 +23,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Self
 
 import httpx
 
 from trainer.evaluate.client_loop import resolve_tokenizer
-from trainer.evaluate.remote_backend import _model_entry, base_url, load_tokenizer
+from trainer.evaluate.remote_backend import _local_model_dir, _model_entry, base_url, load_tokenizer
 from trainer.evaluate.targets import TargetError
 
 from .prompts import actor_messages, critic_messages
@@ -112,13 +111,13 @@ class Actor(CompletionsClient):
 
 
 def _model_dir(entry: dict[str, Any], base: str) -> str:
-    for name in (entry.get("root"), entry.get("id")):
-        if isinstance(name, str) and Path(name).is_dir():
-            return name
-    raise TargetError(
-        f"endpoint {base} serves {entry['id']!r}, which is not a model directory here: pass --actor-tokenizer / "
-        "--critic-tokenizer (the model's directory or preset) for its chat template"
-    )
+    try:
+        return _local_model_dir(entry, base)
+    except TargetError as exc:
+        raise TargetError(
+            f"endpoint {base} serves {entry['id']!r}, which is not a model directory here: pass --actor-tokenizer / "
+            "--critic-tokenizer (the model's directory or preset) for its chat template"
+        ) from exc
 
 
 @dataclass

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.evaluate.benchmarks import Problem
-from trainer.evaluate.records import write_json_atomic, write_text_atomic
+from trainer.evaluate.records import append_jsonl, load_jsonl, write_json_atomic, write_text_atomic
 from trainer.splits import problem_key
 
 from .endpoints import Actor, Critic
@@ -64,34 +63,17 @@ class TirGenResult:
 
 
 class _Log:
-    """Append-only JSONL of attempts; a torn last line (a killed run) is dropped."""
+    """Append-only JSONL of attempts (the evaluation harness's log functions: fsync per line, a torn
+    last line dropped)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def load(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        out, good = [], 0
-        with self.path.open("rb") as f:
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    break
-                try:
-                    out.append(json.loads(raw))
-                except ValueError:
-                    break
-                good += len(raw)
-        if good != self.path.stat().st_size:
-            with self.path.open("r+b") as f:
-                f.truncate(good)
-        return out
+        return load_jsonl(self.path, json.loads)
 
     def append(self, entry: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, json.dumps(entry, ensure_ascii=False))
 
 
 def _check_settings(out: Path, settings: dict[str, Any], resume: bool) -> None:
