@@ -12,6 +12,9 @@ the same prompts and settings.
 - ``cot``: no tools; Qwen2.5-Math's chain-of-thought system prompt.
 - ``tir-ref``: the reference code's settings (reference observation profile: no stdout
   is a failure and nothing is echoed; 10 calls; backtrack 500 tokens; 4 retries).
+- ``thor-rl``: what RL rollouts optimise (reference observation profile, 5 calls, no
+  self-correction), without stopping at a failed call: a trained checkpoint's tool use
+  as it is, with nothing resampled away.
 
 Does not own: sampling (the run's), scoring, or the targets that run a mode.
 """
@@ -100,6 +103,21 @@ MODES: dict[str, Mode] = {
                 "max_tool_calls": 10,
                 "observation": {"profile": "reference"},
                 "self_correction": {"enabled": True, "backtrack_tokens": 500, "max_retries": 4},
+            },
+        ),
+        Mode(
+            "thor-rl",
+            "RL rollout settings: reference observations, 5 calls, no self-correction",
+            tools=True,
+            config=ThorConfig(
+                max_tool_calls=5,
+                observation=ObservationConfig(profile="reference"),
+                self_correction=SelfCorrectionConfig(enabled=False),
+            ),
+            server_options={
+                "max_tool_calls": 5,
+                "observation": {"profile": "reference"},
+                "self_correction": False,
             },
         ),
     )
