@@ -42,6 +42,7 @@ OPENAI_FINISH = {
     FinishReason.generation_cap: "length",
     FinishReason.tool_budget: "stop",
     FinishReason.tool_error: "stop",
+    FinishReason.tool_executed: "stop",
     FinishReason.aborted: "stop",
 }
 

@@ -4,7 +4,8 @@ Owns: every knob of the tool-integrated loop with the reference defaults of the
 THOR paper's code (tool budget 10, self-correction with 4 retries and a 500-token
 backtrack, 256-character observation truncation, the empty-observation message)
 and our product defaults (the `notebook` observation profile). The server maps
-its `thor` request field onto this; the trainer builds it directly.
+its `thor` request field onto this; the trainer builds it directly, from the RL
+presets `rl_rollout_config` (trajectory level) and `rl_step_config` (step level).
 
 Does not own: sampling parameters (`SamplingOptions` below is only carried
 through), engine arguments, or the sandbox's own limits.
@@ -96,6 +97,12 @@ class ThorConfig(_Strict):
     stop_on_tool_error: bool = Field(
         default=False, description="End the trajectory at the first failed call that is committed (RL rollouts)."
     )
+    stop_after_execution: bool = Field(
+        default=False,
+        description="End the trajectory (finish_reason 'tool_executed') right after the first code block that runs "
+        "in the sandbox, without appending its observation: the trajectory ends with the model's closing fence. "
+        "Its CodeBlock and ToolCall events are still emitted; self-correction never resamples it (step-level RL).",
+    )
     observation: ObservationConfig = ObservationConfig()
     self_correction: SelfCorrectionConfig = SelfCorrectionConfig()
     thinking_budget: int | None = Field(
@@ -142,3 +149,42 @@ class SamplingOptions(_Strict):
     include_stop_str_in_output: bool = Field(
         default=False, description="Keep the user stop string that ended the trajectory in its text (vLLM's option)."
     )
+    logprobs: bool = Field(
+        default=False,
+        description="record the sampled token's log-probability for each generated token (RL): Final.trajectory's "
+        "segments then carry a 'logprobs' list aligned with their token_ids (None where the model did not sample "
+        "the token).",
+    )
+
+
+#: THOR's tool budget for RL rollouts (../shared/DESIGN.md section 2: 10 at inference, 5 in RL).
+RL_MAX_TOOL_CALLS = 5
+
+
+def rl_rollout_config(max_tool_calls: int = RL_MAX_TOOL_CALLS) -> ThorConfig:
+    """Trajectory-level RL rollouts with THOR's reference settings (../shared/DESIGN.md section 2).
+
+    The reference observation profile (success iff exit code 0 and stdout non-empty, no
+    notebook echo), at most `max_tool_calls` executions (reference: 5 in RL), self-correction
+    off (rollouts are sampled as the policy writes them), and the trajectory ends at its first
+    committed failed call (`stop_on_tool_error`: such rollouts are filtered out of training and
+    feed the step level instead).
+    """
+    return ThorConfig(
+        max_tool_calls=max_tool_calls,
+        stop_on_tool_error=True,
+        observation=ObservationConfig(profile="reference"),
+        self_correction=SelfCorrectionConfig(enabled=False),
+    )
+
+
+def rl_step_config(max_tool_calls: int = RL_MAX_TOOL_CALLS) -> ThorConfig:
+    """Step-level RL continuations (../shared/DESIGN.md section 2): `rl_rollout_config` plus
+    `stop_after_execution`.
+
+    The reference trains failed code steps by cutting the trajectory before the failed block
+    (100 more tokens dropped) and sampling continuations that stop once their first code block
+    has executed, without its output; the reward is whether that block ran (the same success
+    rule as serving). The trajectory then ends with finish_reason `tool_executed`.
+    """
+    return rl_rollout_config(max_tool_calls).model_copy(update={"stop_after_execution": True})

@@ -17,7 +17,12 @@ block plus `backtrack_tokens` tokens before it (or back to the start of its
 reasoning step), never crossing the prompt or a committed observation, and
 resamples; discarded tokens are counted. Budgets (tool calls, new tokens, a hard
 cap on generated tokens including discarded ones, context length, thinking
-tokens) each end a trajectory with their own `FinishReason`.
+tokens) each end a trajectory with their own `FinishReason`. For RL: with
+`stop_after_execution` the trajectory ends right after its first executed block,
+without the observation (`FinishReason.tool_executed`); every `CodeBlock` names the
+trajectory token holding its opening fence (`fence_token`, where step-level RL cuts);
+with `SamplingOptions.logprobs` each request asks the engine for the sampled
+token's log-probability and the trajectory keeps one per token.
 
 Text is tracked incrementally per token (detokenize.TokenText), so no round is
 decoded twice and a backtrack's cut point is an integer search. Text is streamed
@@ -169,9 +174,19 @@ class ThorDecoder:
 
     # --- text bookkeeping ---------------------------------------------------------------
 
-    def _append(self, st: _State, ids: list[int], kind: SegmentKind) -> None:
-        st.traj.append(ids, kind)
+    def _append(
+        self, st: _State, ids: list[int], kind: SegmentKind, logprobs: list[float | None] | None = None
+    ) -> None:
+        st.traj.append(ids, kind, logprobs)
         st.text.extend(ids)
+
+    def _fence_token(self, st: _State, block: FencedBlock) -> int:
+        """Index in the trajectory (prompt included) of the token holding the opening fence's first backtick."""
+        text = st.text.text
+        pos = block.start
+        while pos < len(text) and text[pos] in " \t":  # an indented fence: its line starts with the indentation
+            pos += 1
+        return st.prompt_len + st.text.tokens_within(pos)
 
     def _truncate_chars(self, st: _State, pos: int) -> int:
         """Cut the completion to exactly its first `pos` characters; return how many tokens were dropped.
@@ -287,7 +302,7 @@ class ThorDecoder:
     def _retractable(self, st: _State, cfg: ThorConfig) -> bool:
         """Could a failure still take back text of this round (so a plain client must not see it yet)?"""
         sc = cfg.self_correction
-        if not (st.tools_on and not st.cut and sc.enabled and st.attempt < sc.max_retries):
+        if cfg.stop_after_execution or not (st.tools_on and not st.cut and sc.enabled and st.attempt < sc.max_retries):
             return False
         needed = 2 if sc.retries_consume_budget else 1  # this call and its resample
         return st.tool_budget_used + needed <= cfg.max_tool_calls
@@ -305,7 +320,7 @@ class ThorDecoder:
     ) -> AsyncIterator[Event]:
         tail = self.tokenizer.decode(prompt[-16:], skip_special_tokens=False) if self.reasoning_model else ""
         st = _State(
-            traj=Trajectory.from_prompt(prompt),
+            traj=Trajectory.from_prompt(prompt, record_logprobs=sampling.logprobs),
             text=TokenText(self.tokenizer, skip_special_tokens=sampling.skip_special_tokens),
             prompt_len=len(prompt),
             prompt_in_think=tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE),
@@ -384,6 +399,7 @@ class ThorDecoder:
                 stop_token_ids=sampling.stop_token_ids,
                 ignore_eos=sampling.ignore_eos,
                 skip_special_tokens=sampling.skip_special_tokens,
+                logprobs=0 if sampling.logprobs else None,  # 0: the sampled token's own log-probability only
             )
             req_id = f"{rid}-{sample}-{st.counters.engine_requests}"
             st.counters.engine_requests += 1
@@ -400,7 +416,8 @@ class ThorDecoder:
                         st.counters.cached_prompt += chunk.num_cached_tokens
                         st.counters.prefilled_prompt += request_prompt_len - chunk.num_cached_tokens
                     if chunk.token_ids:
-                        self._append(st, chunk.token_ids, SegmentKind.model)
+                        lps = _sampled_logprobs(chunk) if sampling.logprobs else None
+                        self._append(st, chunk.token_ids, SegmentKind.model, lps)
                         st.counters.generated += len(chunk.token_ids)
                     if st.watch is not None and (fence := st.watch.feed(st.text.text)) is not None:
                         break  # leaving the block aborts the engine request: nothing after the fence is kept
@@ -502,7 +519,12 @@ class ThorDecoder:
                 yield FinishReason.tool_budget
                 return
             yield CodeBlock(
-                call=st.call_index, attempt=0, execution=st.executions, language=block.language, code=block.code
+                call=st.call_index,
+                attempt=0,
+                execution=st.executions,
+                language=block.language,
+                code=block.code,
+                fence_token=self._fence_token(st, block),
             )
             yield ToolCall(
                 call=st.call_index,
@@ -525,7 +547,14 @@ class ThorDecoder:
 
         call, attempt, execution = st.call_index, st.attempt, st.executions
         st.executions += 1
-        yield CodeBlock(call=call, attempt=attempt, execution=execution, language=block.language, code=block.code)
+        yield CodeBlock(
+            call=call,
+            attempt=attempt,
+            execution=execution,
+            language=block.language,
+            code=block.code,
+            fence_token=self._fence_token(st, block),
+        )
         result = await self.executor.execute(
             block.code,
             timeout_s=cfg.observation.timeout_s,
@@ -542,9 +571,15 @@ class ThorDecoder:
         # the resample need two units; otherwise the error is committed (never a retry whose block
         # could not execute, which would let the model invent its output).
         affordable = st.tool_budget_used + (2 if sc.retries_consume_budget else 1) <= cfg.max_tool_calls
-        # a sandbox failure is not the code's fault: resampling the code would not help
+        # a sandbox failure is not the code's fault: resampling the code would not help; and with
+        # stop_after_execution the trajectory ends at this block whatever its outcome
         retry = (
-            not obs.ok and result.outcome != "sandbox_error" and sc.enabled and attempt < sc.max_retries and affordable
+            not obs.ok
+            and result.outcome != "sandbox_error"
+            and sc.enabled
+            and attempt < sc.max_retries
+            and affordable
+            and not cfg.stop_after_execution
         )
         if not retry or sc.retries_consume_budget:
             st.tool_budget_used += 1
@@ -568,6 +603,10 @@ class ThorDecoder:
         st.attempt = 0
         st.call_index += 1
         st.stats.committed += 1
+        if cfg.stop_after_execution:
+            # step-level RL: the trajectory ends with the model's closing fence, its output never appended
+            yield FinishReason.tool_executed
+            return
         for ev in self._commit_observation(st, cfg, obs.text):
             yield ev
         if not obs.ok and cfg.stop_on_tool_error:
@@ -646,6 +685,29 @@ class ThorDecoder:
             tools=st.stats,
             trajectory=traj.to_dict() if include_trajectory else None,
         )
+
+
+def _sampled_logprobs(chunk: GenChunk) -> list[float | None]:
+    """The log-probability of each sampled token of a chunk, from the engine's per-token
+    {token id: Logprob (vLLM, `.logprob`) or float} dicts (requested with `GenParams.logprobs=0`)."""
+    entries = chunk.logprobs
+    if entries is None or len(entries) != len(chunk.token_ids):
+        got = "none" if entries is None else f"{len(entries)} entries"
+        raise RuntimeError(
+            f"the engine returned {got} of log-probabilities for {len(chunk.token_ids)} tokens although "
+            "SamplingOptions.logprobs asked for them (GenParams.logprobs=0): the backend must return one "
+            "{token id: logprob} entry per generated token"
+        )
+    out: list[float | None] = []
+    for tid, entry in zip(chunk.token_ids, entries, strict=True):
+        value = entry.get(tid) if entry else None
+        if value is None:
+            raise RuntimeError(
+                f"the engine's log-probabilities for a generated token lack the sampled token {tid}: "
+                "the backend must include the sampled token in each entry (vLLM does for logprobs=0)"
+            )
+        out.append(float(getattr(value, "logprob", value)))
+    return out
 
 
 def _prose(text: str) -> str:

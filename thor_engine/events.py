@@ -26,6 +26,7 @@ class FinishReason(str, Enum):
     tool_budget = "tool_budget"  # a code block past max_tool_calls with on_tool_budget=stop
     tool_error = "tool_error"  # a committed failed call with stop_on_tool_error
     generation_cap = "generation_cap"  # max_generated_tokens (kept + discarded) reached
+    tool_executed = "tool_executed"  # the first executed block ran, with stop_after_execution (no observation)
     aborted = "aborted"  # the consumer went away
 
 
@@ -57,6 +58,11 @@ class CodeBlock(_Event):
     execution: int = Field(default=0, description="Index of this sandbox run in the trajectory (retries included).")
     language: str
     code: str
+    fence_token: int = Field(
+        description="Index, in the trajectory's token ids (prompt included: an index into Final.trajectory's "
+        "ids), of the token holding the first backtick of this block's opening fence. The ids before it decode "
+        "to the text before the fence."
+    )
 
 
 class ToolCall(_Event):

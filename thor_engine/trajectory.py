@@ -5,7 +5,10 @@ text, injected observations, injected control text) and the operations the
 decoder needs (append, truncate at a boundary that never crosses a protected
 segment) plus the views the trainer and server need (loss mask, per-kind counts,
 text by kind). Text is always obtained by decoding these tokens; accumulated text
-is never re-tokenised.
+is never re-tokenised. Optionally (`record_logprobs`, for RL) one sampled
+log-probability per token, kept aligned with the ids through every append and
+truncation: a float for a token the model sampled, None for prompt, observation and
+injected tokens and for model tokens the decoder re-encoded.
 
 Does not own: generation, execution, or formatting of observations.
 """
@@ -28,6 +31,8 @@ class SegmentKind(str, Enum):
 class Segment:
     kind: SegmentKind
     token_ids: list[int]
+    # One entry per token when the trajectory records log-probabilities, else None.
+    logprobs: list[float | None] | None = None
 
 
 @dataclass
@@ -38,10 +43,12 @@ class Trajectory:
     # Index (in tokens) below which nothing may be removed: the end of the prompt or
     # of the latest committed observation. Backtracks never cross it.
     protected: int = 0
+    # Keep one log-probability (or None) per token, aligned with the ids.
+    record_logprobs: bool = False
 
     @classmethod
-    def from_prompt(cls, prompt_ids: list[int]) -> Trajectory:
-        t = cls()
+    def from_prompt(cls, prompt_ids: list[int], *, record_logprobs: bool = False) -> Trajectory:
+        t = cls(record_logprobs=record_logprobs)
         t.append(prompt_ids, SegmentKind.prompt)
         t.protect()
         return t
@@ -57,13 +64,34 @@ class Trajectory:
     def kinds(self) -> list[SegmentKind]:
         return [s.kind for s in self.segments for _ in s.token_ids]
 
-    def append(self, token_ids: list[int], kind: SegmentKind) -> None:
+    @property
+    def logprobs(self) -> list[float | None] | None:
+        """One entry per token (None where nothing was sampled), or None when not recorded."""
+        if not self.record_logprobs:
+            return None
+        return [lp for s in self.segments for lp in (s.logprobs or [None] * len(s.token_ids))]
+
+    def append(self, token_ids: list[int], kind: SegmentKind, logprobs: list[float | None] | None = None) -> None:
+        """Append tokens of one kind; `logprobs` (one per token) only when the trajectory records them."""
+        if logprobs is not None:
+            if not self.record_logprobs:
+                raise ValueError("logprobs given to a trajectory that does not record them: use record_logprobs=True")
+            if len(logprobs) != len(token_ids):
+                raise ValueError(f"{len(logprobs)} logprobs for {len(token_ids)} tokens: give one per token")
         if not token_ids:
             return
+        values: list[float | None] | None = None
+        if self.record_logprobs:
+            values = list(logprobs) if logprobs is not None else [None] * len(token_ids)
         if self.segments and self.segments[-1].kind is kind:
-            self.segments[-1].token_ids.extend(token_ids)
+            last = self.segments[-1]
+            last.token_ids.extend(token_ids)
+            if values is not None:
+                if last.logprobs is None:
+                    last.logprobs = [None] * (len(last.token_ids) - len(values))
+                last.logprobs.extend(values)
         else:
-            self.segments.append(Segment(kind, list(token_ids)))
+            self.segments.append(Segment(kind, list(token_ids), values))
 
     def protect(self) -> None:
         """Mark everything so far as committed: later truncations stop here."""
@@ -87,6 +115,8 @@ class Trajectory:
             else:
                 dropped[:0] = seg.token_ids[-excess:]
                 del seg.token_ids[-excess:]
+                if seg.logprobs is not None:
+                    del seg.logprobs[-excess:]
                 excess = 0
         return dropped
 
@@ -115,7 +145,12 @@ class Trajectory:
         return "".join(tokenizer.decode(s.token_ids, skip_special_tokens=False) for s in segs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "segments": [{"kind": s.kind.value, "token_ids": s.token_ids} for s in self.segments],
-            "protected": self.protected,
-        }
+        """{"segments": [{"kind", "token_ids"}...], "protected"}; each segment also has "logprobs"
+        (one float or None per token) when the trajectory records them."""
+        segments: list[dict[str, Any]] = []
+        for s in self.segments:
+            d: dict[str, Any] = {"kind": s.kind.value, "token_ids": s.token_ids}
+            if self.record_logprobs:
+                d["logprobs"] = s.logprobs if s.logprobs is not None else [None] * len(s.token_ids)
+            segments.append(d)
+        return {"segments": segments, "protected": self.protected}

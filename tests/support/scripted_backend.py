@@ -4,7 +4,10 @@ Owns: replaying the continuation a test's `responder` returns for each request,
 token by token with a real tokenizer, with vLLM's semantics for stop strings
 (checked on the detokenised text, kept in the output, generation ends with the
 token that completes one), `max_tokens`, EOS and aborts. It records every
-request so tests can inspect prompts, parameters and aborts.
+request so tests can inspect prompts, parameters and aborts. When a request asks
+for log-probabilities (`GenParams.logprobs`), each token comes with vLLM's shape,
+`{token id: Logprob}`, holding `scripted_logprob(token id)`: a value a test can
+recompute from the id alone, so any misalignment of ids and log-probs shows.
 
 Does not own: anything a production path uses. It is never a default: the
 server and CLI build only the vLLM backend.
@@ -20,6 +23,20 @@ from typing import Any
 from thor_engine.backend import GenChunk, GenParams
 
 Responder = Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class ScriptedLogprob:
+    """vLLM's `Logprob` shape: the decoder reads `.logprob`."""
+
+    logprob: float
+    rank: int = 1
+    decoded_token: str | None = None
+
+
+def scripted_logprob(token_id: int) -> float:
+    """The log-probability the scripted "model" reports for sampling `token_id` (in [-1.0, -0.001])."""
+    return -(1 + token_id % 1000) / 1000
 
 
 @dataclass
@@ -55,6 +72,7 @@ class ScriptedBackend:
         self.requests.append(req)
         ids = self.tokenizer.encode(self.responder(prompt_text), add_special_tokens=False)
         ids.append(self.tokenizer.eos_token_id)
+        want_lp = params.logprobs is not None
         text_so_far = ""
         emitted = 0
         try:
@@ -66,9 +84,11 @@ class ScriptedBackend:
                 full = self.tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
                 delta = full[len(text_so_far) :]
                 n = i + 1
+                cached = 0 if emitted == 0 else None
+                lp = [{tid: ScriptedLogprob(scripted_logprob(tid))}] if want_lp else None
                 if tid == self.tokenizer.eos_token_id:
                     req.finished = True
-                    yield GenChunk([tid], "", True, "stop", None, 0 if emitted == 0 else None)
+                    yield GenChunk([tid], "", True, "stop", None, cached, lp)
                     return
                 for stop in params.stop:
                     pos = full.find(stop, max(0, len(text_so_far) - len(stop)))
@@ -76,12 +96,12 @@ class ScriptedBackend:
                         cut = full[: pos + len(stop)] if params.include_stop_str_in_output else full[:pos]
                         req.finished = True
                         req.output_text = cut
-                        yield GenChunk([tid], cut[len(text_so_far) :], True, "stop", stop, 0 if emitted == 0 else None)
+                        yield GenChunk([tid], cut[len(text_so_far) :], True, "stop", stop, cached, lp)
                         return
                 text_so_far = full
                 req.output_text = full
                 done = n >= params.max_tokens
-                yield GenChunk([tid], delta, done, "length" if done else None, None, 0 if emitted == 0 else None)
+                yield GenChunk([tid], delta, done, "length" if done else None, None, cached, lp)
                 emitted += 1
                 if done:
                     req.finished = True
