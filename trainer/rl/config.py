@@ -55,7 +55,12 @@ class ModelConfig(_Section):
 
 
 class ProblemsConfig(_Section):
-    path: str = Field(description="training problems: a JSONL file with a problem and a gold answer per line")
+    path: str = Field(
+        description="training problems: a JSONL file with a problem and a gold answer per line, or a benchmark name "
+        "of trainer.evaluate (gsm8k rows 200-499 are the training split: offset 200)"
+    )
+    offset: int = Field(default=0, ge=0)
+    limit: int | None = Field(default=None, ge=1)
     problem_field: str = "problem"
     answer_field: str = "answer"
     id_field: str = "id"

@@ -359,8 +359,8 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
     """Run (or resume) the configured RL run; returns the final checkpoint's directory."""
     from accelerate import Accelerator
 
-    from trainer.evaluate.benchmarks import load_benchmark
-    from trainer.splits import check_no_overlap
+    from trainer.evaluate.benchmarks import BENCHMARKS, load_benchmark, select
+    from trainer.splits import split_of
 
     from .learner import Learner
     from .loss import group_advantages
@@ -374,21 +374,32 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
     if main:
         _write_config(out, cfg)
     try:
-        problems = load_benchmark(
-            cfg.problems.path,
-            problem_field=cfg.problems.problem_field,
-            answer_field=cfg.problems.answer_field,
-            id_field=cfg.problems.id_field,
+        named = cfg.problems.path in BENCHMARKS
+        fields = (
+            {}
+            if named
+            else {
+                "problem_field": cfg.problems.problem_field,
+                "answer_field": cfg.problems.answer_field,
+                "id_field": cfg.problems.id_field,
+            }
+        )
+        problems = select(
+            load_benchmark(cfg.problems.path, **fields), offset=cfg.problems.offset, limit=cfg.problems.limit
         )
     except (OSError, ValueError) as exc:  # BenchmarkError is a ValueError: one line for the user
         raise RlRunError(f"cannot read the training problems {cfg.problems.path}: {exc}") from exc
     if not problems:
         raise RlRunError(f"{cfg.problems.path} holds no problems")
     if not cfg.problems.allow_eval_problems:
-        try:
-            check_no_overlap(problems)
-        except ValueError as exc:
-            raise RlRunError(f"{exc} (set problems.allow_eval_problems to train on them anyway)") from exc
+        held = [p for p in problems if split_of(p) == "eval"]
+        if held:
+            raise RlRunError(
+                f"{len(held)} of the training problems are held out for evaluation (e.g. {held[0].benchmark}/"
+                f"{held[0].id}; gsm8k rows 0-199 and the other named benchmarks are eval-only): train on gsm8k from "
+                "offset 200 or your own file, or set problems.allow_eval_problems: true"
+            )
+    trained = _training_problems(cfg, problems)
 
     learner = Learner(cfg.model, cfg.optim, cfg.loss, accelerator, seed=cfg.schedule.seed)
     step0 = 0
@@ -406,6 +417,7 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
         policy0 = start_ckpt if start_ckpt is not None else out / "policy-0"
         if start_ckpt is None:
             learner.export(policy0)  # untied, what vLLM starts from (a tied start would reload wrongly)
+            _write_training_problems(policy0, trained)
     accelerator.wait_for_everyone()
     final_dir = out / "final"
     try:
@@ -439,7 +451,7 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
             accelerator.wait_for_everyone()
             last = step == cfg.schedule.steps
             if step % cfg.schedule.checkpoint_every == 0 or last:
-                _checkpoint(out, step, learner, accelerator, m, cfg.schedule.keep_checkpoints)
+                _checkpoint(out, step, learner, accelerator, m, cfg.schedule.keep_checkpoints, trained)
             if m is not None:
                 if last or (cfg.eval.every and step % cfg.eval.every == 0):
                     t3 = time.perf_counter()
@@ -514,12 +526,31 @@ def _log_eval(out: Path, step: int, res: dict[str, Any] | None) -> None:
         )
 
 
-def _checkpoint(out: Path, step: int, learner: Any, accelerator: Any, m: _Main | None, keep: int) -> None:
+def _training_problems(cfg: RlConfig, problems: list[Any]) -> Any:
+    """What the RL checkpoints are trained on: the starting checkpoint's problems plus these."""
+    from trainer.splits import TrainingProblems, problem_key, read_training_problems
+
+    before = read_training_problems(cfg.model.path)
+    keys = list(before.problems) if before else []
+    seen = set(keys)
+    keys += [k for p in problems if (k := problem_key(p.benchmark, p.id)) not in seen]
+    sources = [*(before.sources if before else []), cfg.problems.path]
+    return TrainingProblems(problems=keys, sources=sources)
+
+
+def _write_training_problems(model_dir: Path, trained: Any) -> None:
+    from trainer.splits import TRAINING_PROBLEMS_FILE
+
+    (model_dir / TRAINING_PROBLEMS_FILE).write_text(trained.model_dump_json(indent=1))
+
+
+def _checkpoint(out: Path, step: int, learner: Any, accelerator: Any, m: _Main | None, keep: int, trained: Any) -> None:
     ckpt = out / "checkpoints" / f"step-{step}"
     if accelerator.is_main_process:
         if ckpt.exists():
             shutil.rmtree(ckpt)
         learner.export(ckpt)
+        _write_training_problems(ckpt, trained)
     accelerator.wait_for_everyone()
     learner.save_state(ckpt / "state")
     accelerator.wait_for_everyone()
