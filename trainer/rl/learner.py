@@ -427,6 +427,7 @@ class Learner:
         """The current weights with Hugging Face names (LoRA merged), on the CPU; None off the main process.
 
         Gathers the full state dict (a collective under FSDP/ZeRO-3: call it on every process)."""
+        import torch
 
         sd = self.accelerator.get_state_dict(self.model)
         if not self.accelerator.is_main_process:
@@ -449,10 +450,11 @@ class Learner:
                         f"LoRA layer {name} is not a plain linear adapter (embedding/conv/DoRA adapters are not "
                         "supported): set model.lora_target to linear layers"
                     )
-                delta = (b.float() @ a.float()) * float(mod.scaling[_ADAPTER])
-                if getattr(mod, "fan_in_fan_out", False):
-                    delta = delta.T
-                merged[f"{name}.weight"] = (w.float() + delta.to(w.device)).to(w.dtype)
+                scale = float(mod.scaling[_ADAPTER])
+                if getattr(mod, "fan_in_fan_out", False):  # W is stored transposed: W + s (BA)^T = W + s A^T B^T
+                    b, a = a.T, b.T
+                # one fused pass (W + s B A): the merge is most of save_weights' time with LoRA
+                merged[f"{name}.weight"] = torch.addmm(w.float(), b.float(), a.float(), alpha=scale).to(w.dtype)
             for k in list(sd):
                 if "lora_" in k:
                     raise LearnerError(f"state dict entry {k} was not merged: unsupported LoRA layer type")
