@@ -54,7 +54,7 @@ def plot_metrics(metrics_path: str | Path, out: str | Path, eval_path: str | Pat
         ),
         ("kept groups", [("trajectory", ("trajectory", "groups_kept")), ("step-level", ("step_level", "groups_kept"))]),
         ("response length (tokens)", [("rollouts", ("trajectory", "response_tokens"))]),
-        ("clip fraction", [("upper", ("learner", "clip_frac_upper")), ("lower", ("learner", "clip_frac_lower"))]),
+        ("clip fraction", [("upper", ("learner", "clip_frac_high")), ("lower", ("learner", "clip_frac_low"))]),
         ("grad norm", [("grad norm", ("learner", "grad_norm"))]),
     ]
     n = len(panels) + (1 if evals else 0)

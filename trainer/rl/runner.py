@@ -401,7 +401,9 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
             )
     trained = _training_problems(cfg, problems)
 
-    learner = Learner(cfg.model, cfg.optim, cfg.loss, accelerator, seed=cfg.schedule.seed)
+    learner = Learner(
+        cfg.model, cfg.optim, cfg.loss, accelerator, seed=cfg.schedule.seed, temperature=cfg.trajectory.temperature
+    )
     step0 = 0
     cursor = 0
     if start_ckpt is not None:
@@ -414,10 +416,10 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
     if main:
         m = _Main(cfg, out)
         m.problems = _Problems(problems, cfg.schedule.seed, cursor)
-        policy0 = start_ckpt if start_ckpt is not None else out / "policy-0"
-        if start_ckpt is None:
-            learner.export(policy0)  # untied, what vLLM starts from (a tied start would reload wrongly)
-            _write_training_problems(policy0, trained)
+    policy0 = start_ckpt if start_ckpt is not None else out / "policy-0"
+    if start_ckpt is None:
+        # untied, what vLLM starts from (a tied start would reload wrongly); every process: the gather is collective
+        learner.export(policy0, extra_files=_training_file(trained))
     accelerator.wait_for_everyone()
     final_dir = out / "final"
     try:
@@ -538,19 +540,15 @@ def _training_problems(cfg: RlConfig, problems: list[Any]) -> Any:
     return TrainingProblems(problems=keys, sources=sources)
 
 
-def _write_training_problems(model_dir: Path, trained: Any) -> None:
+def _training_file(trained: Any) -> dict[str, str]:
     from trainer.splits import TRAINING_PROBLEMS_FILE
 
-    (model_dir / TRAINING_PROBLEMS_FILE).write_text(trained.model_dump_json(indent=1))
+    return {TRAINING_PROBLEMS_FILE: trained.model_dump_json(indent=1)}
 
 
 def _checkpoint(out: Path, step: int, learner: Any, accelerator: Any, m: _Main | None, keep: int, trained: Any) -> None:
     ckpt = out / "checkpoints" / f"step-{step}"
-    if accelerator.is_main_process:
-        if ckpt.exists():
-            shutil.rmtree(ckpt)
-        learner.export(ckpt)
-        _write_training_problems(ckpt, trained)
+    learner.export(ckpt, extra_files=_training_file(trained))  # replaces an older one atomically
     accelerator.wait_for_everyone()
     learner.save_state(ckpt / "state")
     accelerator.wait_for_everyone()
