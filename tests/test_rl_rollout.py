@@ -112,7 +112,7 @@ async def test_groups_without_variance_or_survivors_are_dropped(tokenizer, execu
     fewer = await worker(tokenizer, executor, checker, ["print", "bare", "bare", "bare"], group=4).trajectory_group(
         PROBLEM, "c", 1
     )
-    assert not fewer.kept and fewer.reason == "survivors 1/4"
+    assert not fewer.kept and fewer.reason == "too few survivors (1/4)"
 
 
 async def test_step_group_cuts_at_tokens_and_rewards_the_first_block(tokenizer, executor, checker):

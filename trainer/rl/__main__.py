@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
+        # vLLM's engine core and worker are other processes: their log level comes from the environment
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         for name in ("vllm", "httpx", "thor_engine.vllm", "thor_sandbox"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:

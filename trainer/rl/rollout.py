@@ -134,7 +134,7 @@ def _rollout_from(final: Final, blocks: list[tuple[int, bool]], prompt_len: int)
 def _filter_group(rollouts: list[Rollout], group_size: int, min_fraction: float) -> str | None:
     kept = [r for r in rollouts if r.drop is None]
     if len(kept) < max(1, min_fraction * group_size):
-        return f"survivors {len(kept)}/{group_size}"
+        return f"too few survivors ({len(kept)}/{group_size})"
     if len({r.reward for r in kept}) < 2:
         return "zero variance"
     return None

@@ -118,7 +118,7 @@ def _summarise_trajectories(groups: list[GroupResult]) -> dict[str, Any]:
         "response_tokens": sum(len(r.response_ids) for r in rollouts) / n,
         "groups": len(groups),
         "groups_kept": sum(g.kept for g in groups),
-        "group_drops": dict(Counter(g.reason.split(" ")[0] for g in groups if g.reason)),
+        "group_drops": dict(Counter(g.reason.split(" (")[0] for g in groups if g.reason)),
         "rollout_drops": dict(Counter(r.drop for r in rollouts if r.drop)),
     }
 
@@ -129,6 +129,7 @@ def _summarise_steps(groups: list[GroupResult]) -> dict[str, Any]:
     return {
         "groups": len(groups),
         "groups_kept": sum(g.kept for g in groups),
+        "group_drops": dict(Counter(g.reason.split(" (")[0] for g in groups if g.reason)),
         "continuations": len(rollouts),
         "reached_code": len(reached) / max(1, len(rollouts)),
         "code_success": sum(r.reward for r in reached) / len(reached) if reached else None,
