@@ -18,7 +18,7 @@ from thor_engine.config import ObservationConfig
 from thor_engine.observation import injection, judge
 from thor_engine.prompting import render_chat
 from trainer.arith import ArithTask, build_task
-from trainer.arith.coldstart import MIX, OPENING
+from trainer.arith.coldstart import GUESS_SPREAD, MIX, OPENING, Mix, rounded_estimate
 from trainer.arith.task import MARKER, evaluate_expression, make_problems, read_problems
 from trainer.sft.encode import encode_segments, end_token_id
 from trainer.tirgen.prompts import training_messages
@@ -153,10 +153,24 @@ def test_observations_are_the_decoders_injections_and_branches_are_as_designed(t
             expected = judge(0, "", "", cfg)
             assert not expected.ok and expected.text == cfg.empty_message
             assert texts[3].startswith("The code printed nothing, so I estimate: \\boxed{")
-            assert sample.answer != gold and 0 < abs(int(sample.answer) - int(gold)) <= 30
+            assert sample.answer != gold and 0 < abs(int(sample.answer) - int(gold)) <= GUESS_SPREAD
             assert sample.failed_calls == 1 and not sample.correct
         assert texts[2] == injection(expected.text, texts[1].endswith("\n"))
         assert texts[2] == f"```output\n{expected.text}\n```\n"
+
+
+def test_rounded_guesses_are_the_rounded_product_and_never_right(tmp_path: Path) -> None:
+    assert rounded_estimate("37 * 48 + 12") == 2000
+    assert rounded_estimate("95 * 12 - 3") == 1000
+    assert rounded_estimate("20 * 30 + 0") == 610  # would be exact: moved off the answer
+    task = build_task(tmp_path / "r", train_size=300, heldout_size=10, mix=Mix(guess="rounded"))
+    guessed = [s for s in read_samples(task.coldstart_samples) if s.meta["branch"] != "print"]
+    assert guessed
+    for sample in guessed:
+        assert sample.answer == str(rounded_estimate(sample.meta["expression"])) != sample.gold
+        assert sample.segments[-1].text.endswith(f"\\boxed{{{sample.answer}}}.")
+    default = build_task(tmp_path / "n", train_size=300, heldout_size=10)
+    assert default.coldstart_samples.read_bytes() != task.coldstart_samples.read_bytes()
 
 
 def test_mix_proportions_follow_the_style(task: ArithTask) -> None:

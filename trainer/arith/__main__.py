@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from .coldstart import MIX
 from .task import DEFAULT_HELDOUT_SIZE, DEFAULT_TRAIN_SIZE, build_task
 
 
@@ -27,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seeds the problems, the branch mix and the initial weights")
     b.add_argument("--train-size", type=int, default=DEFAULT_TRAIN_SIZE, help="training problems (and samples)")
     b.add_argument("--heldout-size", type=int, default=DEFAULT_HELDOUT_SIZE, help="held-out problems")
+    b.add_argument(
+        "--guess",
+        choices=("nearby", "rounded"),
+        default=MIX.guess,
+        help="the cold start's wrong guesses: the answer +- 1..30, or the factors rounded to tens and multiplied",
+    )
     b.add_argument("--force", action="store_true", help="rebuild even when a complete build is there")
     return ap
 
@@ -34,7 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        task = build_task(a.out, seed=a.seed, train_size=a.train_size, heldout_size=a.heldout_size, force=a.force)
+        task = build_task(
+            a.out,
+            seed=a.seed,
+            train_size=a.train_size,
+            heldout_size=a.heldout_size,
+            mix=replace(MIX, guess=a.guess),
+            force=a.force,
+        )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

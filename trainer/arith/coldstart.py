@@ -9,8 +9,14 @@ writing the trajectories as TIRGen samples (``trainer/tirgen/sample.py``) for
   observation of its real output, then ``The answer is \\boxed{<output>}.`` (right);
 - ``bare``: the same opening, but the block is the bare expression: under THOR's
   reference rule (no stdout is a failure) it fails with the reference's empty-output
-  message, then a nearby wrong guess (wrong);
-- ``direct``: no code, a nearby wrong guess (wrong).
+  message, then a wrong guess (wrong);
+- ``direct``: no code, a wrong guess (wrong).
+
+The guess (`Mix.guess`) is ``nearby`` (the answer +- 1..30, drawn per problem) or
+``rounded`` (both factors rounded to tens and multiplied, e.g. 40 * 50 = 2000 for
+37 * 48 + 12; moved off the answer when it hits it): a rough estimate the model can learn
+exactly from what it sees, so its loss does not compete with learning to copy the tool's
+output (see __init__.py for what each gave).
 
 ``print`` and ``bare`` share every character up to the code, so which one is taken is a
 single token decision right after the opening fence (what step-level RL can change); code
@@ -44,7 +50,7 @@ from thor_engine.prompting import TIR_INSTRUCTIONS, with_tir_instructions
 from trainer.tirgen.prompts import training_messages
 from trainer.tirgen.sample import SegmentText, TirSample
 
-from .task import ArithProblem, Style
+from .task import ArithProblem, Style, evaluate_expression
 
 __all__ = [
     "BRANCHES",
@@ -57,6 +63,7 @@ __all__ = [
     "corpus",
     "plan",
     "prompt_text",
+    "rounded_estimate",
     "sample",
     "segments",
     "write_samples",
@@ -81,6 +88,7 @@ class Mix:
 
     lean: float = 0.8
     direct: float = 0.1
+    guess: Literal["nearby", "rounded"] = "nearby"
 
     def shares(self, style: Style) -> dict[Branch, float]:
         other = 1.0 - self.lean - self.direct
@@ -109,8 +117,19 @@ def plan(problem: ArithProblem, seed: int, mix: Mix = MIX) -> Plan:
     shares = mix.shares(problem.style)
     branch: Branch = rng.choices(BRANCHES, weights=[shares[b] for b in BRANCHES])[0]
     delta = rng.choice([d for d in range(-GUESS_SPREAD, GUESS_SPREAD + 1) if d != 0])
-    guess = None if branch == "print" else int(problem.answer) + delta
-    return Plan(problem, branch, guess)
+    if branch == "print":
+        return Plan(problem, branch, None)
+    if mix.guess == "nearby":
+        return Plan(problem, branch, int(problem.answer) + delta)
+    return Plan(problem, branch, rounded_estimate(problem.expression))
+
+
+def rounded_estimate(expression: str) -> int:
+    """``a * b +- c`` estimated as round(a) * round(b) (to tens), never equal to the exact value."""
+    a, _, b, _, _ = expression.split()
+    estimate = (int(a) + 5) // 10 * 10 * ((int(b) + 5) // 10 * 10)
+    exact = evaluate_expression(expression)
+    return estimate + 10 if estimate == exact else estimate
 
 
 def _observation(stdout: str) -> str:

@@ -27,7 +27,10 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .coldstart import Mix
 
 __all__ = [
     "DEFAULT_HELDOUT_SIZE",
@@ -147,14 +150,13 @@ class ArithTask:
 
 
 def _fingerprint(settings: dict[str, object]) -> str:
-    from . import coldstart, model
+    from . import model
     from .tokenizer import TOKENIZER_VOCAB_SIZE
 
     h = hashlib.sha256()
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(str(TOKENIZER_VOCAB_SIZE).encode())
     h.update(json.dumps(model.MODEL_SPEC, sort_keys=True).encode())
-    h.update(json.dumps(asdict(coldstart.MIX), sort_keys=True).encode())
     for name in ("task.py", "coldstart.py", "tokenizer.py", "model.py"):
         h.update((Path(__file__).parent / name).read_bytes())
     return h.hexdigest()
@@ -188,6 +190,7 @@ def build_task(
     seed: int = 0,
     train_size: int = DEFAULT_TRAIN_SIZE,
     heldout_size: int = DEFAULT_HELDOUT_SIZE,
+    mix: Mix | None = None,
     force: bool = False,
 ) -> ArithTask:
     """Build (or reuse) the task under *out*: problems, base model, cold-start samples.
@@ -195,18 +198,26 @@ def build_task(
     The same arguments give the same bytes (problems, samples, tokenizer, weights). A
     complete build with the same fingerprint is reused unless *force*; otherwise the whole
     directory is built next to *out* and renamed onto it, so a reader never sees half a task.
+    *mix*: the cold start's branch shares and guess kind (default `coldstart.MIX`).
     """
     from . import coldstart, model
     from .tokenizer import TOKENIZER_VOCAB_SIZE, train_tokenizer
 
     out = Path(out)
-    settings = {"version": TASK_VERSION, "seed": seed, "train_size": train_size, "heldout_size": heldout_size}
+    mix = coldstart.MIX if mix is None else mix
+    settings = {
+        "version": TASK_VERSION,
+        "seed": seed,
+        "train_size": train_size,
+        "heldout_size": heldout_size,
+        "mix": asdict(mix),
+    }
     fp = _fingerprint(settings)
     if not force and _is_complete(out, fp):
         return ArithTask.at(out)
 
     train, heldout = make_problems(seed, train_size, heldout_size)
-    plans = [coldstart.plan(p, seed) for p in train]
+    plans = [coldstart.plan(p, seed, mix) for p in train]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
