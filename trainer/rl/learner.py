@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainer.sft.export import TOKENIZER_FILES
+
 from .loss import ADDITIVE_STATS, policy_loss
 
 if TYPE_CHECKING:
@@ -56,17 +58,6 @@ __all__ = ["WEIGHTS_FILE", "Learner", "LearnerError"]
 WEIGHTS_FILE = "model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER = "default"
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 class LearnerError(RuntimeError):
@@ -517,7 +508,7 @@ class Learner:
         tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
         if tdtype is None:
             raise LearnerError(f"export dtype {dtype!r}: expected auto, bfloat16, float16 or float32")
-        tok_files = [n for n in _TOKENIZER_FILES if (self.source / n).is_file()]
+        tok_files = [n for n in TOKENIZER_FILES if (self.source / n).is_file()]
         if not any(n in tok_files for n in ("tokenizer.json", "tokenizer_config.json")):
             raise LearnerError(
                 f"{self.source} has no tokenizer files: the export would not be servable; start from a checkpoint "
