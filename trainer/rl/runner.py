@@ -449,6 +449,7 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
                     res = await m.sync.sync(learner.save_weights, learner.sequence_logprobs)
                     metrics["sync_s"] = res.seconds
                     metrics["probe_max_abs"] = res.probe_max_abs
+                    metrics["probe_mean_abs"] = res.probe_mean_abs
                 metrics["rollout_s"] = t1 - t0
                 metrics["update_s"] = t2 - t1
             accelerator.wait_for_everyone()
