@@ -26,7 +26,22 @@ pytestmark = [pytest.mark.vllm, pytest.mark.sandbox, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "rl-test"
 DEMO = ROOT / "trainer" / "configs" / "rl" / "arith-demo.yaml"
-SFT_ARGS = ["--lr", "1e-3", "--max-steps", "300", "--batch-size", "32", "--lr-scheduler", "constant", "--seed", "0"]
+#: the demonstration's cold start (scripts/rl-demo.sh): the loss plateaus near 0.6 until the model
+#: learns to copy the tool's output (~step 450); ~4 minutes on 2 quiet cores
+SFT_ARGS = [
+    "--lr",
+    "1e-3",
+    "--max-steps",
+    "1200",
+    "--batch-size",
+    "16",
+    "--lr-scheduler",
+    "cosine",
+    "--warmup",
+    "20",
+    "--seed",
+    "0",
+]
 ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"}
 
 
@@ -37,7 +52,7 @@ def _run(args: list[str], timeout: float = 900, env: dict[str, str] | None = Non
 @pytest.fixture(scope="module")
 def cold_start() -> tuple[object, Path]:
     """The arithmetic task and its cold-start SFT checkpoint (built once, reused while its inputs hold)."""
-    task = build_task(CACHE / "arith", seed=0, train_size=2000, heldout_size=100)
+    task = build_task(CACHE / "arith", seed=0)
     sft = CACHE / "sft"
     marker = CACHE / "sft.args.json"
     want = json.dumps(
