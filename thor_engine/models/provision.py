@@ -383,12 +383,14 @@ def _is_complete(model_dir: Path, preset: Preset) -> bool:
 def publish_dir(tmp: Path, target: Path) -> None:
     """Make a finished build directory readable and move it into place atomically.
 
-    mkdtemp makes directories 0700; a model directory is plain readable data. An existing
-    target is swapped out and removed only after the new one is in place.
+    mkdtemp makes directories 0700; a model directory is plain readable data (directories
+    0755, files 0644, at any depth). An existing target is swapped out and removed only
+    after the new one is in place.
     """
-    tmp.chmod(0o755)
-    for f in tmp.iterdir():
-        f.chmod(0o644)
+    for dirpath, _dirs, files in os.walk(tmp):
+        Path(dirpath).chmod(0o755)
+        for name in files:
+            (Path(dirpath) / name).chmod(0o644)
     if target.exists():
         old = target.with_name(f".{target.name}.old{os.getpid()}")
         os.replace(target, old)

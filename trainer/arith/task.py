@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+
+from thor_engine.models.provision import publish_dir
 
 if TYPE_CHECKING:
     from .coldstart import Mix
@@ -169,21 +170,6 @@ def _is_complete(root: Path, fp: str) -> bool:
         return False
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    """Make the build readable (mkdtemp makes it 0700) and swap it into place."""
-    for dirpath, _dirs, files in os.walk(tmp):
-        Path(dirpath).chmod(0o755)
-        for name in files:
-            (Path(dirpath) / name).chmod(0o644)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
 def build_task(
     out: Path,
     *,
@@ -228,7 +214,7 @@ def build_task(
         model.write_base_model(task.base_model, tokenizer, seed=seed)
         coldstart.write_samples(task.coldstart_samples, plans, tokenizer, tokenizer_name="base")
         (tmp / MARKER).write_text(json.dumps({"fingerprint": fp, **settings}, indent=2) + "\n")
-        _publish(tmp, out)
+        publish_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
