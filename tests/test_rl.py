@@ -133,8 +133,8 @@ def test_rl_runs_checkpoints_resumes_and_the_server_serves_it(cold_start, tmp_pa
     assert [row["step"] for row in rows] == [1, 2]
     for row in rows:
         assert row["trajectory"]["rollouts"] >= 8 and row["trajectory"]["groups"] >= 2
-        assert row["probe_max_abs"] <= 0.01 or row["records"] == 0  # vLLM runs exactly the trained weights
-        if row["records"]:
+        if row["records"]:  # an update happened and was synced: vLLM runs exactly the trained weights
+            assert row["probe_max_abs"] <= 0.01
             assert row["learner"]["tokens"] > 0 and row["learner"]["grad_norm"] >= 0
     assert any(row["records"] for row in rows), "no group was kept in 2 steps: the cold start has no variance"
     # checkpoints: servable, untied, record what they were trained on; the weights moved
@@ -227,7 +227,7 @@ def test_rl_runs_under_accelerate_ddp_with_two_cpu_processes(cold_start, tmp_pat
         env=env,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-6000:]
-    assert "[RANK 1]" in r.stderr  # the second process took part (it saved its share of the state)
+    assert "[rl] process 0 of 2" in r.stderr and "[rl] process 1 of 2" in r.stderr  # both took part
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row.get("probe_max_abs", 0.0) <= 0.01 for row in rows)

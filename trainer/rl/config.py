@@ -126,7 +126,7 @@ class OptimConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = Field(default=0, ge=0, description="evaluate every N steps (0: only before and after)")
-    benchmarks: str = Field(default="", description="trainer.evaluate --benchmarks (empty: no evaluation)")
+    benchmarks: str | None = Field(default=None, description="trainer.evaluate --benchmarks (empty: no evaluation)")
     problem_field: str | None = None
     answer_field: str | None = None
     id_field: str | None = None

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .config import RlConfig
 from .records import RolloutRecord
 from .rollout import GroupResult, Rollout, RolloutWorker, gather_groups, prompt_ids_for
@@ -94,13 +96,21 @@ def _check_run_dir(cfg: RlConfig, out: Path, resume: bool) -> Path | None:
         return None
     if not saved.exists():
         raise RlRunError(f"--resume: {out} holds no {CONFIG_FILE}; start without --resume")
-    if saved.read_text() != cfg.dump():
+    before = RlConfig.model_validate(yaml.safe_load(saved.read_text()))
+    if _resumable(before) != _resumable(cfg):
         raise RlRunError(
             f"--resume: the configuration differs from the one {out} was started with ({saved}); "
-            "resume with the same config and flags, or choose another out"
+            "resume with the same config and flags (schedule.steps may grow), or choose another out"
         )
     ckpts = _checkpoints(out)
     return ckpts[-1] if ckpts else None
+
+
+def _resumable(cfg: RlConfig) -> dict[str, Any]:
+    """What must not change on resume: everything but the number of steps (a run may be extended)."""
+    d = cfg.model_dump(mode="json")
+    d["schedule"].pop("steps")
+    return d
 
 
 def _summarise_trajectories(groups: list[GroupResult]) -> dict[str, Any]:
@@ -370,6 +380,13 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
     out = Path(cfg.out)
     accelerator = Accelerator(cpu=not _cuda())
     main = accelerator.is_main_process
+    log.info(
+        "[rl] process %d of %d (%s, %s)",
+        accelerator.process_index,
+        accelerator.num_processes,
+        accelerator.distributed_type,
+        accelerator.device,
+    )
     start_ckpt = _check_run_dir(cfg, out, resume) if main else None
     start_ckpt = _broadcast(accelerator, start_ckpt)
     if main:
