@@ -429,6 +429,9 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
         loop = json.loads((start_ckpt / LOOP_STATE).read_text())
         step0, cursor = loop["step"], loop["cursor"]
         log.info("resuming from %s (step %d)", start_ckpt, step0)
+        if main:  # steps after the checkpoint are redone: their lines go
+            for name in (METRICS_FILE, "eval.jsonl"):
+                _trim_log(out / name, step0)
 
     m: _Main | None = None
     if main:
@@ -500,6 +503,14 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
 def _write_config(out: Path, cfg: RlConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(cfg.dump())
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """Keep the JSONL lines of steps up to `last_step` (a resumed run redoes the ones after it)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def _append_metrics(out: Path, metrics: dict[str, Any]) -> None:
