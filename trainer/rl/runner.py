@@ -466,6 +466,8 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
             metrics["learner"] = stats
             if m is not None:
                 if records:
+                    # DDP: the main process holds the whole model. FSDP2 / ZeRO-3 would need save_weights'
+                    # gather on every process before this (untested here: no GPUs).
                     res = await m.sync.sync(learner.save_weights, learner.sequence_logprobs)
                     metrics["sync_s"] = res.seconds
                     metrics["probe_max_abs"] = res.probe_max_abs
