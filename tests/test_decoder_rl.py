@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support.scripted_backend import ScriptedBackend, scripted_logprob
+from tests.test_decoder_correctness import streamed
 from thor_engine.backend import GenChunk, GenParams
 from thor_engine.config import (
     ObservationConfig,
@@ -54,16 +55,6 @@ async def run(tokenizer, executor, responder, cfg=None, sampling=None, prompt=No
 
 def traj_ids(final: Final) -> list[int]:
     return [t for s in final.trajectory["segments"] for t in s["token_ids"]]
-
-
-def streamed(events) -> str:
-    out = ""
-    for e in events:
-        if isinstance(e, TextDelta):
-            out += e.text
-        elif isinstance(e, Backtrack):
-            out = out[: len(out) - e.chars_retracted]
-    return out
 
 
 def assert_fence_token(tokenizer, ids: list[int], prompt_len: int, fence_token: int, text: str, fence_pos: int):
