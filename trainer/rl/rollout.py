@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from thor_engine.answer import AnswerChecker, extract_boxed
+from thor_engine.answer import AnswerChecker
 from thor_engine.config import SamplingOptions, rl_rollout_config, rl_step_config
 from thor_engine.decoder import ThorDecoder
 from thor_engine.events import CodeBlock, Final, FinishReason, ToolCall
@@ -205,7 +205,7 @@ class RolloutWorker:
         if find_repetition(r.text, REPETITION_WINDOW, REPETITION_COUNT) is not None:
             r.reward = 0.0
         tail = r.text[-cfg.boxed_tail_chars :]
-        boxed_near_end = "\\boxed" in tail and bool((extract_boxed(r.text) or "").strip())
+        boxed_near_end = "\\boxed" in tail and bool((r.answer or "").strip())  # the decoder's answer
         if r.failed_calls or r.finish_reason == FinishReason.tool_error.value:
             r.drop = "failed call"
         elif sum(r.response_mask) < cfg.min_response_tokens:

@@ -68,13 +68,17 @@ class _Problems:
     seed: int
     cursor: int = 0
 
+    _order: tuple[int, list[int]] | None = None  # (epoch, its shuffled order), drawn once per epoch
+
     def take(self, n: int) -> list[Any]:
         out = []
         for _ in range(n):
             epoch, pos = divmod(self.cursor, len(self.items))
-            order = list(range(len(self.items)))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            out.append(self.items[order[pos]])
+            if self._order is None or self._order[0] != epoch:
+                order = list(range(len(self.items)))
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+                self._order = (epoch, order)
+            out.append(self.items[self._order[1][pos]])
             self.cursor += 1
         return out
 
