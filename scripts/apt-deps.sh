@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the project needs, once (idempotent).
 set -euo pipefail
-pkgs=(libnl-3-200 libnl-route-3-200 redis-server prometheus)
+pkgs=(libnl-3-200 libnl-route-3-200 redis-server prometheus haproxy)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
