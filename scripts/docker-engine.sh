@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A Docker engine for this project's compose checks, on a machine that has none running.
 #
-#   scripts/docker-engine.sh start   install Debian's docker.io and the compose v2 plugin if
-#                                    missing, start dockerd in the background, wait for it
-#   scripts/docker-engine.sh stop    stop the dockerd this script started (by its PID)
+#   scripts/docker-engine.sh install  install Debian's docker.io and the compose v2 plugin if
+#                                     missing (no daemon started: `docker compose config` works)
+#   scripts/docker-engine.sh start    install, start dockerd in the background, wait for it
+#   scripts/docker-engine.sh stop     stop the dockerd this script started (by its PID)
 #
 # An engine that already answers is used as it is and never stopped by this script (no
 # PID file is written for it). The compose plugin is the static binary shipped in the
@@ -82,7 +83,8 @@ stop() {
 }
 
 case "${1:-}" in
+  install) install_engine ;;
   start) start ;;
   stop) stop ;;
-  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop" >&2; exit 2 ;;
 esac

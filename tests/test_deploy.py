@@ -1,6 +1,7 @@
-"""The GPU serving stack (docker-compose.yml, server/Dockerfile, deploy/): validated without Docker.
+"""The serving stack's files (docker-compose.yml, the Dockerfiles, deploy/), checked without a Docker engine.
 
-There is no Docker engine on the development machines, so the compose file is checked
+The stack itself is started and checked by `make compose-test` (tests/compose/); these
+fast checks run in `make test`: the compose file is checked
 against the published Compose specification schema and against what the services need
 (nsjail's capabilities, the GPU reservation, health checks, an internal network); the
 Prometheus configuration and alert rules are checked and unit-tested with the real
@@ -236,19 +237,78 @@ def test_compose_matches_the_compose_specification(compose):
     assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
 
 
-def test_compose_has_the_five_services(compose):
-    assert set(compose["services"]) == {"server", "sandbox", "redis", "prometheus", "grafana"}
+def test_compose_has_the_services_and_profiles(compose):
+    services = compose["services"]
+    assert set(services) == {"server", "server-cpu", "sandbox", "redis", "prometheus", "grafana"}
+    profiles = {name: svc.get("profiles") for name, svc in services.items()}
+    assert profiles == {
+        "server": ["gpu"],
+        "server-cpu": ["cpu"],
+        "sandbox": None,
+        "redis": None,
+        "prometheus": None,
+        "grafana": ["gpu", "grafana"],  # the one registry image: not in the cpu profile CI runs
+    }
+    for name, svc in services.items():
+        assert svc.get("init") is True, f"{name}: init: true, so that `down` does not wait for a deaf PID 1"
+
+
+def test_the_two_server_flavours_differ_only_where_they_must(compose):
+    gpu, cpu = compose["services"]["server"], compose["services"]["server-cpu"]
+    for key in ("restart", "init", "ports", "volumes", "depends_on"):
+        assert gpu[key] == cpu[key], key
+    assert {k: v for k, v in gpu["build"].items() if k != "args"} == {
+        k: v for k, v in cpu["build"].items() if k != "args"
+    }
+    assert gpu["build"]["args"]["VLLM_TARGET"] == "gpu" and cpu["build"]["args"]["VLLM_TARGET"] == "cpu"
+    assert gpu["build"]["args"]["BASE_IMAGE"].startswith("${THOR_CUDA_IMAGE:-nvidia/cuda:")
+    assert cpu["build"]["args"]["BASE_IMAGE"] == "debian:bookworm-slim"
+    assert "deploy" in gpu and "deploy" not in cpu, "only the gpu flavour reserves GPUs"
+    # the same command but for the default model (a local one) and eager mode on CPU
+    gpu_flags, cpu_flags = gpu["command"], [a for a in cpu["command"] if a != "--enforce-eager"]
+    model = gpu_flags.index("--model") + 1
+    assert gpu_flags[:model] + gpu_flags[model + 1 :] == cpu_flags[:model] + cpu_flags[model + 1 :]
+    assert cpu_flags[model] == "${THOR_MODEL:-default}"
+    # every server setting of the gpu flavour reaches the cpu one too
+    assert set(gpu["environment"]) <= set(cpu["environment"])
+    # both answer as `server` on the backend network (Prometheus's scrape target)
+    assert "server" in cpu["networks"]["backend"]["aliases"]
 
 
 def test_build_contexts_and_dockerfiles_exist(compose):
     built = {name: svc["build"] for name, svc in compose["services"].items() if "build" in svc}
-    assert set(built) == {"server", "sandbox"}
+    assert set(built) == {"server", "server-cpu", "sandbox", "redis", "prometheus"}
     for name, build in built.items():
         context = (ROOT / build["context"]).resolve()
-        assert context == ROOT, f"{name}: the build context is the repository root"
-        assert (context / build["dockerfile"]).is_file(), f"{name}: {build['dockerfile']} is missing"
+        dockerfile = context / build.get("dockerfile", "Dockerfile")
+        assert dockerfile.is_file(), f"{name}: {dockerfile} is missing"
+        if name in ("server", "server-cpu", "sandbox"):
+            assert context == ROOT, f"{name}: the build context is the repository root"
     assert compose["services"]["server"]["build"]["dockerfile"] == "server/Dockerfile"
     assert compose["services"]["sandbox"]["build"]["dockerfile"] == "sandbox_image/Dockerfile"
+
+
+def test_every_image_builds_from_the_two_debian_bases_or_cuda(compose):
+    """No registry image but the bases: debian:bookworm-slim and python:3.12-slim-bookworm (made
+    from Debian packages by scripts/local-base-images.sh where no registry is reachable) and,
+    for the gpu server only, NVIDIA's CUDA image."""
+    for name, svc in compose["services"].items():
+        if "build" not in svc:
+            assert name == "grafana", f"{name} pulls {svc['image']}"
+            continue
+        text = (ROOT / svc["build"]["context"] / svc["build"].get("dockerfile", "Dockerfile")).read_text()
+        bases = re.findall(r"^FROM\s+(\S+)", text, re.M)
+        assert bases, name
+        for base in bases:
+            if base == "${BASE_IMAGE}":
+                default = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.M).group(1)
+                assert default.startswith("nvidia/cuda:"), default
+                assert svc["build"]["args"]["BASE_IMAGE"] in (
+                    "debian:bookworm-slim",
+                    "${THOR_CUDA_IMAGE:-" + default + "}",
+                )
+            else:
+                assert base in ("debian:bookworm-slim", "python:3.12-slim-bookworm"), f"{name}: FROM {base}"
 
 
 def test_every_bind_mounted_repository_path_exists(compose):
@@ -266,14 +326,15 @@ def test_named_volumes_are_declared(compose):
     declared = set(compose.get("volumes", {}))
     for name, svc in compose["services"].items():
         for vol in svc.get("volumes", []):
-            if isinstance(vol, str) and not vol.startswith((".", "/", "~")):
+            if isinstance(vol, str) and not vol.startswith((".", "/", "~", "${")):
                 assert vol.split(":", 1)[0] in declared, f"{name}: volume {vol} not declared"
     assert {"model-cache", "prometheus-data", "grafana-data"} <= declared
 
 
-def test_server_service(compose):
-    server = compose["services"]["server"]
-    command = server["command"]
+@pytest.mark.parametrize("service", ["server", "server-cpu"])
+def test_server_service(compose, service):
+    server = compose["services"][service]
+    command = [a for a in server["command"] if a != "--enforce-eager"]  # the one flag without a value
     assert command[:3] == ["python", "-m", "server"]
     flags = dict(zip(command[3::2], command[4::2], strict=True))  # every flag has a value
     assert flags["--host"] == "0.0.0.0" and flags["--port"] == "8000"
@@ -299,23 +360,30 @@ def interpolate_defaults(value: object) -> object:
     return value
 
 
-def test_server_command_and_environment_are_real_server_settings(compose, monkeypatch):
+@pytest.mark.parametrize(("service", "model"), [("server", "Qwen/Qwen2.5-Math-7B-Instruct"), ("server-cpu", "default")])
+def test_server_command_and_environment_are_real_server_settings(compose, monkeypatch, service, model):
     """The flags and THOR_* variables compose passes are ones `python -m server` accepts, with valid values."""
     from server.__main__ import parse_args
     from server.settings import ServerSettings
+    from thor_engine.models import provision
 
-    server = compose["services"]["server"]
+    server = compose["services"][service]
     for name in list(os.environ):
         if name.startswith("THOR_"):
             monkeypatch.delenv(name)
     for name, value in server["environment"].items():
+        if name == "THOR_MODELS_DIR":  # where model names resolve (thor_engine.models.provision)
+            assert name in Path(provision.__file__).read_text()
+            continue
         if name.startswith("THOR_"):
             assert name[len("THOR_") :].lower() in ServerSettings.model_fields, f"{name} is not a server setting"
             if value is not None:
                 monkeypatch.setenv(name, str(interpolate_defaults(value)))
     overrides = parse_args([interpolate_defaults(a) for a in server["command"][3:]])
+    if service == "server-cpu":
+        assert overrides.pop("enforce_eager") is True
     settings = ServerSettings(**overrides)
-    assert settings.model == "Qwen/Qwen2.5-Math-7B-Instruct"
+    assert settings.model == model
     assert (settings.host, settings.port) == ("0.0.0.0", 8000)
     assert settings.sandbox_url == "http://sandbox:8080" and settings.redis_url == "redis://redis:6379/0"
     assert settings.tensor_parallel_size == 1 and settings.gpu_memory_utilization == 0.9
@@ -350,7 +418,7 @@ def test_server_reserves_nvidia_gpus(compose):
 def test_sandbox_has_what_nsjail_needs_and_is_not_published(compose):
     sandbox = compose["services"]["sandbox"]
     assert "SYS_ADMIN" in sandbox["cap_add"]
-    assert {"seccomp=unconfined", "apparmor=unconfined"} <= set(sandbox["security_opt"])
+    assert {"seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined"} <= set(sandbox["security_opt"])
     assert sandbox["cgroup"] == "host"
     mounts = {v["target"]: v for v in sandbox["volumes"] if isinstance(v, dict)}
     assert mounts["/sys/fs/cgroup"]["source"] == "/sys/fs/cgroup"
@@ -367,7 +435,8 @@ def test_sandbox_has_what_nsjail_needs_and_is_not_published(compose):
 
 def test_redis_service(compose):
     redis = compose["services"]["redis"]
-    assert redis["image"].startswith("redis:7")
+    assert redis["build"]["context"] == "deploy/redis"
+    assert "redis-server" in (ROOT / "deploy" / "redis" / "Dockerfile").read_text()
     assert "redis-cli" in redis["healthcheck"]["test"]
     assert "ports" not in redis
 
@@ -379,6 +448,7 @@ def test_networks_keep_sandbox_and_redis_internal(compose):
     assert services["sandbox"]["networks"] == ["backend"]
     assert services["redis"]["networks"] == ["backend"]
     assert {"frontend", "backend"} <= set(services["server"]["networks"])
+    assert {"frontend", "backend"} <= set(services["server-cpu"]["networks"])
     assert {"frontend", "backend"} <= set(services["prometheus"]["networks"])
     # published services need a non-internal network
     for name, svc in services.items():
@@ -389,7 +459,8 @@ def test_networks_keep_sandbox_and_redis_internal(compose):
 def test_monitoring_services(compose):
     services = compose["services"]
     prometheus, grafana = services["prometheus"], services["grafana"]
-    assert prometheus["image"].startswith("prom/prometheus:")
+    assert prometheus["build"]["context"] == "deploy/prometheus"
+    assert "prometheus" in (ROOT / "deploy" / "prometheus" / "Dockerfile").read_text()
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
     assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
     assert any(str(p).endswith(":9090") for p in prometheus["ports"])
@@ -409,10 +480,12 @@ def test_env_interpolations_have_defaults_and_are_documented(compose):
     refs = re.findall(r"\$\{([^}]*)\}", text)
     assert refs
     for ref in refs:
-        name, sep, _default = ref.partition(":-")
-        assert sep, f"${{{ref}}} has no default"
+        m = re.fullmatch(r"(\w+)(:?-)(.*)", ref)
+        assert m, f"${{{ref}}} has no default"
+        name = m.group(1)
         assert name in readme, f"{name} is not documented in deploy/README.md"
-    for name, value in compose["services"]["server"]["environment"].items():
+    env = {**compose["services"]["server"]["environment"], **compose["services"]["server-cpu"]["environment"]}
+    for name, value in env.items():
         if value is None:  # passed through only when set
             assert name in readme, f"{name} is not documented in deploy/README.md"
 
@@ -420,7 +493,12 @@ def test_env_interpolations_have_defaults_and_are_documented(compose):
 def test_server_dockerfile():
     text = SERVER_DOCKERFILE.read_text()
     assert re.search(r"^FROM\s+\S+", text, re.M)
-    assert "install-vllm.sh gpu" in text
+    assert re.search(r"^ARG VLLM_TARGET=gpu$", text, re.M) and 'install-vllm.sh "${VLLM_TARGET}"' in text
+    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:", text, re.M)
+    # only what the server runs: no tests, fixtures, trainer or dev tooling in the image
+    copied = " ".join(re.findall(r"^COPY\s+(.+)$", text, re.M))
+    for absent in ("tests", "trainer", "benchmarks", "docs", ".venv"):
+        assert not re.search(rf"(^|\s){absent}(/|\s)", copied), f"the image copies {absent}"
     assert re.search(r"pip install \./sandbox_image \.", text)
     assert re.search(r"^EXPOSE 8000$", text, re.M)
     assert re.search(r'^CMD \["python", "-m", "server"', text, re.M)
@@ -438,7 +516,17 @@ def test_server_dockerfile():
 
 def test_deploy_readme_covers_running_the_stack():
     readme = DEPLOY_README.read_text()
-    for needle in ("docker compose up -d", "3000", "9090", "8000", "THOR_MODEL", "nvidia", "not run"):
+    for needle in (
+        "docker compose --profile gpu up -d",
+        "docker compose --profile cpu up -d",
+        "make compose-test",
+        "the gpu profile has not been started",
+        "3000",
+        "9090",
+        "8000",
+        "THOR_MODEL",
+        "nvidia",
+    ):
         assert needle in readme, needle
 
 

@@ -128,9 +128,7 @@ def test_api_needs_a_key(stack):
 def test_streamed_chat_runs_a_tool_round_in_the_sandbox_container(stack, client):
     redis_cli("FLUSHDB")  # an empty tool cache, also when the checks run again on a kept stack
     before = metric(stack.url, "thor_tool_calls_total")
-    stream = client.chat.completions.create(
-        **chat(max_tokens=400), stream=True, stream_options={"include_usage": True}
-    )
+    stream = client.chat.completions.create(**chat(max_tokens=400), stream=True, stream_options={"include_usage": True})
     reasoning, content, events, usage = "", "", [], None
     for chunk in stream:
         validate(chunk.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionStreamResponse")
@@ -405,9 +403,7 @@ def test_every_dashboard_query_returns_data_from_the_live_scrape(stack):
         empty = [f"{title}: {expr}" for title, expr in dashboard_exprs() if not query(stack, expr)]
         if not empty:
             break
-        assert time.monotonic() < deadline, "dashboard queries without data from the live scrape:\n" + "\n".join(
-            empty
-        )
+        assert time.monotonic() < deadline, "dashboard queries without data from the live scrape:\n" + "\n".join(empty)
         time.sleep(3)
     statuses = {r["metric"]["status"] for r in query(stack, "sum by (status) (rate(thor_requests_total[5m]))")}
     assert {"200", "429"} <= statuses, statuses
@@ -428,7 +424,9 @@ def test_every_alert_rule_loads_and_its_expression_has_data(stack):
         missing = [name for name, expr in rule_exprs() if not query(stack, left_hand_side(expr))]
         if rules and all(r["health"] == "ok" for r in rules.values()) and not missing:
             break
-        assert time.monotonic() < deadline, f"rules {[(n, r['health'], r.get('lastError')) for n, r in rules.items()]}, no data: {missing}"
+        assert time.monotonic() < deadline, (
+            f"rules {[(n, r['health'], r.get('lastError')) for n, r in rules.items()]}, no data: {missing}"
+        )
         time.sleep(3)
     assert set(rules) == {name for name, _ in rule_exprs()}
     # a healthy stack: the outage alerts are quiet
