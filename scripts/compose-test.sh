@@ -5,8 +5,11 @@
 #   2. base images from Debian packages (scripts/local-base-images.sh; no registry here)
 #   3. the default model in models/ (mounted read-only into the server)
 #   4. docker compose --profile cpu build, then up -d --wait
-#   5. tests/compose/ against the running stack (OpenAI SDK, Redis, Prometheus, sandbox)
-#   6. docker compose down -v, and the engine stopped by its PID (if this script started it)
+#   5. tests/compose/test_stack.py against the running stack (OpenAI SDK, Redis, Prometheus,
+#      the sandbox's isolation)
+#   6. the scale-out override on top (deploy/docker-compose.scale*.yml): two server replicas
+#      behind the load balancer, two sandbox replicas; tests/compose/test_scale.py
+#   7. docker compose down -v, and the engine stopped by its PID (if this script started it)
 #
 # Each phase prints its duration; on a failure the services' last log lines are printed.
 # THOR_COMPOSE_KEEP=1 leaves the stack and the engine running for debugging; the checks'
@@ -32,8 +35,6 @@ export THOR_STACK_KEY="$key_a" THOR_STACK_LIMITED_KEY="$key_b" THOR_STACK_SERVER
 
 t0=$(date +%s)
 phase() { echo "== compose-test: $1 ($(( $(date +%s) - t0 )) s so far)"; }
-mkdir -p .cache/compose
-env | grep -E '^(COMPOSE_|THOR_|PROMETHEUS_)' | sort >.cache/compose/stack.env
 stack_up=0
 cleanup() {
   local status=$?
@@ -63,6 +64,8 @@ scripts/local-base-images.sh
 if [[ "$(docker image inspect -f '{{ index .Config.Labels "org.thor.local-base" }}' debian:bookworm-slim)" == debian:bookworm-slim ]]; then
   export THOR_TORCH_CPU_INDEX=""
 fi
+mkdir -p .cache/compose
+env | grep -E '^(COMPOSE_|THOR_|PROMETHEUS_|VLLM_)' | sort >.cache/compose/stack.env
 phase "default model"
 .venv/bin/python -m thor_engine.models.provision --preset default
 phase "docker compose build"
@@ -71,5 +74,18 @@ phase "docker compose up --wait"
 stack_up=1
 docker compose up -d --wait --wait-timeout 900
 docker compose ps --format 'table {{.Service}}\t{{.Status}}\t{{.Ports}}'
-phase "checks against the running stack (tests/compose)"
-.venv/bin/python -m pytest tests/compose -p no:cacheprovider ${PYTEST_ARGS:-}
+phase "checks against the running stack (tests/compose/test_stack.py)"
+.venv/bin/python -m pytest tests/compose/test_stack.py -p no:cacheprovider ${PYTEST_ARGS:-}
+
+# The scale-out shape on the same stack: two server replicas behind the load balancer (which
+# takes the published port), two sandbox replicas, Prometheus discovering every replica.
+export COMPOSE_FILE=docker-compose.yml:deploy/docker-compose.scale.yml:deploy/docker-compose.scale-cpu.yml
+export THOR_SERVER_REPLICAS=2 THOR_SANDBOX_REPLICAS=2 THOR_STACK_SCALED=1
+export VLLM_CPU_KVCACHE_SPACE=1  # two CPU engines on one host: 1 GiB of KV cache each
+env | grep -E '^(COMPOSE_|THOR_|PROMETHEUS_|VLLM_)' | sort >.cache/compose/stack.env
+phase "scale-out: docker compose build + up --wait (2 server replicas, 2 sandbox replicas, load balancer)"
+docker compose build --progress quiet
+docker compose up -d --wait --wait-timeout 900
+docker compose ps --format 'table {{.Name}}\t{{.Status}}\t{{.Ports}}'
+phase "checks against the scaled-out stack (tests/compose/test_scale.py)"
+.venv/bin/python -m pytest tests/compose/test_scale.py -p no:cacheprovider ${PYTEST_ARGS:-}
