@@ -26,6 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "docker-compose.yml"
 SCALE = ROOT / "deploy" / "docker-compose.scale.yml"
+SCALE_CPU = ROOT / "deploy" / "docker-compose.scale-cpu.yml"
 LB_DIR = ROOT / "deploy" / "lb"
 DOC = ROOT / "deploy" / "SCALING.md"
 DOCKER = shutil.which("docker") or "/usr/local/bin/docker"
@@ -89,10 +90,13 @@ def test_gpu_profile_renders_replicas_behind_the_lb(gpu):
     assert gpu["networks"]["backend"].get("internal") is True
     assert lb["build"]["context"] == str(LB_DIR)
     assert lb["healthcheck"]["test"][0] == "CMD" and "/lb-health" in lb["healthcheck"]["test"][-1]
-    # every replica shares the one Redis and the sandbox service name (main file's command)
+    # every replica shares the one Redis and reaches the sandbox replicas through the load
+    # balancer's sandbox frontend (balanced per call), once that has a healthy sandbox
     cmd = server["command"]
     assert cmd[cmd.index("--redis-url") + 1] == "redis://redis:6379/0"
-    assert cmd[cmd.index("--sandbox-url") + 1] == "http://sandbox:8080"
+    assert cmd[cmd.index("--sandbox-url") + 1] == "http://lb:8080"
+    assert server["depends_on"]["lb"]["condition"] == "service_healthy"
+    assert "8080" in lb["healthcheck"]["test"][-1]
     assert server["environment"]["THOR_FORWARDED_ALLOW_IPS"] == "*"
 
 
@@ -126,14 +130,18 @@ def test_sandbox_command_is_the_image_cmd(gpu):
     assert gpu["services"]["sandbox"]["command"] == cmd
 
 
-def test_cpu_profile_with_the_documented_snippet(tmp_path):
-    snippet = tmp_path / "docker-compose.scale-cpu.yml"
-    snippet.write_text(doc_block("## The cpu profile", "yaml"))
-    services = compose_config(MAIN, SCALE, snippet, profile="cpu", tmp=tmp_path)["services"]
+def test_cpu_profile_with_its_override(tmp_path):
+    """What `make compose-test` runs: the main file, the scale override and its cpu companion."""
+    services = compose_config(MAIN, SCALE, SCALE_CPU, profile="cpu", tmp=tmp_path)["services"]
     assert "server" not in services and {"server-cpu", "sandbox", "lb"} <= set(services)
     cpu = services["server-cpu"]
     assert cpu["deploy"]["replicas"] == 2 and not cpu.get("ports")
     assert cpu["environment"]["THOR_FORWARDED_ALLOW_IPS"] == "*"
+    # the same command as the main file's, but for the sandbox behind the load balancer
+    main_cmd = compose_config(MAIN, profile="cpu", tmp=tmp_path)["services"]["server-cpu"]["command"]
+    sandbox_url = main_cmd.index("--sandbox-url") + 1
+    assert cpu["command"] == [*main_cmd[:sandbox_url], "http://lb:8080", *main_cmd[sandbox_url + 1 :]]
+    assert cpu["depends_on"]["lb"]["condition"] == "service_healthy"
     # the lb finds the cpu flavour by the alias `server` on the network they share
     assert "server" in (cpu["networks"]["backend"] or {}).get("aliases", [])
     assert "backend" in services["lb"]["networks"]
@@ -257,18 +265,21 @@ def test_sandbox_entrypoint_gives_each_replica_its_cgroup_parent(gpu):
 # --- the document
 
 
-def test_documented_scrape_jobs_pass_promtool(tmp_path):
+def test_scale_scrape_config_passes_promtool_and_is_mounted():
+    """prometheus-scale.yml: the main file's jobs and settings, with DNS discovery per replica."""
+    path = ROOT / "deploy" / "prometheus" / "prometheus-scale.yml"
     main = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
-    jobs = yaml.safe_load(doc_block("## Monitoring with replicas", "yaml"))["scrape_configs"]
-    assert {j["job_name"] for j in main["scrape_configs"]} <= {j["job_name"] for j in jobs}
-    main["scrape_configs"] = jobs
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(main))
-    for rule_file in main.get("rule_files", []):
-        shutil.copy(ROOT / "deploy" / "prometheus" / rule_file, tmp_path / rule_file)
-    proc = subprocess.run(
-        ["promtool", "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True, timeout=60
-    )
+    scale = yaml.safe_load(path.read_text())
+    assert {j["job_name"] for j in main["scrape_configs"]} < {j["job_name"] for j in scale["scrape_configs"]}
+    assert {k: v for k, v in scale.items() if k != "scrape_configs"} == {
+        k: v for k, v in main.items() if k != "scrape_configs"
+    }
+    jobs = {j["job_name"]: j for j in scale["scrape_configs"]}
+    assert jobs["thor-server"]["dns_sd_configs"][0]["names"] == ["server"]
+    assert jobs["thor-sandbox"]["dns_sd_configs"][0]["names"] == ["sandbox"]
+    proc = subprocess.run(["promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "./deploy/prometheus/prometheus-scale.yml:/etc/prometheus/prometheus.yml:ro" in SCALE.read_text()
 
 
 def records(directory: Path) -> list[dict]:
@@ -360,6 +371,13 @@ def test_documented_ratio_snippet_runs():
 
 def test_document_is_honest_about_what_ran():
     text = DOC.read_text()
-    assert "never run" in text and "no GPU" in text
-    for name in ("THOR_SERVER_REPLICAS", "THOR_SANDBOX_REPLICAS", "server-cpu", "docker-compose.scale.yml"):
+    assert "the GPU parts have not run" in text and "no GPU" in text and "make compose-test" in text
+    for name in (
+        "THOR_SERVER_REPLICAS",
+        "THOR_SANDBOX_REPLICAS",
+        "server-cpu",
+        "docker-compose.scale.yml",
+        "docker-compose.scale-cpu.yml",
+        "tests/compose/test_scale.py",
+    ):
         assert name in text

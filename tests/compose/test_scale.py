@@ -6,7 +6,8 @@ load balancer, which takes the published port, two sandbox replicas, one Redis, 
 Prometheus discovering every replica through Docker's DNS. These checks, in file order:
 
 - Prometheus scrapes each replica as its own target, and the load balancer;
-- the load balancer spreads requests over both replicas;
+- the load balancer spreads requests over both server replicas, and the servers' tool calls
+  (through its sandbox frontend) over both sandbox replicas;
 - the rate limits and the tool cache are shared through Redis: a client's budget is one
   budget whichever replica serves it, and a replica serves from the cache a result that
   the other replica computed;
@@ -127,6 +128,42 @@ def test_a_tool_result_computed_by_one_replica_is_served_from_cache_by_the_other
     # both replicas served, only the first request ran the code: the replica that did not
     # serve it answered from the result the other one stored in Redis
     assert sum(hits) == 2, (served, hits)
+
+
+def sandbox_executions(index: int) -> float:
+    """thor_sandbox_executions_total of one sandbox replica, read from its own /metrics."""
+    text = compose(
+        "exec",
+        "-T",
+        "--index",
+        str(index),
+        "sandbox",
+        "python",
+        "-c",
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/metrics').read().decode())",
+    )
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "thor_sandbox_executions_total"
+    )
+
+
+def test_tool_calls_are_balanced_over_the_sandbox_replicas(stack):
+    """The servers' --sandbox-url is the load balancer's sandbox frontend: calls spread per call."""
+    before = [sandbox_executions(i) for i in range(1, REPLICAS + 1)]
+    code = """
+import httpx
+with httpx.Client(timeout=60) as c:  # one kept-alive connection, as a server's pool has
+    for i in range(8):
+        r = c.post("http://lb:8080/v1/execute", json={"snippets": [{"code": f"print({i} * 7)"}]})
+        assert r.status_code == 200 and r.json()["results"][0]["stdout"] == f"{i * 7}\\n", r.text
+print("ok")
+"""
+    assert compose("exec", "-T", stack.server_service, "python", "-", stdin=code).strip() == "ok"
+    ran = [b - a for a, b in zip(before, [sandbox_executions(i) for i in range(1, REPLICAS + 1)], strict=True)]
+    assert sum(ran) == 8 and min(ran) >= 2, f"snippets per sandbox replica: {ran}"
 
 
 def test_a_stopped_replica_is_routed_around(stack):
