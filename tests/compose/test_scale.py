@@ -23,9 +23,18 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.compose.test_stack import ROOT, Stack, chat, completion, compose, query, redis_cli
+from tests.compose.test_stack import (
+    ROOT,
+    Stack,
+    chat,
+    completion,
+    compose,
+    metric_total,
+    query,
+    redis_cli,
+    stack_from_env,
+)
 
 REPLICAS = 2
 SCRAPE_WAIT_S = 120
@@ -35,37 +44,21 @@ SCRAPE_WAIT_S = 120
 def stack() -> Stack:
     if os.environ.get("THOR_STACK_SCALED") != "1":
         pytest.fail("no scaled-out stack (THOR_STACK_SCALED unset): run these checks with `make compose-test`")
-    return Stack(
-        url=os.environ["THOR_STACK_URL"],
-        prometheus=os.environ["THOR_STACK_PROMETHEUS"],
-        key=os.environ["THOR_STACK_KEY"],
-        limited_key=os.environ["THOR_STACK_LIMITED_KEY"],
-        server_service=os.environ.get("THOR_STACK_SERVER_SERVICE", "server-cpu"),
-    )
+    return stack_from_env()
 
 
-def replica_metric(stack: Stack, index: int, name: str, **labels: str) -> float:
-    """A metric read from one server replica's own /metrics (replicas publish no port)."""
-    text = compose(
-        "exec",
-        "-T",
-        "--index",
-        str(index),
-        stack.server_service,
-        "python",
-        "-c",
-        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8000/metrics').read().decode())",
-    )
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+def replica_metrics(service: str, index: int, port: int) -> str:
+    """One replica's own /metrics, read inside its container (replicas publish no port)."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    code = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
+    return compose("exec", "-T", "--index", str(index), service, "python", "-c", code)
 
 
 def per_replica(stack: Stack, name: str, **labels: str) -> list[float]:
-    return [replica_metric(stack, i, name, **labels) for i in range(1, REPLICAS + 1)]
+    """A server metric on each server replica."""
+    return [
+        metric_total(replica_metrics(stack.server_service, i, 8000), name, **labels) for i in range(1, REPLICAS + 1)
+    ]
 
 
 def test_prometheus_scrapes_every_replica_and_the_load_balancer(stack):
@@ -131,23 +124,8 @@ def test_a_tool_result_computed_by_one_replica_is_served_from_cache_by_the_other
 
 
 def sandbox_executions(index: int) -> float:
-    """thor_sandbox_executions_total of one sandbox replica, read from its own /metrics."""
-    text = compose(
-        "exec",
-        "-T",
-        "--index",
-        str(index),
-        "sandbox",
-        "python",
-        "-c",
-        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/metrics').read().decode())",
-    )
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == "thor_sandbox_executions_total"
-    )
+    """thor_sandbox_executions_total of one sandbox replica."""
+    return metric_total(replica_metrics("sandbox", index, 8080), "thor_sandbox_executions_total")
 
 
 def test_tool_calls_are_balanced_over_the_sandbox_replicas(stack):

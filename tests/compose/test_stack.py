@@ -55,8 +55,8 @@ class Stack:
     server_service: str
 
 
-@pytest.fixture(scope="module")
-def stack() -> Stack:
+def stack_from_env() -> Stack:
+    """The running stack as scripts/compose-test.sh describes it in the environment."""
     names = ["THOR_STACK_URL", "THOR_STACK_PROMETHEUS", "THOR_STACK_KEY", "THOR_STACK_LIMITED_KEY"]
     missing = [n for n in names if not os.environ.get(n)]
     if missing:
@@ -68,6 +68,11 @@ def stack() -> Stack:
         limited_key=os.environ["THOR_STACK_LIMITED_KEY"],
         server_service=os.environ.get("THOR_STACK_SERVER_SERVICE", "server-cpu"),
     )
+
+
+@pytest.fixture(scope="module")
+def stack() -> Stack:
+    return stack_from_env()
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +97,18 @@ def redis_keys(pattern: str) -> list[str]:
     return redis_cli("--scan", "--pattern", pattern).split()
 
 
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples (with these labels) in a Prometheus text exposition."""
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 def metric(url: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+    return metric_total(httpx.get(url + "/metrics", timeout=10).text, name, **labels)
 
 
 def chat(**kw) -> dict:
