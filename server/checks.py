@@ -1,7 +1,7 @@
 """Checking a generation request against the served model and the server's maxima.
 
-Owns: `check_model` (the model name, with the aliases `vllm serve <path>` clients send,
-and n within max_n), `check_thor_limits` (client-settable THOR options within the
+Owns: `check_model_name` / `check_model` (the model name, with the aliases `vllm serve
+<path>` clients send, and n within max_n), `check_thor_limits` (client-settable THOR options within the
 server's maxima and the sandbox's own per-execution limit) and `sampling` (the
 request's sampling with the checkpoint's defaults, within the n x max_tokens cap, as
 the engine accepts it). Each refusal is a 400 (404 for an unknown model) naming the
@@ -21,17 +21,24 @@ from .protocol import _SamplingRequest
 from .state import ServerState
 
 
-def check_model(state: ServerState, body: _SamplingRequest) -> None:
-    # `vllm serve <path>` clients send the model path (or the preset the server was started with)
+def check_model_name(state: ServerState, model: str | None) -> None:
+    """404 `model_not_found` unless `model` names the served model. `vllm serve <path>` clients
+    send the model path (or the preset the server was started with); None means "the one"."""
+    if model is None:
+        return
     names = {state.model_name, state.engine.model_name, state.settings.model, *state.engine.model_aliases}
-    if body.model not in names:
+    if model not in names:
         raise ApiError(
             404,
-            f"The model `{body.model}` does not exist. This server serves `{state.model_name}`.",
+            f"The model `{model}` does not exist. This server serves `{state.model_name}`.",
             type="not_found_error",
             param="model",
             code="model_not_found",
         )
+
+
+def check_model(state: ServerState, body: _SamplingRequest) -> None:
+    check_model_name(state, body.model)
     if body.n > state.settings.max_n:
         raise ApiError(400, f"n must be at most {state.settings.max_n}", param="n")
 

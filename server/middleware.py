@@ -20,7 +20,20 @@ from fastapi.responses import JSONResponse
 from .errors import error_body
 from .metrics import ServerMetrics
 
-KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/traces/{id}", "/health", "/metrics"}
+KNOWN_ROUTES = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/models/{model}",
+    "/v1/traces/{id}",
+    "/tokenize",
+    "/detokenize",
+    "/health",
+    "/metrics",
+    "/version",
+}
+#: POST routes whose body is JSON whatever Content-Type a client sent
+JSON_POST_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
 
 class BodyLimitMiddleware:
@@ -82,10 +95,14 @@ class FrameMiddleware:
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
-        route = "/v1/traces/{id}" if path.startswith("/v1/traces/") else path
+        route = path
+        if path.startswith("/v1/traces/"):
+            route = "/v1/traces/{id}"
+        elif path.startswith("/v1/models/"):
+            route = "/v1/models/{model}"
         if route not in KNOWN_ROUTES:
             route = "other"
-        if method == "POST" and path.startswith("/v1/"):
+        if method == "POST" and path.startswith(JSON_POST_PREFIXES):
             # every POST body is JSON, whatever Content-Type a client sent (curl -d sends a form type)
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
                 (b"content-type", b"application/json")

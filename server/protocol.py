@@ -21,7 +21,7 @@ import math
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from thor_engine.config import ObservationConfig, SamplingOptions, SelfCorrectionConfig, ThorConfig
 
@@ -401,3 +401,43 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             return p[0]  # type: ignore[return-value]
         return p  # type: ignore[return-value]
+
+
+# --- vLLM's tokenizer utilities: POST /tokenize, POST /detokenize -------------------------------
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize`: `prompt` (raw text) or `messages` (rendered by the chat template as
+    given, without THOR's instructions), never both."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    # vLLM's defaults: special tokens for raw text, none on top of the template for messages
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either `prompt` (text) or `messages` (a conversation), not both or neither")
+        if self.continue_final_message and self.add_generation_prompt and self.messages is not None:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        if self.prompt is not None and (self.continue_final_message or self.chat_template_kwargs):
+            raise ValueError("continue_final_message and chat_template_kwargs apply to `messages` only")
+        return self
+
+    def chat_messages(self) -> list[dict[str, str]] | None:
+        if self.messages is None:
+            return None
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int] = Field(min_length=1)

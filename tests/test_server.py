@@ -276,6 +276,72 @@ def test_models(server):
     assert [m["id"] for m in body["data"]] == [MODEL]
 
 
+# --- vLLM's extras: models.retrieve, /tokenize, /detokenize, /version ----------------------
+
+
+def test_sdk_retrieves_the_model_by_any_name_it_serves(client, server, tiny_tir_model):
+    model = client.models.retrieve(MODEL)
+    validate(model.model_dump(mode="json", exclude_unset=True), "Model")
+    assert model.id == MODEL and model.owned_by == "thor"
+    # the path the server was started with, as `vllm serve <path>` clients send it
+    r = httpx.get(f"{server.url}/v1/models/{tiny_tir_model}", headers=H())
+    assert r.status_code == 200 and r.json()["id"] == MODEL
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-4o")
+    assert err.value.code == "model_not_found" and "gpt-4o" in err.value.message
+    assert httpx.get(f"{server.url}/v1/models/{MODEL}").status_code == 401
+
+
+def test_tokenize_and_detokenize_as_vllm_names_them(server, tiny_tir_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tir_model)
+    r = httpx.post(server.url + "/tokenize", headers=H(), json={"prompt": MUL, "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tok.encode(MUL) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 2048 and body["token_strs"] == tok.convert_ids_to_tokens(body["tokens"])
+    # a conversation, rendered by the model's template as sent (no THOR instructions)
+    messages = [{"role": "user", "content": MUL}]
+    r = httpx.post(server.url + "/tokenize", headers=H(), json={"model": MODEL, "messages": messages})
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert r.json()["tokens"] == tok.encode(rendered, add_special_tokens=False)
+    r = httpx.post(server.url + "/tokenize", headers=H(), json={"messages": messages, "add_generation_prompt": False})
+    bare = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    assert r.json()["tokens"] == tok.encode(bare, add_special_tokens=False) and len(bare) < len(rendered)
+    # and back
+    r = httpx.post(server.url + "/detokenize", headers=H(), json={"model": MODEL, "tokens": body["tokens"]})
+    assert r.status_code == 200 and r.json() == {"prompt": MUL}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400, None),
+        ("/tokenize", {"model": MODEL}, 400, None),
+        ("/tokenize", {"prompt": "x", "model": "gpt-4o"}, 404, "model"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "continue_final_message": True}, 400, None),
+        ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+        ("/detokenize", {"tokens": []}, 400, "tokens"),
+    ],
+)
+def test_tokenizer_utilities_refuse_bad_input(server, path, body, status, param):
+    r = httpx.post(server.url + path, headers=H(), json=body)
+    assert r.status_code == status, r.text
+    validate(r.json(), "ErrorResponse")
+    if param:
+        assert r.json()["error"]["param"] == param
+    assert httpx.post(server.url + path, json={"prompt": "x", "tokens": [1]}).status_code == 401
+
+
+def test_version_is_open_and_names_vllm(server):
+    from importlib.metadata import version
+
+    body = httpx.get(server.url + "/version").json()
+    assert body["version"] and body["version"] == body["engine"]["vllm"]
+    assert body["thor_version"] == version("thor-server")
+
+
 # --- auth, errors -----------------------------------------------------------------------
 
 

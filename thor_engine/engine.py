@@ -151,15 +151,19 @@ class ThorEngine:
 
         Raises ChatTemplateError when the template refuses the conversation, InvalidParameter
         for bad `chat_template_kwargs`, PromptTooLong when nothing is left for generation."""
+        ids = self._render(
+            messages,
+            tir_instructions=tir_instructions,
+            tir_mode=tir_mode,
+            enable_thinking=enable_thinking,
+            chat_template_kwargs=chat_template_kwargs,
+        )
+        return self._checked(ids)
+
+    def _render(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> list[int]:
+        """`render_chat` with the template's refusals as ChatTemplateError / InvalidParameter."""
         try:
-            ids = render_chat(
-                self.backend.tokenizer,
-                messages,
-                tir_instructions=tir_instructions,
-                tir_mode=tir_mode,
-                enable_thinking=enable_thinking,
-                chat_template_kwargs=chat_template_kwargs,
-            )
+            return render_chat(self.backend.tokenizer, messages, **kwargs)
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(str(exc) or type(exc).__name__) from exc
         except TypeError as exc:  # e.g. a template concatenating a field the message lacks (vLLM: a 400 too)
@@ -168,7 +172,6 @@ class ThorEngine:
             if "chat_template_kwargs" in str(exc):
                 raise InvalidParameter("chat_template_kwargs", str(exc)) from exc
             raise ChatTemplateError(str(exc)) from exc
-        return self._checked(ids)
 
     async def prepare_chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Prompt:
         """`chat_prompt` on the render thread, so the event loop keeps serving meanwhile."""
@@ -180,6 +183,63 @@ class ThorEngine:
 
     async def _off_loop(self, fn: Callable[[], Prompt]) -> Prompt:
         return await asyncio.get_running_loop().run_in_executor(self._render_pool, fn)
+
+    # --- tokenizer utilities (vLLM's /tokenize and /detokenize) ---------------------------
+
+    async def tokenize(
+        self,
+        *,
+        text: str | None = None,
+        messages: Sequence[dict[str, Any]] | None = None,
+        add_special_tokens: bool = True,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        """Token ids of raw `text`, or of `messages` rendered by the chat template exactly as
+        given (no THOR instructions added), as vLLM's /tokenize computes them. No length limit.
+
+        Raises ChatTemplateError / InvalidParameter as `chat_prompt` does."""
+
+        def run() -> list[int]:
+            if messages is None:
+                return self.backend.tokenizer.encode(text or "", add_special_tokens=add_special_tokens)
+            ids = self._render(
+                messages,
+                tir_instructions=None,
+                chat_template_kwargs=chat_template_kwargs,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+            )
+            if add_special_tokens and self.backend.tokenizer.bos_token_id is not None:
+                ids = [self.backend.tokenizer.bos_token_id, *ids]
+            return ids
+
+        return await asyncio.get_running_loop().run_in_executor(self._render_pool, run)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The tokenizer's own string for each id (byte-level pieces as the vocabulary spells them)."""
+        return [str(t) for t in self.backend.tokenizer.convert_ids_to_tokens(list(ids))]
+
+    async def detokenize(self, ids: Sequence[int]) -> str:
+        """The text of token ids (special tokens kept, as vLLM's /detokenize); out-of-vocabulary
+        ids are an InvalidParameter naming `tokens`."""
+        vocab = len(self.backend.tokenizer)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidParameter(
+                "tokens", f"token ids out of range for this model's vocabulary of {vocab}: {bad[:5]}"
+            )
+
+        def run() -> str:
+            return self.backend.tokenizer.decode(list(ids))
+
+        return await asyncio.get_running_loop().run_in_executor(self._render_pool, run)
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """Versions of the generation stack (`vllm` when the backend is vLLM)."""
+        return dict(getattr(self.backend, "versions", None) or {})
 
     def text_prompt(self, prompt: str | Sequence[int]) -> Prompt:
         if isinstance(prompt, str):

@@ -82,8 +82,11 @@ def render_chat(
     tir_mode: TirMode = "append",
     enable_thinking: bool | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> list[int]:
-    """Token ids of `messages` rendered by the model's chat template, ready for generation.
+    """Token ids of `messages` rendered by the model's chat template, ready for generation
+    (or, for `/tokenize`, without the generation prompt, or continuing the last message).
 
     `chat_template_kwargs` reach the template as variables (e.g. Qwen3's `enable_thinking`);
     a template that rejects the conversation raises jinja2.TemplateError (callers report it)."""
@@ -94,7 +97,13 @@ def render_chat(
         raise ValueError(f"chat_template_kwargs may not set {', '.join(clash)}: THOR sets these itself")
     if enable_thinking is not None:
         kwargs["enable_thinking"] = enable_thinking
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
+    text = tokenizer.apply_chat_template(
+        msgs,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        **kwargs,
+    )
     return tokenizer.encode(text, add_special_tokens=False)
 
 

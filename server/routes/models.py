@@ -1,6 +1,7 @@
-"""`GET /v1/models`: the one model this server serves.
+"""`GET /v1/models` and `GET /v1/models/{model}`: the one model this server serves.
 
-Owns: the model list (served name, context length, the model it was loaded from).
+Owns: the model card (served name, context length, the model it was loaded from) and the
+list holding it; retrieving it by any name `check_model_name` accepts, 404 otherwise.
 Does not own: auth (guards.py) or which names a request may use (checks.py).
 """
 
@@ -9,24 +10,31 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..checks import check_model_name
 from ..guards import v1_router
-from ..state import StateDep
+from ..state import ServerState, StateDep
 
 router = v1_router()
 
 
+def model_card(state: ServerState) -> dict[str, Any]:
+    return {
+        "id": state.model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "thor",
+        "max_model_len": state.engine.max_model_len,
+        "root": state.engine.model_name,
+    }
+
+
 @router.get("/v1/models")
 async def models(state: StateDep) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": state.model_name,
-                "object": "model",
-                "created": int(time.time()),
-                "owned_by": "thor",
-                "max_model_len": state.engine.max_model_len,
-                "root": state.engine.model_name,
-            }
-        ],
-    }
+    return {"object": "list", "data": [model_card(state)]}
+
+
+# `:path`: hub ids contain a slash (the SDK's models.retrieve("Qwen/...") sends it as is)
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(model: str, state: StateDep) -> dict[str, Any]:
+    check_model_name(state, model)
+    return model_card(state)

@@ -1,13 +1,16 @@
-"""`GET /health` and `GET /metrics`: for operators and load balancers, without auth.
+"""`GET /health`, `GET /metrics` and `GET /version`: for operators and load balancers, without auth.
 
 Owns: health (the sandbox's workers, vLLM's own engine check and requests running, the
 store; 200 when engine and sandbox can serve, "degraded" when only the store is down,
 503 otherwise or while starting) and the Prometheus exposition of the server's metrics.
+`/version` answers as vLLM's does (`version`: vLLM's version) plus `thor_version`.
 Does not own: the metrics themselves (metrics.py, middleware.py, the builders).
 """
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -57,3 +60,20 @@ async def health(request: Request) -> JSONResponse:
 async def prometheus(request: Request) -> Response:
     metrics: ServerMetrics = request.app.state.metrics
     return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def thor_version() -> str:
+    try:
+        return dist_version("thor-server")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
+@router.get("/version")
+async def version(request: Request) -> JSONResponse:
+    state = current_state(request)
+    body: dict[str, Any] = {"thor_version": thor_version()}
+    if state is None:
+        return JSONResponse({"status": "starting", **body}, status_code=503)
+    versions = state.engine.versions
+    return JSONResponse({"version": versions.get("vllm", "unknown"), **body, "engine": versions})

@@ -246,6 +246,13 @@ class VllmBackend:
         return dict(self._generation_defaults)
 
     @property
+    def versions(self) -> dict[str, str]:
+        """The generation stack's versions (servers answer `GET /version` with vLLM's)."""
+        import vllm
+
+        return {"vllm": str(vllm.__version__)}
+
+    @property
     def model_path(self) -> str:
         """The model as given to the engine (a directory or hub id): `vllm serve <path>` clients send it."""
         return self.options.model
