@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi import Request
@@ -60,6 +61,25 @@ class Builder(Protocol):
         """One state per choice; a finished choice has a truthy `final`."""
 
 
+@dataclass(frozen=True)
+class StreamFormat:
+    """How a stream is framed. Chat and completions: `data:` lines, an OpenAI error body on a
+    failure, then `data: [DONE]`. The Responses API: each event named (`event: <type>`), opening
+    events of its own before the engine's first, its `error` event, and no sentinel."""
+
+    named_events: bool = False
+    done_sentinel: bool = True
+    opening: Callable[[], list[dict[str, Any]]] | None = None
+    error: Callable[[ApiError], dict[str, Any]] | None = None
+
+    def line(self, chunk: dict[str, Any]) -> str:
+        data = json.dumps(chunk, ensure_ascii=False)
+        return f"event: {chunk['type']}\ndata: {data}\n\n" if self.named_events else f"data: {data}\n\n"
+
+
+CHAT_STREAM = StreamFormat()
+
+
 async def respond(
     state: ServerState,
     request: Request,
@@ -70,8 +90,10 @@ async def respond(
     stream: bool,
     include_usage: bool,
     summary: dict[str, Any] | None,
+    stream_format: StreamFormat = CHAT_STREAM,
 ) -> Response:
-    """Run the request; `summary` None stores no trace (`thor.trace: false`, plain completions)."""
+    """Run the request; `summary` None stores no trace (`thor.trace: false`, plain completions,
+    `store: false` responses)."""
     builder.include_usage = stream and include_usage  # `"usage": null` on every chunk, as OpenAI does
     sandbox_request_scope(state.settings.sandbox_max_concurrent_per_request)  # this request's samples share it
     meter = TokenMeter()
@@ -108,7 +130,7 @@ async def respond(
         await finish()
         return JSONResponse(builder.response(), headers=trace_headers)
 
-    lines = sse(state, builder, events, include_usage=include_usage, on_complete=finish)
+    lines = sse(state, builder, events, include_usage=include_usage, on_complete=finish, fmt=stream_format)
     return StreamingResponse(
         then(lines, charge),
         media_type="text/event-stream",
@@ -123,20 +145,24 @@ async def sse(
     *,
     include_usage: bool,
     on_complete: Callable[[], Awaitable[None]],
+    fmt: StreamFormat = CHAT_STREAM,
 ) -> AsyncIterator[str]:
-    """The SSE lines of a stream: the builder's chunks, keep-alives, the usage chunk when asked
-    for, `on_complete()` once all is sent, then `[DONE]` (after an error event on a failure)."""
+    """The SSE lines of a stream: the format's opening events, the builder's chunks, keep-alives,
+    the usage chunk when asked for, `on_complete()` once all is sent, then `[DONE]` (after an
+    error event on a failure) where the format has it."""
     completed = False
     try:
+        for chunk in fmt.opening() if fmt.opening else []:
+            yield fmt.line(chunk)
         async with contextlib.aclosing(with_keepalive(events, state.settings.sse_keepalive_s)) as evs:
             async for ev in evs:
                 if ev is KEEPALIVE:  # a long tool call: keep proxies and clients from timing out
                     yield ": keep-alive\n\n"
                     continue
                 for chunk in builder.feed(ev):
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                    yield fmt.line(chunk)
         if include_usage:
-            yield f"data: {json.dumps(builder.usage_chunk())}\n\n"
+            yield fmt.line(builder.usage_chunk())
         completed = True
     except (asyncio.CancelledError, GeneratorExit):
         state.metrics.aborted.inc()
@@ -146,10 +172,11 @@ async def sse(
         if err is None:
             log.error("stream failed", exc_info=exc)
             err = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
-        yield f"data: {json.dumps(error_body(err.message, err.type, err.param, err.code))}\n\n"
+        yield fmt.line(fmt.error(err) if fmt.error else error_body(err.message, err.type, err.param, err.code))
     if completed:
         await on_complete()
-    yield "data: [DONE]\n\n"
+    if fmt.done_sentinel:
+        yield "data: [DONE]\n\n"
 
 
 async def until_disconnect(state: ServerState, request: Request, work: Awaitable[Any]) -> Any:

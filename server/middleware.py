@@ -23,6 +23,8 @@ from .metrics import ServerMetrics
 KNOWN_ROUTES = {
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/responses",
+    "/v1/responses/{id}",
     "/v1/models",
     "/v1/models/{model}",
     "/v1/traces/{id}",
@@ -98,6 +100,8 @@ class FrameMiddleware:
         route = path
         if path.startswith("/v1/traces/"):
             route = "/v1/traces/{id}"
+        elif path.startswith("/v1/responses/"):
+            route = "/v1/responses/{id}"
         elif path.startswith("/v1/models/"):
             route = "/v1/models/{model}"
         if route not in KNOWN_ROUTES:

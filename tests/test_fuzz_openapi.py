@@ -1,12 +1,13 @@
 """API fuzzing with schemathesis from OpenAI's published OpenAPI document, against the live
 server (real `python -m server`, real vLLM CPU engine with the tiny TIR model, real sandbox).
 
-Only the operations this server serves: POST /chat/completions, POST /completions and
-GET /models. Requests that fit the spec (positive) and requests that break it (negative)
+Only the operations this server serves: POST /chat/completions, POST /completions,
+POST /responses, GET /responses/{response_id} and GET /models. Requests that fit the spec (positive) and requests that break it (negative)
 are generated with a fixed Hypothesis seed and a bounded number of examples, so the run is
 reproducible and stays within a couple of minutes. Properties: no response is a 5xx, every
 error body is in OpenAI's shape (`ErrorResponse` of the same spec), every success is the
-operation's JSON object or an SSE stream ending in `data: [DONE]`.
+operation's JSON object or an SSE stream ending in `data: [DONE]` (the Responses API: in
+its `response.completed` or `response.incomplete` event).
 """
 
 from __future__ import annotations
@@ -32,9 +33,16 @@ MODEL = "tiny-tir"
 OPERATIONS = [
     ("/chat/completions", "POST", {GenerationMode.POSITIVE: 60, GenerationMode.NEGATIVE: 40}),
     ("/completions", "POST", {GenerationMode.POSITIVE: 40, GenerationMode.NEGATIVE: 30}),
+    ("/responses", "POST", {GenerationMode.POSITIVE: 40, GenerationMode.NEGATIVE: 30}),
+    ("/responses/{response_id}", "GET", {GenerationMode.POSITIVE: 5, GenerationMode.NEGATIVE: 5}),
     ("/models", "GET", {GenerationMode.POSITIVE: 5, GenerationMode.NEGATIVE: 5}),
 ]
-SUCCESS_OBJECT = {"/chat/completions": "chat.completion", "/completions": "text_completion", "/models": "list"}
+SUCCESS_OBJECT = {
+    "/chat/completions": "chat.completion",
+    "/completions": "text_completion",
+    "/responses": "response",
+    "/models": "list",
+}
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +71,15 @@ def check_response(path: str, response) -> None:
     ctype = response.headers.get("content-type") or [""]  # schemathesis keeps every header as a list
     if (ctype[0] if isinstance(ctype, list) else ctype).startswith("text/event-stream"):
         events = [ln for ln in response.text.split("\n\n") if ln.strip()]
+        if path == "/responses":  # named events, no sentinel: the last is the response's end (or an error)
+            last = json.loads(events[-1].split("data: ", 1)[1])
+            assert last["type"] in ("response.completed", "response.incomplete", "error"), events[-3:]
+            events.append("data: [DONE]")
         assert events[-1] == "data: [DONE]", events[-3:]
         for ev in events[:-1]:
             if ev.startswith(":"):  # SSE comments (keep-alives)
                 continue
-            chunk = json.loads(ev.removeprefix("data: "))
+            chunk = json.loads(ev.split("data: ", 1)[1])
             if "error" in chunk:  # a failed stream reports in-band, in OpenAI's shape, never a 5xx status
                 validate(chunk, "ErrorResponse")
         return
@@ -101,6 +113,8 @@ def test_openai_spec_fuzzing_never_5xx(server, openai_schema, path, method, exam
                 case.body["prompt"] = "I will compute"
             if path == "/chat/completions" and plain:
                 case.body["messages"] = [{"role": "user", "content": "Compute 17*23."}]
+            if path == "/responses" and plain:
+                case.body["input"] = "Compute 17*23."
         response = case.call(base_url=server.url + "/v1", timeout=120)
         statuses[response.status_code] += 1
         check_response(path, response)

@@ -12,9 +12,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import chat, completions, models, ops, tokenize, traces, unmatched
+from . import chat, completions, models, ops, responses, tokenize, traces, unmatched
 
-v1_routers: list[APIRouter] = [chat.router, completions.router, models.router, tokenize.router, traces.router]
+v1_routers: list[APIRouter] = [
+    chat.router,
+    completions.router,
+    responses.router,
+    models.router,
+    tokenize.router,
+    traces.router,
+]
 ops_router = ops.router
 #: last: it matches every /v1 path the routes above do not
 unmatched_router = unmatched.router

@@ -1,0 +1,455 @@
+"""Turning the engine's typed events into a Responses API response: output items and stream events.
+
+Owns: `ResponsesBuilder`, one per `POST /v1/responses`, with the interface generation.respond
+needs (`feed`, `response`, `generated_tokens`, `trace`, `choices`) plus the stream's opening
+events and its error event. It produces, in order, the output items OpenAI's Responses API
+defines for server-side code execution:
+- `reasoning` items: the model's text between tool calls (and inside <think>);
+- one `code_interpreter_call` per committed call: its code, its output as `logs` (the
+  observation the model read), status `completed`, `failed` (the code failed) or
+  `incomplete` (not run: the tool budget was spent);
+- the `message` with the answer: the model's text after the last tool output.
+Stream events follow OpenAI's published sequence (`response.created`, `.in_progress`,
+`output_item.added`, `content_part.added`, `reasoning_text.delta`/`.done`,
+`code_interpreter_call.in_progress`, `_code.delta`/`.done`, `.interpreting`, `.completed`,
+`output_text.delta`/`.done`, `content_part.done`, `output_item.done`, then
+`response.completed` or `response.incomplete`), numbered by `sequence_number`; the final
+response is built from exactly the items the stream sent.
+
+The one rule, as for chat (responses.py): a client never sees what self-correction takes
+back. Text a backtrack may still retract is held until its tool call is committed; a
+discarded attempt never becomes an item (it is kept in `thor.tool_calls` and the trace).
+With the code interpreter on, a round's text is held until it is known to be reasoning (a
+code block follows) or the answer (the trajectory ends); a call whose text can no longer be
+retracted is sent when its code block closes (`interpreting` while the sandbox runs), its
+output the moment the sandbox returns.
+
+Does not own: the request (response_request.py), HTTP and SSE framing (generation.py),
+storage, or anything about tokens.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from thor_engine.codeblocks import find_blocks
+from thor_engine.events import Backtrack, CodeBlock, Event, Final, FinishReason, TextDelta, ToolCall, Vote
+
+from .errors import ApiError
+from .metrics import ServerMetrics
+from .response_request import items_to_messages
+
+#: finish reasons that leave a response `incomplete` (OpenAI: max_output_tokens)
+INCOMPLETE = {FinishReason.length, FinishReason.context_length, FinishReason.generation_cap}
+#: what `container_id` says: the calls run in this server's sandbox, one fresh process per call
+CONTAINER_ID = "thor-sandbox"
+
+ItemKind = Literal["reasoning", "message"]
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+@dataclass
+class _Piece:
+    text: str
+    channel: Literal["reasoning", "answer"]
+    retractable: bool
+
+
+@dataclass
+class _Open:
+    """The reasoning or message item being streamed."""
+
+    kind: ItemKind
+    index: int
+    id: str
+    text: str = ""
+
+
+@dataclass
+class _Call:
+    """A code interpreter call sent to the client, waiting for its result."""
+
+    index: int
+    id: str
+    code: str
+
+
+@dataclass
+class _Choice:
+    final: Final | None = None
+
+
+@dataclass
+class ResponsesBuilder:
+    response_id: str
+    model: str
+    #: the request's settings the response object echoes (instructions, tools, temperature...)
+    params: dict[str, Any]
+    tools_enabled: bool
+    reasoning_model: bool
+    metrics: ServerMetrics
+    #: the conversation so far (earlier turns and this input, as chat messages): what is stored
+    conversation: list[dict[str, str]] = field(default_factory=list)
+    include_usage: bool = False  # the Responses API carries usage in its final event only
+
+    def __post_init__(self) -> None:
+        self.id = self.response_id
+        self.created = int(time.time())
+        self.choices = [_Choice()]
+        self.output: list[dict[str, Any]] = []
+        self.seq = 0
+        self.t0 = time.monotonic()
+        self.first_token_s: float | None = None
+        self.completed_at: int | None = None
+        self._open: _Open | None = None
+        self._call: _Call | None = None
+        self._block: CodeBlock | None = None
+        self._pending: list[_Piece] = []
+        self.attempts: list[dict[str, Any]] = []  # every code block run, discarded attempts included
+        self.backtracks: list[dict[str, Any]] = []
+
+    # --- events -------------------------------------------------------------------------------
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        ev = {"type": kind, **fields, "sequence_number": self.seq}
+        self.seq += 1
+        return ev
+
+    def opening(self) -> list[dict[str, Any]]:
+        """`response.created` and `response.in_progress`: sent before the engine's first event."""
+        snapshot = self.response(status="in_progress")
+        return [
+            self._event("response.created", response=snapshot),
+            self._event("response.in_progress", response=snapshot),
+        ]
+
+    def error_event(self, err: ApiError) -> dict[str, Any]:
+        """A stream that fails after it started: OpenAI's `error` event."""
+        return self._event("error", code=err.code or err.type, message=err.message, param=err.param)
+
+    # --- items --------------------------------------------------------------------------------
+
+    def _open_item(self, kind: ItemKind) -> list[dict[str, Any]]:
+        index = len(self.output)
+        if kind == "reasoning":
+            item: dict[str, Any] = {
+                "id": _new_id("rs"),
+                "type": "reasoning",
+                "summary": [],
+                "content": [],
+                "status": "in_progress",
+            }
+            part: dict[str, Any] = {"type": "reasoning_text", "text": ""}
+        else:
+            item = {
+                "id": _new_id("msg"),
+                "type": "message",
+                "role": "assistant",
+                "status": "in_progress",
+                "content": [],
+            }
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        self.output.append(item)
+        self._open = _Open(kind, index, item["id"])
+        return [
+            self._event("response.output_item.added", output_index=index, item=dict(item)),
+            self._event(
+                "response.content_part.added", item_id=item["id"], output_index=index, content_index=0, part=part
+            ),
+        ]
+
+    def _text(self, kind: ItemKind, text: str) -> list[dict[str, Any]]:
+        """Send `text` into the open item of `kind` (closing another kind first)."""
+        out: list[dict[str, Any]] = []
+        if self._open is None or self._open.kind != kind:
+            if kind == "message":
+                text = text.lstrip()  # the answer starts at its first visible character
+            if not text:
+                return out
+            out += self._close_open()
+            out += self._open_item(kind)
+        if not text:
+            return out
+        o = self._open
+        assert o is not None
+        o.text += text
+        name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+        extra = {} if kind == "reasoning" else {"logprobs": []}
+        out.append(self._event(name, item_id=o.id, output_index=o.index, content_index=0, delta=text, **extra))
+        return out
+
+    def _close_open(self, status: str = "completed") -> list[dict[str, Any]]:
+        o, self._open = self._open, None
+        if o is None:
+            return []
+        if o.kind == "reasoning":
+            part: dict[str, Any] = {"type": "reasoning_text", "text": o.text}
+            item: dict[str, Any] = {"id": o.id, "type": "reasoning", "summary": [], "content": [part], "status": status}
+            done = self._event(
+                "response.reasoning_text.done", item_id=o.id, output_index=o.index, content_index=0, text=o.text
+            )
+        else:
+            part = {"type": "output_text", "text": o.text, "annotations": [], "logprobs": []}
+            item = {"id": o.id, "type": "message", "role": "assistant", "status": status, "content": [part]}
+            done = self._event(
+                "response.output_text.done",
+                item_id=o.id,
+                output_index=o.index,
+                content_index=0,
+                text=o.text,
+                logprobs=[],
+            )
+        self.output[o.index] = item
+        return [
+            done,
+            self._event("response.content_part.done", item_id=o.id, output_index=o.index, content_index=0, part=part),
+            self._event("response.output_item.done", output_index=o.index, item=item),
+        ]
+
+    def _start_call(self, block: CodeBlock) -> list[dict[str, Any]]:
+        out = self._close_open()
+        index = len(self.output)
+        item = {
+            "id": _new_id("ci"),
+            "type": "code_interpreter_call",
+            "status": "in_progress",
+            "container_id": CONTAINER_ID,
+            "code": "",
+            "outputs": None,
+        }
+        self.output.append(item)
+        self._call = _Call(index, item["id"], block.code)
+        ids = {"output_index": index, "item_id": item["id"]}
+        return [
+            *out,
+            self._event("response.output_item.added", output_index=index, item=dict(item)),
+            self._event("response.code_interpreter_call.in_progress", **ids),
+            self._event("response.code_interpreter_call_code.delta", **ids, delta=block.code),
+            self._event("response.code_interpreter_call_code.done", **ids, code=block.code),
+            self._event("response.code_interpreter_call.interpreting", **ids),
+        ]
+
+    def _finish_call(self, ev: ToolCall) -> list[dict[str, Any]]:
+        call, self._call = self._call, None
+        assert call is not None
+        status = "completed" if ev.ok else "incomplete" if ev.outcome == "not_executed" else "failed"
+        item = {
+            "id": call.id,
+            "type": "code_interpreter_call",
+            "status": status,
+            "container_id": CONTAINER_ID,
+            "code": call.code,
+            "outputs": [{"type": "logs", "logs": ev.observation}],
+        }
+        self.output[call.index] = item
+        ids = {"output_index": call.index, "item_id": call.id}
+        return [
+            self._event("response.code_interpreter_call.completed", **ids),
+            self._event("response.output_item.done", output_index=call.index, item=item),
+        ]
+
+    def _release_round(self, block: CodeBlock) -> list[dict[str, Any]]:
+        """The round's held text is reasoning up to its code block's opening fence; then the call."""
+        text = "".join(p.text for p in self._pending)
+        self._pending.clear()
+        blocks = find_blocks(text)
+        prose = text[: blocks[-1].start] if blocks else text
+        return self._text("reasoning", prose) + self._start_call(block)
+
+    def _release_final(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for piece in self._pending:
+            out += self._text("reasoning" if piece.channel == "reasoning" else "message", piece.text)
+        self._pending.clear()
+        return out
+
+    def _retract(self, chars: int) -> None:
+        while chars > 0 and self._pending:
+            last = self._pending[-1]
+            if len(last.text) <= chars:
+                chars -= len(last.text)
+                self._pending.pop()
+            else:
+                last.text = last.text[: len(last.text) - chars]
+                chars = 0
+        if chars > 0:  # the decoder marks all retractable text: this would be a bug, never shown text taken back
+            raise RuntimeError(f"backtrack retracts {chars} characters already sent to the client")
+
+    # --- the engine's events --------------------------------------------------------------------
+
+    def feed(self, ev: Event) -> list[dict[str, Any]]:
+        """Consume one engine event; return the stream events it produces (possibly none)."""
+        if isinstance(ev, Vote):
+            return []
+        if isinstance(ev, TextDelta):
+            return self._feed_text(ev)
+        if isinstance(ev, Backtrack):
+            self.metrics.backtracks.inc()
+            self._retract(ev.chars_retracted)
+            self._block = None
+            self.backtracks.append(
+                {
+                    "call": ev.call,
+                    "attempt": ev.attempt,
+                    "reason": ev.reason,
+                    "mode": ev.mode,
+                    "tokens_dropped": ev.tokens_dropped,
+                    "chars_retracted": ev.chars_retracted,
+                }
+            )
+            return []
+        if isinstance(ev, CodeBlock):
+            self._block = ev
+            self.attempts.append(
+                {
+                    "call": ev.call,
+                    "attempt": ev.attempt,
+                    "execution": ev.execution,
+                    "language": ev.language,
+                    "code": ev.code,
+                }
+            )
+            if not any(p.retractable for p in self._pending):
+                return self._release_round(ev)  # nothing can take it back: show it while it runs
+            return []
+        if isinstance(ev, ToolCall):
+            return self._feed_result(ev)
+        if isinstance(ev, Final):
+            return self._finish(ev)
+        return []
+
+    def _feed_text(self, ev: TextDelta) -> list[dict[str, Any]]:
+        if self.first_token_s is None:
+            self.first_token_s = time.monotonic() - self.t0
+            self.metrics.ttft.observe(self.first_token_s)
+        if ev.markup or ev.source == "observation":  # an observation is its call's output, in the call's item
+            return []
+        if not self.tools_enabled and not ev.retractable:
+            return self._text("reasoning" if ev.channel == "reasoning" else "message", ev.text)
+        self._pending.append(_Piece(ev.text, ev.channel, ev.retractable))
+        return []
+
+    def _feed_result(self, ev: ToolCall) -> list[dict[str, Any]]:
+        if ev.outcome != "not_executed":
+            self.metrics.tool_calls.labels(outcome=ev.outcome if ev.ok or ev.outcome != "ok" else "no_output").inc()
+            self.metrics.tool_duration.observe(ev.duration_s)
+        for attempt in reversed(self.attempts):
+            if attempt["execution"] == ev.execution:
+                attempt.update(
+                    ok=ev.ok,
+                    outcome=ev.outcome,
+                    exit_code=ev.exit_code,
+                    observation=ev.observation,
+                    duration_s=round(ev.duration_s, 6),
+                    cached=ev.cached,
+                    committed=ev.committed,
+                )
+                break
+        if not ev.committed:
+            return []  # self-correction discards it: a Backtrack follows
+        out: list[dict[str, Any]] = []
+        if self._call is None:
+            assert self._block is not None, "a committed tool result without its code block"
+            out += self._release_round(self._block)
+        self._block = None
+        return out + self._finish_call(ev)
+
+    def _finish(self, ev: Final) -> list[dict[str, Any]]:
+        self.choices[0].final = ev
+        self.completed_at = int(time.time())
+        u = ev.usage
+        self.metrics.generated_tokens.inc(u.generated_tokens)
+        self.metrics.discarded_tokens.inc(u.discarded_tokens)
+        self.metrics.tool_rounds.observe(ev.tools.calls)
+        incomplete = ev.finish_reason in INCOMPLETE
+        out = self._release_final() + self._close_open("incomplete" if incomplete else "completed")
+        kind = "response.incomplete" if incomplete else "response.completed"
+        return [*out, self._event(kind, response=self.response())]
+
+    # --- the response object --------------------------------------------------------------------
+
+    def usage(self) -> dict[str, Any] | None:
+        f = self.choices[0].final
+        if f is None:
+            return None
+        u = f.usage
+        reasoning = u.completion_tokens - u.answer_tokens - u.observation_tokens
+        return {
+            "input_tokens": u.prompt_tokens,
+            "input_tokens_details": {
+                "cached_tokens": u.prompt_cached_tokens,
+                "cache_write_tokens": u.prompt_tokens - u.prompt_cached_tokens,
+            },
+            "output_tokens": u.completion_tokens,
+            "output_tokens_details": {
+                "reasoning_tokens": reasoning if (self.tools_enabled or self.reasoning_model) else 0,
+                "observation_tokens": u.observation_tokens,
+            },
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+        }
+
+    def thor_object(self) -> dict[str, Any]:
+        f = self.choices[0].final
+        return {
+            "trace_id": self.id,
+            "answer": f.answer if f else None,
+            "finish_reason": f.finish_reason.value if f else None,
+            "tool_calls": self.attempts,
+            "backtracks": self.backtracks,
+            "usage": f.usage.model_dump() if f else None,
+            "tools": f.tools.model_dump() if f else None,
+        }
+
+    def response(self, status: str | None = None) -> dict[str, Any]:
+        """The response object: as the stream's last event carries it (`status` None), or a snapshot."""
+        f = self.choices[0].final
+        if status is None:
+            status = "incomplete" if f is not None and f.finish_reason in INCOMPLETE else "completed"
+        done = status != "in_progress"
+        body = {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "completed_at": self.completed_at if done else None,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "model": self.model,
+            "output": [dict(item) for item in self.output] if done else [],
+            **self.params,
+        }
+        if done:  # usage is not nullable in OpenAI's schema: a snapshot in progress has none yet
+            body["usage"] = self.usage()
+            body["thor"] = self.thor_object()
+        return body
+
+    def generated_tokens(self) -> int:
+        f = self.choices[0].final
+        return f.usage.generated_tokens if f else 0
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return {}  # never sent: usage is in response.completed
+
+    def conversation_after(self) -> list[dict[str, str]]:
+        """The conversation with this response's output appended: what `previous_response_id` continues."""
+        return self.conversation + items_to_messages(self.output)
+
+    def trace(self, request_summary: dict[str, Any]) -> dict[str, Any]:
+        f = self.choices[0].final
+        return {
+            "id": self.id,
+            "object": "thor.trace",
+            "created": self.created,
+            "model": self.model,
+            "request": request_summary,
+            "timings": {"time_to_first_token_s": self.first_token_s, "total_s": time.monotonic() - self.t0},
+            "text": f.text if f else None,
+            "response": self.response(),
+            "conversation": self.conversation_after(),
+        }

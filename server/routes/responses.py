@@ -1,0 +1,141 @@
+"""`POST /v1/responses` and `GET /v1/responses/{id}`: OpenAI's Responses API through the THOR engine.
+
+Owns: turning a CreateResponseRequest into the engine's prompt (`instructions` as the
+system message, the conversation of `previous_response_id` looked up for its client, then
+the input items; THOR's tool-use instructions when `code_interpreter` is on), the THOR
+config and sampling, and storing the response (with `store: true`, as a trace bound to the
+client's key, kept `trace_ttl_s`: `GET /v1/responses/{id}` returns it and
+`previous_response_id` continues it; another client's response is a 404 exactly like a
+missing one). Streams are framed as the Responses API does (named events, no `[DONE]`).
+
+Does not own: the request shape (response_request.py), the output items and events
+(response_items.py), running and streaming (generation.py), auth and rate limits (guards.py).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from thor_engine.engine import InvalidParameter, PromptTooLong
+from thor_engine.prompting import TIR_INSTRUCTIONS
+
+from ..checks import check_model, check_thor_limits, sampling
+from ..errors import ApiError
+from ..generation import StreamFormat, respond
+from ..guards import ClientKeyDep, LimiterDep, v1_router
+from ..response_items import ResponsesBuilder
+from ..response_request import CreateResponseRequest
+from ..state import ServerState, StateDep
+
+router = v1_router()
+
+
+def _not_found(response_id: str, state: ServerState, param: str) -> ApiError:
+    return ApiError(
+        404,
+        f"no response with id {response_id!r} for this API key (responses are kept {state.settings.trace_ttl_s}s "
+        "when created with store: true)",
+        type="not_found_error",
+        param=param,
+        code="previous_response_not_found" if param == "previous_response_id" else "response_not_found",
+    )
+
+
+async def _stored(state: ServerState, response_id: str, owner: str, param: str) -> dict[str, Any]:
+    found = await state.store.trace_get(response_id, owner=owner)
+    if found is None or not isinstance(found.get("response"), dict):
+        raise _not_found(response_id, state, param)
+    return found
+
+
+@router.post("/v1/responses")
+async def create_response(
+    body: CreateResponseRequest, request: Request, state: StateDep, limiter: LimiterDep
+) -> Response:
+    check_model(state, body)
+    history: list[dict[str, str]] = []
+    if body.previous_response_id is not None:
+        history = list(
+            (await _stored(state, body.previous_response_id, limiter.key, "previous_response_id"))["conversation"]
+        )
+    conversation = history + body.input_messages()
+    if not conversation:
+        raise ApiError(400, "input is empty: send a string or at least one message", param="input")
+    messages = ([{"role": "system", "content": body.instructions}] if body.instructions else []) + conversation
+    opts = body.thor_options(state.engine.reasoning_model)
+    tools = opts.enabled
+    cfg = opts.to_config(state.settings.thor)
+    check_thor_limits(state, cfg)
+    try:  # template and tokeniser run on the engine's render thread, off the event loop
+        prompt = await state.engine.prepare_chat(
+            messages,
+            tir_instructions=TIR_INSTRUCTIONS if tools else None,
+            tir_mode=opts.tir_mode(state.settings.tir_instructions),
+            chat_template_kwargs=body.template_kwargs(),
+        )
+    except PromptTooLong as exc:
+        raise ApiError(400, str(exc), param="input", code="context_length_exceeded") from exc
+    except InvalidParameter as exc:
+        raise ApiError(400, str(exc), param=exc.param) from exc
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="input") from exc
+    max_tokens = state.engine.max_tokens_for(prompt, body.max_output_tokens, state.settings.default_max_tokens)
+    options = sampling(state, body, max_tokens, "max_output_tokens")
+    await limiter.admit(prompt.num_tokens)
+    rid = "resp_" + uuid.uuid4().hex
+    store = body.store and opts.trace and state.settings.trace_ttl_s > 0
+    builder = ResponsesBuilder(
+        response_id=rid,
+        model=body.model or state.model_name,
+        params={
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "max_tool_calls": body.max_tool_calls,
+            "temperature": options.temperature,
+            "top_p": options.top_p,
+            "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}] if tools else [],
+            "tool_choice": body.tool_choice or "auto",
+            "parallel_tool_calls": False,  # one call at a time: each call's output is read before the next
+            "previous_response_id": body.previous_response_id,
+            "reasoning": {"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
+            "text": {"format": {"type": "text"}},
+            "truncation": "disabled",
+            "store": store,
+            "metadata": body.metadata or {},
+            **({"user": body.user} if body.user is not None else {}),
+        },
+        tools_enabled=tools,
+        reasoning_model=state.engine.reasoning_model,
+        metrics=state.metrics,
+        conversation=conversation,
+    )
+    events = state.engine.stream(prompt, cfg, options, n=1, request_id=rid)
+    summary = {
+        "route": "/v1/responses",
+        "stream": body.stream,
+        "thor": cfg.model_dump(),
+        "max_tokens": max_tokens,
+        "previous_response_id": body.previous_response_id,
+    }
+    return await respond(
+        state,
+        request,
+        limiter,
+        builder,
+        events,
+        stream=body.stream,
+        include_usage=False,
+        summary=summary if store else None,
+        stream_format=StreamFormat(
+            named_events=True, done_sentinel=False, opening=builder.opening, error=builder.error_event
+        ),
+    )
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, state: StateDep, owner: ClientKeyDep) -> dict[str, Any]:
+    return (await _stored(state, response_id, owner, "response_id"))["response"]
