@@ -20,9 +20,11 @@ The one rule, as for chat (responses.py): a client never sees what self-correcti
 back. Text a backtrack may still retract is held until its tool call is committed; a
 discarded attempt never becomes an item (it is kept in `thor.tool_calls` and the trace).
 With the code interpreter on, a round's text is held until it is known to be reasoning (a
-code block follows) or the answer (the trajectory ends); a call whose text can no longer be
-retracted is sent when its code block closes (`interpreting` while the sandbox runs), its
-output the moment the sandbox returns.
+code block opens) or the answer (the trajectory ends). Text nothing can retract any more
+(self-correction off or spent) streams live: the prose the moment a fence opens, the code as
+the model writes it; the call is `interpreting` while the sandbox runs and its output is sent
+the moment the sandbox returns. A trajectory cut inside a code block leaves that call
+`incomplete` (never run, no outputs).
 
 Does not own: the request (response_request.py), HTTP and SSE framing (generation.py),
 storage, or anything about tokens.
@@ -35,7 +37,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from thor_engine.codeblocks import find_blocks
+from thor_engine.codeblocks import find_blocks, is_code_language
 from thor_engine.events import Backtrack, CodeBlock, Event, Final, FinishReason, TextDelta, ToolCall, Vote
 
 from .errors import ApiError
@@ -96,6 +98,8 @@ class ResponsesBuilder:
     metrics: ServerMetrics
     #: the conversation so far (earlier turns and this input, as chat messages): what is stored
     conversation: list[dict[str, str]] = field(default_factory=list)
+    #: the fence info strings the engine runs (ThorConfig.code_languages)
+    code_languages: tuple[str, ...] = ("python", "py")
     include_usage: bool = False  # the Responses API carries usage in its final event only
 
     def __post_init__(self) -> None:
@@ -111,6 +115,8 @@ class ResponsesBuilder:
         self._call: _Call | None = None
         self._block: CodeBlock | None = None
         self._pending: list[_Piece] = []
+        self._prose_sent = 0  # characters of the round's held text already sent as reasoning
+        self._code_sent = ""  # code of the open call already sent as deltas (a call streamed live)
         self.attempts: list[dict[str, Any]] = []  # every code block run, discarded attempts included
         self.backtracks: list[dict[str, Any]] = []
 
@@ -212,7 +218,7 @@ class ResponsesBuilder:
             self._event("response.output_item.done", output_index=o.index, item=item),
         ]
 
-    def _start_call(self, block: CodeBlock) -> list[dict[str, Any]]:
+    def _open_call(self) -> list[dict[str, Any]]:
         out = self._close_open()
         index = len(self.output)
         item = {
@@ -224,13 +230,31 @@ class ResponsesBuilder:
             "outputs": None,
         }
         self.output.append(item)
-        self._call = _Call(index, item["id"], block.code)
-        ids = {"output_index": index, "item_id": item["id"]}
+        self._call = _Call(index, item["id"], "")
+        self._code_sent = ""
         return [
             *out,
             self._event("response.output_item.added", output_index=index, item=dict(item)),
-            self._event("response.code_interpreter_call.in_progress", **ids),
-            self._event("response.code_interpreter_call_code.delta", **ids, delta=block.code),
+            self._event("response.code_interpreter_call.in_progress", output_index=index, item_id=item["id"]),
+        ]
+
+    def _code_delta(self, delta: str) -> list[dict[str, Any]]:
+        assert self._call is not None
+        self._code_sent += delta
+        ids = {"output_index": self._call.index, "item_id": self._call.id}
+        return [self._event("response.code_interpreter_call_code.delta", **ids, delta=delta)] if delta else []
+
+    def _start_call(self, block: CodeBlock) -> list[dict[str, Any]]:
+        """The block closed and is about to run: its code is complete (after the deltas streamed
+        live, if any), and the sandbox is interpreting it."""
+        out = [] if self._call is not None else self._open_call()
+        sent = self._code_sent
+        out += self._code_delta(block.code[len(sent) :] if block.code.startswith(sent) else "")
+        assert self._call is not None
+        self._call.code = block.code
+        ids = {"output_index": self._call.index, "item_id": self._call.id}
+        return [
+            *out,
             self._event("response.code_interpreter_call_code.done", **ids, code=block.code),
             self._event("response.code_interpreter_call.interpreting", **ids),
         ]
@@ -260,14 +284,73 @@ class ResponsesBuilder:
         self._pending.clear()
         blocks = find_blocks(text)
         prose = text[: blocks[-1].start] if blocks else text
-        return self._text("reasoning", prose) + self._start_call(block)
+        out = self._text("reasoning", prose[self._prose_sent :])
+        self._prose_sent = 0
+        return out + self._start_call(block)
+
+    def _stream_live(self) -> list[dict[str, Any]]:
+        """Held text nothing can take back, with a code block open in it: the prose before the fence
+        is reasoning (a call follows), and the code streams as it is written, but for a last line
+        that may yet be the closing fence. An indented fence waits for its block (its code is
+        dedented), and so does a closed one (the block event is next)."""
+        text = "".join(p.text for p in self._pending)
+        blocks = find_blocks(text)
+        if not blocks or blocks[-1].closed or not is_code_language(blocks[-1].language, self.code_languages):
+            return []
+        block = blocks[-1]
+        if text[block.start] != "`":
+            return []
+        out = self._text("reasoning", text[self._prose_sent : block.start])
+        self._prose_sent = block.start
+        first_line = text.find("\n", block.start)
+        if first_line < 0:
+            return out
+        code = text[first_line + 1 :]
+        tail = code[code.rfind("\n") + 1 :]
+        if not tail.lstrip(" \t") or tail.lstrip(" \t").startswith("`"):
+            code = code[: len(code) - len(tail)]  # a line that may yet be the closing fence waits
+        if self._call is None:
+            out += self._open_call()
+        return out + self._code_delta(code[len(self._code_sent) :])
 
     def _release_final(self) -> list[dict[str, Any]]:
+        """The trajectory ended: its held text is the answer (and reasoning inside <think>)."""
+        if self._call is not None:  # it ended inside a code block streamed live: the call never ran
+            return self._abandon_call()
         out: list[dict[str, Any]] = []
+        skip, self._prose_sent = self._prose_sent, 0  # already sent as reasoning (a fence had opened)
         for piece in self._pending:
-            out += self._text("reasoning" if piece.channel == "reasoning" else "message", piece.text)
+            text, skip = piece.text[skip:], max(0, skip - len(piece.text))
+            out += self._text("reasoning" if piece.channel == "reasoning" else "message", text)
         self._pending.clear()
         return out
+
+    def _abandon_call(self) -> list[dict[str, Any]]:
+        call = self._call
+        assert call is not None
+        text = "".join(p.text for p in self._pending)
+        self._pending.clear()
+        first_line = text.find("\n", self._prose_sent)
+        self._prose_sent = 0
+        code = text[first_line + 1 :] if first_line >= 0 else ""
+        out = self._code_delta(code[len(self._code_sent) :] if code.startswith(self._code_sent) else "")
+        self._call = None
+        item = {
+            "id": call.id,
+            "type": "code_interpreter_call",
+            "status": "incomplete",
+            "container_id": CONTAINER_ID,
+            "code": code,
+            "outputs": None,
+        }
+        self.output[call.index] = item
+        return [
+            *out,
+            self._event(
+                "response.code_interpreter_call_code.done", output_index=call.index, item_id=call.id, code=code
+            ),
+            self._event("response.output_item.done", output_index=call.index, item=item),
+        ]
 
     def _retract(self, chars: int) -> None:
         while chars > 0 and self._pending:
@@ -333,7 +416,9 @@ class ResponsesBuilder:
         if not self.tools_enabled and not ev.retractable:
             return self._text("reasoning" if ev.channel == "reasoning" else "message", ev.text)
         self._pending.append(_Piece(ev.text, ev.channel, ev.retractable))
-        return []
+        if any(p.retractable for p in self._pending):
+            return []  # a backtrack may take it: held until its call is committed
+        return self._stream_live()
 
     def _feed_result(self, ev: ToolCall) -> list[dict[str, Any]]:
         if ev.outcome != "not_executed":

