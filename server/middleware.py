@@ -25,6 +25,7 @@ KNOWN_ROUTES = {
     "/v1/completions",
     "/v1/responses",
     "/v1/responses/{id}",
+    "/v1/responses/{id}/input_items",
     "/v1/models",
     "/v1/models/{model}",
     "/v1/traces/{id}",
@@ -101,7 +102,7 @@ class FrameMiddleware:
         if path.startswith("/v1/traces/"):
             route = "/v1/traces/{id}"
         elif path.startswith("/v1/responses/"):
-            route = "/v1/responses/{id}"
+            route = "/v1/responses/{id}/input_items" if path.endswith("/input_items") else "/v1/responses/{id}"
         elif path.startswith("/v1/models/"):
             route = "/v1/models/{model}"
         if route not in KNOWN_ROUTES:

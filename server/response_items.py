@@ -98,6 +98,8 @@ class ResponsesBuilder:
     metrics: ServerMetrics
     #: the conversation so far (earlier turns and this input, as chat messages): what is stored
     conversation: list[dict[str, str]] = field(default_factory=list)
+    #: this request's input items (what `GET /v1/responses/{id}/input_items` lists)
+    input_items: list[dict[str, Any]] = field(default_factory=list)
     #: the fence info strings the engine runs (ThorConfig.code_languages)
     code_languages: tuple[str, ...] = ("python", "py")
     include_usage: bool = False  # the Responses API carries usage in its final event only
@@ -537,4 +539,5 @@ class ResponsesBuilder:
             "text": f.text if f else None,
             "response": self.response(),
             "conversation": self.conversation_after(),
+            "input_items": self.input_items,
         }

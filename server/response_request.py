@@ -16,6 +16,7 @@ through generation.py) or routing (routes/responses.py).
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -188,6 +189,32 @@ class CreateResponseRequest(_SamplingRequest):
             kwargs.setdefault("reasoning_effort", effort)
             kwargs.setdefault("enable_thinking", effort != "none")
         return kwargs
+
+    def input_items(self) -> list[dict[str, Any]]:
+        """This request's input as the items `GET /v1/responses/{id}/input_items` lists: messages
+        with ids and typed text parts, earlier output items as they were sent."""
+        raw: list[Any] = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
+        items = []
+        for item in raw:
+            if item.get("type", "message") != "message":
+                items.append({**item, "id": item.get("id") or f"item_{uuid.uuid4().hex}"})
+                continue
+            role = item["role"]
+            kind = "output_text" if role == "assistant" else "input_text"
+            content = item.get("content")
+            parts = [{"type": kind, "text": _content_text(content, "input")}]
+            if role == "assistant":
+                parts[0]["annotations"] = []
+            items.append(
+                {
+                    "id": item.get("id") or f"msg_{uuid.uuid4().hex}",
+                    "type": "message",
+                    "role": role,
+                    "content": parts,
+                    "status": "completed",
+                }
+            )
+        return items
 
     def input_messages(self) -> list[dict[str, str]]:
         """This request's input (without instructions or an earlier response) as chat messages."""

@@ -315,6 +315,35 @@ def test_store_false_and_other_clients_see_nothing(server, client):
     assert client.responses.retrieve(stored.id).id == stored.id
 
 
+def test_input_items_and_delete(server, client):
+    items = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "input_text", "text": MUL}]},
+    ]
+    resp = client.responses.create(**body(items))
+    listed = httpx.get(
+        f"{server.url}/v1/responses/{resp.id}/input_items", headers={"Authorization": f"Bearer {KEY}"}
+    ).json()
+    validate(listed, "ResponseItemList")
+    assert [i["role"] for i in listed["data"]] == ["user", "developer"]  # newest first, as OpenAI lists them
+    assert listed["data"][0]["content"] == [{"type": "input_text", "text": MUL}]
+    page = client.responses.input_items.list(resp.id, order="asc", limit=1)
+    assert [i.role for i in page.data] == ["developer"] and page.has_more
+    rest = client.responses.input_items.list(resp.id, order="asc", after=page.data[0].id)
+    assert [i.role for i in rest.data] == ["user"] and not rest.has_more
+    # deleting: only its owner can, and afterwards it is gone for retrieval and continuation
+    other = openai.OpenAI(base_url=server.url + "/v1", api_key=OTHER_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.delete(resp.id)
+    r = httpx.delete(f"{server.url}/v1/responses/{resp.id}", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.json() == {"id": resp.id, "object": "response", "deleted": True}
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(resp.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(resp.id)
+    assert post(server, body(previous_response_id=resp.id)).status_code == 404
+
+
 # --- refusals and operations ------------------------------------------------------------------
 
 

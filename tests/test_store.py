@@ -293,6 +293,16 @@ async def test_traces_are_bound_to_their_owner(store: Store) -> None:
         await store.trace_get(trace_id, owner="")
 
 
+async def test_trace_delete_only_by_its_owner(store: Store) -> None:
+    trace_id = unique("trace")
+    await store.trace_put(trace_id, {"kept": True}, ttl_s=30, owner="key:a")
+    assert await store.trace_delete(trace_id, owner="key:b") is False  # another client's: left alone
+    assert await store.trace_get(trace_id, owner="key:a") == {"kept": True}
+    assert await store.trace_delete(trace_id, owner="key:a") is True
+    assert await store.trace_get(trace_id, owner="key:a") is None
+    assert await store.trace_delete(trace_id, owner="key:a") is False  # gone: nothing to delete
+
+
 async def test_memory_store_is_bounded() -> None:
     s = MemoryStore(max_cache_entries=3)
     for i in range(5):

@@ -5,8 +5,8 @@ system message, the conversation of `previous_response_id` looked up for its cli
 the input items; THOR's tool-use instructions when `code_interpreter` is on), the THOR
 config and sampling, and storing the response (with `store: true`, as a trace bound to the
 client's key, kept `trace_ttl_s`: `GET /v1/responses/{id}` returns it and
-`previous_response_id` continues it; another client's response is a 404 exactly like a
-missing one). Streams are framed as the Responses API does (named events, no `[DONE]`).
+`previous_response_id` continues it, `GET /v1/responses/{id}/input_items` lists its input and
+`DELETE` forgets it; another client's response is a 404 exactly like a missing one). Streams are framed as the Responses API does (named events, no `[DONE]`).
 
 Does not own: the request shape (response_request.py), the output items and events
 (response_items.py), running and streaming (generation.py), auth and rate limits (guards.py).
@@ -15,9 +15,9 @@ Does not own: the request shape (response_request.py), the output items and even
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Request
+from fastapi import Query, Request
 from fastapi.responses import Response
 
 from thor_engine.engine import InvalidParameter, PromptTooLong
@@ -112,6 +112,7 @@ async def create_response(
         reasoning_model=state.engine.reasoning_model,
         metrics=state.metrics,
         conversation=conversation,
+        input_items=body.input_items(),
         code_languages=cfg.code_languages,
     )
     events = state.engine.stream(prompt, cfg, options, n=1, request_id=rid)
@@ -140,3 +141,45 @@ async def create_response(
 @router.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, state: StateDep, owner: ClientKeyDep) -> dict[str, Any]:
     return (await _stored(state, response_id, owner, "response_id"))["response"]
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, state: StateDep, owner: ClientKeyDep) -> dict[str, Any]:
+    """Forget a stored response (it can no longer be retrieved or continued)."""
+    await _stored(state, response_id, owner, "response_id")
+    if not await state.store.trace_delete(response_id, owner=owner):
+        raise ApiError(
+            503,
+            "the response store is unavailable: nothing was deleted; retry later",
+            type="service_unavailable",
+            code="store_unavailable",
+        )
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def input_items(
+    response_id: str,
+    state: StateDep,
+    owner: ClientKeyDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> dict[str, Any]:
+    """The input items of a stored response, as OpenAI lists them (newest first by default)."""
+    items = list((await _stored(state, response_id, owner, "response_id")).get("input_items", []))
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [item.get("id") for item in items]
+        if after not in ids:
+            raise ApiError(400, f"after: no input item {after!r} in response {response_id!r}", param="after")
+        items = items[ids.index(after) + 1 :]
+    page = items[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > limit,
+    }

@@ -61,6 +61,9 @@ class _TTLCache:
             self._bytes -= len(old)
         return True
 
+    def delete(self, key: str) -> None:
+        self._drop(key)
+
     def _drop(self, key: str) -> None:
         item = self._data.pop(key, None)
         if item is not None:
@@ -154,6 +157,12 @@ class MemoryStore:
         check_owner(owner)
         text = self._traces.get(trace_id, self._clock())
         return None if text is None else trace_for(json.loads(text), owner)
+
+    async def trace_delete(self, trace_id: str, *, owner: str) -> bool:
+        if await self.trace_get(trace_id, owner=owner) is None:
+            return False
+        self._traces.delete(trace_id)
+        return True
 
     async def rate_limit(
         self, key: str, *, requests_per_min: int | None, tokens_per_min: int | None, tokens: int = 0

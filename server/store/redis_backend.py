@@ -164,6 +164,9 @@ class RedisBackend:
     async def trace_get(self, trace_id: str) -> dict[str, Any] | None:
         return await self._get_json(self._key("trace", trace_id))
 
+    async def trace_delete(self, trace_id: str) -> None:
+        await self._client.delete(self._key("trace", trace_id))
+
     async def rate_limit(
         self, key: str, *, requests_per_min: int | None, tokens_per_min: int | None, tokens: int = 0
     ) -> RateDecision:

@@ -46,6 +46,7 @@ class RaisingBackend(Protocol):
     async def cache_set(self, key: str, value: dict[str, Any], ttl_s: float) -> None: ...
     async def trace_put(self, trace_id: str, record: dict[str, Any], ttl_s: float) -> None: ...
     async def trace_get(self, trace_id: str) -> dict[str, Any] | None: ...
+    async def trace_delete(self, trace_id: str) -> None: ...
     async def rate_limit(
         self, key: str, *, requests_per_min: int | None, tokens_per_min: int | None, tokens: int = 0
     ) -> RateDecision: ...
@@ -201,6 +202,13 @@ class ResilientStore:
         check_owner(owner)
         record = await self._run("trace_get", lambda: self.backend.trace_get(trace_id))
         return None if isinstance(record, _Failed) else trace_for(record, owner)
+
+    async def trace_delete(self, trace_id: str, *, owner: str) -> bool:
+        """Only the owner's trace is deleted (read first: the record names its owner); a backend that
+        is down deletes nothing and says so (False)."""
+        if await self.trace_get(trace_id, owner=owner) is None:
+            return False
+        return not isinstance(await self._run("trace_delete", lambda: self.backend.trace_delete(trace_id)), _Failed)
 
     async def rate_limit(
         self, key: str, *, requests_per_min: int | None, tokens_per_min: int | None, tokens: int = 0
