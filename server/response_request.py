@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from thor_engine.config import SamplingOptions
 from thor_engine.observation import injection
 
 from .protocol import ThorOptions, _none_is_default, _SamplingRequest, _unicode
@@ -189,6 +190,26 @@ class CreateResponseRequest(_SamplingRequest):
             kwargs.setdefault("reasoning_effort", effort)
             kwargs.setdefault("enable_thinking", effort != "none")
         return kwargs
+
+    def response_fields(self, sampling: SamplingOptions, *, tools_on: bool, store: bool) -> dict[str, Any]:
+        """What the response object echoes of this request (the sampling as applied)."""
+        return {
+            "instructions": self.instructions,
+            "max_output_tokens": self.max_output_tokens,
+            "max_tool_calls": self.max_tool_calls,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}] if tools_on else [],
+            "tool_choice": self.tool_choice or "auto",
+            "parallel_tool_calls": False,  # one call at a time: each call's output is read before the next
+            "previous_response_id": self.previous_response_id,
+            "reasoning": {"effort": self.reasoning.effort if self.reasoning else None, "summary": None},
+            "text": {"format": {"type": "text"}},
+            "truncation": "disabled",
+            "store": store,
+            "metadata": self.metadata or {},
+            **({"user": self.user} if self.user is not None else {}),
+        }
 
     def input_items(self) -> list[dict[str, Any]]:
         """This request's input as the items `GET /v1/responses/{id}/input_items` lists: messages

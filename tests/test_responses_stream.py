@@ -1,0 +1,157 @@
+"""The Responses API's items and stream events from the decoder's events, case by case.
+
+Properties, for every trajectory of tests/test_stream_equality.py (one call, backtracks by
+tokens and by step, two calls and a stop string, no code; a reasoning-style tokenizer with
+<think>, a backtrack inside it and a thinking budget), with the code interpreter on and off,
+with self-correction on and off:
+- every event matches its schema in OpenAI's spec, numbered 0, 1, 2...;
+- the stream's items (`response.output_item.done`) are the non-stream response's output, and
+  each item's deltas add up to its text (and a call's code deltas to its code);
+- text self-correction discards never reaches an item or a delta;
+- nothing is lost: the items, rendered back as a conversation turn, hold every character of
+  the trajectory (think tags aside);
+- with self-correction off, the code streams while it is written (before its block closes).
+
+Here: the decoder (scripted backend, real sandbox) through `ResponsesBuilder`, run twice (one
+stream, one not) per case. The same on the real server (vLLM, the tiny TIR model, the `openai`
+SDK) is tests/test_responses_api.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from server.metrics import ServerMetrics
+from server.response_items import ResponsesBuilder
+from server.response_request import CreateResponseRequest, items_to_messages
+from tests.support.openapi import validate
+from tests.support.scripted_backend import ScriptedBackend
+from tests.test_responses_api import event_schemas, without_ids
+from tests.test_stream_equality import CASES, THINK_CASES
+from thor_engine.config import SamplingOptions, SelfCorrectionConfig, ThorConfig
+from thor_engine.decoder import ThorDecoder
+from thor_engine.events import Final
+from thor_engine.prompting import render_chat
+
+pytestmark = pytest.mark.sandbox
+
+
+async def run(tokenizer, executor, make_responder, cfg: ThorConfig, *, tools: bool) -> tuple[list[dict], dict, Final]:
+    """One trajectory through a ResponsesBuilder: (the stream's events, the final response, Final)."""
+    dec = ThorDecoder(ScriptedBackend(tokenizer, make_responder()), executor)
+    if not tools:
+        cfg = cfg.model_copy(update={"max_tool_calls": 0})
+    builder = ResponsesBuilder(
+        response_id="resp_x",
+        model="m",
+        params=CreateResponseRequest(input="What is 6*7?").response_fields(
+            SamplingOptions(), tools_on=tools, store=False
+        ),
+        tools_enabled=tools,
+        reasoning_model=dec.reasoning_model,
+        metrics=ServerMetrics(),
+        code_languages=cfg.code_languages,
+    )
+    events = builder.opening()
+    final = None
+    prompt = render_chat(tokenizer, [{"role": "user", "content": "What is 6*7?"}])
+    async for ev in dec.stream(prompt, cfg, SamplingOptions(max_tokens=400, stop=("END",), temperature=0.0)):
+        if isinstance(ev, Final):
+            final = ev
+        events.extend(builder.feed(ev))
+    assert final is not None
+    return events, builder.response(), final
+
+
+def items_from_stream(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    done = {e["output_index"]: e["item"] for e in events if e["type"] == "response.output_item.done"}
+    return [done[i] for i in range(len(done))]
+
+
+def squeeze(text: str) -> list[str]:
+    return sorted(text.replace("<think>", "").replace("</think>", "").replace(" ", "").replace("\n", ""))
+
+
+async def check(tokenizer, executor, case, *, tools: bool, self_correction: bool) -> None:
+    make, cfg_kw, never = case
+    cfg = ThorConfig(**cfg_kw)
+    if not self_correction:
+        cfg = cfg.model_copy(update={"self_correction": SelfCorrectionConfig(enabled=False)})
+    events, _, final = await run(tokenizer, executor, make, cfg, tools=tools)
+    _, body, final2 = await run(tokenizer, executor, make, cfg, tools=tools)
+    assert final.text == final2.text  # the two runs are the same trajectory
+
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    for ev in events:
+        validate(ev, event_schemas()[ev["type"]])
+    validate(body, "Response")
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    streamed = items_from_stream(events)
+    assert without_ids(streamed) == without_ids(body["output"]) == without_ids(events[-1]["response"]["output"])
+
+    for item in streamed:  # each item's deltas add up to its text
+        if item["type"] == "code_interpreter_call":
+            kind, text = "code_interpreter_call_code", item["code"]
+        else:
+            kind = "reasoning_text" if item["type"] == "reasoning" else "output_text"
+            text = item["content"][0]["text"]
+        deltas = [
+            e["delta"] for e in events if e.get("item_id") == item["id"] and e["type"] == f"response.{kind}.delta"
+        ]
+        assert "".join(deltas) == text
+
+    if not tools:
+        assert all(i["type"] != "code_interpreter_call" for i in streamed)
+    if never is not None and tools and self_correction:
+        shown = "".join(e.get("delta", "") for e in events) + repr(streamed)
+        assert never not in shown
+    # nothing lost: the items as a conversation turn hold the whole trajectory
+    [turn] = items_to_messages(body["output"])
+    assert squeeze(turn["content"]) == squeeze(final.text)
+    if tools:
+        calls = [i for i in body["output"] if i["type"] == "code_interpreter_call"]
+        committed = [a for a in body["thor"]["tool_calls"] if a["committed"]]
+        assert [c["code"] for c in calls] == [a["code"] for a in committed]
+
+
+@pytest.mark.parametrize("self_correction", [True, False], ids=["sc", "no-sc"])
+@pytest.mark.parametrize("tools", [True, False], ids=["tools", "plain"])
+@pytest.mark.parametrize("name", sorted(CASES))
+async def test_items_and_events(tokenizer, executor, name, tools, self_correction):
+    await check(tokenizer, executor, CASES[name], tools=tools, self_correction=self_correction)
+
+
+@pytest.mark.parametrize("self_correction", [True, False], ids=["sc", "no-sc"])
+@pytest.mark.parametrize("tools", [True, False], ids=["tools", "plain"])
+@pytest.mark.parametrize("name", sorted(THINK_CASES))
+async def test_items_and_events_reasoning_model(think_tokenizer, executor, name, tools, self_correction):
+    await check(think_tokenizer, executor, THINK_CASES[name], tools=tools, self_correction=self_correction)
+
+
+async def test_code_streams_before_its_block_closes(tokenizer, executor):
+    """Self-correction off: the call's first code delta comes before the code is complete."""
+    cfg = ThorConfig(self_correction=SelfCorrectionConfig(enabled=False))
+    events, body, _ = await run(tokenizer, executor, CASES["one-call"][0], cfg, tools=True)
+    kinds = [e["type"] for e in events]
+    first_delta = kinds.index("response.code_interpreter_call_code.delta")
+    assert (
+        kinds.index("response.reasoning_text.done")
+        < first_delta
+        < kinds.index("response.code_interpreter_call_code.done")
+    )
+    deltas = [e["delta"] for e in events if e["type"] == "response.code_interpreter_call_code.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == "print(6*7)\n"
+    assert [i["type"] for i in body["output"]] == ["reasoning", "code_interpreter_call", "message"]
+    assert body["output"][2]["content"][0]["text"] == "So \\boxed{42}."
+
+
+async def test_reasoning_model_items(think_tokenizer, executor):
+    """<think> text is reasoning, the text after </think> is the message, the tags go nowhere."""
+    _, body, _ = await run(think_tokenizer, executor, THINK_CASES["think-tools"][0], ThorConfig(), tools=True)
+    assert [i["type"] for i in body["output"]] == ["reasoning", "code_interpreter_call", "reasoning", "message"]
+    assert body["output"][0]["content"][0]["text"] == "\nLet me compute.\n"
+    assert body["output"][1]["outputs"] == [{"type": "logs", "logs": "42"}]
+    assert body["output"][3]["content"][0]["text"] == "The answer is \\boxed{42}."
+    assert "<think>" not in repr(body["output"])
