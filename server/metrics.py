@@ -3,13 +3,16 @@
 Owns: the server's metric names, labels and buckets on a registry it owns, and
 the exposition that appends vLLM's own engine metrics (which vLLM registers in
 prometheus_client's default registry) on the same `/metrics` endpoint.
-Does not own: when metrics change (middleware.py, guards.py, generation.py and the
-response builders).
+Also `count_tool_result` and `count_trajectory`, what both THOR builders record of the
+engine's events. Does not own: when metrics change (middleware.py, guards.py,
+generation.py and the response builders).
 """
 
 from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from thor_engine.events import Final, ToolCall
 
 LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -50,6 +53,18 @@ class ServerMetrics:
         self.aborted = Counter(
             "thor_aborted_requests_total", "Requests aborted because the client went away.", registry=r
         )
+
+    def count_tool_result(self, ev: ToolCall) -> None:
+        """A sandbox run's outcome and duration (a call refused unrun is not a run)."""
+        if ev.outcome != "not_executed":
+            self.tool_calls.labels(outcome=ev.outcome if ev.ok or ev.outcome != "ok" else "no_output").inc()
+            self.tool_duration.observe(ev.duration_s)
+
+    def count_trajectory(self, ev: Final) -> None:
+        """A finished trajectory's generated and discarded tokens and its tool rounds."""
+        self.generated_tokens.inc(ev.usage.generated_tokens)
+        self.discarded_tokens.inc(ev.usage.discarded_tokens)
+        self.tool_rounds.observe(ev.tools.calls)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry) + generate_latest(REGISTRY)

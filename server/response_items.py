@@ -43,6 +43,7 @@ from thor_engine.events import Backtrack, CodeBlock, Event, Final, FinishReason,
 from .errors import ApiError
 from .metrics import ServerMetrics
 from .response_request import items_to_messages
+from .tool_records import backtrack_record, call_record, result_record, retract, trace_head, trajectory_record
 
 #: finish reasons that leave a response `incomplete` (OpenAI: max_output_tokens)
 INCOMPLETE = {FinishReason.length, FinishReason.context_length, FinishReason.generation_cap}
@@ -354,18 +355,6 @@ class ResponsesBuilder:
             self._event("response.output_item.done", output_index=call.index, item=item),
         ]
 
-    def _retract(self, chars: int) -> None:
-        while chars > 0 and self._pending:
-            last = self._pending[-1]
-            if len(last.text) <= chars:
-                chars -= len(last.text)
-                self._pending.pop()
-            else:
-                last.text = last.text[: len(last.text) - chars]
-                chars = 0
-        if chars > 0:  # the decoder marks all retractable text: this would be a bug, never shown text taken back
-            raise RuntimeError(f"backtrack retracts {chars} characters already sent to the client")
-
     # --- the engine's events --------------------------------------------------------------------
 
     def feed(self, ev: Event) -> list[dict[str, Any]]:
@@ -376,30 +365,13 @@ class ResponsesBuilder:
             return self._feed_text(ev)
         if isinstance(ev, Backtrack):
             self.metrics.backtracks.inc()
-            self._retract(ev.chars_retracted)
+            retract(self._pending, ev.chars_retracted)
             self._block = None
-            self.backtracks.append(
-                {
-                    "call": ev.call,
-                    "attempt": ev.attempt,
-                    "reason": ev.reason,
-                    "mode": ev.mode,
-                    "tokens_dropped": ev.tokens_dropped,
-                    "chars_retracted": ev.chars_retracted,
-                }
-            )
+            self.backtracks.append(backtrack_record(ev))
             return []
         if isinstance(ev, CodeBlock):
             self._block = ev
-            self.attempts.append(
-                {
-                    "call": ev.call,
-                    "attempt": ev.attempt,
-                    "execution": ev.execution,
-                    "language": ev.language,
-                    "code": ev.code,
-                }
-            )
+            self.attempts.append(call_record(ev))
             if not any(p.retractable for p in self._pending):
                 return self._release_round(ev)  # nothing can take it back: show it while it runs
             return []
@@ -423,20 +395,10 @@ class ResponsesBuilder:
         return self._stream_live()
 
     def _feed_result(self, ev: ToolCall) -> list[dict[str, Any]]:
-        if ev.outcome != "not_executed":
-            self.metrics.tool_calls.labels(outcome=ev.outcome if ev.ok or ev.outcome != "ok" else "no_output").inc()
-            self.metrics.tool_duration.observe(ev.duration_s)
+        self.metrics.count_tool_result(ev)
         for attempt in reversed(self.attempts):
             if attempt["execution"] == ev.execution:
-                attempt.update(
-                    ok=ev.ok,
-                    outcome=ev.outcome,
-                    exit_code=ev.exit_code,
-                    observation=ev.observation,
-                    duration_s=round(ev.duration_s, 6),
-                    cached=ev.cached,
-                    committed=ev.committed,
-                )
+                attempt.update(result_record(ev))
                 break
         if not ev.committed:
             return []  # self-correction discards it: a Backtrack follows
@@ -450,10 +412,7 @@ class ResponsesBuilder:
     def _finish(self, ev: Final) -> list[dict[str, Any]]:
         self.choices[0].final = ev
         self.completed_at = int(time.time())
-        u = ev.usage
-        self.metrics.generated_tokens.inc(u.generated_tokens)
-        self.metrics.discarded_tokens.inc(u.discarded_tokens)
-        self.metrics.tool_rounds.observe(ev.tools.calls)
+        self.metrics.count_trajectory(ev)
         incomplete = ev.finish_reason in INCOMPLETE
         out = self._release_final() + self._close_open("incomplete" if incomplete else "completed")
         kind = "response.incomplete" if incomplete else "response.completed"
@@ -482,16 +441,7 @@ class ResponsesBuilder:
         }
 
     def thor_object(self) -> dict[str, Any]:
-        f = self.choices[0].final
-        return {
-            "trace_id": self.id,
-            "answer": f.answer if f else None,
-            "finish_reason": f.finish_reason.value if f else None,
-            "tool_calls": self.attempts,
-            "backtracks": self.backtracks,
-            "usage": f.usage.model_dump() if f else None,
-            "tools": f.tools.model_dump() if f else None,
-        }
+        return {"trace_id": self.id, **trajectory_record(self.choices[0].final, self.attempts, self.backtracks)}
 
     def response(self, status: str | None = None) -> dict[str, Any]:
         """The response object: as the stream's last event carries it (`status` None), or a snapshot."""
@@ -530,12 +480,7 @@ class ResponsesBuilder:
     def trace(self, request_summary: dict[str, Any]) -> dict[str, Any]:
         f = self.choices[0].final
         return {
-            "id": self.id,
-            "object": "thor.trace",
-            "created": self.created,
-            "model": self.model,
-            "request": request_summary,
-            "timings": {"time_to_first_token_s": self.first_token_s, "total_s": time.monotonic() - self.t0},
+            **trace_head(self.id, self.created, self.model, request_summary, self.first_token_s, self.t0),
             "text": f.text if f else None,
             "response": self.response(),
             "conversation": self.conversation_after(),

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from thor_engine.events import Backtrack, CodeBlock, Event, Final, FinishReason, TextDelta, ToolCall, Vote
 
 from .metrics import ServerMetrics
+from .tool_records import backtrack_record, call_record, result_record, retract, trace_head, trajectory_record
 
 #: THOR's finish reasons onto OpenAI's enum (chat and completions share stop/length).
 OPENAI_FINISH = {
@@ -193,7 +194,7 @@ class ResponseBuilder:
             out.extend(self._send(st, ev.text, target))
             return out
         if isinstance(ev, Backtrack):
-            self._retract(st, ev.chars_retracted)
+            retract(st.pending, ev.chars_retracted)
         thor = self._thor_event(st, ev)
         if isinstance(ev, ToolCall) and ev.committed:
             out.extend(self._release(st, final=False))
@@ -207,54 +208,13 @@ class ResponseBuilder:
             out.extend(self._finish(st, ev))
         return out
 
-    def _retract(self, st: ChoiceState, chars: int) -> None:
-        """Take back the last `chars` characters of held text (released text is never retracted)."""
-        while chars > 0 and st.pending:
-            last = st.pending[-1]
-            if len(last.text) <= chars:
-                chars -= len(last.text)
-                st.pending.pop()
-            else:
-                last.text = last.text[: len(last.text) - chars]
-                chars = 0
-        if chars > 0:
-            # released text cannot be retracted: the decoder marks all retractable text, so this is a bug
-            raise RuntimeError(f"backtrack retracts {chars} characters already sent to the client")
-
     def _thor_event(self, st: ChoiceState, ev: Event) -> dict[str, Any] | None:
         if isinstance(ev, CodeBlock):
-            st.tool_calls.append(
-                {
-                    "call": ev.call,
-                    "attempt": ev.attempt,
-                    "execution": ev.execution,
-                    "language": ev.language,
-                    "code": ev.code,
-                }
-            )
-            return {
-                "type": "tool_call",
-                "call": ev.call,
-                "attempt": ev.attempt,
-                "execution": ev.execution,
-                "language": ev.language,
-                "code": ev.code,
-            }
+            st.tool_calls.append(call_record(ev))
+            return {"type": "tool_call", **call_record(ev)}
         if isinstance(ev, ToolCall):
-            if ev.outcome != "not_executed":
-                self.metrics.tool_calls.labels(outcome=ev.outcome if ev.ok or ev.outcome != "ok" else "no_output").inc()
-                self.metrics.tool_duration.observe(ev.duration_s)
-            result = {
-                "ok": ev.ok,
-                "outcome": ev.outcome,
-                "exit_code": ev.exit_code,
-                "stdout": ev.stdout,
-                "stderr": ev.stderr,
-                "observation": ev.observation,
-                "duration_s": round(ev.duration_s, 6),
-                "cached": ev.cached,
-                "committed": ev.committed,
-            }
+            self.metrics.count_tool_result(ev)
+            result = result_record(ev)
             for call in reversed(st.tool_calls):
                 if call["execution"] == ev.execution:
                     call.update(result)
@@ -262,14 +222,7 @@ class ResponseBuilder:
             return {"type": "tool_result", "call": ev.call, "attempt": ev.attempt, "execution": ev.execution, **result}
         if isinstance(ev, Backtrack):
             self.metrics.backtracks.inc()
-            bt = {
-                "call": ev.call,
-                "attempt": ev.attempt,
-                "reason": ev.reason,
-                "mode": ev.mode,
-                "tokens_dropped": ev.tokens_dropped,
-                "chars_retracted": ev.chars_retracted,
-            }
+            bt = backtrack_record(ev)
             st.backtracks.append(bt)
             return {"type": "backtrack", **bt}
         if isinstance(ev, Final):
@@ -284,10 +237,7 @@ class ResponseBuilder:
 
     def _finish(self, st: ChoiceState, ev: Final) -> list[dict[str, Any]]:
         st.final = ev
-        u = ev.usage
-        self.metrics.generated_tokens.inc(u.generated_tokens)
-        self.metrics.discarded_tokens.inc(u.discarded_tokens)
-        self.metrics.tool_rounds.observe(ev.tools.calls)
+        self.metrics.count_trajectory(ev)
         finish = OPENAI_FINISH[ev.finish_reason]
         if self.kind == "chat":
             return [self._chunk([self._chat_choice(st.index, {}, finish)])]
@@ -327,18 +277,7 @@ class ResponseBuilder:
     def thor_object(self) -> dict[str, Any]:
         choices = []
         for st in self.choices:
-            f = st.final
-            choices.append(
-                {
-                    "index": st.index,
-                    "answer": f.answer if f else None,
-                    "finish_reason": f.finish_reason.value if f else None,
-                    "tool_calls": st.tool_calls,
-                    "backtracks": st.backtracks,
-                    "usage": f.usage.model_dump() if f else None,
-                    "tools": f.tools.model_dump() if f else None,
-                }
-            )
+            choices.append({"index": st.index, **trajectory_record(st.final, st.tool_calls, st.backtracks)})
         obj: dict[str, Any] = {"trace_id": self.id, "choices": choices}
         if self.vote is not None:
             obj["vote"] = {"answer": self.vote.answer, "counts": self.vote.counts}
@@ -378,12 +317,7 @@ class ResponseBuilder:
 
     def trace(self, request_summary: dict[str, Any]) -> dict[str, Any]:
         return {
-            "id": self.id,
-            "object": "thor.trace",
-            "created": self.created,
-            "model": self.model,
-            "request": request_summary,
-            "timings": {"time_to_first_token_s": self.first_token_s, "total_s": time.monotonic() - self.t0},
+            **trace_head(self.id, self.created, self.model, request_summary, self.first_token_s, self.t0),
             "choices": [
                 {
                     **c,
