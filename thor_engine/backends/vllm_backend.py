@@ -172,6 +172,7 @@ class VllmBackend:
             stop=list(params.stop) or None,
             include_stop_str_in_output=params.include_stop_str_in_output,
             logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty,
@@ -196,6 +197,7 @@ class VllmBackend:
                     stop_reason=o.stop_reason if out.finished else None,
                     num_cached_tokens=(out.num_cached_tokens or 0) if first else None,
                     logprobs=list(o.logprobs) if o.logprobs else None,
+                    prompt_logprobs=list(out.prompt_logprobs) if out.prompt_logprobs else None,
                 )
                 first = False
                 finished = out.finished
