@@ -3,7 +3,7 @@
 Owns: the small interface between the tool-integrated decoder and a token
 generator: one streaming generation request from a list of prompt token ids,
 with stop strings and vLLM's sampling fields, returning new token ids and their
-text as they arrive; the engine health check; the two errors backends raise for
+text as they arrive (with their logprobs, and the prompt tokens' logprobs, when asked); the engine health check; the two errors backends raise for
 callers to map (`InvalidParameter`: the engine refused a value; `EngineUnavailable`:
 the engine is dead).
 vLLM's AsyncLLMEngine (backends/vllm_backend.py) is the production backend; a

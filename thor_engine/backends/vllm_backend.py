@@ -4,7 +4,8 @@ Owns: building the engine from `EngineOptions` (model, dtype, max_model_len,
 enforce_eager, tensor_parallel_size, gpu_memory_utilization, seed, prefix caching
 on, plus any extra engine argument), streaming one request as deltas of token ids
 and text with every `GenParams` field mapped onto vLLM's `SamplingParams` (seeds
-kept in vLLM's int64 range), reporting prefix-cache hits (`num_cached_tokens`),
+kept in vLLM's int64 range), passing on vLLM's prompt logprobs as they come, reporting
+prefix-cache hits (`num_cached_tokens`),
 the checkpoint's `generation_config.json` sampling defaults, vLLM's own health
 check, aborting, and shutting the engine down. The engine core runs in its own process, so programs
 using this need an `if __name__ == "__main__":` guard; that process (and its workers) is killed
