@@ -21,6 +21,7 @@ import pytest
 
 from tests.support.openapi import validate
 from tests.support.thor_server import run_server, tiny_server_args
+from tests.test_eval_client_loop import _vllm_process, _wait_healthy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.sandbox]
 
@@ -35,12 +36,20 @@ PROMPTS = ["I will compute", "Compute 17*23.", "The answer is"]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_tir_model, sandbox):
+def servers(tiny_tir_model, sandbox):
+    """Our server and vLLM's own OpenAI server on the same model (the reference), started together."""
     args = [*tiny_server_args(tiny_tir_model, MODEL, sandbox_url=sandbox.url), "--tokens-per-minute"]
     args += [str(TOKENS_PER_MINUTE), *itertools.chain.from_iterable(("--api-key", k) for k in KEYS)]
     env = {"THOR_MAX_BATCH_PROMPTS": str(MAX_BATCH), "THOR_MAX_REQUEST_TOKENS": str(MAX_REQUEST_TOKENS)}
-    with run_server(args, env=env) as srv:
-        yield srv
+    with _vllm_process(tiny_tir_model) as (vllm_url, proc, log_path):
+        with run_server(args, env=env) as srv:
+            _wait_healthy(vllm_url, proc, log_path)
+            yield srv, vllm_url
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0]
 
 
 @pytest.fixture
@@ -298,6 +307,70 @@ def test_lm_eval_loglikelihood_request_shape(server, key):
         assert len(lp["tokens"]) == len(ctx) + len(cont) + 1  # + the generated token, as vLLM sends it
         part = lp["token_logprobs"][len(ctx) : -1]
         assert len(part) == len(cont) and all(isinstance(v, float) and v <= 0 for v in part)
+
+
+# --- the same bodies as vLLM's own server ----------------------------------------------------------
+
+
+def _openai_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """What both servers send: choices' OpenAI fields and usage's counts (vLLM adds its raw
+    `prompt_logprobs` to a choice and null token details to usage)."""
+    keys = ("index", "text", "logprobs", "finish_reason", "stop_reason")
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return {
+        "choices": [{k: c[k] for k in keys} for c in body["choices"]],
+        "usage": {k: body["usage"][k] for k in counts},
+    }
+
+
+def _same(ours: Any, ref: Any, path: str = "") -> None:
+    """Equal, logprob values within 0.02 (two engines, two batch compositions), keys and tokens exactly."""
+    if isinstance(ref, dict):
+        assert isinstance(ours, dict) and ours.keys() == ref.keys(), (path, ours, ref)
+        for k in ref:
+            _same(ours[k], ref[k], f"{path}.{k}")
+    elif isinstance(ref, list):
+        assert isinstance(ours, list) and len(ours) == len(ref), (path, ours, ref)
+        for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+            _same(a, b, f"{path}[{i}]")
+    elif isinstance(ref, float) and "logprob" in path:
+        assert isinstance(ours, float) and abs(ours - ref) <= 0.02, (path, ours, ref)
+    else:
+        assert ours == ref, (path, ours, ref)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"prompt": PROMPTS, "max_tokens": 6, "logprobs": 2, "echo": True},  # vLLM refuses greedy n > 1
+        {"prompt": PROMPTS[:2], "max_tokens": 0, "logprobs": 1, "echo": True},
+        {"prompt": [[40, 686, 12564], [785, 4226, 374]], "max_tokens": 1, "logprobs": 1, "echo": True},
+        {"prompt": PROMPTS[0], "max_tokens": 5, "echo": True},
+    ],
+    ids=["batch-echo-logprobs", "echo-max-tokens-0", "lm-eval-loglikelihood", "echo-no-logprobs"],
+)
+def test_batch_and_echo_bodies_equal_vllms(servers, key, tiny_tir_model, extra):
+    """The same request to vLLM 0.32's own OpenAI server and to ours gives the same choices
+    (index order, echoed text, tokens, text offsets, null first-token logprobs, top_logprobs'
+    keys, finish and stop reasons) and the same usage; streamed, the same text per index."""
+    thor, vllm_url = servers
+    body = {"temperature": 0, "seed": 5, **extra}
+    ref = httpx.post(vllm_url + "/v1/completions", json={**body, "model": str(tiny_tir_model)}, timeout=180)
+    assert ref.status_code == 200, ref.text
+    ours = ok(thor, key, {**body, "model": MODEL})
+    check_schema(ours, echo=True)
+    _same(_openai_fields(ours), _openai_fields(ref.json()))
+    count = len(ours["choices"])
+    with httpx.stream(
+        "POST", vllm_url + "/v1/completions", json={**body, "model": str(tiny_tir_model), "stream": True}, timeout=180
+    ) as r:
+        ref_text: dict[int, str] = {}
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for c in json.loads(line[6:])["choices"]:
+                    ref_text[c["index"]] = ref_text.get(c["index"], "") + c["text"]
+    streamed, _ = assemble(stream(thor, key, {**body, "model": MODEL}), count, echo=True)
+    assert {a["index"]: a["text"] for a in streamed} == ref_text
 
 
 # --- what is refused -------------------------------------------------------------------------------
