@@ -4,11 +4,16 @@ Owns: `PlainCompletionBuilder`, one per plain completion request, with the inter
 responses.ResponseBuilder (`feed`, `usage_chunk`, `response`, `generated_tokens`,
 `choices`, `trace`), so plain completions go through the same stream and non-stream
 paths (generation.py) as chat and THOR completions. It consumes the engine's
-`PlainChunk`s (n choices interleaved, as vLLM does) and produces `text_completion`
+`PlainChunk`s (n choices per prompt, every prompt of a batch, interleaved as vLLM does:
+choice index = prompt index x n + sample index) and produces `text_completion`
 chunks carrying text, logprobs (tokens, token_logprobs, top_logprobs, and text_offset
 counted over the tokens, independent of how the engine grouped them into chunks),
 finish_reason and stop_reason, the non-stream body (the same text and logprobs,
-accumulated), and `usage` (prompt, completion and total tokens) as the engine counted it.
+accumulated, in index order), and `usage` (prompt tokens summed over the prompts, completion
+and total tokens) as the engine counted it. With `echo`, a choice's first chunk starts with its
+prompt's text and, with logprobs, its prompt tokens' entries (the first token's logprob and
+top_logprobs null, as vLLM and OpenAI send them); `echo_only` (vLLM's `max_tokens: 0`) sends
+the prompt alone and drops the one token the engine had to generate.
 With vLLM's `return_token_ids`, each chunk also carries its new `token_ids` (and a choice's
 first chunk `prompt_token_ids`), as vLLM 0.32 puts them; the non-stream choices carry both whole.
 
@@ -22,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from thor_engine.engine import PlainChunk
+from thor_engine.engine import LogprobEntry, PlainChunk
 
 from .metrics import ServerMetrics
 
@@ -41,6 +46,7 @@ class PlainChoice:
     prompt_token_ids: list[int] | None = None
     prompt_sent: bool = False  # whether a stream chunk carried prompt_token_ids yet
     token_chars: int = 0  # characters of the tokens with logprobs so far (where the next one starts)
+    echoed: bool = False  # whether the prompt (echo) went out yet
     final: dict[str, Any] | None = None  # finish_reason and stop_reason once the choice has finished
 
 
@@ -56,11 +62,18 @@ class PlainCompletionBuilder:
         metrics: ServerMetrics,
         include_usage: bool = False,
         return_token_ids: bool = False,
+        num_prompts: int = 1,
+        echo: list[str] | None = None,
+        echo_only: bool = False,
     ) -> None:
+        """`n` choices for each of `num_prompts` prompts; `prompt_tokens` summed over them; `echo`:
+        each prompt's text, to prepend to its choices; `echo_only`: send nothing generated."""
         self.id, self.model = response_id, model
         self.return_token_ids = return_token_ids
         self.created = int(time.time())
-        self.choices = [PlainChoice(i) for i in range(n)]
+        self.n = n
+        self.echo, self.echo_only = echo, echo_only
+        self.choices = [PlainChoice(i) for i in range(num_prompts * n)]
         self.prompt_tokens = prompt_tokens
         self.logprobs = logprobs
         self.metrics = metrics
@@ -79,9 +92,7 @@ class PlainCompletionBuilder:
             **extra,
         }
 
-    def _add_logprobs(
-        self, st: PlainChoice, entries: list[tuple[str, float, dict[str, float]]] | None
-    ) -> dict[str, list[Any]] | None:
+    def _add_logprobs(self, st: PlainChoice, entries: list[LogprobEntry] | None) -> dict[str, list[Any]] | None:
         """This chunk's logprobs (also added to the choice's). A token's `text_offset` is where it
         starts in the choice's tokens put end to end: the same however the engine grouped tokens
         into chunks (a chunk's text can lag its tokens while the detokeniser holds a partial
@@ -104,8 +115,16 @@ class PlainCompletionBuilder:
             self.first_token_s = time.monotonic() - self.t0
             self.metrics.ttft.observe(self.first_token_s)
         st = self.choices[c.index]
-        lp = self._add_logprobs(st, c.logprobs)
-        st.text += c.text
+        text, entries = c.text, c.logprobs
+        if self.echo_only:  # the engine generated one token that is not part of the answer
+            text, entries = "", None
+        if self.echo is not None and not st.echoed:
+            st.echoed = True
+            text = self.echo[c.index // self.n] + text
+            if self.logprobs is not None:
+                entries = [*(c.prompt_logprobs or []), *(entries or [])]
+        lp = self._add_logprobs(st, entries)
+        st.text += text
         st.completion_tokens = c.completion_tokens
         if self.return_token_ids:
             st.token_ids += c.token_ids
@@ -116,10 +135,10 @@ class PlainCompletionBuilder:
             if all(s.final for s in self.choices):
                 self.metrics.generated_tokens.inc(self.generated_tokens())
         ids = self.return_token_ids and bool(c.token_ids)  # tokens whose text the detokeniser still holds
-        if not (c.text or c.finished or lp or ids):
+        if not (text or c.finished or lp or ids):
             return []
         finish, stop = (c.finish_reason, c.stop_reason) if c.finished else (None, None)
-        choice = {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": finish, "stop_reason": stop}
+        choice = {"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish, "stop_reason": stop}
         if self.return_token_ids:
             if st.prompt_token_ids is not None and not st.prompt_sent:
                 choice["prompt_token_ids"] = st.prompt_token_ids

@@ -7,7 +7,7 @@ Owns: the accepted request shapes of `/v1/chat/completions` and `/v1/completions
 and turning them into the engine's `ThorConfig` / `SamplingOptions` (request values,
 then the checkpoint's generation_config.json defaults, then vLLM's neutral ones).
 OpenAI fields this server cannot honour (tools, structured output, audio, chat
-logprobs, best_of, echo, suffix...) are 400s, never accepted and dropped; `null`
+logprobs, best_of, suffix...) are 400s, never accepted and dropped; `null`
 means a field's default, as OpenAI's spec allows. Fields with no effect on the
 answer (user, store, metadata, service_tier) and unknown fields are ignored, as
 OpenAI's SDKs send many. Wrong types or values are 400s naming the field.
@@ -356,8 +356,14 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class CompletionRequest(_SamplingRequest):
+    """`/v1/completions`: one prompt or a batch (a list of texts or of token-id lists), served as
+    vLLM does; `echo` prepends each prompt (and, with `logprobs`, its tokens' logprobs). The checks
+    that need the server's settings or several fields together (batch size, `thor` with a batch
+    or `echo`, `max_tokens: 0` without `echo`) are the route's."""
+
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    # 0 only with `echo` (vLLM: the prompt and its logprobs, nothing generated)
+    max_tokens: int | None = Field(default=16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     include_stop_str_in_output: bool = False
@@ -367,11 +373,6 @@ class CompletionRequest(_SamplingRequest):
     best_of: int | None = None
 
     _more_nulls = field_validator("echo", "include_stop_str_in_output", mode="before")(classmethod(_none_is_default))
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        return _reject_unless(v, not v, "echo is not supported by this server")
 
     @field_validator("suffix")
     @classmethod
@@ -389,18 +390,22 @@ class CompletionRequest(_SamplingRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: Any) -> Any:
-        if isinstance(v, list) and v and isinstance(v[0], (str, list)) and len(v) != 1:
-            raise ValueError("batched prompts are not supported: send one prompt per request")
+    def _prompt_texts(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("the prompt is empty: send a text, a list of token ids, or a list of either")
         for text in [v] if isinstance(v, str) else [p for p in v if isinstance(p, str)]:
             _unicode(text, "the prompt")
         return v
 
-    def single_prompt(self) -> str | list[int]:
+    @property
+    def batched(self) -> bool:
+        """Whether `prompt` is a list of prompts (texts or token-id lists), even a list of one."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            return p[0]  # type: ignore[return-value]
-        return p  # type: ignore[return-value]
+        return isinstance(p, list) and bool(p) and isinstance(p[0], (str, list))
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts in order: one for a text or a token-id list, each of a batch otherwise."""
+        return list(self.prompt) if self.batched else [self.prompt]  # type: ignore[list-item]
 
 
 # --- vLLM's tokenizer utilities: POST /tokenize, POST /detokenize -------------------------------

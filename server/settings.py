@@ -123,6 +123,9 @@ class ServerSettings(BaseSettings):
     max_request_tokens: int = Field(
         default=131072, ge=1, description="Largest n x max_tokens (after clamping to the context) per request."
     )
+    max_batch_prompts: int = Field(
+        default=128, ge=1, description="Most prompts one /v1/completions request may batch (larger: a 400)."
+    )
     max_request_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="Largest request body (larger: 413)."
     )

@@ -412,7 +412,7 @@ def test_completion_bad_inputs(server):
     for body, needle in [
         ({"model": MODEL, "prompt": [10**9]}, "out of range"),
         ({"model": MODEL, "prompt": ""}, "empty"),
-        ({"model": MODEL, "prompt": ["a", "b"]}, "batched prompts"),
+        ({"model": MODEL, "prompt": ["a", "b"], "thor": {}}, "batch of prompts"),  # plain completions only
         ({"model": MODEL, "prompt": "x", "logprobs": 50}, "logprobs"),
     ]:
         r = httpx.post(server.url + "/v1/completions", headers=H(), json=body)

@@ -3,7 +3,7 @@
 Owns: the small interface between the tool-integrated decoder and a token
 generator: one streaming generation request from a list of prompt token ids,
 with stop strings and vLLM's sampling fields, returning new token ids and their
-text as they arrive; the engine health check; the two errors backends raise for
+text as they arrive (with their logprobs, and the prompt tokens' logprobs, when asked); the engine health check; the two errors backends raise for
 callers to map (`InvalidParameter`: the engine refused a value; `EngineUnavailable`:
 the engine is dead).
 vLLM's AsyncLLMEngine (backends/vllm_backend.py) is the production backend; a
@@ -46,6 +46,8 @@ class GenParams:
     # Stop strings are kept in the output: the decoder needs the closing fence's tokens.
     include_stop_str_in_output: bool = True
     logprobs: int | None = None
+    # logprobs of the prompt's own tokens (vLLM's `prompt_logprobs`: this many alternatives each)
+    prompt_logprobs: int | None = None
     # vLLM's further sampling fields, with vLLM's neutral defaults (see SamplingOptions).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -75,6 +77,9 @@ class GenChunk:
     # Prompt tokens served from the prefix cache (reported once, on the first chunk).
     num_cached_tokens: int | None = None
     logprobs: list[dict[int, Any]] | None = field(default=None)
+    # With `GenParams.prompt_logprobs`: the prompt tokens' logprobs (None for the first token, which
+    # has no context), as vLLM reports them; a backend may split them over its first chunks.
+    prompt_logprobs: list[dict[int, Any] | None] | None = None
 
 
 @runtime_checkable

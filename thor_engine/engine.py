@@ -7,7 +7,8 @@ chat messages or raw text on a worker thread (chat-template refusals become
 generation budget as vLLM computes it (`max_tokens_for`: clamped to the context,
 checkpoint defaults), checking sampling token ids against the vocabulary,
 running THOR trajectories (`stream`), plain generation without tools
-(`generate_plain`, for vLLM-compatible /v1/completions), the model's aliases and
+(`generate_plain`, for vLLM-compatible /v1/completions, with the prompt tokens'
+logprobs when asked: `echo`), the model's aliases and
 `generation_config.json` defaults, the engine health check, and shutdown.
 Prompts are opaque `Prompt` handles: token ids stay inside thor_engine.
 
@@ -82,6 +83,10 @@ class Prompt:
         return len(self._ids)
 
 
+#: (token text, logprob, {alternative token text: logprob}); a prompt's first token: (text, None, None)
+LogprobEntry = tuple[str, float | None, dict[str, float] | None]
+
+
 @dataclass
 class PlainChunk:
     """A delta of plain (tool-free) generation for one choice."""
@@ -92,7 +97,10 @@ class PlainChunk:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     # per new token: (token text, logprob, {alternative token text: logprob})
-    logprobs: list[tuple[str, float, dict[str, float]]] | None = None
+    logprobs: list[LogprobEntry] | None = None
+    # with `prompt_logprobs`, on a choice's first chunk: one entry per prompt token, the first
+    # one (no context) as (text, None, None), as vLLM and OpenAI report it
+    prompt_logprobs: list[LogprobEntry] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     # the new tokens' ids (vLLM's `return_token_ids`), and the prompt's ids on a choice's first chunk
@@ -316,8 +324,14 @@ class ThorEngine:
         logprobs: int | None = None,
         include_stop_str_in_output: bool = False,
         request_id: str | None = None,
+        prompt_logprobs: int | None = None,
+        first_index: int = 0,
     ) -> AsyncIterator[PlainChunk]:
-        """Plain generation (no tools), n choices interleaved, as vLLM's /v1/completions does it."""
+        """Plain generation (no tools), n choices interleaved, as vLLM's /v1/completions does it.
+
+        Choices are numbered from `first_index` (a batch of prompts: prompt k's from k x n). With
+        `prompt_logprobs`, each choice's first chunk carries every prompt token's logprob entry
+        (vLLM's `echo` with `logprobs`)."""
         rid = request_id or uuid.uuid4().hex
         max_tokens = sampling.max_tokens or (self.max_model_len - prompt.num_tokens)
         tok = self.backend.tokenizer
@@ -333,6 +347,7 @@ class ThorEngine:
                 stop=sampling.stop,
                 include_stop_str_in_output=include_stop_str_in_output,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 presence_penalty=sampling.presence_penalty,
                 frequency_penalty=sampling.frequency_penalty,
                 repetition_penalty=sampling.repetition_penalty,
@@ -344,21 +359,33 @@ class ThorEngine:
                 skip_special_tokens=sampling.skip_special_tokens,
             )
             produced, sent_prompt = 0, False
-            async with contextlib.aclosing(self.backend.generate(list(prompt._ids), params, f"{rid}-{i}")) as gen:
+            # vLLM may split the prompt's logprobs over chunked-prefill outputs that carry no token yet
+            pending: list[dict[int, Any] | None] = []
+            prompt_done = prompt_logprobs is None
+            index = first_index + i
+            async with contextlib.aclosing(self.backend.generate(list(prompt._ids), params, f"{rid}-{index}")) as gen:
                 async for chunk in gen:
                     produced += len(chunk.token_ids)
+                    plp = None
+                    if not prompt_done:
+                        pending += chunk.prompt_logprobs or []
+                        if not (chunk.token_ids or chunk.finished):
+                            continue
+                        plp = self._prompt_entries(prompt, pending)
+                        prompt_done = True
                     lp = None
                     if logprobs is not None and chunk.logprobs:
                         lp = [
                             _logprob_entry(tok, tid, d) for tid, d in zip(chunk.token_ids, chunk.logprobs, strict=False)
                         ]
                     yield PlainChunk(
-                        index=i,
+                        index=index,
                         text=chunk.text,
                         finished=chunk.finished,
                         finish_reason=chunk.finish_reason,
                         stop_reason=chunk.stop_reason,
                         logprobs=lp,
+                        prompt_logprobs=plp,
                         prompt_tokens=prompt.num_tokens,
                         completion_tokens=produced,
                         token_ids=list(chunk.token_ids),
@@ -370,6 +397,18 @@ class ThorEngine:
             async for item in merged:
                 yield item
 
+    def _prompt_entries(self, prompt: Prompt, found: list[dict[int, Any] | None]) -> list[LogprobEntry]:
+        """One logprob entry per prompt token from the backend's prompt logprobs (the first: no context)."""
+        if len(found) != prompt.num_tokens:
+            raise RuntimeError(
+                f"the engine returned prompt logprobs for {len(found)} of the prompt's {prompt.num_tokens} tokens"
+            )
+        tok = self.backend.tokenizer
+        return [
+            (tok.decode([tid]), None, None) if d is None else _logprob_entry(tok, tid, d)
+            for tid, d in zip(prompt._ids, found, strict=True)
+        ]
+
     async def num_unfinished_requests(self) -> int:
         return await self.backend.num_unfinished_requests()
 
@@ -380,7 +419,7 @@ class ThorEngine:
             shutdown()
 
 
-def _logprob_entry(tok: Any, token_id: int, alternatives: dict[int, Any]) -> tuple[str, float, dict[str, float]]:
+def _logprob_entry(tok: Any, token_id: int, alternatives: dict[int, Any]) -> LogprobEntry:
     def lp(v: Any) -> float:
         value = float(getattr(v, "logprob", v))
         return value if math.isfinite(value) else -9999.0

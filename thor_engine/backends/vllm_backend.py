@@ -4,7 +4,8 @@ Owns: building the engine from `EngineOptions` (model, dtype, max_model_len,
 enforce_eager, tensor_parallel_size, gpu_memory_utilization, seed, prefix caching
 on, plus any extra engine argument), streaming one request as deltas of token ids
 and text with every `GenParams` field mapped onto vLLM's `SamplingParams` (seeds
-kept in vLLM's int64 range), reporting prefix-cache hits (`num_cached_tokens`),
+kept in vLLM's int64 range), passing on vLLM's prompt logprobs as they come, reporting
+prefix-cache hits (`num_cached_tokens`),
 the checkpoint's `generation_config.json` sampling defaults, vLLM's own health
 check, aborting, and shutting the engine down. The engine core runs in its own process, so programs
 using this need an `if __name__ == "__main__":` guard; that process (and its workers) is killed
@@ -172,6 +173,7 @@ class VllmBackend:
             stop=list(params.stop) or None,
             include_stop_str_in_output=params.include_stop_str_in_output,
             logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty,
@@ -196,6 +198,7 @@ class VllmBackend:
                     stop_reason=o.stop_reason if out.finished else None,
                     num_cached_tokens=(out.num_cached_tokens or 0) if first else None,
                     logprobs=list(o.logprobs) if o.logprobs else None,
+                    prompt_logprobs=list(out.prompt_logprobs) if out.prompt_logprobs else None,
                 )
                 first = False
                 finished = out.finished
