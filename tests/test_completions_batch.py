@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.openapi import validate
 from tests.support.thor_server import run_server, tiny_server_args
-from tests.test_eval_client_loop import _vllm_process, _wait_healthy
+from tests.support.vllm_server import vllm_process, wait_healthy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.sandbox]
 
@@ -41,9 +41,9 @@ def servers(tiny_tir_model, sandbox):
     args = [*tiny_server_args(tiny_tir_model, MODEL, sandbox_url=sandbox.url), "--tokens-per-minute"]
     args += [str(TOKENS_PER_MINUTE), *itertools.chain.from_iterable(("--api-key", k) for k in KEYS)]
     env = {"THOR_MAX_BATCH_PROMPTS": str(MAX_BATCH), "THOR_MAX_REQUEST_TOKENS": str(MAX_REQUEST_TOKENS)}
-    with _vllm_process(tiny_tir_model) as (vllm_url, proc, log_path):
+    with vllm_process(tiny_tir_model) as (vllm_url, proc, log_path):
         with run_server(args, env=env) as srv:
-            _wait_healthy(vllm_url, proc, log_path)
+            wait_healthy(vllm_url, proc, log_path)
             yield srv, vllm_url
 
 

@@ -13,14 +13,7 @@ refuses token ids or does not answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,9 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import require_vllm
 from tests.support.thor_server import run_server, tiny_server_args
 from tests.support.tiny_tir_model import TIR_PROBLEMS, TirProblem
+from tests.support.vllm_server import free_port, vllm_process, wait_healthy
 from thor_engine.backend import GenParams
 from thor_engine.config import SamplingOptions
 from trainer.evaluate.client_loop import ClientLoopTarget, open_client_loop
@@ -41,7 +34,6 @@ from trainer.evaluate.targets import Generation, TargetError
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.sandbox]
 
-ROOT = Path(__file__).resolve().parents[1]
 PROBLEMS = [p for p in TIR_PROBLEMS if p.kind in ("single", "two_call")]
 SERVED = "tiny"  # our server's name for the model; vLLM serves it under its directory path
 
@@ -53,72 +45,12 @@ class Endpoints:
     vllm_log: Path  # vLLM's log (it logs each abort: --enable-log-requests)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _vllm_process(model: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    """A plain vLLM OpenAI server in its own process group (killed as a group at the end)."""
-    require_vllm()
-    port = _free_port()
-    log_path = Path(tempfile.mkdtemp(prefix="vllm-server-")) / "server.log"
-    log = open(log_path, "wb")
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--enforce-eager",
-        "--dtype",
-        "bfloat16",
-        "--max-model-len",
-        "2048",
-        "--enable-log-requests",
-    ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield f"http://127.0.0.1:{port}", proc, log_path
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        with contextlib.suppress(ProcessLookupError):  # the engine core, should it outlive the server
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 400.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM server exited ({proc.returncode}):\n{log_path.read_text()[-5000:]}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"vLLM server never became healthy:\n{log_path.read_text()[-5000:]}")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def endpoints(tiny_tir_model: Path, sandbox) -> Iterator[Endpoints]:
     """Both servers, started together (vLLM loads while the THOR server starts)."""
-    with _vllm_process(tiny_tir_model) as (vllm_url, proc, log_path):
+    with vllm_process(tiny_tir_model) as (vllm_url, proc, log_path):
         with run_server(tiny_server_args(tiny_tir_model, SERVED, sandbox_url=sandbox.url)) as thor:
-            _wait_healthy(vllm_url, proc, log_path)
+            wait_healthy(vllm_url, proc, log_path)
             yield Endpoints(vllm=vllm_url, thor=thor.url, vllm_log=log_path)
 
 
@@ -262,7 +194,7 @@ async def test_another_tokenizer_is_a_clear_error(endpoints: Endpoints, think_to
 
 
 async def test_unreachable_endpoint_is_a_clear_error(tiny_tir_model: Path) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(TargetError, match=f"endpoint {re.escape(url)} is unreachable"):
         async with open_client_loop(url, tokenizer=str(tiny_tir_model)):
             pass
