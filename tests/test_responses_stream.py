@@ -155,3 +155,32 @@ async def test_reasoning_model_items(think_tokenizer, executor):
     assert body["output"][1]["outputs"] == [{"type": "logs", "logs": "42"}]
     assert body["output"][3]["content"][0]["text"] == "The answer is \\boxed{42}."
     assert "<think>" not in repr(body["output"])
+
+
+@pytest.mark.parametrize(
+    ("reasoning", "thor", "reasoning_model", "budget"),
+    [
+        ({"effort": "low"}, None, True, 2048),
+        ({"effort": "high"}, None, True, 32768),
+        ({"effort": "max"}, None, True, None),
+        ({"effort": "low"}, {"thinking_budget": 100}, True, 100),  # the request's own thor option wins
+        ({"effort": "low"}, None, False, None),  # no <think> to budget
+        (None, None, True, None),
+    ],
+)
+def test_reasoning_effort_is_the_thinking_budget(reasoning, thor, reasoning_model, budget):
+    req = CreateResponseRequest(input="x", tools=[{"type": "code_interpreter"}], reasoning=reasoning, thor=thor)
+    assert req.thor_options(reasoning_model).thinking_budget == budget
+    if reasoning:  # it reaches the chat template as chat's reasoning_effort does
+        assert req.template_kwargs() == {"reasoning_effort": reasoning["effort"], "enable_thinking": True}
+
+
+def test_tool_switches():
+    on = CreateResponseRequest(input="x", tools=[{"type": "code_interpreter"}], max_tool_calls=3)
+    assert on.code_interpreter() and on.thor_options(False).enabled and on.thor_options(False).max_tool_calls == 3
+    for off in (
+        CreateResponseRequest(input="x"),
+        CreateResponseRequest(input="x", tools=[{"type": "code_interpreter"}], tool_choice="none"),
+        CreateResponseRequest(input="x", tools=[{"type": "code_interpreter"}], thor={"enabled": False}),
+    ):
+        assert not off.code_interpreter() and not off.thor_options(False).enabled
