@@ -59,6 +59,9 @@ class GenParams:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # vLLM's structured outputs: one constraint, as StructuredOutputsParams' fields
+    # (`{"json": schema}`, `{"json_object": True}`, `{"regex": ...}`, `{"choice": [...]}`); None: free text.
+    structured_outputs: Mapping[str, Any] | None = None
 
 
 @dataclass

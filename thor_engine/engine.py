@@ -34,6 +34,7 @@ from .backend import EngineUnavailable, GenerationBackend, GenParams, InvalidPar
 from .config import SamplingOptions, ThorConfig
 from .decoder import ThorDecoder
 from .events import Event
+from .function_calls import FunctionCallParser
 from .prompting import TIR_INSTRUCTIONS, TirMode, render_chat
 from .streams import merge
 from .tools import ToolExecutor
@@ -146,8 +147,10 @@ class ThorEngine:
         tir_mode: TirMode = "append",
         enable_thinking: bool | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> Prompt:
-        """Render and tokenise a conversation (blocking: servers use `prepare_chat`).
+        """Render and tokenise a conversation (blocking: servers use `prepare_chat`); `tools`
+        (OpenAI function tools) reach the template as its `tools` variable.
 
         Raises ChatTemplateError when the template refuses the conversation, InvalidParameter
         for bad `chat_template_kwargs`, PromptTooLong when nothing is left for generation."""
@@ -157,6 +160,7 @@ class ThorEngine:
             tir_mode=tir_mode,
             enable_thinking=enable_thinking,
             chat_template_kwargs=chat_template_kwargs,
+            tools=tools,
         )
         return self._checked(ids)
 
@@ -235,6 +239,11 @@ class ThorEngine:
             return self.backend.tokenizer.decode(list(ids))
 
         return await asyncio.get_running_loop().run_in_executor(self._render_pool, run)
+
+    @functools.cached_property
+    def function_calls(self) -> FunctionCallParser:
+        """Parses client function calls out of this model's text (vLLM's parser for its family)."""
+        return FunctionCallParser(self.backend.tokenizer)
 
     @property
     def versions(self) -> dict[str, str]:
@@ -316,8 +325,11 @@ class ThorEngine:
         logprobs: int | None = None,
         include_stop_str_in_output: bool = False,
         request_id: str | None = None,
+        structured_outputs: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[PlainChunk]:
-        """Plain generation (no tools), n choices interleaved, as vLLM's /v1/completions does it."""
+        """Plain generation (no tools), n choices interleaved, as vLLM's /v1/completions does it;
+        `structured_outputs` constrains the text (vLLM's StructuredOutputsParams fields, e.g.
+        `{"json": schema}`)."""
         rid = request_id or uuid.uuid4().hex
         max_tokens = sampling.max_tokens or (self.max_model_len - prompt.num_tokens)
         tok = self.backend.tokenizer
@@ -342,6 +354,7 @@ class ThorEngine:
                 stop_token_ids=sampling.stop_token_ids,
                 ignore_eos=sampling.ignore_eos,
                 skip_special_tokens=sampling.skip_special_tokens,
+                structured_outputs=dict(structured_outputs) if structured_outputs else None,
             )
             produced, sent_prompt = 0, False
             async with contextlib.aclosing(self.backend.generate(list(prompt._ids), params, f"{rid}-{i}")) as gen:

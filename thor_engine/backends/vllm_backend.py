@@ -5,7 +5,8 @@ enforce_eager, tensor_parallel_size, gpu_memory_utilization, seed, prefix cachin
 on, plus any extra engine argument), streaming one request as deltas of token ids
 and text with every `GenParams` field mapped onto vLLM's `SamplingParams` (seeds
 kept in vLLM's int64 range), reporting prefix-cache hits (`num_cached_tokens`),
-the checkpoint's `generation_config.json` sampling defaults, vLLM's own health
+the checkpoint's `generation_config.json` sampling defaults, structured outputs
+(`GenParams.structured_outputs` onto vLLM's `StructuredOutputsParams`), vLLM's own health
 check, aborting, and shutting the engine down. The engine core runs in its own process, so programs
 using this need an `if __name__ == "__main__":` guard; that process (and its workers) is killed
 with the owning process however it exits (orphan_guard.py).
@@ -161,7 +162,7 @@ class VllmBackend:
     ) -> AsyncIterator[GenChunk]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         sp = SamplingParams(
             max_tokens=params.max_tokens,
@@ -182,6 +183,9 @@ class VllmBackend:
             ignore_eos=params.ignore_eos,
             skip_special_tokens=params.skip_special_tokens,
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=(
+                StructuredOutputsParams(**params.structured_outputs) if params.structured_outputs else None
+            ),
         )
         first = True
         finished = False
