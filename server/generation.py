@@ -11,7 +11,7 @@ charged with every token the engine generated, in a `finally`; a completed reque
 trace is stored, bound to its client, unless it asked for none. Also `with_keepalive`.
 
 Does not own: what the chunks and bodies say (the builders: responses.py,
-plain_responses.py), checking the request (checks.py, guards.py), the engine, or
+plain_responses.py, plain_chat.py), checking the request (checks.py, guards.py), the engine, or
 anything about tokens beyond the counts the engine reports.
 """
 
@@ -39,7 +39,7 @@ log = logging.getLogger("server")
 
 class Builder(Protocol):
     """What `respond` needs of a response builder (responses.ResponseBuilder,
-    plain_responses.PlainCompletionBuilder)."""
+    plain_responses.PlainCompletionBuilder, plain_chat.PlainChatBuilder)."""
 
     id: str
     include_usage: bool

@@ -6,8 +6,15 @@ Owns: the accepted request shapes of `/v1/chat/completions` and `/v1/completions
 `include_stop_str_in_output`, `chat_template_kwargs`), the `thor` options object,
 and turning them into the engine's `ThorConfig` / `SamplingOptions` (request values,
 then the checkpoint's generation_config.json defaults, then vLLM's neutral ones).
-OpenAI fields this server cannot honour (tools, structured output, audio, chat
-logprobs, best_of, echo, suffix...) are 400s, never accepted and dropped; `null`
+Chat's plain-generation fields are shaped and checked here too: `logprobs` /
+`top_logprobs` (0..20, needs logprobs), `response_format` (text, json_object,
+json_schema, mapped onto vLLM's structured-output constraint), function `tools`,
+`tool_choice` (none, auto, required, a named function among the tools) and
+`parallel_tool_calls`, and conversation messages carrying `tool_calls` / `tool_call_id`
+(rendered for the chat template as vLLM does: arguments as objects); which of them ask for
+plain generation (`plain_features`: the route refuses them with THOR's tools on).
+OpenAI fields this server cannot honour (legacy functions / function_call, audio,
+best_of, echo, suffix...) are 400s, never accepted and dropped; `null`
 means a field's default, as OpenAI's spec allows. Fields with no effect on the
 answer (user, store, metadata, service_tier) and unknown fields are ignored, as
 OpenAI's SDKs send many. Wrong types or values are 400s naming the field.
@@ -554,10 +561,10 @@ class TokenizeRequest(BaseModel):
             raise ValueError("continue_final_message and chat_template_kwargs apply to `messages` only")
         return self
 
-    def chat_messages(self) -> list[dict[str, str]] | None:
+    def chat_messages(self) -> list[dict[str, Any]] | None:
         if self.messages is None:
             return None
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return [m.for_template() for m in self.messages]
 
 
 class DetokenizeRequest(BaseModel):

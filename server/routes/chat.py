@@ -1,10 +1,15 @@
-"""`POST /v1/chat/completions`: a chat request through the THOR engine.
+"""`POST /v1/chat/completions`: a chat request through the THOR engine, or plain.
 
 Owns: turning a ChatCompletionRequest into the engine's prompt (chat template, TIR
-instructions with THOR tools on, template refusals as 400s naming `messages`), the
-THOR config and sampling (max_tokens clamped to the context as vLLM does), and the
-trace summary; then hands the engine's events to generation.respond with a
-ResponseBuilder.
+instructions with THOR tools on, function `tools` for the template, template refusals
+as 400s naming `messages`), the THOR config and sampling (max_tokens clamped to the
+context as vLLM does), and the trace summary; then hands the engine's events to
+generation.respond with a ResponseBuilder. Requests with THOR off that ask for
+`logprobs`, a `response_format` or function `tools` go to the engine's plain generation
+(the JSON format or forced call as a structured-output constraint) and a
+PlainChatBuilder; with THOR on those fields are 400s naming them and saying to send
+`thor: {"enabled": false}`, as are their combinations that cannot work (a forced call
+with a response_format, `auto` on a model whose template writes no calls, reasoning models).
 Does not own: auth and rate limits (guards.py), request checks (checks.py), running
 and streaming the request (generation.py) or rendering it (responses.py).
 """
