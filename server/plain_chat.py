@@ -11,7 +11,11 @@ generated token, on the chunk of the engine output that produced the token), and
 (so concatenating a stream's deltas gives the non-stream message, field by field), and
 `usage`.
 
-Client function calls, by `tool_choice`:
+A reasoning model's text is split at its think tags as the THOR path does it (responses.py):
+inside `<think>` it streams as the reasoning field(s) (`reasoning_content` / `reasoning`), the
+tags go nowhere, and the rest is the message's text below, from its first visible character.
+
+Client function calls, by `tool_choice`, on that text:
 - `none` (or no tools): the text is `content` as it comes;
 - `auto`: text is `content` until the model starts a call (`<tool_call>` for the Hermes
   format; a suffix that may still become one waits); when the choice finishes, the calls
@@ -36,9 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from thor_engine.engine import PlainChunk
-from thor_engine.function_calls import FunctionCallParser, forced_calls
+from thor_engine.function_calls import FunctionCallParser, forced_calls, partial_overlap
 
 from .metrics import ServerMetrics
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def _logprob(token: str, logprob: float) -> dict[str, Any]:
@@ -49,7 +55,10 @@ def _logprob(token: str, logprob: float) -> dict[str, Any]:
 @dataclass
 class ChatChoiceState:
     index: int
-    raw: str = ""  # everything the model wrote
+    raw: str = ""  # what the model wrote outside <think> (the content, calls included)
+    reasoning: str = ""  # what it wrote inside <think> (reasoning models), sent as it comes
+    unsplit: str = ""  # text that may end in a partial think tag (reasoning models)
+    in_think: bool = False
     content: str = ""  # content sent so far
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
@@ -71,12 +80,18 @@ class PlainChatBuilder:
         parser: FunctionCallParser | None,
         metrics: ServerMetrics,
         include_usage: bool = False,
+        reasoning_model: bool = False,
+        in_think: bool = False,
+        reasoning_fields: str = "reasoning_content",
     ) -> None:
         """`top_logprobs` None: no logprobs. `tool_choice`: "none", "auto", "required" or a named
-        function (as a dict); `parser` reads the model's calls for "auto"."""
+        function (as a dict); `parser` reads the model's calls for "auto". A reasoning model's text
+        is split at its think tags (`in_think`: the prompt left it inside <think>)."""
         self.id, self.model = response_id, model
         self.created = int(time.time())
-        self.choices = [ChatChoiceState(i) for i in range(n)]
+        self.choices = [ChatChoiceState(i, in_think=in_think) for i in range(n)]
+        self.reasoning_model = reasoning_model
+        self.reasoning_fields = reasoning_fields
         self.prompt_tokens = prompt_tokens
         self.top_logprobs = top_logprobs
         self.tool_choice = tool_choice
@@ -117,6 +132,36 @@ class PlainChatBuilder:
             out.append({**_logprob(text, lp), "top_logprobs": [_logprob(t, v) for t, v in best]})
         return out
 
+    def _reasoning(self, text: str) -> dict[str, str]:
+        if self.reasoning_fields == "both":
+            return {"reasoning": text, "reasoning_content": text}
+        return {self.reasoning_fields: text}
+
+    def _split(self, st: ChatChoiceState, text: str, finished: bool) -> str:
+        """Add a text to the choice: a reasoning model's text inside <think> is returned (new
+        reasoning), the rest goes to `raw`, the tags themselves nowhere, and the content starts at
+        its first visible character (as the THOR path renders reasoning models); a suffix that may
+        be a partial tag waits until the choice finishes."""
+        if not self.reasoning_model:
+            st.raw += text
+            return ""
+        st.unsplit += text
+        reasoning = ""
+        while st.unsplit:
+            tag = THINK_CLOSE if st.in_think else THINK_OPEN
+            idx = st.unsplit.find(tag)
+            end = idx if idx >= 0 else len(st.unsplit) - (0 if finished else partial_overlap(st.unsplit, tag))
+            piece, st.unsplit = st.unsplit[:end], st.unsplit[end:]
+            if st.in_think:
+                reasoning += piece
+            else:
+                st.raw += piece if st.raw else piece.lstrip()
+            if idx < 0:
+                break
+            st.unsplit = st.unsplit[len(tag) :]
+            st.in_think = not st.in_think
+        return reasoning
+
     def _new_content(self, st: ChatChoiceState, finished: bool) -> str:
         """Text that is now surely content and was not sent yet."""
         if self.forced:
@@ -148,15 +193,17 @@ class PlainChatBuilder:
         if not st.started:
             st.started = True
             out.append(self._chunk([self._choice(st.index, {"role": "assistant", "content": ""})]))
-        st.raw += c.text
+        reasoning = self._split(st, c.text, c.finished)
+        st.reasoning += reasoning
         st.completion_tokens = c.completion_tokens
         entries = self._entries(c)
         if entries:
             st.logprobs += entries
         text = self._new_content(st, False)
         st.content += text
-        if text or entries:
-            out.append(self._chunk([self._choice(st.index, {"content": text} if text else {}, entries)]))
+        if text or entries or reasoning:
+            delta = {**(self._reasoning(reasoning) if reasoning else {}), **({"content": text} if text else {})}
+            out.append(self._chunk([self._choice(st.index, delta, entries)]))
         if not c.finished:
             return out
         content, calls = self._calls(st)
@@ -203,6 +250,8 @@ class PlainChatBuilder:
             "content": st.content if st.content or not st.tool_calls else None,
             "refusal": None,
         }
+        if self.reasoning_model:
+            message.update(self._reasoning(st.reasoning))
         if st.tool_calls:
             message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"} for call in st.tool_calls]
         return message

@@ -433,3 +433,63 @@ def test_thor_on_refuses_plain_only_features_and_says_how(server, extra, param, 
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and '"enabled": false' in err["message"]
+
+
+@pytest.mark.parametrize(
+    "in_think,pieces,reasoning,content,calls",
+    [
+        (False, ["<think>", "\nLet me", " add.</th", "ink>\n\nIt is", " 5."], "\nLet me add.", "It is 5.", []),
+        (True, ["2+3=5</think>", "\n5"], "2+3=5", "5", []),
+        (False, ["no thinking here"], "", "no thinking here", []),
+        (
+            False,
+            ["<think>use add</think>\n", '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'],
+            "use add",
+            "",
+            [{"name": "add", "arguments": '{"a": 2, "b": 3}'}],
+        ),
+    ],
+)
+def test_reasoning_models_split_at_think_tags_as_the_thor_path(tokenizer, in_think, pieces, reasoning, content, calls):
+    b = PlainChatBuilder(
+        response_id="chatcmpl-x",
+        model=MODEL,
+        n=1,
+        prompt_tokens=3,
+        top_logprobs=None,
+        tool_choice="auto",
+        parser=FunctionCallParser(tokenizer),
+        metrics=ServerMetrics(),
+        reasoning_model=True,
+        in_think=in_think,
+        reasoning_fields="both",
+    )
+    chunks = _feed(b, pieces)
+    for ch in chunks:
+        validate(ch, "CreateChatCompletionStreamResponse")
+    whole = b.response()
+    validate(whole, "CreateChatCompletionResponse")
+    msg = whole["choices"][0]["message"]
+    assert msg["reasoning_content"] == msg["reasoning"] == reasoning
+    assert as_accumulated(whole["choices"][0]) == {
+        "content": content,
+        "logprobs": None,
+        "calls": calls,
+        "finish": "tool_calls" if calls else "stop",
+    }
+    streamed = "".join(c["delta"].get("reasoning_content", "") for ch in chunks for c in ch["choices"])
+    assert streamed == reasoning and accumulate(chunks) == as_accumulated(whole["choices"][0])
+    assert not any("think>" in c["delta"].get("content", "") for ch in chunks for c in ch["choices"])
+
+
+def test_engine_tells_where_a_reasoning_prompt_leaves_the_model(think_tokenizer, tokenizer):
+    from tests.support.scripted_backend import ScriptedBackend
+    from thor_engine.engine import ThorEngine
+
+    thinker = ThorEngine(ScriptedBackend(think_tokenizer, lambda _: ""), None, model_name="t")  # type: ignore[arg-type]
+    head = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert thinker.thinking(thinker.text_prompt(head + "<think>\n")) == "open"
+    assert thinker.thinking(thinker.text_prompt(head + "<think>\n\n</think>\n\n")) == "closed"
+    assert thinker.thinking(thinker.text_prompt(head)) is None  # the model may still open it
+    plain = ThorEngine(ScriptedBackend(tokenizer, lambda _: ""), None, model_name="p")  # type: ignore[arg-type]
+    assert plain.thinking(plain.text_prompt(head + "<think>\n")) is None  # not a reasoning model

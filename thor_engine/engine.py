@@ -137,6 +137,18 @@ class ThorEngine:
     def reasoning_model(self) -> bool:
         return self.decoder.reasoning_model
 
+    def thinking(self, prompt: Prompt) -> str | None:
+        """Where a reasoning model's prompt leaves it: "open" (inside <think>: the template opened
+        it), "closed" (the template closed it: thinking switched off), or None (not a reasoning
+        model, or the model may still open <think> itself)."""
+        if not self.reasoning_model:
+            return None
+        tail = self.backend.tokenizer.decode(list(prompt._ids[-16:]), skip_special_tokens=False)
+        opened, closed = tail.rfind("<think>"), tail.rfind("</think>")
+        if opened > closed:
+            return "open"
+        return "closed" if closed > opened else None
+
     # --- prompts -------------------------------------------------------------------------
 
     def chat_prompt(

@@ -84,7 +84,7 @@ def forced_calls(text: str, choice: str | Mapping[str, Any]) -> list[Call]:
     ]
 
 
-def _partial_overlap(text: str, tag: str) -> int:
+def partial_overlap(text: str, tag: str) -> int:
     """Length of the longest proper prefix of `tag` that `text` ends with."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:k]):
@@ -116,7 +116,7 @@ class FunctionCallParser:
         """How much of a growing text is surely content: up to a call's start, or up to a
         suffix that may still become one."""
         start = text.find(TOOL_CALL_START)
-        return start if start >= 0 else len(text) - _partial_overlap(text, TOOL_CALL_START)
+        return start if start >= 0 else len(text) - partial_overlap(text, TOOL_CALL_START)
 
     def parse(self, text: str) -> tuple[str, list[Call]]:
         """A finished text's content (before the first call) and its calls, as vLLM's

@@ -9,7 +9,8 @@ generation.respond with a ResponseBuilder. Requests with THOR off that ask for
 (the JSON format or forced call as a structured-output constraint) and a
 PlainChatBuilder; with THOR on those fields are 400s naming them and saying to send
 `thor: {"enabled": false}`, as are their combinations that cannot work (a forced call
-with a response_format, `auto` on a model whose template writes no calls, reasoning models).
+with a response_format, `auto` on a model whose template writes no calls, a constrained
+output on a reasoning model with thinking on).
 Does not own: auth and rate limits (guards.py), request checks (checks.py), running
 and streaming the request (generation.py) or rendering it (responses.py).
 """
@@ -55,12 +56,6 @@ async def chat_completions(
             "server-side, so token logprobs, response_format and client function tools apply to plain chat only",
             param=plain[0],
         )
-    if plain and state.engine.reasoning_model:
-        raise ApiError(
-            400,
-            f"{plain[0]} is not supported for reasoning (thinking) models by this server yet; omit it",
-            param=plain[0],
-        )
     choice = body.effective_tool_choice()
     if choice == "auto" and plain and not state.engine.function_calls.supports_auto:
         raise ApiError(
@@ -97,6 +92,15 @@ async def chat_completions(
     # as vLLM: asking for more than the context leaves is clamped, not refused
     max_tokens = state.engine.max_tokens_for(prompt, body.effective_max_tokens(), state.settings.default_max_tokens)
     options = sampling(state, body, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+    constrained = forced or (body.response_format is not None and body.response_format.type != "text")
+    if plain and constrained and state.engine.reasoning_model and state.engine.thinking(prompt) != "closed":
+        param = "tool_choice" if forced else "response_format"
+        raise ApiError(
+            400,
+            f"{param} on a reasoning model with thinking on would constrain its thinking too, which vLLM's "
+            'structured outputs cannot skip here: send chat_template_kwargs {"enable_thinking": false}, or omit it',
+            param=param,
+        )
     await limiter.admit(prompt.num_tokens)
     rid = "chatcmpl-" + uuid.uuid4().hex
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -151,6 +155,7 @@ async def _plain_chat(
     if choice == "required" or isinstance(choice, NamedToolChoice):
         tools = body.function_tools() or []
         structured = {"json": forced_call_schema(tools, tool_choice, body.parallel_tool_calls)}
+    thinking = state.engine.thinking(prompt)
     top = (body.top_logprobs or 0) if body.logprobs else None
     builder = PlainChatBuilder(
         response_id=rid,
@@ -161,6 +166,9 @@ async def _plain_chat(
         tool_choice=tool_choice if body.tools else "none",
         parser=state.engine.function_calls if choice == "auto" and body.tools else None,
         metrics=state.metrics,
+        reasoning_model=state.engine.reasoning_model,
+        in_think=thinking == "open",
+        reasoning_fields=state.settings.reasoning_fields,
     )
     chunks = state.engine.generate_plain(
         prompt, options, n=body.n, logprobs=top, request_id=rid, structured_outputs=structured
