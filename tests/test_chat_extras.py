@@ -419,6 +419,33 @@ def test_bad_input_is_a_400_naming_the_field(server, extra, param):
 @pytest.mark.parametrize(
     "extra,param",
     [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+         "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}],
+          "tool_choice": "required"}, "tools"),
+    ],
+)  # fmt: skip
+def test_a_schema_the_engine_cannot_compile_is_a_400_naming_the_field(server, extra, param):
+    r = post(server, body(**extra))
+    assert r.status_code == 400, r.text
+    validate(r.json(), "ErrorResponse")
+    assert r.json()["error"]["param"] == param and "bogus" in r.json()["error"]["message"], r.json()
+
+
+def test_tool_choice_none_renders_tools_and_calls_nothing(server):
+    kw = {"messages": [{"role": "user", "content": "Add 2 and 3."}], "tools": [ADD], "max_tokens": 16}
+    none = chat(server, tool_choice="none", **kw)
+    auto = chat(server, tool_choice="auto", **kw)
+    without = chat(server, messages=kw["messages"], max_tokens=1)
+    assert none["usage"]["prompt_tokens"] == auto["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"]
+    choice = none["choices"][0]
+    assert "tool_calls" not in choice["message"] and choice["finish_reason"] in ("stop", "length")
+    assert choice["message"]["content"]
+
+
+@pytest.mark.parametrize(
+    "extra,param",
+    [
         ({"logprobs": True}, "logprobs"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [ADD]}, "tools"),

@@ -334,10 +334,10 @@ class ThorEngine:
         sampling: SamplingOptions,
         *,
         n: int = 1,
+        structured_outputs: Mapping[str, Any] | None = None,
         logprobs: int | None = None,
         include_stop_str_in_output: bool = False,
         request_id: str | None = None,
-        structured_outputs: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[PlainChunk]:
         """Plain generation (no tools), n choices interleaved, as vLLM's /v1/completions does it;
         `structured_outputs` constrains the text (vLLM's StructuredOutputsParams fields, e.g.
@@ -353,6 +353,7 @@ class ThorEngine:
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 top_k=sampling.top_k,
+                structured_outputs=dict(structured_outputs) if structured_outputs else None,
                 seed=seed,
                 stop=sampling.stop,
                 include_stop_str_in_output=include_stop_str_in_output,
@@ -366,7 +367,6 @@ class ThorEngine:
                 stop_token_ids=sampling.stop_token_ids,
                 ignore_eos=sampling.ignore_eos,
                 skip_special_tokens=sampling.skip_special_tokens,
-                structured_outputs=dict(structured_outputs) if structured_outputs else None,
             )
             produced, sent_prompt = 0, False
             async with contextlib.aclosing(self.backend.generate(list(prompt._ids), params, f"{rid}-{i}")) as gen:

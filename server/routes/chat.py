@@ -17,14 +17,16 @@ and streaming the request (generation.py) or rendering it (responses.py).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from thor_engine.config import SamplingOptions
-from thor_engine.engine import InvalidParameter, Prompt, PromptTooLong
+from thor_engine.engine import InvalidParameter, PlainChunk, Prompt, PromptTooLong
 from thor_engine.function_calls import forced_call_schema
 from thor_engine.prompting import TIR_INSTRUCTIONS
 
@@ -173,6 +175,9 @@ async def _plain_chat(
     chunks = state.engine.generate_plain(
         prompt, options, n=body.n, logprobs=top, request_id=rid, structured_outputs=structured
     )
+    if structured is not None:  # the engine refuses a schema it cannot compile: name the field that sent it
+        forced = choice == "required" or isinstance(choice, NamedToolChoice)
+        chunks = _naming(chunks, "tools" if forced else "response_format")
     summary = {
         "route": "/v1/chat/completions",
         "n": body.n,
@@ -193,3 +198,15 @@ async def _plain_chat(
         include_usage=include_usage,
         summary=summary if trace else None,
     )
+
+
+async def _naming(chunks: AsyncIterator[PlainChunk], param: str) -> AsyncIterator[PlainChunk]:
+    """`chunks`, with an engine refusal that names no field attributed to `param`."""
+    try:
+        async with contextlib.aclosing(chunks) as items:  # type: ignore[type-var]
+            async for item in items:
+                yield item
+    except InvalidParameter as exc:
+        if exc.param is not None:
+            raise
+        raise InvalidParameter(param, f"{param}: {exc}") from exc

@@ -169,6 +169,9 @@ class VllmBackend:
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k if params.top_k > 0 else 0,
+            structured_outputs=(
+                StructuredOutputsParams(**params.structured_outputs) if params.structured_outputs else None
+            ),
             seed=engine_seed(params.seed),
             stop=list(params.stop) or None,
             include_stop_str_in_output=params.include_stop_str_in_output,
@@ -183,9 +186,6 @@ class VllmBackend:
             ignore_eos=params.ignore_eos,
             skip_special_tokens=params.skip_special_tokens,
             output_kind=RequestOutputKind.DELTA,
-            structured_outputs=(
-                StructuredOutputsParams(**params.structured_outputs) if params.structured_outputs else None
-            ),
         )
         first = True
         finished = False
