@@ -334,14 +334,12 @@ class ThorEngine:
         sampling: SamplingOptions,
         *,
         n: int = 1,
-        structured_outputs: Mapping[str, Any] | None = None,
+        structured_outputs: Mapping[str, Any] | None = None,  # vLLM's constraint, e.g. {"json": schema}
         logprobs: int | None = None,
         include_stop_str_in_output: bool = False,
         request_id: str | None = None,
     ) -> AsyncIterator[PlainChunk]:
-        """Plain generation (no tools), n choices interleaved, as vLLM's /v1/completions does it;
-        `structured_outputs` constrains the text (vLLM's StructuredOutputsParams fields, e.g.
-        `{"json": schema}`)."""
+        """Plain generation (no tools), n choices interleaved, as vLLM's /v1/completions does it."""
         rid = request_id or uuid.uuid4().hex
         max_tokens = sampling.max_tokens or (self.max_model_len - prompt.num_tokens)
         tok = self.backend.tokenizer
