@@ -154,7 +154,10 @@ def test_logprobs_without_top_logprobs(server):
 def test_logprobs_stream_equals_non_stream(server):
     kw = {"logprobs": True, "top_logprobs": 2, "n": 2, "seed": 7, "temperature": 0.8}
     whole = chat(server, **kw)
-    chunks = stream(server, **kw)
+    chunks = stream(server, stream_options={"include_usage": True}, **kw)
+    *deltas, last = chunks
+    assert last["choices"] == [] and last["usage"] == whole["usage"]
+    assert all(ch["usage"] is None for ch in deltas)
     for choice in whole["choices"]:
         mine = [ch for ch in chunks if ch["choices"] and ch["choices"][0]["index"] == choice["index"]]
         assert accumulate(mine) == as_accumulated(choice)
