@@ -23,8 +23,9 @@ Client function calls, by `tool_choice`, on that text:
   whole arguments), and finish_reason is `tool_calls`; text with no parseable call is
   content after all;
 - `required` or a named function (the engine forced the call JSON): no content; the calls
-  are sent when the choice finishes, finish_reason `tool_calls`. A text cut short (max_tokens)
-  holds no call and is sent as content, finish_reason `length`.
+  are sent when the choice finishes, finish_reason `tool_calls` (`stop` for a named function,
+  as OpenAI and vLLM say it). A `required` text cut short (max_tokens) holds no call and is
+  sent as content, finish_reason `length`.
 
 Does not own: THOR's responses (responses.py), plain completions (plain_responses.py),
 parsing calls out of text (thor_engine.function_calls, through the engine), HTTP plumbing
@@ -222,7 +223,9 @@ class PlainChatBuilder:
                 for i, (name, arguments) in enumerate(calls)
             ]
             out.append(self._chunk([self._choice(st.index, {"tool_calls": st.tool_calls})]))
-        finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason or "stop"
+        # as OpenAI (and vLLM): `tool_calls` when the model chose to call (auto, required), `stop` for a named function
+        named = isinstance(self.tool_choice, Mapping)
+        finish = "tool_calls" if calls and not named and c.finish_reason == "stop" else c.finish_reason or "stop"
         st.final = {"finish_reason": finish}
         out.append(self._chunk([self._choice(st.index, {}, None, finish)]))
         if all(s.final for s in self.choices):
