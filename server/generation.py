@@ -1,18 +1,20 @@
 """Running one generation request: the one non-stream path and the one SSE path.
 
-Owns: `respond`, used by chat, THOR completions and plain completions alike: it feeds
-the engine's output (counted by a `TokenMeter`) to the request's response builder and
-returns either the non-stream JSON body (the request is aborted when its client
-disconnects: a 499) or a `StreamingResponse` of `data:` lines (`: keep-alive` comments
-while the engine is silent, e.g. during a long tool call; an in-band error event then
-`[DONE]` when a started stream fails; a client that goes away cancels the stream, which
-aborts the engine requests and sandbox calls). However the request ends, the client is
-charged with every token the engine generated, in a `finally`; a completed request's
-trace is stored, bound to its client, unless it asked for none. Also `with_keepalive`.
+Owns: `respond`, used by chat, the Responses API, THOR completions and plain completions
+alike: it feeds the engine's output (counted by a `TokenMeter`) to the request's response
+builder and returns either the non-stream JSON body (the request is aborted when its client
+disconnects: a 499) or a `StreamingResponse` framed by a `StreamFormat` (chat and
+completions: `data:` lines; the Responses API: named events after its opening ones), with
+`: keep-alive` comments while the engine is silent (e.g. during a long tool call), an
+in-band error event when a started stream fails, then `[DONE]` where the format has it; a
+client that goes away cancels the stream, which aborts the engine requests and sandbox
+calls. However the request ends, the client is charged with every token the engine
+generated, in a `finally`; a completed request's trace is stored, bound to its client,
+unless it asked for none. Also `with_keepalive`.
 
 Does not own: what the chunks and bodies say (the builders: responses.py,
-plain_responses.py), checking the request (checks.py, guards.py), the engine, or
-anything about tokens beyond the counts the engine reports.
+plain_responses.py, plain_chat.py, response_items.py), checking the request (checks.py,
+guards.py), the engine, or anything about tokens beyond the counts the engine reports.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ log = logging.getLogger("server")
 
 class Builder(Protocol):
     """What `respond` needs of a response builder (responses.ResponseBuilder,
-    plain_responses.PlainCompletionBuilder)."""
+    plain_responses.PlainCompletionBuilder, plain_chat.PlainChatBuilder,
+    response_items.ResponsesBuilder)."""
 
     id: str
     include_usage: bool

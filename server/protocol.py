@@ -6,8 +6,15 @@ Owns: the accepted request shapes of `/v1/chat/completions` and `/v1/completions
 `include_stop_str_in_output`, `chat_template_kwargs`), the `thor` options object,
 and turning them into the engine's `ThorConfig` / `SamplingOptions` (request values,
 then the checkpoint's generation_config.json defaults, then vLLM's neutral ones).
-OpenAI fields this server cannot honour (tools, structured output, audio, chat
-logprobs, best_of, suffix...) are 400s, never accepted and dropped; `null`
+Chat's plain-generation fields are shaped and checked here too: `logprobs` /
+`top_logprobs` (0..20, needs logprobs), `response_format` (text, json_object,
+json_schema, mapped onto vLLM's structured-output constraint), function `tools`,
+`tool_choice` (none, auto, required, a named function among the tools) and
+`parallel_tool_calls`, and conversation messages carrying `tool_calls` / `tool_call_id`
+(rendered for the chat template as vLLM does: arguments as objects); which of them ask for
+plain generation (`plain_features`: the route refuses them with THOR's tools on).
+OpenAI fields this server cannot honour (legacy functions / function_call, audio,
+best_of, suffix...) are 400s, never accepted and dropped; `null`
 means a field's default, as OpenAI's spec allows. Fields with no effect on the
 answer (user, store, metadata, service_tier) and unknown fields are ignored, as
 OpenAI's SDKs send many. Wrong types or values are 400s naming the field.
@@ -17,6 +24,7 @@ Does not own: response rendering (responses.py) or routing (routes/).
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Literal
 
@@ -238,11 +246,110 @@ class _SamplingRequest(BaseModel):
         )
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    """A client function the model may call (OpenAI `tools[]`)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`: call this function."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    """A call in an earlier assistant message of the conversation."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+    def for_template(self) -> dict[str, Any]:
+        """As chat templates want it (and vLLM passes it): arguments as an object, not JSON text."""
+        try:
+            arguments: Any = json.loads(self.function.arguments)
+        except ValueError:
+            arguments = self.function.arguments
+        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: free text, any JSON object, or JSON that follows a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a `json_schema` object: {"name": ..., "schema": {...}}')
+        return self
+
+    def structured_outputs(self) -> dict[str, Any] | None:
+        """vLLM's structured-output constraint for this format (None: free text), as vLLM's own
+        server maps it: json_object onto `json_object`, json_schema onto `json` (a missing
+        schema: any JSON object)."""
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.type == "json_schema":
+            assert self.json_schema is not None
+            schema = self.json_schema.json_schema
+            return {"json": schema} if schema is not None else {"json_object": True}
+        return None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template gets it (developer is system, as vLLM renders it)."""
+        msg: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            msg["tool_calls"] = [c.for_template() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            msg["name"] = self.name
+        return msg
 
     def text(self) -> str:
         if self.content is None:
@@ -264,12 +371,13 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     audio: Any = None
     modalities: list[str] | None = None
     prediction: Any = None
@@ -277,44 +385,43 @@ class ChatCompletionRequest(_SamplingRequest):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    # What this server cannot do is refused, never accepted and dropped.
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | None) -> bool | None:
-        return _reject_unless(
-            v, not v, "logprobs are not supported on /v1/chat/completions by this server; use /v1/completions"
-        )
-
     @field_validator("top_logprobs")
     @classmethod
-    def _no_top_logprobs(cls, v: int | None) -> int | None:
+    def _top_needs_logprobs(cls, v: int | None, info: Any) -> int | None:
         return _reject_unless(
-            v, not v, "top_logprobs needs logprobs, which this server supports only on /v1/completions"
+            v, not v or bool(info.data.get("logprobs")), "top_logprobs needs logprobs: send `logprobs: true` too"
         )
 
-    @field_validator("tools", "functions")
+    @field_validator("tools")
     @classmethod
-    def _no_tools(cls, v: list[Any] | None) -> list[Any] | None:
-        return _reject_unless(
-            v, not v, "function tools are not supported: THOR runs Python code blocks itself (see `thor`)"
-        )
+    def _some_tools(cls, v: list[ChatTool] | None) -> list[ChatTool] | None:
+        if v is not None and not v:
+            raise ValueError("tools must not be an empty array: send at least one function, or omit tools")
+        names = [t.function.name for t in v or ()]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        return _reject_unless(v, not dup, f"function names must be unique; repeated: {dup}")
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("tool_choice")
     @classmethod
-    def _no_tool_choice(cls, v: Any) -> Any:
+    def _choice_among_tools(cls, v: Any, info: Any) -> Any:
+        tools: list[ChatTool] | None = info.data.get("tools")
+        if v in (None, "none"):
+            return v
+        if not tools:
+            raise ValueError(f"tool_choice {v if isinstance(v, str) else 'naming a function'} needs `tools`")
+        if isinstance(v, NamedToolChoice) and v.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names function {v.function.name!r}, which is not in `tools`")
+        return v
+
+    # What this server cannot do is refused, never accepted and dropped.
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _no_legacy_functions(cls, v: Any, info: Any) -> Any:
         return _reject_unless(
             v,
-            v in (None, "none", "auto"),
-            "only `none` or `auto` can work: this server takes no function tools (THOR runs Python code blocks itself)",
-        )
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        return _reject_unless(
-            v,
-            v is None or v.get("type") in (None, "text"),
-            "structured output (json_object, json_schema) is not supported by this server; omit response_format",
+            v is None,
+            f"the legacy `{info.field_name}` is not supported; send `tools` "
+            '([{"type": "function", "function": {...}}]) and `tool_choice` instead',
         )
 
     @field_validator("audio", "prediction", "web_search_options")
@@ -351,8 +458,31 @@ class ChatCompletionRequest(_SamplingRequest):
             kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
         return kwargs
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def chat_messages(self) -> list[dict[str, Any]]:
+        return [m.for_template() for m in self.messages]
+
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """vLLM's default: `auto` when tools are given, `none` without."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def function_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template and the call schemas take them."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def plain_features(self) -> list[str]:
+        """The fields asking for what only plain generation (THOR off) can give: token logprobs
+        (a THOR answer follows tool outputs the model did not write), a constrained output format,
+        client function calls (THOR's tool is its own Python sandbox)."""
+        used = []
+        if self.logprobs:
+            used.append("logprobs")
+        if self.response_format is not None and self.response_format.type != "text":
+            used.append("response_format")
+        if self.tools:
+            used.append("tools")
+        return used
 
 
 class CompletionRequest(_SamplingRequest):
@@ -436,10 +566,10 @@ class TokenizeRequest(BaseModel):
             raise ValueError("continue_final_message and chat_template_kwargs apply to `messages` only")
         return self
 
-    def chat_messages(self) -> list[dict[str, str]] | None:
+    def chat_messages(self) -> list[dict[str, Any]] | None:
         if self.messages is None:
             return None
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return [m.for_template() for m in self.messages]
 
 
 class DetokenizeRequest(BaseModel):

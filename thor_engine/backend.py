@@ -41,6 +41,9 @@ class GenParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = -1
+    # vLLM's structured outputs: one constraint, as StructuredOutputsParams' fields
+    # (`{"json": schema}`, `{"json_object": True}`, `{"regex": ...}`, `{"choice": [...]}`); None: free text.
+    structured_outputs: Mapping[str, Any] | None = None
     seed: int | None = None
     stop: Sequence[str] = ()
     # Stop strings are kept in the output: the decoder needs the closing fence's tokens.

@@ -35,6 +35,7 @@ from .backend import EngineUnavailable, GenerationBackend, GenParams, InvalidPar
 from .config import SamplingOptions, ThorConfig
 from .decoder import ThorDecoder
 from .events import Event
+from .function_calls import FunctionCallParser
 from .prompting import TIR_INSTRUCTIONS, TirMode, render_chat
 from .streams import merge
 from .tools import ToolExecutor
@@ -144,6 +145,18 @@ class ThorEngine:
     def reasoning_model(self) -> bool:
         return self.decoder.reasoning_model
 
+    def thinking(self, prompt: Prompt) -> str | None:
+        """Where a reasoning model's prompt leaves it: "open" (inside <think>: the template opened
+        it), "closed" (the template closed it: thinking switched off), or None (not a reasoning
+        model, or the model may still open <think> itself)."""
+        if not self.reasoning_model:
+            return None
+        tail = self.backend.tokenizer.decode(list(prompt._ids[-16:]), skip_special_tokens=False)
+        opened, closed = tail.rfind("<think>"), tail.rfind("</think>")
+        if opened > closed:
+            return "open"
+        return "closed" if closed > opened else None
+
     # --- prompts -------------------------------------------------------------------------
 
     def chat_prompt(
@@ -154,8 +167,10 @@ class ThorEngine:
         tir_mode: TirMode = "append",
         enable_thinking: bool | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> Prompt:
-        """Render and tokenise a conversation (blocking: servers use `prepare_chat`).
+        """Render and tokenise a conversation (blocking: servers use `prepare_chat`); `tools`
+        (OpenAI function tools) reach the template as its `tools` variable.
 
         Raises ChatTemplateError when the template refuses the conversation, InvalidParameter
         for bad `chat_template_kwargs`, PromptTooLong when nothing is left for generation."""
@@ -165,6 +180,7 @@ class ThorEngine:
             tir_mode=tir_mode,
             enable_thinking=enable_thinking,
             chat_template_kwargs=chat_template_kwargs,
+            tools=tools,
         )
         return self._checked(ids)
 
@@ -244,6 +260,11 @@ class ThorEngine:
 
         return await asyncio.get_running_loop().run_in_executor(self._render_pool, run)
 
+    @functools.cached_property
+    def function_calls(self) -> FunctionCallParser:
+        """Parses client function calls out of this model's text (vLLM's parser for its family)."""
+        return FunctionCallParser(self.backend.tokenizer)
+
     @property
     def versions(self) -> dict[str, str]:
         """Versions of the generation stack (`vllm` when the backend is vLLM)."""
@@ -321,6 +342,7 @@ class ThorEngine:
         sampling: SamplingOptions,
         *,
         n: int = 1,
+        structured_outputs: Mapping[str, Any] | None = None,  # vLLM's constraint, e.g. {"json": schema}
         logprobs: int | None = None,
         include_stop_str_in_output: bool = False,
         request_id: str | None = None,
@@ -343,6 +365,7 @@ class ThorEngine:
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 top_k=sampling.top_k,
+                structured_outputs=dict(structured_outputs) if structured_outputs else None,
                 seed=seed,
                 stop=sampling.stop,
                 include_stop_str_in_output=include_stop_str_in_output,

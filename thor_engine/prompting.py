@@ -4,7 +4,7 @@ Owns: the tool-integrated-reasoning instruction text, where it goes (`TirMode`:
 appended to the caller's system message by default, only when the caller brought
 none, or never), whether the model is a reasoning ("thinking") model, and
 rendering chat messages with the tokenizer's own chat template plus the caller's
-`chat_template_kwargs`. Raw prompt text or token ids pass through untouched.
+`chat_template_kwargs` and function `tools`. Raw prompt text or token ids pass through untouched.
 
 Does not own: sampling, the loop, or HTTP message validation.
 """
@@ -84,11 +84,13 @@ def render_chat(
     chat_template_kwargs: Mapping[str, Any] | None = None,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[int]:
     """Token ids of `messages` rendered by the model's chat template, ready for generation
     (or, for `/tokenize`, without the generation prompt, or continuing the last message).
 
-    `chat_template_kwargs` reach the template as variables (e.g. Qwen3's `enable_thinking`);
+    `chat_template_kwargs` reach the template as variables (e.g. Qwen3's `enable_thinking`), and
+    `tools` (OpenAI function tools, for client function calling) as its `tools` variable;
     a template that rejects the conversation raises jinja2.TemplateError (callers report it)."""
     msgs = with_tir_instructions(messages, tir_instructions, tir_mode)
     kwargs: dict[str, Any] = dict(chat_template_kwargs or {})
@@ -102,6 +104,7 @@ def render_chat(
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
+        **({"tools": [dict(t) for t in tools]} if tools else {}),
         **kwargs,
     )
     return tokenizer.encode(text, add_special_tokens=False)

