@@ -12,7 +12,8 @@ json_schema, mapped onto vLLM's structured-output constraint), function `tools`,
 `tool_choice` (none, auto, required, a named function among the tools) and
 `parallel_tool_calls`, and conversation messages carrying `tool_calls` / `tool_call_id`
 (rendered for the chat template as vLLM does: arguments as objects); which of them ask for
-plain generation (`plain_features`: the route refuses them with THOR's tools on).
+plain generation (`plain_features`: the route refuses them with THOR's tools on, but for
+function tools with tool_choice auto or none, which run with THOR).
 OpenAI fields this server cannot honour (legacy functions / function_call, audio,
 best_of, suffix...) are 400s, never accepted and dropped; `null`
 means a field's default, as OpenAI's spec allows. Fields with no effect on the

@@ -17,7 +17,11 @@ The one rule for the message fields, streamed or not:
   (`<think>` tags themselves go nowhere);
 - without tools, a non-reasoning model's text is `content` as it comes, and a
   reasoning model's text is split at its think tags;
-- completions put the whole trajectory in `text`.
+- completions put the whole trajectory in `text`;
+- chat with THOR on and client function `tools` (tool_choice auto): the turn ends where
+  the model closes a call to a client function (`</tool_call>` is a stop string); the
+  calls its answer ends with become `tool_calls` (finish_reason `tool_calls`), sent whole
+  when the trajectory ends, and their text leaves `content`.
 The non-stream body is built from exactly the deltas the stream sends, so
 concatenating a stream's deltas gives the non-stream message, field by field.
 
@@ -27,10 +31,12 @@ Does not own: HTTP plumbing (app.py) or anything about tokens.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from thor_engine.events import Backtrack, CodeBlock, Event, Final, FinishReason, TextDelta, ToolCall, Vote
+from thor_engine.function_calls import TOOL_CALL_START, FunctionCallParser
 
 from .metrics import ServerMetrics
 from .tool_records import backtrack_record, call_record, result_record, retract, trace_head, trajectory_record
@@ -64,6 +70,7 @@ class ChoiceState:
     backtracks: list[dict[str, Any]] = field(default_factory=list)
     final: Final | None = None
     started: bool = False
+    function_calls: list[dict[str, Any]] = field(default_factory=list)  # calls to the client's functions
 
 
 class ResponseBuilder:
@@ -79,8 +86,11 @@ class ResponseBuilder:
         reasoning_model: bool,
         metrics: ServerMetrics,
         include_usage: bool = False,
+        function_calls: FunctionCallParser | None = None,
     ) -> None:
         self.kind, self.id, self.model = kind, response_id, model
+        #: chat with THOR on and client functions (tool_choice auto): the answer's calls, parsed at the end
+        self.function_calls = function_calls
         self.created = int(time.time())
         self.choices = [ChoiceState(i) for i in range(n)]
         self.reasoning_fields = reasoning_fields
@@ -204,9 +214,35 @@ class ResponseBuilder:
             else:
                 out.append(self._chunk([self._completion_choice(st.index, "", thor=thor)]))
         if isinstance(ev, Final):
+            calls = self._client_calls(st)
             out.extend(self._release(st, final=True))
+            if calls:
+                st.function_calls = calls
+                out.append(self._chunk([self._chat_choice(st.index, {"tool_calls": calls})]))
             out.extend(self._finish(st, ev))
         return out
+
+    def _client_calls(self, st: ChoiceState) -> list[dict[str, Any]]:
+        """The calls to client functions the held answer ends with (its text is taken out of it)."""
+        if self.function_calls is None:
+            return []
+        answer = "".join(p.text for p in st.pending if p.field == "content")
+        start = answer.find(TOOL_CALL_START)
+        if start < 0:
+            return []
+        _, calls = self.function_calls.parse(answer[start:])
+        if not calls:
+            return []  # no call parses: the text stays the answer
+        retract(st.pending, len(answer) - len(answer[:start].rstrip()))  # the call and the space before it
+        return [
+            {
+                "index": i,
+                "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+            for i, (name, arguments) in enumerate(calls)
+        ]
 
     def _thor_event(self, st: ChoiceState, ev: Event) -> dict[str, Any] | None:
         if isinstance(ev, CodeBlock):
@@ -238,7 +274,7 @@ class ResponseBuilder:
     def _finish(self, st: ChoiceState, ev: Final) -> list[dict[str, Any]]:
         st.final = ev
         self.metrics.count_trajectory(ev)
-        finish = OPENAI_FINISH[ev.finish_reason]
+        finish = "tool_calls" if st.function_calls else OPENAI_FINISH[ev.finish_reason]
         if self.kind == "chat":
             return [self._chunk([self._chat_choice(st.index, {}, finish)])]
         # the THOR loop does not report which user stop string ended it: stop_reason stays null
@@ -288,11 +324,14 @@ class ResponseBuilder:
         choices = []
         for st in self.choices:
             assert st.final is not None
-            finish = OPENAI_FINISH[st.final.finish_reason]
+            finish = "tool_calls" if st.function_calls else OPENAI_FINISH[st.final.finish_reason]
             if self.kind == "chat":
-                message: dict[str, Any] = {"role": "assistant", "content": st.content, "refusal": None}
+                content = st.content if st.content or not st.function_calls else None
+                message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
                 if st.reasoning or self.tools_enabled or self.reasoning_model:
                     message.update(self._reasoning(st.reasoning))
+                if st.function_calls:
+                    message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in st.function_calls]
                 choices.append({"index": st.index, "message": message, "logprobs": None, "finish_reason": finish})
             else:
                 choices.append(

@@ -55,8 +55,8 @@ ADD = {
 
 
 @pytest.fixture(scope="module")
-def server(default_model):
-    with run_server(tiny_server_args(default_model, MODEL)) as srv:
+def server(default_model, sandbox):
+    with run_server(tiny_server_args(default_model, MODEL, sandbox_url=sandbox.url)) as srv:
         yield srv
 
 
@@ -452,7 +452,9 @@ def test_tool_choice_none_renders_tools_and_calls_nothing(server):
     [
         ({"logprobs": True}, "logprobs"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"tools": [ADD]}, "tools"),
+        ({"tools": [ADD], "logprobs": True}, "logprobs"),
+        ({"tools": [ADD], "tool_choice": "required"}, "tool_choice"),
+        ({"tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "add"}}}, "tool_choice"),
     ],
 )
 @pytest.mark.parametrize("thor", [None, {"enabled": True}])
@@ -464,6 +466,31 @@ def test_thor_on_refuses_plain_only_features_and_says_how(server, extra, param, 
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and '"enabled": false' in err["message"]
+
+
+def test_thor_on_with_client_functions_runs_python_and_takes_tool_results(client, server, tokenizer):
+    """THOR on (the default) with client functions (tool_choice auto): the tools reach the
+    template next to THOR's instructions, the model's Python still runs server-side, and a
+    conversation carrying a client call and its result continues with THOR on. (The model's own
+    call to a client function, which ends the turn with `tool_calls`, is checked on the builder
+    with the real decoder: tests/test_stream_equality.py::test_client_function_call_ends_a_thor_turn.)"""
+    ask = [{"role": "user", "content": "What is 123*457? Use Python."}]
+    r = client.chat.completions.create(model=MODEL, messages=ask, tools=[ADD], temperature=0, max_tokens=200)
+    validate(r.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionResponse")
+    thor = r.model_extra["thor"]["choices"][0]
+    assert thor["tool_calls"] and thor["tool_calls"][0]["stdout"].strip() == "56211"
+    plain = client.chat.completions.create(model=MODEL, messages=ask, temperature=0, max_tokens=1)
+    assert r.usage.prompt_tokens > plain.usage.prompt_tokens  # the tools are in the prompt too
+    turn = [
+        *ask,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+    ]  # fmt: skip
+    follow = client.chat.completions.create(model=MODEL, messages=turn, tools=[ADD], temperature=0, max_tokens=120)
+    validate(follow.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionResponse")
+    assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert follow.usage.prompt_tokens > r.usage.prompt_tokens
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ TIR model, official `openai` SDK) is `tests/test_server.py::test_server_stream_e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
@@ -258,3 +259,46 @@ def test_plain_completion_logprob_offsets_do_not_depend_on_chunking() -> None:
             streamed[k] += v
     assert streamed == split_body["choices"][0]["logprobs"]
     assert "".join(c["choices"][0]["text"] for c in split_stream) == split_body["choices"][0]["text"] == " 336"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_function_call_ends_a_thor_turn(tokenizer, executor, stream):
+    """THOR on with client functions: the model runs its Python, then calls a client function;
+    the call (up to the `</tool_call>` stop string) becomes `tool_calls`, never `content`."""
+    from thor_engine.function_calls import TOOL_CALL_END, FunctionCallParser
+
+    call = '<tool_call>\n{"name": "send_answer", "arguments": {"value": 42}}\n'
+    text = "Compute.\n```python\nprint(6*7)\n```\n```output\n42\n```\nSending it.\n" + call + TOOL_CALL_END + " junk"
+    dec = ThorDecoder(ScriptedBackend(tokenizer, continuing(text)), executor)
+    builder = ResponseBuilder(
+        kind="chat",
+        response_id="x",
+        model="m",
+        n=1,
+        reasoning_fields="reasoning_content",
+        tools_enabled=True,
+        reasoning_model=False,
+        metrics=ServerMetrics(),
+        function_calls=FunctionCallParser(tokenizer),
+    )
+    prompt = render_chat(tokenizer, [{"role": "user", "content": "What is 6*7? Send it."}])
+    sampling = SamplingOptions(max_tokens=400, stop=(TOOL_CALL_END,), temperature=0.0)
+    chunks = [c for ev in [e async for e in dec.stream(prompt, ThorConfig(), sampling)] for c in builder.feed(ev)]
+    body = builder.response()
+    message = body["choices"][0]["message"]
+    assert body["choices"][0]["finish_reason"] == "tool_calls"
+    [tc] = message["tool_calls"]
+    assert tc["type"] == "function" and tc["function"]["name"] == "send_answer"
+    assert json.loads(tc["function"]["arguments"]) == {"value": 42}
+    assert message["content"] == "Sending it."
+    assert "```output\n42\n```" in message["reasoning_content"]
+    assert body["thor"]["choices"][0]["tool_calls"][0]["stdout"] == "42\n"  # the Python ran server-side
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert streamed == "Sending it."  # the call's text never reached content
+    [sent] = [
+        c["choices"][0]["delta"]["tool_calls"]
+        for c in chunks
+        if c["choices"] and "tool_calls" in c["choices"][0]["delta"]
+    ]
+    assert [{k: v for k, v in t.items() if k != "index"} for t in sent] == message["tool_calls"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 TOOL_CALL_START = "<tool_call>"
+TOOL_CALL_END = "</tool_call>"
 
 Call = tuple[str, str]  # (function name, arguments as JSON text)
 
@@ -120,7 +121,10 @@ class FunctionCallParser:
 
     def parse(self, text: str) -> tuple[str, list[Call]]:
         """A finished text's content (before the first call) and its calls, as vLLM's
-        `hermes` parser reads them (text whose calls do not parse stays content)."""
+        `hermes` parser reads them (text whose calls do not parse stays content). A text that
+        ends inside its last call (generation stopped at the closing tag) is closed first."""
+        if text.rfind(TOOL_CALL_START) > text.rfind(TOOL_CALL_END):
+            text += TOOL_CALL_END
         info = self._parser().extract_tool_calls(text, request=None)
         if not info.tools_called:
             return text, []

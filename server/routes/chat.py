@@ -7,10 +7,13 @@ context as vLLM does), and the trace summary; then hands the engine's events to
 generation.respond with a ResponseBuilder. Requests with THOR off that ask for
 `logprobs`, a `response_format` or function `tools` go to the engine's plain generation
 (the JSON format or forced call as a structured-output constraint) and a
-PlainChatBuilder; with THOR on those fields are 400s naming them and saying to send
-`thor: {"enabled": false}`, as are their combinations that cannot work (a forced call
-with a response_format, `auto` on a model whose template writes no calls, a constrained
-output on a reasoning model with thinking on).
+PlainChatBuilder. With THOR on, function `tools` with tool_choice `auto` or `none` run
+the THOR loop with the tools in the prompt (`auto`: `</tool_call>` is a stop string and
+the ResponseBuilder turns the calls the answer ends with into `tool_calls`); logprobs, a
+response_format and a forced call are 400s naming them and saying to send
+`thor: {"enabled": false}`, as are the combinations that cannot work (a forced call with
+a response_format, `auto` on a model whose template writes no calls, a constrained output
+on a reasoning model with thinking on).
 Does not own: auth and rate limits (guards.py), request checks (checks.py), running
 and streaming the request (generation.py) or rendering it (responses.py).
 """
@@ -27,7 +30,7 @@ from fastapi.responses import Response
 
 from thor_engine.config import SamplingOptions
 from thor_engine.engine import InvalidParameter, PlainChunk, Prompt, PromptTooLong
-from thor_engine.function_calls import forced_call_schema
+from thor_engine.function_calls import TOOL_CALL_END, forced_call_schema
 from thor_engine.prompting import TIR_INSTRUCTIONS
 
 from ..checks import check_model, check_thor_limits, sampling
@@ -50,7 +53,17 @@ async def chat_completions(
     opts = body.thor
     tools = opts is None or opts.enabled
     plain = body.plain_features()
-    if plain and tools:
+    choice = body.effective_tool_choice()
+    # THOR on with client functions: Python runs server-side, a call to a client function ends the turn
+    mixed = tools and plain == ["tools"] and choice in ("auto", "none")
+    if tools and plain == ["tools"] and not mixed:
+        raise ApiError(
+            400,
+            'with THOR\'s tools on, tool_choice must be "auto" or "none": forcing a function call would keep the '
+            'model from writing its Python; send thor: {"enabled": false} to force a call',
+            param="tool_choice",
+        )
+    if plain and tools and not mixed:
         raise ApiError(
             400,
             f'{plain[0]} needs THOR\'s tools off: send `thor: {{"enabled": false}}` (extra_body in the SDKs). '
@@ -58,7 +71,6 @@ async def chat_completions(
             "server-side, so token logprobs, response_format and client function tools apply to plain chat only",
             param=plain[0],
         )
-    choice = body.effective_tool_choice()
     if choice == "auto" and plain and not state.engine.function_calls.supports_auto:
         raise ApiError(
             400,
@@ -106,8 +118,11 @@ async def chat_completions(
     await limiter.admit(prompt.num_tokens)
     rid = "chatcmpl-" + uuid.uuid4().hex
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    if plain:
+    if plain and not mixed:
         return await _plain_chat(state, request, limiter, body, prompt, options, rid, include_usage)
+    parser = state.engine.function_calls if mixed and choice == "auto" else None
+    if parser is not None:  # the turn ends where the model closes a call to a client function
+        options = options.model_copy(update={"stop": (*options.stop, TOOL_CALL_END)})
     builder = ResponseBuilder(
         kind="chat",
         response_id=rid,
@@ -117,6 +132,7 @@ async def chat_completions(
         tools_enabled=tools,
         reasoning_model=state.engine.reasoning_model,
         metrics=state.metrics,
+        function_calls=parser,
     )
     events = state.engine.stream(prompt, cfg, options, n=body.n, vote=bool(opts and opts.vote), request_id=rid)
     summary = {
