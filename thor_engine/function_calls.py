@@ -121,10 +121,8 @@ class FunctionCallParser:
 
     def parse(self, text: str) -> tuple[str, list[Call]]:
         """A finished text's content (before the first call) and its calls, as vLLM's
-        `hermes` parser reads them (text whose calls do not parse stays content). A text that
-        ends inside its last call (generation stopped at the closing tag) is closed first."""
-        if text.rfind(TOOL_CALL_START) > text.rfind(TOOL_CALL_END):
-            text += TOOL_CALL_END
+        `hermes` parser reads them (text whose calls do not parse stays content; a last call
+        without its closing tag, as generation stopped at it, is read too)."""
         info = self._parser().extract_tool_calls(text, request=None)
         if not info.tools_called:
             return text, []
