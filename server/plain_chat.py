@@ -44,6 +44,8 @@ from thor_engine.engine import PlainChunk
 from thor_engine.function_calls import FunctionCallParser, forced_calls, partial_overlap
 
 from .metrics import ServerMetrics
+from .plain_responses import PlainTokenCounts
+from .tool_records import trace_head
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -68,7 +70,7 @@ class ChatChoiceState:
     final: dict[str, Any] | None = None  # finish_reason once the choice has finished
 
 
-class PlainChatBuilder:
+class PlainChatBuilder(PlainTokenCounts):
     def __init__(
         self,
         *,
@@ -232,21 +234,6 @@ class PlainChatBuilder:
             self.metrics.generated_tokens.inc(self.generated_tokens())
         return out
 
-    def generated_tokens(self) -> int:
-        """Tokens the engine generated for this request: what rate limits charge."""
-        return sum(st.completion_tokens for st in self.choices)
-
-    def usage(self) -> dict[str, Any]:
-        completion = self.generated_tokens()
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-        }
-
-    def usage_chunk(self) -> dict[str, Any]:
-        return self._chunk([], usage=self.usage())
-
     def _message(self, st: ChatChoiceState) -> dict[str, Any]:
         message: dict[str, Any] = {
             "role": "assistant",
@@ -282,12 +269,7 @@ class PlainChatBuilder:
     def trace(self, request_summary: dict[str, Any]) -> dict[str, Any]:
         """The stored trace: the request summary, timings and each choice's message."""
         return {
-            "id": self.id,
-            "object": "thor.trace",
-            "created": self.created,
-            "model": self.model,
-            "request": request_summary,
-            "timings": {"time_to_first_token_s": self.first_token_s, "total_s": time.monotonic() - self.t0},
+            **trace_head(self.id, self.created, self.model, request_summary, self.first_token_s, self.t0),
             "choices": [
                 {"index": st.index, "text": st.raw, "message": self._message(st), **(st.final or {})}
                 for st in self.choices

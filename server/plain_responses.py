@@ -16,6 +16,8 @@ top_logprobs null, as vLLM and OpenAI send them); `echo_only` (vLLM's `max_token
 the prompt alone and drops the one token the engine had to generate.
 With vLLM's `return_token_ids`, each chunk also carries its new `token_ids` (and a choice's
 first chunk `prompt_token_ids`), as vLLM 0.32 puts them; the non-stream choices carry both whole.
+Also `PlainTokenCounts`: the generated tokens and `usage` both plain builders (this one and
+plain_chat.PlainChatBuilder) count alike.
 
 Does not own: THOR's responses (responses.py), HTTP plumbing (generation.py, routes/),
 or anything about tokens beyond the counts the engine reports.
@@ -30,10 +32,37 @@ from typing import Any
 from thor_engine.engine import LogprobEntry, PlainChunk
 
 from .metrics import ServerMetrics
+from .tool_records import trace_head
 
 
 def _empty_logprobs() -> dict[str, list[Any]]:
     return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+
+class PlainTokenCounts:
+    """What the plain builders (completions here, chat in plain_chat.py) count alike: the tokens
+    the engine generated (what rate limits charge) and `usage`, which a stream's last chunk carries."""
+
+    choices: list[Any]  # each with the `completion_tokens` the engine reported
+    prompt_tokens: int
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def generated_tokens(self) -> int:
+        """Tokens the engine generated for this request: what rate limits charge."""
+        return sum(st.completion_tokens for st in self.choices)
+
+    def usage(self) -> dict[str, Any]:
+        completion = self.generated_tokens()
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return self._chunk([], usage=self.usage())
 
 
 @dataclass
@@ -50,7 +79,7 @@ class PlainChoice:
     final: dict[str, Any] | None = None  # finish_reason and stop_reason once the choice has finished
 
 
-class PlainCompletionBuilder:
+class PlainCompletionBuilder(PlainTokenCounts):
     def __init__(
         self,
         *,
@@ -151,21 +180,6 @@ class PlainCompletionBuilder:
             return {}
         return {"prompt_token_ids": st.prompt_token_ids, "token_ids": st.token_ids}
 
-    def generated_tokens(self) -> int:
-        """Tokens the engine generated for this request: what rate limits charge."""
-        return sum(st.completion_tokens for st in self.choices)
-
-    def usage(self) -> dict[str, Any]:
-        completion = self.generated_tokens()
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-        }
-
-    def usage_chunk(self) -> dict[str, Any]:
-        return self._chunk([], usage=self.usage())
-
     def response(self) -> dict[str, Any]:
         """The non-stream body: the same text and logprobs the stream sends, accumulated."""
         choices = [
@@ -184,11 +198,6 @@ class PlainCompletionBuilder:
     def trace(self, request_summary: dict[str, Any]) -> dict[str, Any]:
         """The stored trace: the request summary, timings and each choice's text."""
         return {
-            "id": self.id,
-            "object": "thor.trace",
-            "created": self.created,
-            "model": self.model,
-            "request": request_summary,
-            "timings": {"time_to_first_token_s": self.first_token_s, "total_s": time.monotonic() - self.t0},
+            **trace_head(self.id, self.created, self.model, request_summary, self.first_token_s, self.t0),
             "choices": [{"index": st.index, "text": st.text, **(st.final or {})} for st in self.choices],
         }
