@@ -47,6 +47,7 @@ class PlainTokenCounts:
     prompt_tokens: int
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        # each builder frames its own chunks (text_completion, chat.completion.chunk); never reached
         raise NotImplementedError
 
     def generated_tokens(self) -> int:
