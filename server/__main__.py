@@ -112,6 +112,7 @@ def make_build(
         from thor_engine.models.provision import PRESETS, ensure_model
         from thor_engine.tools import SandboxExecutor, SandboxPolicy
 
+        from .activity import ActivityClock, ClockedBackend, ClockedExecutor
         from .metering import MeteredBackend
         from .store import create_store
         from .tool_cache import CachingExecutor
@@ -154,15 +155,18 @@ def make_build(
                 on_sandbox_error=settings.sandbox_error_policy,
                 max_concurrent_per_request=settings.sandbox_max_concurrent_per_request,
             )
+            # engine and sandbox busy time on /metrics (server/activity.py); cache hits run nothing
+            clock = ActivityClock()
+            metrics.watch_activity(clock)
             executor = CachingExecutor(
-                SandboxExecutor(sandbox, policy),
+                ClockedExecutor(SandboxExecutor(sandbox, policy), clock),
                 store,
                 sandbox_fingerprint=fingerprint,
                 ttl_s=settings.tool_cache_ttl_s,
                 metrics=metrics,
             )
             # generated tokens are counted per request for the rate limits (server/metering.py)
-            engine = ThorEngine(MeteredBackend(backend), executor, model_name=name)
+            engine = ThorEngine(MeteredBackend(ClockedBackend(backend, clock)), executor, model_name=name)
             info["model_name"] = name
             state = ServerState(
                 settings=settings,

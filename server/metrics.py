@@ -14,6 +14,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from thor_engine.events import Final, ToolCall
 
+from .activity import ActivityClock, ActivityCollector
+
 LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -53,6 +55,10 @@ class ServerMetrics:
         self.aborted = Counter(
             "thor_aborted_requests_total", "Requests aborted because the client went away.", registry=r
         )
+
+    def watch_activity(self, clock: ActivityClock) -> None:
+        """Expose `clock`'s engine and sandbox busy time (thor_engine_busy_seconds_total, ...)."""
+        self.registry.register(ActivityCollector(clock))
 
     def count_tool_result(self, ev: ToolCall) -> None:
         """A sandbox run's outcome and duration (a call refused unrun is not a run)."""

@@ -505,7 +505,12 @@ def test_non_stream_disconnect_aborts_engine_request(server):
 
 
 def test_metrics_exposition(server, client):
+    busy_before = metric(server.url, "thor_engine_busy_seconds_total")
+    t0 = time.monotonic()
     client.chat.completions.create(**chat(MUL, max_tokens=200))
+    wall = time.monotonic() - t0
+    busy = metric(server.url, "thor_engine_busy_seconds_total") - busy_before
+    assert 0 < busy < wall + 0.5, (busy, wall)  # the engine's busy time lies within the request
     text = httpx.get(server.url + "/metrics").text
     for name in (
         "thor_requests_total",
@@ -516,6 +521,7 @@ def test_metrics_exposition(server, client):
         "thor_tool_duration_seconds",
         "thor_tool_rounds_per_request",
         "thor_requests_in_flight",
+        "thor_sandbox_only_seconds_total",
         "vllm:",
     ):
         assert name in text, name
