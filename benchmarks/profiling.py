@@ -43,7 +43,8 @@ def py_spy_path() -> str:
 def py_spy(pid: int, out: Path, rate: int = 200) -> Iterator[Path]:
     """Record `pid` into `out` (collapsed stacks) while the block runs."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [py_spy_path(), "record", "-p", str(pid), "-o", str(out), "--format", "raw", "-r", str(rate)]
+    # --gil: only samples where a thread holds the GIL, i.e. Python work (uvloop's wait in epoll drops out)
+    cmd = [py_spy_path(), "record", "-p", str(pid), "-o", str(out), "--format", "raw", "-r", str(rate), "--gil"]
     proc = subprocess.Popen([*cmd, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)  # attached before the load starts
     if proc.poll() is not None:
@@ -95,7 +96,13 @@ def top_frames(raw: Path, n: int = 20) -> dict[str, Any]:
     def shares(counter: collections.Counter[str]) -> list[dict[str, Any]]:
         return [{"frame": k, "share": v / busy} for k, v in counter.most_common(n)] if busy else []
 
-    return {"busy_samples": busy, "idle_samples": idle, "self": shares(self_), "total": shares(total)}
+    return {
+        "busy_samples": busy,
+        "idle_samples": idle,
+        "self": shares(self_),
+        "total": shares(total),
+        "total_all": [{"frame": k, "share": v / busy} for k, v in total.most_common()] if busy else [],
+    }
 
 
 def print_top(title: str, summary: dict[str, Any], n: int = 12) -> None:
@@ -103,4 +110,13 @@ def print_top(title: str, summary: dict[str, Any], n: int = 12) -> None:
     print("| self % | function (file) |")
     print("| ---: | --- |")
     for row in summary["self"][:n]:
+        print(f"| {100 * row['share']:.1f} | `{row['frame']}` |")
+    ours = [
+        r
+        for r in summary["total_all"]
+        if r["frame"].split("(")[-1].startswith(("server/", "thor_engine/")) and "__main__" not in r["frame"]
+    ]
+    print("\n| total % (on the stack) | our function (file) |")
+    print("| ---: | --- |")
+    for row in ours[:n]:
         print(f"| {100 * row['share']:.1f} | `{row['frame']}` |")

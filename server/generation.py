@@ -6,7 +6,8 @@ builder and returns either the non-stream JSON body (the request is aborted when
 disconnects: a 499) or a `StreamingResponse` framed by a `StreamFormat` (chat and
 completions: `data:` lines; the Responses API: named events after its opening ones), with
 `: keep-alive` comments while the engine is silent (e.g. during a long tool call), an
-in-band error event when a started stream fails, then `[DONE]` where the format has it; a
+in-band error event when a started stream fails, then `[DONE]` where the format has it (the
+events ready together are sent in one write: a stream that fell behind catches up at once); a
 client that goes away cancels the stream, which aborts the engine requests and sandbox
 calls. However the request ends, the client is charged with every token the engine
 generated, in a `finally`; a completed request's trace is stored, bound to its client,
@@ -154,16 +155,21 @@ async def sse(
     the usage chunk when asked for, `on_complete()` once all is sent, then `[DONE]` (after an
     error event on a failure) where the format has it."""
     completed = False
+    pending: list[str] = []  # lines of the current batch, sent before an error event if a later one fails
     try:
         for chunk in fmt.opening() if fmt.opening else []:
             yield fmt.line(chunk)
-        async with contextlib.aclosing(with_keepalive(events, state.settings.sse_keepalive_s)) as evs:
-            async for ev in evs:
-                if ev is KEEPALIVE:  # a long tool call: keep proxies and clients from timing out
+        async with contextlib.aclosing(with_keepalive(events, state.settings.sse_keepalive_s)) as batches:
+            async for batch in batches:
+                if batch is KEEPALIVE:  # a long tool call: keep proxies and clients from timing out
                     yield ": keep-alive\n\n"
                     continue
-                for chunk in builder.feed(ev):
-                    yield fmt.line(chunk)
+                # every event that is ready goes out in one write (one ASGI message, one send)
+                for ev in batch:
+                    pending.extend(fmt.line(chunk) for chunk in builder.feed(ev))
+                if pending:
+                    lines, pending = "".join(pending), []
+                    yield lines
         if include_usage:
             yield fmt.line(builder.usage_chunk())
         completed = True
@@ -175,6 +181,8 @@ async def sse(
         if err is None:
             log.error("stream failed", exc_info=exc)
             err = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
+        if pending:
+            yield "".join(pending)
         yield fmt.line(fmt.error(err) if fmt.error else error_body(err.message, err.type, err.param, err.code))
     if completed:
         await on_complete()
@@ -214,16 +222,13 @@ KEEPALIVE = object()
 
 
 async def with_keepalive(events: AsyncIterator[Any], interval_s: float) -> AsyncIterator[Any]:
-    """`events`, plus `KEEPALIVE` each time `interval_s` passes without one (0: never).
+    """The items of `events` in batches (lists of every item that is ready when the consumer asks,
+    so a consumer that fell behind catches up in one step), plus `KEEPALIVE` each time
+    `interval_s` passes without one (0: never).
 
     One producer task pulls the events (so the source runs in a single task however long the
     consumer waits); closing this iterator cancels the producer, which closes the source."""
-    if interval_s <= 0:
-        async with contextlib.aclosing(events) as evs:  # type: ignore[type-var]
-            async for ev in evs:
-                yield ev
-        return
-    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue(maxsize=64)
+    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue(maxsize=256)
 
     async def pump() -> None:
         try:
@@ -240,19 +245,28 @@ async def with_keepalive(events: AsyncIterator[Any], interval_s: float) -> Async
     getter: asyncio.Future[tuple[bool, Any]] | None = None
     try:
         while True:
-            getter = getter or asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({getter}, timeout=interval_s)
-            if not done:
-                yield KEEPALIVE
-                continue
-            is_event, item = getter.result()
-            getter = None
-            if is_event:
-                yield item
-            elif item is None:
-                return
+            if queue.empty() or getter is not None:
+                getter = getter or asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=interval_s if interval_s > 0 else None)
+                if not done:
+                    yield KEEPALIVE
+                    continue
+                ready, getter = [getter.result()], None
             else:
+                ready = []
+            while not queue.empty():
+                ready.append(queue.get_nowait())
+            batch: list[Any] = []
+            for is_event, item in ready:
+                if is_event:
+                    batch.append(item)
+                    continue
+                if batch:
+                    yield batch
+                if item is None:
+                    return
                 raise item
+            yield batch
     finally:
         if getter is not None:
             getter.cancel()

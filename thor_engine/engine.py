@@ -416,7 +416,9 @@ class ThorEngine:
                     )
                     sent_prompt = True
 
-        async with contextlib.aclosing(merge([functools.partial(one, i) for i in range(n)])) as merged:
+        # one choice is read directly: merge's task and queue would cost a task switch per token
+        choices = one(0) if n == 1 else merge([functools.partial(one, i) for i in range(n)])
+        async with contextlib.aclosing(choices) as merged:
             async for item in merged:
                 yield item
 
