@@ -56,7 +56,8 @@ class ThorObservation(BaseModel):
 class ThorRepetition(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_repeats: int | None = Field(default=None, ge=2, le=1000)
-    max_period: int | None = Field(default=None, ge=1, le=4096)
+    # a token costs up to O(max_period) in a degenerate stream: bounded for clients
+    max_period: int | None = Field(default=None, ge=1, le=1000)
     min_span_tokens: int | None = Field(default=None, ge=1, le=100_000)
 
 

@@ -324,7 +324,7 @@ def test_thor_option_to_config(thor, base, expected):
     assert cfg.repetition == expected
 
 
-@pytest.mark.parametrize("bad", [{"min_repeats": 1}, {"max_period": 0}, {"nope": 1}, "maybe"])
+@pytest.mark.parametrize("bad", [{"min_repeats": 1}, {"max_period": 0}, {"max_period": 1001}, {"nope": 1}, "maybe"])
 def test_thor_option_refuses_bad_values(bad):
     with pytest.raises(ValueError):
         ThorOptions.model_validate({"repetition": bad})

@@ -9,12 +9,15 @@ newest token, where t[i] == t[i-p]; the last r_p + p tokens then have period p, 
 detector trips when r_p + p >= max(min_repeats * p, min_span_tokens). Only periods whose
 run is not zero are kept (a dict), and a new token t can only extend the runs of the
 periods at which t occurred before (its recent positions, kept per token id), so a token
-costs O(occurrences of t in the last max_period tokens), not O(max_period): a few
-microseconds in ordinary text (tests/test_repetition.py measures it).
+costs O(occurrences of t in the last max_period tokens), not O(max_period). Measured here
+(2-core EPYC, Python 3.11) over 38k tokens of this repository's prose and code: 0.5 us a
+token with max_period 200 (1.2 us with 1000); O(max_period) only in a degenerate stream
+(one token over and over: 15 us a token at 200, 74 us at 1000), which trips after
+min_span_tokens.
 
 `reset(tokens)` rebuilds the state from a sequence's tail, for a caller whose sequence
 was cut: only its last `window` tokens matter (a run longer than window - p changes no
-decision), so a rebuild costs at most `window` pushes.
+decision), so a rebuild costs at most `window` pushes (800 by default: about 0.3 ms).
 
 Does not own: which tokens are fed (decoder.py decides: the model's own kept tokens) or
 what happens when it trips.
