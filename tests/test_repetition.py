@@ -200,6 +200,16 @@ async def test_loop_inside_a_code_block_trips(tokenizer, executor):
 
 
 @pytest.mark.sandbox
+async def test_loop_over_many_engine_requests_trips(tokenizer, executor):
+    """Non-code blocks end each engine request at their closing fence: the loop spans requests."""
+    full = "Table:\n" + "```\n| a | b |\n```\n" * 40
+    _, events = await run(tokenizer, executor, continuing(full))
+    [final] = finals(events)
+    assert final.finish_reason is FinishReason.repetition and full.startswith(final.text)
+    assert 4 < final.usage.engine_requests < 15 and final.usage.completion_tokens < 64 + 20
+
+
+@pytest.mark.sandbox
 async def test_discarded_attempts_do_not_count(tokenizer, executor):
     """The model retries the same failing step again and again: the attempts are identical, but
     each is discarded before the next, so the kept trajectory never loops (a detector that saw
