@@ -32,7 +32,7 @@ from typing import Any, Literal
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from thor_engine.config import ObservationConfig, SamplingOptions, SelfCorrectionConfig, ThorConfig
+from thor_engine.config import ObservationConfig, RepetitionConfig, SamplingOptions, SelfCorrectionConfig, ThorConfig
 
 
 class ThorSelfCorrection(BaseModel):
@@ -53,6 +53,14 @@ class ThorObservation(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0, le=300)
 
 
+class ThorRepetition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min_repeats: int | None = Field(default=None, ge=2, le=1000)
+    # a token costs up to O(max_period) in a degenerate stream: bounded for clients
+    max_period: int | None = Field(default=None, ge=1, le=1000)
+    min_span_tokens: int | None = Field(default=None, ge=1, le=100_000)
+
+
 class ThorOptions(BaseModel):
     """The `thor` extra-body field. Anything left out takes the server's default."""
 
@@ -64,6 +72,12 @@ class ThorOptions(BaseModel):
     self_correction: ThorSelfCorrection | bool | None = None
     observation: ThorObservation | None = None
     thinking_budget: int | None = Field(default=None, ge=1)
+    repetition: ThorRepetition | bool | None = Field(
+        default=None,
+        description="End a looping trajectory early (thor finish_reason `repetition`, OpenAI's `length`): true = "
+        "the defaults (or the server's), an object sets min_repeats / max_period / min_span_tokens, false = off. "
+        "Default: the server's setting (THOR_REPETITION_GUARD, off).",
+    )
     vote: bool = False
     trace: bool = Field(
         default=True, description="false: store no trace of this request (GET /v1/traces/{id} answers 404)."
@@ -95,6 +109,15 @@ class ThorOptions(BaseModel):
         elif sc is not None:
             update["self_correction"] = SelfCorrectionConfig(
                 **{**base.self_correction.model_dump(), **sc.model_dump(exclude_none=True)}
+            )
+        rep = self.repetition
+        if rep is False:
+            update["repetition"] = None
+        elif rep is True:
+            update["repetition"] = base.repetition or RepetitionConfig()
+        elif rep is not None:
+            update["repetition"] = RepetitionConfig(
+                **{**(base.repetition or RepetitionConfig()).model_dump(), **rep.model_dump(exclude_none=True)}
             )
         if self.observation is not None:
             try:  # the merged settings are checked together (e.g. keep_head + keep_tail within max_chars): a 400

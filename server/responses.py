@@ -50,6 +50,7 @@ OPENAI_FINISH = {
     FinishReason.tool_budget: "stop",
     FinishReason.tool_error: "stop",
     FinishReason.tool_executed: "stop",
+    FinishReason.repetition: "length",  # cut short like max_tokens (thor.finish_reason says why)
     FinishReason.aborted: "stop",
 }
 

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from thor_engine.config import ThorConfig
+from thor_engine.config import RepetitionConfig, ThorConfig
 
 from .auth import ApiKeys, normalize_key, read_key_file
 
@@ -108,6 +108,11 @@ class ServerSettings(BaseSettings):
     # --- THOR defaults for requests that do not set them
     thor: ThorConfig = ThorConfig()
     default_max_tokens: int = Field(default=2048, ge=1)
+    repetition_guard: bool = Field(
+        default=False,
+        description="End looping trajectories early by default (thor.repetition with its defaults, finish_reason "
+        "`length`, thor's `repetition`); requests may still set thor.repetition (false turns it off).",
+    )
     tir_instructions: Literal["append", "if_no_system", "off"] = Field(
         default="append",
         description="Where THOR's tool-use instructions go when tools are on: appended to the "
@@ -137,6 +142,12 @@ class ServerSettings(BaseSettings):
     )
 
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _repetition_default(self) -> ServerSettings:
+        if self.repetition_guard and self.thor.repetition is None:
+            self.thor = self.thor.model_copy(update={"repetition": RepetitionConfig()})
+        return self
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ServerSettings:

@@ -20,7 +20,7 @@ import pytest
 from server.metrics import ServerMetrics
 from server.responses import ResponseBuilder
 from tests.support.scripted_backend import ScriptedBackend
-from thor_engine.config import SamplingOptions, SelfCorrectionConfig, ThorConfig
+from thor_engine.config import RepetitionConfig, SamplingOptions, SelfCorrectionConfig, ThorConfig
 from thor_engine.decoder import ThorDecoder
 from thor_engine.events import Final
 from thor_engine.prompting import render_chat
@@ -97,6 +97,11 @@ CASES: dict[str, tuple[Callable[[], Callable[[str], str]], dict, str | None]] = 
         "END",
     ),
     "no-code": (lambda: continuing("Just reasoning, no code.\n\nSo \\boxed{3}."), {}, None),
+    "repetition": (  # the guard ends the loop after the call: the looping text is kept (as the answer)
+        lambda: continuing("Compute.\n```python\nprint(6*7)\n```\n```output\n42\n```\nSo " + "the answer is 42. " * 60),
+        {"repetition": RepetitionConfig()},
+        None,
+    ),
 }
 
 THINK_CASES: dict[str, tuple[Callable[[], Callable[[str], str]], dict, str | None]] = {

@@ -23,7 +23,7 @@ import os
 import sys
 from typing import TextIO
 
-from .config import ObservationConfig, SamplingOptions, SelfCorrectionConfig, ThorConfig
+from .config import ObservationConfig, RepetitionConfig, SamplingOptions, SelfCorrectionConfig, ThorConfig
 from .events import Backtrack, Final, TextDelta, ToolCall, Vote
 
 
@@ -63,6 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--max-retries", type=int, default=4)
     g.add_argument("--profile", choices=("notebook", "reference"), default="notebook")
     g.add_argument("--thinking-budget", type=int, default=None)
+    g.add_argument(
+        "--stop-on-repetition",
+        action="store_true",
+        help="end a looping trajectory early (finish reason repetition; ThorConfig.repetition defaults)",
+    )
     g.add_argument("-n", type=int, default=1, help="samples (run concurrently)")
     g.add_argument("--vote", action="store_true", help="majority vote over the samples' answers")
     s = p.add_argument_group("sampling")
@@ -109,6 +114,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
             max_retries=args.max_retries,
         ),
         thinking_budget=args.thinking_budget,
+        repetition=RepetitionConfig() if args.stop_on_repetition else None,
     )
     sampling = SamplingOptions(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed

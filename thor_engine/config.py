@@ -85,6 +85,28 @@ class SelfCorrectionConfig(_Strict):
     )
 
 
+class RepetitionConfig(_Strict):
+    """Stop a trajectory that loops (finish_reason `repetition`): the model's own tokens end in a unit of at most
+    `max_period` tokens repeated back to back at least `min_repeats` times, covering at least `min_span_tokens`.
+
+    Checked on the tokens the model wrote into the kept trajectory, in order (tool outputs and injected text left
+    out, discarded attempts forgotten); the looping text is kept, so the client sees what happened.
+    """
+
+    min_repeats: int = Field(
+        default=4, ge=2, description="Whole copies of the repeating unit, back to back, that count as a loop."
+    )
+    max_period: int = Field(
+        default=200, ge=1, le=4096, description="Longest repeating unit, in tokens (longer cycles are not caught)."
+    )
+    min_span_tokens: int = Field(
+        default=64,
+        ge=1,
+        description="The repeated tail must cover at least this many tokens, so a short unit (`= = =`, a 3-token "
+        "cycle) trips only after this many tokens, not after min_repeats copies.",
+    )
+
+
 class ThorConfig(_Strict):
     """Options of one tool-integrated generation."""
 
@@ -117,6 +139,11 @@ class ThorConfig(_Strict):
         ge=1,
         description="Hard cap on tokens generated for one trajectory, discarded (backtracked) ones included. "
         "None: 4x the trajectory's max_tokens. Bounds the work of retries x tool calls x max_tokens.",
+    )
+    repetition: RepetitionConfig | None = Field(
+        default=None,
+        description="None: off. Otherwise end a looping trajectory early with finish_reason 'repetition' "
+        "(its text kept) instead of letting it run to max_tokens.",
     )
     not_executed_message: str = Field(
         default="Code execution is not available any more (the tool budget is spent): answer from what you have.",

@@ -22,7 +22,11 @@ tokens) each end a trajectory with their own `FinishReason`. For RL: with
 without the observation (`FinishReason.tool_executed`); every `CodeBlock` names the
 trajectory token holding its opening fence (`fence_token`, where step-level RL cuts);
 with `SamplingOptions.logprobs` each request asks the engine for the sampled
-token's log-probability and the trajectory keeps one per token.
+token's log-probability and the trajectory keeps one per token. With
+`ThorConfig.repetition` a `RepetitionDetector` (repetition.py) watches the model's own
+kept tokens as they arrive (tool outputs and injected text left out; rebuilt from the
+kept tail after a cut or backtrack, so discarded attempts never count) and a loop aborts
+the engine request and ends the trajectory with `FinishReason.repetition`, its text kept.
 
 Text is tracked incrementally per token (detokenize.TokenText), so no round is
 decoded twice and a backtrack's cut point is an integer search. Text is streamed
@@ -55,6 +59,7 @@ from .detokenize import TokenText
 from .events import Backtrack, CodeBlock, Event, Final, FinishReason, TextDelta, ToolCall, ToolStats, Usage, Vote
 from .observation import injection, judge
 from .prompting import is_reasoning_model
+from .repetition import RepetitionDetector
 from .streams import merge
 from .tools import ToolExecutor
 from .trajectory import SegmentKind, Trajectory
@@ -100,6 +105,9 @@ class _State:
     executions: int = 0
     stats: ToolStats = field(default_factory=ToolStats)
     counters: _Counters = field(default_factory=_Counters)
+    loop: RepetitionDetector | None = None  # ThorConfig.repetition: fed the model's kept tokens
+    loop_fed: int = 0  # model tokens of the trajectory the detector has seen...
+    loop_cuts: int = 0  # ...as of this many truncations of the trajectory
 
     @property
     def round_start(self) -> int:
@@ -329,6 +337,8 @@ class ThorDecoder:
             languages=cfg.code_languages,
         )
         st.emit_in_think = st.prompt_in_think
+        if cfg.repetition is not None:
+            st.loop = RepetitionDetector(cfg.repetition)
         self._new_watch(st)
         eos = self.backend.eos_token_ids
         max_len = self.backend.max_model_len
@@ -373,6 +383,10 @@ class ThorDecoder:
                     if think_room < req_max:
                         req_max, think_limited = think_room, True
 
+            if st.loop is not None and self._sync_loop(st):
+                finish = FinishReason.repetition  # tokens the last request ended with closed a loop
+                break
+
             stops = list(sampling.stop)
             if st.tools_on:
                 stops += [FENCE_STOP, OUTPUT_STOP]
@@ -407,6 +421,7 @@ class ThorDecoder:
             retractable = self._retractable(st, cfg)
             fence: FenceEvent | None = None
             last: GenChunk | None = None
+            looped = False
             async with contextlib.aclosing(self.backend.generate(st.traj.token_ids, params, req_id)) as gen:
                 async for chunk in gen:
                     last = chunk
@@ -423,7 +438,16 @@ class ThorDecoder:
                         break  # leaving the block aborts the engine request: nothing after the fence is kept
                     for ev in self._emit(st, self._safe_end(st, holds), retractable):
                         yield emit(ev)
+                    if st.loop is not None and chunk.token_ids and not chunk.finished:
+                        # a request the engine ended itself ends as it says; the next sync sees its tokens
+                        st.loop_fed += len(chunk.token_ids)
+                        if st.loop.feed(chunk.token_ids):
+                            looped = True
+                            break  # leaving the block aborts the engine request; the text so far is kept
 
+            if looped:
+                finish = FinishReason.repetition
+                break
             if fence is None:
                 if last is None or not last.finished or last.finish_reason == "abort":
                     finish = FinishReason.aborted
@@ -473,6 +497,25 @@ class ThorDecoder:
         for ev in self._emit(st, len(st.text.text), False):
             yield emit(ev)
         yield emit(self._final(st, finish, include_trajectory))
+
+    def _sync_loop(self, st: _State) -> bool:
+        """Bring the loop detector up to the kept trajectory's model tokens; True if they end in a loop.
+
+        The detector sees the tokens the model wrote into the trajectory as it stands, in order:
+        tool outputs and injected text are left out (an output cannot make a loop, and text the
+        model repeats across tool rounds still does), discarded attempts are forgotten. Tokens
+        are fed as they arrive; before each engine request, tokens appended without it (a round's
+        last chunk, a re-encoded cut) are fed, and after any truncation (a fence or stop-string
+        cut, a backtrack) the detector is rebuilt from the kept tail (at most `window` tokens).
+        """
+        assert st.loop is not None
+        model = st.traj.count(SegmentKind.model)
+        if st.traj.truncations != st.loop_cuts or model < st.loop_fed:
+            st.loop.reset(st.traj.tail(SegmentKind.model, st.loop.window))
+        elif model > st.loop_fed:
+            st.loop.feed(st.traj.tail(SegmentKind.model, model - st.loop_fed))
+        st.loop_fed, st.loop_cuts = model, st.traj.truncations
+        return st.loop.tripped is not None
 
     def _fence_before_eos(self, st: _State, cfg: ThorConfig, eos: frozenset[int]) -> FenceEvent | None:
         if not st.tools_on:

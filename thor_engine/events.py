@@ -27,6 +27,7 @@ class FinishReason(str, Enum):
     tool_error = "tool_error"  # a committed failed call with stop_on_tool_error
     generation_cap = "generation_cap"  # max_generated_tokens (kept + discarded) reached
     tool_executed = "tool_executed"  # the first executed block ran, with stop_after_execution (no observation)
+    repetition = "repetition"  # ThorConfig.repetition: the model's text ended in a loop (kept), cut short
     aborted = "aborted"  # the consumer went away
 
 

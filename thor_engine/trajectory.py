@@ -45,6 +45,8 @@ class Trajectory:
     protected: int = 0
     # Keep one log-probability (or None) per token, aligned with the ids.
     record_logprobs: bool = False
+    # How many truncations removed tokens so far (lets a reader of the ids see they changed).
+    truncations: int = 0
 
     @classmethod
     def from_prompt(cls, prompt_ids: list[int], *, record_logprobs: bool = False) -> Trajectory:
@@ -118,10 +120,22 @@ class Trajectory:
                 if seg.logprobs is not None:
                     del seg.logprobs[-excess:]
                 excess = 0
+        if dropped:
+            self.truncations += 1
         return dropped
 
     def count(self, kind: SegmentKind) -> int:
         return sum(len(s.token_ids) for s in self.segments if s.kind is kind)
+
+    def tail(self, kind: SegmentKind, limit: int) -> list[int]:
+        """The last `limit` (or fewer) token ids of one kind, in order, the other kinds left out."""
+        out: list[int] = []
+        for seg in reversed(self.segments):
+            if len(out) >= limit:
+                break
+            if seg.kind is kind:
+                out[:0] = seg.token_ids[-(limit - len(out)) :]
+        return out
 
     def loss_mask(self) -> list[int]:
         """1 for tokens the model generated (trained on), 0 for prompt, observations, injections."""
