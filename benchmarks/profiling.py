@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import re
 import shutil
 import signal
@@ -49,6 +50,7 @@ def py_spy(pid: int, out: Path, rate: int = 200) -> Iterator[Path]:
     time.sleep(1.0)  # attached before the load starts
     if proc.poll() is not None:
         raise RuntimeError(f"py-spy could not record pid {pid}: {proc.stderr.read() if proc.stderr else ''}")
+    t0 = time.monotonic()
     try:
         yield out
     finally:
@@ -57,6 +59,8 @@ def py_spy(pid: int, out: Path, rate: int = 200) -> Iterator[Path]:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        # what top_frames needs to say how much of the time the process held the GIL
+        out.with_suffix(".meta.json").write_text(json.dumps({"rate": rate, "seconds": time.monotonic() - t0}))
 
 
 def _short(frame: str) -> str:
@@ -96,7 +100,14 @@ def top_frames(raw: Path, n: int = 20) -> dict[str, Any]:
     def shares(counter: collections.Counter[str]) -> list[dict[str, Any]]:
         return [{"frame": k, "share": v / busy} for k, v in counter.most_common(n)] if busy else []
 
+    meta_path = raw.with_suffix(".meta.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    expected = meta.get("rate", 0) * meta.get("seconds", 0)
     return {
+        "seconds": meta.get("seconds"),
+        "rate_hz": meta.get("rate"),
+        # samples with the GIL held / samples the rate would take: how busy the process's Python was
+        "gil_held_share": busy / expected if expected else None,
         "busy_samples": busy,
         "idle_samples": idle,
         "self": shares(self_),
@@ -106,7 +117,12 @@ def top_frames(raw: Path, n: int = 20) -> dict[str, Any]:
 
 
 def print_top(title: str, summary: dict[str, Any], n: int = 12) -> None:
-    print(f"\n#### {title}: {summary['busy_samples']} busy samples ({summary['idle_samples']} idle left out)\n")
+    held = summary.get("gil_held_share")
+    print(
+        f"\n#### {title}: {summary['busy_samples']} samples holding the GIL over {summary.get('seconds') or 0:.1f} s"
+        + (f" (the GIL held {100 * held:.0f}% of the time)" if held is not None else "")
+        + "\n"
+    )
     print("| self % | function (file) |")
     print("| ---: | --- |")
     for row in summary["self"][:n]:

@@ -23,7 +23,7 @@ problem, greedy, self-correction off, the reference observation rules):
     is appended to the text, and the whole text is sent again. After 10 executions the stop
     string is dropped and the model runs to its end.
 
-In `--rounds` rounds (default 2), at each concurrency (default 1, 4, 16) both loops solve
+In `--rounds` rounds (default 3), at each concurrency (default 1, 4, 16) both loops solve
 the same problems (the first `max(--min-problems, 2 x concurrency)` of GSM8K, or
 `--problems-per-level`), in an order that alternates between rounds (server, client /
 client, server), so drift in the machine's speed favours neither. Per run: problems per
@@ -41,6 +41,9 @@ prefix-cache hit rate (vLLM's counters), and the wall time split into
 Per round and concurrency: server-side / client-side problems per minute; reported as the
 median over rounds with min and max (goal: >= 1.0 at every concurrency, equal accuracy).
 
+`--profile` records the server with py-spy (benchmarks/profiling.py) during both loops'
+highest-concurrency runs of round 0 and prints its busiest functions.
+
 Results are saved only from a quiet machine and a clean tree (the rules of
 server_bench.py: `--no-save` prints only, `--force REASON` saves and records why). Prints
 Markdown tables; saves JSON (default benchmarks/results/tir.json) with machine info,
@@ -56,6 +59,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -67,7 +71,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.server_bench import (  # noqa: E402 (needs the path above)
+from benchmarks.profiling import print_top, py_spy, top_frames  # noqa: E402 (needs the path above)
+from benchmarks.server_bench import (  # noqa: E402
     f,
     git_state,
     machine_info,
@@ -456,7 +461,13 @@ def run_benchmark(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]
                 n = args.problems_per_level or max(args.min_problems, 2 * c)
                 for loop in round_order(list(args.order.split(",")), rn):
                     print(f"  round {rn}, concurrency {c}, {loop}-side loop, {n} problems", flush=True)
-                    run = asyncio.run(run_loop(loop, problems[:n], c, srv.url, sbx.url, model, prompts, args))
+                    profiled = args.profile and rn == 0 and c == max(levels)
+                    with contextlib.ExitStack() as spy:
+                        if profiled:
+                            raw = spy.enter_context(py_spy(srv.process.pid, args.profile_dir / f"{loop}-c{c}.txt"))
+                        run = asyncio.run(run_loop(loop, problems[:n], c, srv.url, sbx.url, model, prompts, args))
+                    if profiled:
+                        res.setdefault("profile", {})[loop] = {"concurrency": c, "raw": str(raw), **top_frames(raw)}
                     run["round"] = rn
                     res["runs"].append(run)
             res["loadavg_after_round"].append(os.getloadavg())
@@ -473,13 +484,20 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")
     ap.add_argument("--min-problems", type=int, default=4, help="problems per level: max(this, 2 x concurrency)")
     ap.add_argument("--problems-per-level", type=int, default=None, help="the same count at every level")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="each runs both loops at every level, order alternating")
     ap.add_argument("--order", default="server,client", help="which loop goes first in round 0")
     ap.add_argument("--max-tokens", type=int, default=1024, help="new tokens per problem (reference: 1024)")
     ap.add_argument("--max-tool-calls", type=int, default=10, help="executions per problem (reference: 10)")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--kvcache-gb", default="4")
     ap.add_argument("--sandbox-pool", type=int, default=4)
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="record the server with py-spy during both loops' highest-concurrency runs of round 0 (top frames "
+        "printed and saved; the raw profiles go to --profile-dir)",
+    )
+    ap.add_argument("--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "thor-profiles")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny TIR model, levels 1,4, 1 round")
     ap.add_argument("--max-load-per-cpu", type=float, default=0.25)
     ap.add_argument("--force", metavar="REASON", help="save although the tree is dirty or the machine loaded")
@@ -525,6 +543,8 @@ def main() -> None:
     if args.quick:
         print("\n**SMOKE RUN (--quick): tiny TIR model, small counts; figures are not benchmark results.**")
     print_tables(res)
+    for loop, prof in res.get("profile", {}).items():
+        print_top(f"py-spy: the server under the {loop}-side loop at concurrency {prof['concurrency']}", prof)
     for problem in problems:
         print(f"NOT A QUIET RUN: {problem}")
     if args.no_save:
