@@ -116,10 +116,10 @@ bench-engine: models sandbox-env
 	$(VENV)/bin/python benchmarks/engine_bench.py
 
 bench-server: models sandbox-env
-	$(VENV)/bin/python benchmarks/server_bench.py
+	$(VENV)/bin/python benchmarks/server_bench.py --profile
 
 bench-tir: models sandbox-env
-	$(VENV)/bin/python benchmarks/tir_bench.py
+	$(VENV)/bin/python benchmarks/tir_bench.py --profile
 
 bench-eval: models sandbox-env
 	$(VENV)/bin/python benchmarks/eval_bench.py

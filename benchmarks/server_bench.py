@@ -43,9 +43,9 @@ execution (if sandbox work blocked the event loop these would grow to the sandbo
 A probe also times `GET /v1/models` every 20 ms during the load (event-loop latency).
 Also: tool calls executed, answers correct.
 
-`--profile`: our server is recorded with py-spy (benchmarks/profiling.py) during its
-highest-concurrency level of round 0; the busiest functions are printed and saved with
-the figures (the recording itself takes some of the CPUs in that one level).
+`--profile` (on in `make bench-server`): after the rounds, our server runs one more level at
+the highest concurrency while py-spy records it (benchmarks/profiling.py); that level is in
+no comparison (the recording takes CPU), and the busiest functions are printed and saved.
 
 Prints Markdown tables, saves JSON (default benchmarks/results/server.json) with machine
 info and provenance. Both servers and the load generator share the CPUs, hence the
@@ -695,8 +695,8 @@ def main() -> None:
     ap.add_argument(
         "--profile",
         action="store_true",
-        help="record our server with py-spy during its highest-concurrency level of round 0 (top frames printed "
-        "and saved; the raw profile goes to --profile-dir)",
+        help="after the rounds, one more level of our server at the highest concurrency, recorded with py-spy "
+        "and counted in no comparison (top frames printed and saved; the raw profile goes to --profile-dir)",
     )
     ap.add_argument("--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "thor-profiles")
     ap.add_argument("--skip-vllm", action="store_true")
@@ -861,15 +861,14 @@ def main() -> None:
                 for round_no in range(args.ab_rounds):
                     for c in args.concurrency:
                         for name in round_order(servers, round_no):
-                            profiled = args.profile and name == "ours" and round_no == 0 and c == max(args.concurrency)
-                            with contextlib.ExitStack() as spy:
-                                if profiled:
-                                    raw = spy.enter_context(py_spy(our_pid, args.profile_dir / f"ours-c{c}.txt"))
-                                level = asyncio.run(measure_level(name, urls[name], bodies[name], c, round_no, args))
-                            if profiled:
-                                res["profile"] = {"concurrency": c, "raw": str(raw), **top_frames(raw)}
+                            level = asyncio.run(measure_level(name, urls[name], bodies[name], c, round_no, args))
                             res["no_tool"][name]["levels"].append(level)
                     res["provenance"]["loadavg_after_round"].append(os.getloadavg())
+                if args.profile and "ours" in servers:  # one more level, recorded, counted in no comparison
+                    c = max(args.concurrency)
+                    with py_spy(our_pid, args.profile_dir / f"ours-c{c}.txt") as raw:
+                        level = asyncio.run(measure_level("ours", urls["ours"], bodies["ours"], c, -1, args))
+                    res["profile"] = {"concurrency": c, "raw": str(raw), "level": level, **top_frames(raw)}
         if "vllm" in res["no_tool"] and "ours" in res["no_tool"]:
             res["comparison"] = compare(res["no_tool"]["vllm"], res["no_tool"]["ours"], args.concurrency)
         if not args.skip_tools:

@@ -41,8 +41,9 @@ prefix-cache hit rate (vLLM's counters), and the wall time split into
 Per round and concurrency: server-side / client-side problems per minute; reported as the
 median over rounds with min and max (goal: >= 1.0 at every concurrency, equal accuracy).
 
-`--profile` records the server with py-spy (benchmarks/profiling.py) during both loops'
-highest-concurrency runs of round 0 and prints its busiest functions.
+`--profile` (on in `make bench-tir`): after the rounds, one more server-side run at the
+highest concurrency while py-spy records the server (benchmarks/profiling.py); it is in no
+comparison, and the busiest functions are printed and saved.
 
 Results are saved only from a quiet machine and a clean tree (the rules of
 server_bench.py: `--no-save` prints only, `--force REASON` saves and records why). Prints
@@ -461,16 +462,16 @@ def run_benchmark(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]
                 n = args.problems_per_level or max(args.min_problems, 2 * c)
                 for loop in round_order(list(args.order.split(",")), rn):
                     print(f"  round {rn}, concurrency {c}, {loop}-side loop, {n} problems", flush=True)
-                    profiled = args.profile and rn == 0 and c == max(levels)
-                    with contextlib.ExitStack() as spy:
-                        if profiled:
-                            raw = spy.enter_context(py_spy(srv.process.pid, args.profile_dir / f"{loop}-c{c}.txt"))
-                        run = asyncio.run(run_loop(loop, problems[:n], c, srv.url, sbx.url, model, prompts, args))
-                    if profiled:
-                        res.setdefault("profile", {})[loop] = {"concurrency": c, "raw": str(raw), **top_frames(raw)}
+                    run = asyncio.run(run_loop(loop, problems[:n], c, srv.url, sbx.url, model, prompts, args))
                     run["round"] = rn
                     res["runs"].append(run)
             res["loadavg_after_round"].append(os.getloadavg())
+        if args.profile:  # one more server-side run at the top level, recorded, counted in no comparison
+            c = max(levels)
+            n = args.problems_per_level or max(args.min_problems, 2 * c)
+            with py_spy(srv.process.pid, args.profile_dir / f"server-c{c}.txt") as raw:
+                run = asyncio.run(run_loop("server", problems[:n], c, srv.url, sbx.url, model, prompts, args))
+            res["profile"] = {"concurrency": c, "raw": str(raw), "wall_s": run["wall_s"], **top_frames(raw)}
     score(res["runs"], golds)
     res["summary"] = summarise(res["runs"], levels, args.rounds)
     res["total_s"] = time.perf_counter() - t_start
@@ -494,8 +495,8 @@ def main() -> None:
     ap.add_argument(
         "--profile",
         action="store_true",
-        help="record the server with py-spy during both loops' highest-concurrency runs of round 0 (top frames "
-        "printed and saved; the raw profiles go to --profile-dir)",
+        help="after the rounds, one more server-side run at the highest concurrency, recorded with py-spy and "
+        "counted in no comparison (top frames printed and saved; the raw profile goes to --profile-dir)",
     )
     ap.add_argument("--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "thor-profiles")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny TIR model, levels 1,4, 1 round")
@@ -543,8 +544,11 @@ def main() -> None:
     if args.quick:
         print("\n**SMOKE RUN (--quick): tiny TIR model, small counts; figures are not benchmark results.**")
     print_tables(res)
-    for loop, prof in res.get("profile", {}).items():
-        print_top(f"py-spy: the server under the {loop}-side loop at concurrency {prof['concurrency']}", prof)
+    if "profile" in res:
+        print_top(
+            f"py-spy: the server under the server-side loop at concurrency {res['profile']['concurrency']}",
+            res["profile"],
+        )
     for problem in problems:
         print(f"NOT A QUIET RUN: {problem}")
     if args.no_save:
