@@ -71,7 +71,9 @@ from benchmarks.server_bench import (  # noqa: E402 (needs the path above)
     machine_info,
     quiet_machine_problems,
     round_order,
+    settled_load,
     spread,
+    stop_on_sigterm,
     vllm_env,
 )
 from tests.support.sandbox_service import run_sandbox  # noqa: E402
@@ -467,6 +469,12 @@ def main() -> None:
         help="refuse to save when the 1-minute load average before the run exceeds this x CPUs",
     )
     ap.add_argument(
+        "--wait-quiet-s",
+        type=float,
+        default=300,
+        help="wait up to this long for the load average to fall below the limit before judging the machine",
+    )
+    ap.add_argument(
         "--force",
         metavar="REASON",
         help="save although the tree is dirty or the machine loaded; REASON is recorded in the JSON",
@@ -496,7 +504,8 @@ def main() -> None:
 
     # provenance first: refuse before any server starts if the results could not be saved
     git = git_state()
-    load_before = os.getloadavg()
+    stop_on_sigterm()
+    load_before = settled_load(args.max_load_per_cpu, args.wait_quiet_s)
     problems = quiet_machine_problems(git, load_before, args.max_load_per_cpu)
     if problems and not args.no_save and args.force is None:
         sys.exit(

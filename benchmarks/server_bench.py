@@ -5,7 +5,8 @@
 
 Results are saved only from a quiet machine and a clean tree: the script refuses to start
 (before any server runs) when `git status --porcelain` lists anything or the 1-minute load
-average is above `--max-load-per-cpu` (0.25) x CPUs. `--no-save` runs and prints without
+average is above `--max-load-per-cpu` (0.25) x CPUs (after waiting up to `--wait-quiet-s`, 300,
+for it to fall: `make`'s own set-up steps load the machine just before). `--no-save` runs and prints without
 saving; `--force REASON` saves anyway and records the reason. The JSON records the full
 commit (`git rev-parse HEAD`), whether the tree was dirty (and which files), the load
 averages before the run and after every round, and whether the run was forced.
@@ -538,6 +539,25 @@ def git_state() -> dict[str, Any]:
     return {"git_commit": head.stdout.strip(), "dirty": bool(changed), "dirty_files": changed[:50]}
 
 
+def settled_load(max_load_per_cpu: float, wait_s: float) -> tuple[float, float, float]:
+    """The load averages once the 1-minute one is at most `max_load_per_cpu` x CPUs, waiting up to
+    `wait_s` for it (e.g. for `make`'s own set-up steps to fade); then as they are."""
+    limit = max_load_per_cpu * (os.cpu_count() or 1)
+    deadline = time.monotonic() + wait_s
+    load = os.getloadavg()
+    if load[0] > limit and wait_s > 0:
+        print(f"waiting up to {wait_s:.0f}s for the 1-minute load average ({load[0]:.2f}) to fall to {limit:.2f} ...")
+    while load[0] > limit and time.monotonic() < deadline:
+        time.sleep(5)
+        load = os.getloadavg()
+    return load
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the servers a benchmark started are stopped with it."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def quiet_machine_problems(git: dict[str, Any], load: tuple[float, float, float], max_load_per_cpu: float) -> list[str]:
     """Why results taken now would not be trustworthy (empty: clean tree, quiet machine)."""
     problems = []
@@ -715,6 +735,12 @@ def main() -> None:
         help="refuse to save when the 1-minute load average before the run exceeds this x CPUs",
     )
     ap.add_argument(
+        "--wait-quiet-s",
+        type=float,
+        default=300,
+        help="wait up to this long for the load average to fall below the limit before judging the machine",
+    )
+    ap.add_argument(
         "--force",
         metavar="REASON",
         help="save although the tree is dirty or the machine loaded; REASON is recorded in the JSON",
@@ -745,7 +771,8 @@ def main() -> None:
 
     # provenance first: refuse before any server starts if the results could not be saved
     git = git_state()
-    load_before = os.getloadavg()
+    stop_on_sigterm()
+    load_before = settled_load(args.max_load_per_cpu, args.wait_quiet_s)
     problems = quiet_machine_problems(git, load_before, args.max_load_per_cpu)
     if problems and not args.no_save and args.force is None:
         sys.exit(

@@ -25,7 +25,8 @@ problem, greedy, self-correction off, the reference observation rules):
 
 In `--rounds` rounds (default 3), at each concurrency (default 1, 4, 16) both loops solve
 the same problems (the first `max(--min-problems, 2 x concurrency)` of GSM8K, or
-`--problems-per-level`), in an order that alternates between rounds (server, client /
+`--problems-per-level`, each followed by `--user-suffix`, default "Use Python.": without it the
+default model answers most GSM8K problems without writing code), in an order that alternates between rounds (server, client /
 client, server), so drift in the machine's speed favours neither. Per run: problems per
 minute, engine-generated tokens per second, accuracy (math-verify against the gold answer),
 prefix-cache hit rate (vLLM's counters), and the wall time split into
@@ -79,7 +80,9 @@ from benchmarks.server_bench import (  # noqa: E402
     machine_info,
     quiet_machine_problems,
     round_order,
+    settled_load,
     spread,
+    stop_on_sigterm,
     vllm_env,
 )
 from tests.support.sandbox_service import run_sandbox  # noqa: E402
@@ -336,7 +339,8 @@ def load_problems(args: argparse.Namespace, n: int) -> list[Problem]:
         ][:n]
     from trainer.evaluate.benchmarks import load_benchmark
 
-    return [Problem(p.id, p.problem, p.answer) for p in load_benchmark(args.benchmark)[:n]]
+    suffix = f"\n{args.user_suffix}" if args.user_suffix else ""
+    return [Problem(p.id, p.problem + suffix, p.answer) for p in load_benchmark(args.benchmark)[:n]]
 
 
 def render_prompts(model_dir: str, problems: list[Problem]) -> dict[str, str]:
@@ -487,6 +491,12 @@ def main() -> None:
     ap.add_argument("--problems-per-level", type=int, default=None, help="the same count at every level")
     ap.add_argument("--rounds", type=int, default=3, help="each runs both loops at every level, order alternating")
     ap.add_argument("--order", default="server,client", help="which loop goes first in round 0")
+    ap.add_argument(
+        "--user-suffix",
+        default="Use Python.",
+        help="appended to each problem on a new line ('' for none): the default model writes code for GSM8K only "
+        "when asked",
+    )
     ap.add_argument("--max-tokens", type=int, default=1024, help="new tokens per problem (reference: 1024)")
     ap.add_argument("--max-tool-calls", type=int, default=10, help="executions per problem (reference: 10)")
     ap.add_argument("--max-model-len", type=int, default=4096)
@@ -501,6 +511,12 @@ def main() -> None:
     ap.add_argument("--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "thor-profiles")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny TIR model, levels 1,4, 1 round")
     ap.add_argument("--max-load-per-cpu", type=float, default=0.25)
+    ap.add_argument(
+        "--wait-quiet-s",
+        type=float,
+        default=300,
+        help="wait up to this long for the load average to fall below the limit before judging the machine",
+    )
     ap.add_argument("--force", metavar="REASON", help="save although the tree is dirty or the machine loaded")
     ap.add_argument("--no-save", action="store_true", help="run and print, save nothing")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tir.json")
@@ -514,7 +530,8 @@ def main() -> None:
         sys.exit("--force needs a reason (it is recorded with the results)")
 
     git = git_state()
-    load_before = os.getloadavg()
+    stop_on_sigterm()
+    load_before = settled_load(args.max_load_per_cpu, args.wait_quiet_s)
     problems = quiet_machine_problems(git, load_before, args.max_load_per_cpu)
     if problems and not args.no_save and args.force is None:
         sys.exit(
