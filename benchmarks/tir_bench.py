@@ -531,7 +531,7 @@ def main() -> None:
 
     git = git_state()
     stop_on_sigterm()
-    load_before = settled_load(args.max_load_per_cpu, args.wait_quiet_s)
+    load_before = settled_load(args.max_load_per_cpu, 0 if args.no_save else args.wait_quiet_s)
     problems = quiet_machine_problems(git, load_before, args.max_load_per_cpu)
     if problems and not args.no_save and args.force is None:
         sys.exit(
