@@ -44,9 +44,10 @@ execution (if sandbox work blocked the event loop these would grow to the sandbo
 A probe also times `GET /v1/models` every 20 ms during the load (event-loop latency).
 Also: tool calls executed, answers correct.
 
-`--profile` (on in `make bench-server`): after the rounds, our server runs one more level at
-the highest concurrency while py-spy records it (benchmarks/profiling.py); that level is in
-no comparison (the recording takes CPU), and the busiest functions are printed and saved.
+`--profile` (on in `make bench-server`): after the rounds, each server runs one more level at
+the highest concurrency (`--profile-concurrency`) while py-spy records its API server process
+(benchmarks/profiling.py); that level is in no comparison (the recording takes CPU). Printed
+and saved: the busiest functions and the API server's Python time per streamed token.
 
 Prints Markdown tables, saves JSON (default benchmarks/results/server.json) with machine
 info and provenance. Both servers and the load generator share the CPUs, hence the
@@ -319,8 +320,9 @@ def free_port() -> int:
 @contextlib.contextmanager
 def run_vllm_serve(
     model: str, engine_args: list[str], env: dict[str, str], ready_timeout: float = 600
-) -> Iterator[str]:
-    """vLLM's OpenAI server (what `vllm serve` runs) in its own process group (it forks an engine core); stopped with SIGTERM to that group."""
+) -> Iterator[tuple[str, int]]:
+    """vLLM's OpenAI server (what `vllm serve` runs) in its own process group (it forks an engine core):
+    its URL and the API server's pid; stopped with SIGTERM to that group."""
     port = free_port()
     log_path = Path(tempfile.mkdtemp(prefix="vllm-serve-")) / "server.log"
     log_file = open(log_path, "w")  # closed in the finally below
@@ -355,7 +357,7 @@ def run_vllm_serve(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"vllm serve did not become ready:\n{log_path.read_text()[-5000:]}")
             time.sleep(0.5)
-        yield url
+        yield url, proc.pid
     finally:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -718,6 +720,9 @@ def main() -> None:
         help="after the rounds, one more level of our server at the highest concurrency, recorded with py-spy "
         "and counted in no comparison (top frames printed and saved; the raw profile goes to --profile-dir)",
     )
+    ap.add_argument(
+        "--profile-concurrency", type=int, default=None, help="the profiled level's concurrency (default: the highest)"
+    )
     ap.add_argument("--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "thor-profiles")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
@@ -853,12 +858,13 @@ def main() -> None:
         if servers:
             with contextlib.ExitStack() as stack:
                 urls: dict[str, str] = {}
+                pids: dict[str, int] = {}
                 bodies: dict[str, dict[str, Any]] = {}
                 for name in servers:
                     print(f"[part 1] starting {name} with {args.model} ...", flush=True)
                     t0 = time.perf_counter()
                     if name == "vllm":
-                        urls[name] = stack.enter_context(
+                        urls[name], pids[name] = stack.enter_context(
                             run_vllm_serve(args.model, [*engine_args, "--enable-prefix-caching"], env)
                         )
                     else:
@@ -879,7 +885,7 @@ def main() -> None:
                             "WARNING",
                         ]
                         srv = stack.enter_context(run_server(srv_args, env=env, ready_timeout=600))
-                        urls[name], our_pid = srv.url, srv.process.pid
+                        urls[name], pids[name] = srv.url, srv.process.pid
                     print(f"  ready in {time.perf_counter() - t0:.0f}s at {urls[name]}", flush=True)
                 for name in servers:  # warm-ups after both are up, so neither warms while the other starts
                     warm = asyncio.run(warm_up(name, urls[name], args, ours=name == "ours"))
@@ -891,11 +897,22 @@ def main() -> None:
                             level = asyncio.run(measure_level(name, urls[name], bodies[name], c, round_no, args))
                             res["no_tool"][name]["levels"].append(level)
                     res["provenance"]["loadavg_after_round"].append(os.getloadavg())
-                if args.profile and "ours" in servers:  # one more level, recorded, counted in no comparison
-                    c = max(args.concurrency)
-                    with py_spy(our_pid, args.profile_dir / f"ours-c{c}.txt") as raw:
-                        level = asyncio.run(measure_level("ours", urls["ours"], bodies["ours"], c, -1, args))
-                    res["profile"] = {"concurrency": c, "raw": str(raw), "level": level, **top_frames(raw)}
+                if args.profile:  # one more level per server, recorded, counted in no comparison
+                    c = args.profile_concurrency or max(args.concurrency)
+                    res["profile"] = {}
+                    for name in servers:
+                        with py_spy(pids[name], args.profile_dir / f"{name}-c{c}.txt") as raw:
+                            level = asyncio.run(measure_level(name, urls[name], bodies[name], c, -1, args))
+                        prof = top_frames(raw)
+                        held_s = (prof["gil_held_share"] or 0) * (prof["seconds"] or 0)
+                        res["profile"][name] = {
+                            "concurrency": c,
+                            "raw": str(raw),
+                            "level": level,
+                            # the API server's Python time per streamed token (py-spy's GIL-held samples)
+                            "python_us_per_token": 1e6 * held_s / max(1, level["output_tokens"]),
+                            **prof,
+                        }
         if "vllm" in res["no_tool"] and "ours" in res["no_tool"]:
             res["comparison"] = compare(res["no_tool"]["vllm"], res["no_tool"]["ours"], args.concurrency)
         if not args.skip_tools:
@@ -922,8 +939,9 @@ def main() -> None:
     if args.quick:
         print("\n**SMOKE RUN (--quick): small counts; figures are not benchmark results.**")
     print_tables(res)
-    if "profile" in res:
-        print_top(f"py-spy: our server at concurrency {res['profile']['concurrency']}", res["profile"])
+    for name, prof in res.get("profile", {}).items():
+        print_top(f"py-spy: {name}'s API server at concurrency {prof['concurrency']}", prof)
+        print(f"\n{name}: {prof['python_us_per_token']:.0f} us of API-server Python (GIL held) per streamed token")
     m, prov = res["machine"], res["provenance"]
     print(
         f"\nmachine: {m['cpus']} CPUs ({m['cpu_model']}), {m['mem_gb']} GB, {m['platform']}, python {m['python']}, "
