@@ -67,13 +67,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.server_bench import (  # noqa: E402 (needs the path above)
     f,
-    git_state,
     machine_info,
-    quiet_machine_problems,
+    provenance_gate,
     round_order,
-    settled_load,
     spread,
-    stop_on_sigterm,
     vllm_env,
 )
 from tests.support.sandbox_service import run_sandbox  # noqa: E402
@@ -503,17 +500,7 @@ def main() -> None:
         )
 
     # provenance first: refuse before any server starts if the results could not be saved
-    git = git_state()
-    stop_on_sigterm()
-    load_before = settled_load(args.max_load_per_cpu, 0 if args.no_save else args.wait_quiet_s)
-    problems = quiet_machine_problems(git, load_before, args.max_load_per_cpu)
-    if problems and not args.no_save and args.force is None:
-        sys.exit(
-            "refusing to run: these results could not be saved as benchmark figures:\n- "
-            + "\n- ".join(problems)
-            + "\nRun on a quiet machine from a clean commit, or pass --no-save (print only) or "
-            "--force REASON (save; the reason is recorded)."
-        )
+    git, load_before, problems = provenance_gate(args)
 
     with contextlib.ExitStack() as cleanup:
         if args.work_dir is not None:

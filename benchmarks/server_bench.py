@@ -560,6 +560,24 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
+def provenance_gate(args: argparse.Namespace) -> tuple[dict[str, Any], tuple[float, float, float], list[str]]:
+    """Before any server starts: the commit, the load (once settled) and why results taken now would
+    not be trustworthy; exits when they could not be saved (no `--no-save`, no `--force`).
+    Also makes SIGTERM stop the servers the benchmark starts."""
+    git = git_state()
+    stop_on_sigterm()
+    load_before = settled_load(args.max_load_per_cpu, 0 if args.no_save else args.wait_quiet_s)
+    problems = quiet_machine_problems(git, load_before, args.max_load_per_cpu)
+    if problems and not args.no_save and args.force is None:
+        sys.exit(
+            "refusing to run: these results could not be saved as benchmark figures:\n- "
+            + "\n- ".join(problems)
+            + "\nRun on a quiet machine from a clean commit, or pass --no-save (print only) or "
+            "--force REASON (save; the reason is recorded)."
+        )
+    return git, load_before, problems
+
+
 def quiet_machine_problems(git: dict[str, Any], load: tuple[float, float, float], max_load_per_cpu: float) -> list[str]:
     """Why results taken now would not be trustworthy (empty: clean tree, quiet machine)."""
     problems = []
@@ -775,17 +793,7 @@ def main() -> None:
         )
 
     # provenance first: refuse before any server starts if the results could not be saved
-    git = git_state()
-    stop_on_sigterm()
-    load_before = settled_load(args.max_load_per_cpu, 0 if args.no_save else args.wait_quiet_s)
-    problems = quiet_machine_problems(git, load_before, args.max_load_per_cpu)
-    if problems and not args.no_save and args.force is None:
-        sys.exit(
-            "refusing to run: these results could not be saved as benchmark figures:\n- "
-            + "\n- ".join(problems)
-            + "\nRun on a quiet machine from a clean commit, or pass --no-save (print only) or "
-            "--force REASON (save; the reason is recorded)."
-        )
+    git, load_before, problems = provenance_gate(args)
 
     for m in (args.model, *(() if args.skip_tools else (args.tir_model,))):
         if not Path(m).exists():

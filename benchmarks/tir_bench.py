@@ -76,13 +76,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.profiling import print_top, py_spy, top_frames  # noqa: E402 (needs the path above)
 from benchmarks.server_bench import (  # noqa: E402
     f,
-    git_state,
     machine_info,
-    quiet_machine_problems,
+    provenance_gate,
     round_order,
-    settled_load,
     spread,
-    stop_on_sigterm,
     vllm_env,
 )
 from tests.support.sandbox_service import run_sandbox  # noqa: E402
@@ -529,16 +526,7 @@ def main() -> None:
     if args.force is not None and not args.force.strip():
         sys.exit("--force needs a reason (it is recorded with the results)")
 
-    git = git_state()
-    stop_on_sigterm()
-    load_before = settled_load(args.max_load_per_cpu, 0 if args.no_save else args.wait_quiet_s)
-    problems = quiet_machine_problems(git, load_before, args.max_load_per_cpu)
-    if problems and not args.no_save and args.force is None:
-        sys.exit(
-            "refusing to run: these results could not be saved as benchmark figures:\n- "
-            + "\n- ".join(problems)
-            + "\nRun on a quiet machine from a clean commit, or pass --no-save (print only) or --force REASON."
-        )
+    git, load_before, problems = provenance_gate(args)
     if args.quick:
         from tests.support.tiny_tir_model import build_tiny_tir_model
 
