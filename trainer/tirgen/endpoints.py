@@ -21,6 +21,7 @@ service itself.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -34,7 +35,16 @@ from trainer.evaluate.targets import TargetError
 from .prompts import actor_messages, critic_messages
 from .sample import SegmentText
 
-__all__ = ["Actor", "Completion", "CompletionsClient", "Critic", "CriticRewrite", "EndpointError", "TargetError"]
+__all__ = [
+    "Actor",
+    "Completion",
+    "CompletionsClient",
+    "Critic",
+    "CriticRewrite",
+    "EndpointError",
+    "TargetError",
+    "critic_lead",
+]
 
 
 class EndpointError(RuntimeError):
@@ -139,7 +149,8 @@ class Critic:
     """The critic model on a text completions endpoint, with the real tool loop run here.
 
     The critic's turn is prefilled with the fragment's first line (the actor's own plan
-    sentence, when the fragment has more than one line) and an opened ```` ```python ````
+    sentence, when the fragment has more than one line and that line states no computed
+    value: `critic_lead`) and an opened ```` ```python ````
     fence, so even a small critic writes code rather than a paraphrase. Each time its
     text holds a closed python block, the text is cut after that block's closing fence
     (whatever it wrote after it, an invented output included, is dropped), the code runs
@@ -200,8 +211,7 @@ class Critic:
         prompt = tok.apply_chat_template(
             critic_messages(problem, solution_so_far, step), tokenize=False, add_generation_prompt=True
         )
-        lines = step.strip().split("\n")
-        lead = lines[0].rstrip() + "\n" if len(lines) > 1 else ""
+        lead = critic_lead(problem, solution_so_far, step)
         segments: list[SegmentText] = []
         current = lead + "```python\n"  # model text since the last observation
         calls = failed = 0
@@ -253,6 +263,37 @@ class Critic:
             finish_reason=finish,
             observations=observations,
         )
+
+
+_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")
+_OUTPUT_BODY = re.compile(r"```output[ \t]*\r?\n(.*?)```", re.DOTALL)
+
+
+def _numbers(text: str) -> set[str]:
+    """The numbers written in `text`, normalised (no thousands separators, no trailing ``.0``)."""
+    out = set()
+    for n in _NUMBER.findall(text):
+        n = n.replace(",", "")
+        out.add(n.rstrip("0").rstrip(".") if "." in n else n)
+    return out
+
+
+def critic_lead(problem: str, solution_so_far: str, step: str) -> str:
+    """The line the critic's turn is prefilled with: the step's first line (the actor's plan sentence), when the
+    step has more than one line and that line states no computed value. A line with an inline computation
+    (``12 * 7 = 84``) or a number that is neither in the problem nor in a real output so far states a result the
+    code has not computed yet: carried over, it would sit before the code that computes it (and could be
+    wrong), so the critic writes its own first line instead."""
+    from .filters import inline_results
+
+    lines = step.strip().split("\n")
+    if len(lines) < 2:
+        return ""
+    first = lines[0].rstrip()
+    known = _numbers(problem).union(*(_numbers(o) for o in _OUTPUT_BODY.findall(solution_so_far)))
+    if inline_results(first) or not _numbers(first) <= known:
+        return ""
+    return first + "\n"
 
 
 def _without_trailing_fences(text: str) -> str:
