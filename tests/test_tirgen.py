@@ -32,8 +32,11 @@ GOOD_ACTOR = (
     "The baker makes 12 * 7 = 84 muffins.\nAfter selling, 84 - 59 = 35 are left.\nSo the answer is \\boxed{35}."
 )
 GOOD_CODE = "print(12 * 7 - 59)\n```"
+#: The critic's text after the real output, and the actor's ending: each goes on with an output block it invents
+#: (as the default model did in the shipped run); both completions stop at that fence, so it is never kept.
 GOOD_AFTER = "So 25 muffins are left.\n"
-GOOD_ENDING = "The answer is \\boxed{25}."
+GOOD_ENDING = "The answer is \\boxed{25}.\n"
+INVENTED = "```output\n25\n```\nSo 25 it is."
 
 BAD = "Divide 3 apples among 0 children. How many does each get?"
 BAD_ACTOR = "Each child gets 3 / 0 apples.\nThat is 3 / 0 = 0.\nSo \\boxed{0}."
@@ -57,9 +60,9 @@ def _turns(tok) -> list[tuple[str, str]]:
         pairs.append((critic, code))
         if problem == GOOD:
             shown = critic + code + "\n" + injection("25", True)
-            pairs.append((shown, GOOD_AFTER))
+            pairs.append((shown, GOOD_AFTER + INVENTED))
             rewritten = lead + "```python\n" + code + "\n" + injection("25", True) + GOOD_AFTER
-            pairs.append((actor_prompt + rewritten, GOOD_ENDING))
+            pairs.append((actor_prompt + rewritten, GOOD_ENDING + INVENTED))
     return pairs
 
 
@@ -129,7 +132,9 @@ def test_kept_sample_has_the_real_tool_output_and_the_rewritten_ending(run: Path
     assert s.segments[2].text == "```output\n25\n```\n"
     # the actor's first line states a computed value (12 * 7 = 84): the critic's turn does not carry it over
     assert s.segments[1].text == "```python\nprint(12 * 7 - 59)\n```\n"
+    # the critic's and the actor's invented output blocks were never written: both stopped at the fence
     assert s.segments[3].text == GOOD_AFTER + GOOD_ENDING
+    assert "```output" not in s.model_text
     assert s.answer == "25" and s.correct and s.code_calls == 1
     # the training prompt is what the server renders: THOR's tool instructions in the system message
     assert "```python code block" in s.segments[0].text and s.segments[0].text.endswith("<|im_start|>assistant\n")

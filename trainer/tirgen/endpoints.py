@@ -3,12 +3,15 @@
 Owns:
 
 - `Actor`: step-wise text completion of the chat-templated actor prompt plus the
-  solution so far, so the actor can continue from a prefix the critic rewrote.
+  solution so far, so the actor can continue from a prefix the critic rewrote. Its
+  steps stop at an output fence (```` ```output ````): the actor has no tool, so an
+  output block it starts is invented (generate.py decides what the step becomes).
 - `Critic`: one fragment's rewrite with its code really executed: the critic's text is
   cut after each closed python block, the sandbox runs the block with the decoder's
   settings and the observation is injected exactly as the decoder injects it
   (``thor_engine.observation.judge`` / ``injection``), so whatever the critic would
-  have predicted is never kept; a failed call ends the rewrite.
+  have predicted is never kept (its completions stop at an output fence, and its text is
+  cut after each closed block); a failed call ends the rewrite.
 
 Both need only a text completions endpoint (vLLM, our server, most hosted completions
 APIs) and the model's tokenizer here for its chat template: the prompt text is rendered
@@ -32,6 +35,7 @@ from trainer.evaluate.client_loop import resolve_tokenizer
 from trainer.evaluate.remote_backend import _local_model_dir, _model_entry, base_url, load_tokenizer
 from trainer.evaluate.targets import TargetError
 
+from .filters import OUTPUT_FENCE
 from .prompts import actor_messages, critic_messages
 from .sample import SegmentText
 
@@ -56,6 +60,13 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     tokens: int
+    stop_reason: str | int | None = None  # the stop string (or token id) that ended it, where the endpoint says
+
+    @property
+    def at_output_fence(self) -> bool:
+        """It stopped where the model began an output block (an endpoint that reports no `stop_reason`, such as
+        a hosted completions API, reads as an ordinary end)."""
+        return self.finish_reason == "stop" and self.stop_reason == OUTPUT_FENCE
 
 
 class CompletionsClient:
@@ -82,8 +93,19 @@ class CompletionsClient:
             tok, _ = load_tokenizer(tok_path)
             yield cls(client, str(entry["id"]), tok)
 
-    async def step(self, prompt: str, *, max_tokens: int, temperature: float, top_p: float, seed: int) -> Completion:
-        body = {
+    async def step(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        stop: tuple[str, ...] = (OUTPUT_FENCE,),
+    ) -> Completion:
+        """One completion of `prompt`; by default it stops where the model begins an output block (only the
+        tool loop writes those)."""
+        body: dict[str, Any] = {
             "model": self.model,
             "prompt": prompt,
             "max_tokens": max_tokens,
@@ -91,6 +113,8 @@ class CompletionsClient:
             "top_p": top_p,
             "seed": seed,
         }
+        if stop:
+            body["stop"] = list(stop)
         where = f"{self.client.base_url}/v1/completions"
         try:
             r = await self.client.post("/v1/completions", json=body)
@@ -107,6 +131,7 @@ class CompletionsClient:
                 text=str(choice["text"]),
                 finish_reason=str(choice.get("finish_reason") or "stop"),
                 tokens=int(usage.get("completion_tokens") or 0),
+                stop_reason=choice.get("stop_reason"),
             )
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise EndpointError(f"endpoint {where} did not answer an OpenAI completion: {r.text[:200]}") from exc
@@ -151,7 +176,8 @@ class Critic:
     The critic's turn is prefilled with the fragment's first line (the actor's own plan
     sentence, when the fragment has more than one line and that line states no computed
     value: `critic_lead`) and an opened ```` ```python ````
-    fence, so even a small critic writes code rather than a paraphrase. Each time its
+    fence, so even a small critic writes code rather than a paraphrase. Its completions
+    stop at an output fence. Each time its
     text holds a closed python block, the text is cut after that block's closing fence
     (whatever it wrote after it, an invented output included, is dropped), the code runs
     in the sandbox with the decoder's settings, the observation is judged and injected as
