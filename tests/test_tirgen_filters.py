@@ -4,16 +4,26 @@ Owns: a rejecting and a passing case for every stage, the code-quality and repet
 boundaries, dedup (exactly one sample per problem), the single-call down-sample (deterministic,
 about half, never touching multi-call samples), funnel consistency, the funnel table and plot.
 
+Also the shipped run (docs/training/tirgen-gsm8k-default): its samples hold only real outputs,
+and `python -m trainer.tirgen --refilter` over its log reproduces its samples, summary and funnel.
+
 Does not own: generating samples (TIRGen's end-to-end tests) or the sample schema.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from thor_engine.codeblocks import find_blocks
 from thor_engine.config import REFERENCE_EMPTY_OBSERVATION
 from thor_engine.observation import NOTEBOOK_STOPPED, injection
 from trainer.tirgen.filters import (
@@ -540,3 +550,52 @@ def test_plot_funnel_writes_a_png(tmp_path) -> None:
     path = plot_funnel(result.funnel, tmp_path / "out" / "funnel.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+# --- the shipped run -----------------------------------------------------------------------------------------------
+
+SHIPPED = Path(__file__).resolve().parents[1] / "docs" / "training" / "tirgen-gsm8k-default"
+
+
+def _jsonl_gz(path: Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_the_shipped_samples_hold_only_real_outputs() -> None:
+    samples = [TirSample.model_validate(d) for d in _jsonl_gz(SHIPPED / "samples.jsonl.gz")]
+    assert len(samples) == json.loads((SHIPPED / "summary.json").read_text())["kept"] > 0
+    for s in samples:
+        completion = [seg for seg in s.segments if seg.kind != "prompt"]
+        blocks = 0
+        for n, seg in enumerate(completion):
+            if seg.kind != "model":
+                continue
+            assert "```output" not in seg.text, f"{s.id}: an output block the model wrote itself"
+            for b in find_blocks(seg.text):
+                assert b.language == "python" and b.closed, (s.id, b)
+                blocks += 1
+                assert not seg.text[b.end :].strip(), f"{s.id}: model text between a block and its output"
+                assert n + 1 < len(completion) and completion[n + 1].kind == "observation", f"{s.id}: no output"
+        assert blocks == s.code_calls == sum(seg.kind == "observation" for seg in completion) > 0, s.id
+
+
+def test_refilter_reproduces_the_shipped_run_from_its_log(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("run.json", "generated.jsonl.gz", "summary.json"):
+        shutil.copy(SHIPPED / name, run / name)
+    r = subprocess.run(
+        [sys.executable, "-m", "trainer.tirgen", "--refilter", str(run)],
+        cwd=SHIPPED.parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _jsonl_gz(run / "samples.jsonl.gz") == _jsonl_gz(SHIPPED / "samples.jsonl.gz")
+    assert json.loads((run / "summary.json").read_text()) == json.loads((SHIPPED / "summary.json").read_text())
+    assert (run / "funnel.md").read_text() == (SHIPPED / "funnel.md").read_text()
+    rejected = _jsonl_gz(run / "rejected.jsonl.gz")
+    invented = sorted(d["id"] for d in rejected if d["stage"] == "real_outputs")
+    assert {"gsm8k/gsm8k-326", "gsm8k/gsm8k-465"} <= set(invented), invented
