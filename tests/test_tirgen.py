@@ -158,6 +158,17 @@ def test_the_critic_is_prefilled_only_with_a_first_line_that_states_no_computed_
     assert critic_lead(problem, "", "A one-line step: 12 trays of 7 muffins.") == ""
 
 
+def test_the_critic_judges_tool_outputs_by_the_rules_rl_rolls_out_with() -> None:
+    """One setting (thor_engine.config.TRAINING_OBSERVATION_PROFILE) for TIRGen's data and RL's rollouts: a block
+    that prints nothing is a failed call in both, never a notebook echo in the data that RL then counts as failed."""
+    from thor_engine.config import rl_rollout_config, rl_step_config
+    from trainer.tirgen.endpoints import CompletionsClient, Critic
+
+    critic = Critic(CompletionsClient(None, "critic", None), None, max_calls=4)
+    assert critic.observation == rl_rollout_config().observation == rl_step_config().observation
+    assert critic.observation.profile == "reference" and critic.observation.require_stdout
+
+
 def test_funnel_counts_the_critic_failure_the_wrong_answer_and_the_duplicate(run: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["attempted"] == 6  # 3 problems x 2 samples

@@ -8,7 +8,8 @@ Owns:
   output block it starts is invented (generate.py decides what the step becomes).
 - `Critic`: one fragment's rewrite with its code really executed: the critic's text is
   cut after each closed python block, the sandbox runs the block with the decoder's
-  settings and the observation is injected exactly as the decoder injects it
+  settings and the observation is judged by the training rules RL's rollouts use too
+  (``thor_engine.config.training_observation``) and injected exactly as the decoder injects it
   (``thor_engine.observation.judge`` / ``injection``), so whatever the critic would
   have predicted is never kept (its completions stop at an output fence, and its text is
   cut after each closed block); a failed call ends the rewrite.
@@ -189,13 +190,14 @@ class Critic:
     def __init__(
         self, completions: CompletionsClient, executor: Any, *, max_calls: int, observation: Any = None
     ) -> None:
-        from thor_engine.config import ObservationConfig
+        from thor_engine.config import training_observation
 
         self.completions = completions
         self.model = completions.model
         self.executor = executor
         self.max_calls = max_calls
-        self.observation = observation or ObservationConfig()
+        # the rules RL rolls out with (one setting, thor_engine.config.TRAINING_OBSERVATION_PROFILE)
+        self.observation = observation or training_observation()
 
     @classmethod
     @contextlib.asynccontextmanager
