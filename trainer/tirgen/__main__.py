@@ -9,7 +9,7 @@ Example (the default model as actor and critic, through a THOR server started wi
 Re-filter a finished run (today's filter stages, the run's recorded thresholds; its log is
 never regenerated, no sample is edited), e.g. the shipped run::
 
-    python -m trainer.tirgen --refilter docs/training/tirgen-gsm8k-default --tokenizer default
+    python -m trainer.tirgen --refilter docs/training/tirgen-gsm8k-default
 
 Owns: argument parsing, opening the two endpoints and the sandbox, choosing the problems
 (with the split check), and the exit codes (0 done, 1 an endpoint or the sandbox failed,
