@@ -22,6 +22,7 @@ import pytest
 
 from tests.support.thor_server import ROOT, run_server, tiny_server_args
 from thor_engine.observation import injection
+from trainer.tirgen.endpoints import critic_lead
 from trainer.tirgen.prompts import actor_messages, critic_messages
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.vllm, pytest.mark.sandbox, pytest.mark.slow]
@@ -31,8 +32,11 @@ GOOD_ACTOR = (
     "The baker makes 12 * 7 = 84 muffins.\nAfter selling, 84 - 59 = 35 are left.\nSo the answer is \\boxed{35}."
 )
 GOOD_CODE = "print(12 * 7 - 59)\n```"
+#: The critic's text after the real output, and the actor's ending: each goes on with an output block it invents
+#: (as the default model did in the shipped run); both completions stop at that fence, so it is never kept.
 GOOD_AFTER = "So 25 muffins are left.\n"
-GOOD_ENDING = "The answer is \\boxed{25}."
+GOOD_ENDING = "The answer is \\boxed{25}.\n"
+INVENTED = "```output\n25\n```\nSo 25 it is."
 
 BAD = "Divide 3 apples among 0 children. How many does each get?"
 BAD_ACTOR = "Each child gets 3 / 0 apples.\nThat is 3 / 0 = 0.\nSo \\boxed{0}."
@@ -51,14 +55,14 @@ def _turns(tok) -> list[tuple[str, str]]:
         pairs.append((actor_prompt, actor_text))
         fragment = actor_text[: actor_text.index("\\boxed")]
         fragment = fragment[: fragment.rfind("\n") + 1]
-        lead = fragment.strip().split("\n")[0] + "\n"
+        lead = critic_lead(problem, "", fragment)
         critic = chat(critic_messages(problem, "", fragment)) + lead + "```python\n"
         pairs.append((critic, code))
         if problem == GOOD:
             shown = critic + code + "\n" + injection("25", True)
-            pairs.append((shown, GOOD_AFTER))
+            pairs.append((shown, GOOD_AFTER + INVENTED))
             rewritten = lead + "```python\n" + code + "\n" + injection("25", True) + GOOD_AFTER
-            pairs.append((actor_prompt + rewritten, GOOD_ENDING))
+            pairs.append((actor_prompt + rewritten, GOOD_ENDING + INVENTED))
     return pairs
 
 
@@ -126,12 +130,43 @@ def test_kept_sample_has_the_real_tool_output_and_the_rewritten_ending(run: Path
     assert kinds == ["prompt", "model", "observation", "model"], kinds
     # the real output (25) replaced the actor's wrong arithmetic (35); the actor's ending follows it
     assert s.segments[2].text == "```output\n25\n```\n"
-    assert s.segments[1].text == "The baker makes 12 * 7 = 84 muffins.\n```python\nprint(12 * 7 - 59)\n```\n"
+    # the actor's first line states a computed value (12 * 7 = 84): the critic's turn does not carry it over
+    assert s.segments[1].text == "```python\nprint(12 * 7 - 59)\n```\n"
+    # the critic's and the actor's invented output blocks were never written: both stopped at the fence
     assert s.segments[3].text == GOOD_AFTER + GOOD_ENDING
+    assert "```output" not in s.model_text
     assert s.answer == "25" and s.correct and s.code_calls == 1
     # the training prompt is what the server renders: THOR's tool instructions in the system message
     assert "```python code block" in s.segments[0].text and s.segments[0].text.endswith("<|im_start|>assistant\n")
     assert s.actor_model == s.critic_model == "tiny-tirgen"
+
+
+def test_the_critic_is_prefilled_only_with_a_first_line_that_states_no_computed_value() -> None:
+    problem = "A baker makes 12 trays of 7 muffins and sells 59 muffins. How many muffins are left?"
+    then = "\nAfter selling 59, 84 - 59 = 25 are left.\n"
+    assert critic_lead(problem, "", "The baker makes 12 trays of 7 muffins." + then) == (
+        "The baker makes 12 trays of 7 muffins.\n"
+    )
+    assert critic_lead(problem, "", "First we find the total number of muffins." + then) != ""
+    # a computed result, with or without its arithmetic, stays with the actor
+    assert critic_lead(problem, "", "The baker makes 12 * 7 = 84 muffins." + then) == ""
+    assert critic_lead(problem, "", "The baker makes $12 \\times 7 = 84$ muffins." + then) == ""
+    assert critic_lead(problem, "", "The baker makes 84 muffins in total." + then) == ""
+    # ... unless the number came from a real output earlier in the solution
+    so_far = "```python\nprint(12 * 7)\n```\n```output\n84\n```\n"
+    assert critic_lead(problem, so_far, "Of the 84 muffins, 59 are sold." + then) == "Of the 84 muffins, 59 are sold.\n"
+    assert critic_lead(problem, "", "A one-line step: 12 trays of 7 muffins.") == ""
+
+
+def test_the_critic_judges_tool_outputs_by_the_rules_rl_rolls_out_with() -> None:
+    """One setting (thor_engine.config.TRAINING_OBSERVATION_PROFILE) for TIRGen's data and RL's rollouts: a block
+    that prints nothing is a failed call in both, never a notebook echo in the data that RL then counts as failed."""
+    from thor_engine.config import rl_rollout_config, rl_step_config
+    from trainer.tirgen.endpoints import CompletionsClient, Critic
+
+    critic = Critic(CompletionsClient(None, "critic", None), None, max_calls=4)
+    assert critic.observation == rl_rollout_config().observation == rl_step_config().observation
+    assert critic.observation.profile == "reference" and critic.observation.require_stdout
 
 
 def test_funnel_counts_the_critic_failure_the_wrong_answer_and_the_duplicate(run: Path) -> None:

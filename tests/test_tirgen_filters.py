@@ -4,16 +4,26 @@ Owns: a rejecting and a passing case for every stage, the code-quality and repet
 boundaries, dedup (exactly one sample per problem), the single-call down-sample (deterministic,
 about half, never touching multi-call samples), funnel consistency, the funnel table and plot.
 
+Also the shipped run (docs/training/tirgen-gsm8k-default): its samples hold only real outputs,
+and `python -m trainer.tirgen --refilter` over its log reproduces its samples, summary and funnel.
+
 Does not own: generating samples (TIRGen's end-to-end tests) or the sample schema.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from thor_engine.codeblocks import find_blocks
 from thor_engine.config import REFERENCE_EMPTY_OBSERVATION
 from thor_engine.observation import NOTEBOOK_STOPPED, injection
 from trainer.tirgen.filters import (
@@ -29,7 +39,9 @@ from trainer.tirgen.filters import (
     filter_fences,
     filter_has_code,
     filter_length,
+    filter_real_outputs,
     filter_repetition,
+    filter_result_before_code,
     filter_think,
     find_repetition,
     format_funnel,
@@ -224,6 +236,55 @@ def test_fences() -> None:
     assert "unclosed code fence" in (filter_fences(stray, CFG) or "")
 
 
+# --- real_outputs, result_before_code: what is trained is what really ran ------------------------------------------
+
+#: A model that writes the output block itself (as two samples of the shipped GSM8K run did).
+INVENTED = make("invented", final="So the shop has 87 pens.\n```output\n87\n```\nThe shop has \\boxed{87} pens.")
+#: A second python block in the ending that never ran: no observation follows it.
+UNRUN = make("unrun", final="Let me check it once more.\n" + block(GOOD_CODE) + "The shop has \\boxed{87} pens.")
+#: The actor's computed line carried over before the code that computes it (the critic's old prefill).
+CARRIED = make("carried", intro="The boxes hold 12 * 7 = 84 pens, plus the 3 loose ones.\n")
+
+
+def test_real_outputs() -> None:
+    assert filter_real_outputs(make(blocks=[block(GOOD_CODE)] * 2), CFG) is None
+    assert "output block the model wrote itself" in (filter_real_outputs(INVENTED, CFG) or "")
+    assert "python block with no observation" in (filter_real_outputs(UNRUN, CFG) or "")
+    # a block followed by more model text before its observation did not produce that observation
+    s = make()
+    s.segments[1] = SegmentText(kind="model", text=s.segments[1].text + "It prints 87.\n")
+    assert "no observation" in (filter_real_outputs(s, CFG) or "")
+    # an output fence in a code block's string is still model-written output text
+    assert filter_real_outputs(make(blocks=[block(GOOD_CODE + 'print("```output")\n')]), CFG) is not None
+
+
+def test_result_before_code() -> None:
+    assert filter_result_before_code(make(), CFG) is None
+    assert "'12 * 7 = 84' before the code" in (filter_result_before_code(CARRIED, CFG) or "")
+    latex = make(intro="The boxes hold $12 \\times 7 = 84$ pens.\n")
+    assert "before the code" in (filter_result_before_code(latex, CFG) or "")
+    # restating the real output after it, or writing the expression without its value, is fine
+    after = make(final="So 12 * 7 + 3 = 87 pens.\n\\boxed{87}")
+    assert filter_result_before_code(after, CFG) is None
+    assert filter_result_before_code(make(intro="The boxes hold 12 * 7 pens; x = 12 * 7 + 3.\n"), CFG) is None
+    # a second block's prose (after the first observation) is checked too
+    second = make(blocks=[block(GOOD_CODE), "Then 87 - 3 = 84 pens are in boxes.\n" + block(GOOD_CODE)])
+    assert "'87 - 3 = 84'" in (filter_result_before_code(second, CFG) or "")
+
+
+def test_invented_unrun_and_carried_samples_are_rejected_at_their_named_funnel_stage() -> None:
+    good = make("good")
+    result = apply_filters([INVENTED, UNRUN, CARRIED, good], CFG)
+    assert result.kept == [good]
+    assert {r.sample.problem_id: r.stage for r in result.rejected} == {
+        "invented": "real_outputs",
+        "unrun": "real_outputs",
+        "carried": "result_before_code",
+    }
+    table = format_funnel(result.funnel)
+    assert "| real_outputs | 4 | 2 | 2 |" in table and "| result_before_code | 2 | 1 | 1 |" in table
+
+
 # --- think ---------------------------------------------------------------------------------------------------------
 
 
@@ -364,7 +425,7 @@ def test_dedup_keeps_exactly_one_sample_per_problem_whatever_the_order() -> None
 
 def test_dedup_keeps_a_passing_sample_when_the_first_one_fails() -> None:
     bad = make("p1", correct=False, blocks=TWO)
-    good = make("p1", intro="We multiply, $12 \\times 7 = 84$, then add the $3$ loose pens.\n\n", blocks=TWO)
+    good = make("p1", intro="We multiply, $12 \\times 7$, then add the $3$ loose pens.\n\n", blocks=TWO)
     result = apply_filters([bad, good], CFG)
     assert result.kept == [good]
     assert [(r.stage, r.sample is bad) for r in result.rejected] == [("correct", True)]
@@ -400,7 +461,7 @@ def mixed_batch() -> list[TirSample]:
     loop = "Let me recompute the total number of pens again. " * 6
     return [
         make("a"),
-        make("a", intro="Another way: $7 \\times 12 = 84$ and $84 + 3 = 87$.\n\n"),
+        make("a", intro="Another way: $7 \\times 12$ pens in boxes and $3$ loose ones.\n\n"),
         make("b", correct=False),
         make("c", failed=1),
         make("d", intro="", blocks=[], outputs=[], final="\\boxed{87}"),
@@ -419,6 +480,8 @@ def mixed_batch() -> list[TirSample]:
             intro="We count all the pens with one line of Python: twelve boxes of seven, plus three.\n\n",
         ),
         make("j", final=loop + "\\boxed{87}"),
+        INVENTED,
+        CARRIED,
         *[make(f"k{n}", blocks=[block(GOOD_CODE)] * 2) for n in range(3)],
         *[make(f"s{n}") for n in range(10)],
     ]
@@ -436,7 +499,9 @@ def test_funnel_counts_are_consistent() -> None:
     for stage in result.funnel[1:-1]:
         assert stage.dropped == result.by_stage[stage.name]
     # Every per-sample stage rejected its planted sample.
-    for name in ("correct", "code_passed", "length", "boxed", "dollars", "think", "has_code", "code_quality"):
+    for name in ("correct", "code_passed", "length", "boxed", "dollars", "real_outputs", "result_before_code"):
+        assert result.by_stage[name] == 1, name
+    for name in ("think", "has_code", "code_quality"):
         assert result.by_stage[name] == 1, name
     assert result.by_stage["repetition"] == 1 and result.by_stage["dedup"] == 1
     assert result.generated == len(samples)
@@ -485,3 +550,52 @@ def test_plot_funnel_writes_a_png(tmp_path) -> None:
     path = plot_funnel(result.funnel, tmp_path / "out" / "funnel.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+# --- the shipped run -----------------------------------------------------------------------------------------------
+
+SHIPPED = Path(__file__).resolve().parents[1] / "docs" / "training" / "tirgen-gsm8k-default"
+
+
+def _jsonl_gz(path: Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_the_shipped_samples_hold_only_real_outputs() -> None:
+    samples = [TirSample.model_validate(d) for d in _jsonl_gz(SHIPPED / "samples.jsonl.gz")]
+    assert len(samples) == json.loads((SHIPPED / "summary.json").read_text())["kept"] > 0
+    for s in samples:
+        completion = [seg for seg in s.segments if seg.kind != "prompt"]
+        blocks = 0
+        for n, seg in enumerate(completion):
+            if seg.kind != "model":
+                continue
+            assert "```output" not in seg.text, f"{s.id}: an output block the model wrote itself"
+            for b in find_blocks(seg.text):
+                assert b.language == "python" and b.closed, (s.id, b)
+                blocks += 1
+                assert not seg.text[b.end :].strip(), f"{s.id}: model text between a block and its output"
+                assert n + 1 < len(completion) and completion[n + 1].kind == "observation", f"{s.id}: no output"
+        assert blocks == s.code_calls == sum(seg.kind == "observation" for seg in completion) > 0, s.id
+
+
+def test_refilter_reproduces_the_shipped_run_from_its_log(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("run.json", "generated.jsonl.gz", "summary.json"):
+        shutil.copy(SHIPPED / name, run / name)
+    r = subprocess.run(
+        [sys.executable, "-m", "trainer.tirgen", "--refilter", str(run)],
+        cwd=SHIPPED.parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _jsonl_gz(run / "samples.jsonl.gz") == _jsonl_gz(SHIPPED / "samples.jsonl.gz")
+    assert json.loads((run / "summary.json").read_text()) == json.loads((SHIPPED / "summary.json").read_text())
+    assert (run / "funnel.md").read_text() == (SHIPPED / "funnel.md").read_text()
+    rejected = _jsonl_gz(run / "rejected.jsonl.gz")
+    invented = sorted(d["id"] for d in rejected if d["stage"] == "real_outputs")
+    assert {"gsm8k/gsm8k-326", "gsm8k/gsm8k-465"} <= set(invented), invented

@@ -5,7 +5,8 @@ THOR paper's code (tool budget 10, self-correction with 4 retries and a 500-toke
 backtrack, 256-character observation truncation, the empty-observation message)
 and our product defaults (the `notebook` observation profile). The server maps
 its `thor` request field onto this; the trainer builds it directly, from the RL
-presets `rl_rollout_config` (trajectory level) and `rl_step_config` (step level).
+presets `rl_rollout_config` (trajectory level) and `rl_step_config` (step level), whose
+observation rules (`training_observation`) TIRGen's critic shares.
 
 Does not own: sampling parameters (`SamplingOptions` below is only carried
 through), engine arguments, or the sandbox's own limits.
@@ -187,12 +188,23 @@ class SamplingOptions(_Strict):
 #: THOR's tool budget for RL rollouts (../shared/DESIGN.md section 2: 10 at inference, 5 in RL).
 RL_MAX_TOOL_CALLS = 5
 
+#: The observation profile of every training stage, the one setting TIRGen's critic (trainer/tirgen) and RL's
+#: rollouts (`rl_rollout_config`, `rl_step_config`) both read: THOR's reference rules (a call that prints nothing
+#: failed; no notebook echo of a trailing expression), so cold-start data never shows a block as run that RL
+#: would count as failed.
+TRAINING_OBSERVATION_PROFILE: Literal["notebook", "reference"] = "reference"
+
+
+def training_observation() -> ObservationConfig:
+    """The observation rules of training data and rollouts (`TRAINING_OBSERVATION_PROFILE`, other fields default)."""
+    return ObservationConfig(profile=TRAINING_OBSERVATION_PROFILE)
+
 
 def rl_rollout_config(max_tool_calls: int = RL_MAX_TOOL_CALLS) -> ThorConfig:
     """Trajectory-level RL rollouts with THOR's reference settings (../shared/DESIGN.md section 2).
 
-    The reference observation profile (success iff exit code 0 and stdout non-empty, no
-    notebook echo), at most `max_tool_calls` executions (reference: 5 in RL), self-correction
+    The training observation rules (`training_observation`: the reference profile, success
+    iff exit code 0 and stdout non-empty, no notebook echo; TIRGen's critic reads the same), at most `max_tool_calls` executions (reference: 5 in RL), self-correction
     off (rollouts are sampled as the policy writes them), and the trajectory ends at its first
     committed failed call (`stop_on_tool_error`: such rollouts are filtered out of training and
     feed the step level instead).
@@ -200,7 +212,7 @@ def rl_rollout_config(max_tool_calls: int = RL_MAX_TOOL_CALLS) -> ThorConfig:
     return ThorConfig(
         max_tool_calls=max_tool_calls,
         stop_on_tool_error=True,
-        observation=ObservationConfig(profile="reference"),
+        observation=training_observation(),
         self_correction=SelfCorrectionConfig(enabled=False),
     )
 

@@ -6,6 +6,11 @@ Example (the default model as actor and critic, through a THOR server started wi
     python -m trainer.tirgen --actor-url http://127.0.0.1:8000 --benchmark gsm8k --limit 100 \\
         --out runs/tirgen/gsm8k-default
 
+Re-filter a finished run (today's filter stages, the run's recorded thresholds; its log is
+never regenerated, no sample is edited), e.g. the shipped run::
+
+    python -m trainer.tirgen --refilter docs/training/tirgen-gsm8k-default
+
 Owns: argument parsing, opening the two endpoints and the sandbox, choosing the problems
 (with the split check), and the exit codes (0 done, 1 an endpoint or the sandbox failed,
 2 bad arguments or data).
@@ -28,7 +33,7 @@ from .generate import TirGenConfig
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainer.tirgen", description=__doc__.split("\n\n")[0])
     m = p.add_argument_group("models (any OpenAI-compatible endpoint; the critic's must return token ids)")
-    m.add_argument("--actor-url", required=True, help="the actor's server, e.g. http://127.0.0.1:8000")
+    m.add_argument("--actor-url", help="the actor's server, e.g. http://127.0.0.1:8000 (required to generate)")
     m.add_argument("--actor-model", default=None, help="served model name (default: the first it serves)")
     m.add_argument(
         "--actor-tokenizer",
@@ -47,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     m.add_argument("--api-key", default=None, help="Bearer key for the actor (and the critic, unless --critic-api-key)")
     m.add_argument("--critic-api-key", default=None)
     b = p.add_argument_group("problems (training split only, unless told)")
-    src = b.add_mutually_exclusive_group(required=True)
+    src = b.add_mutually_exclusive_group()
     src.add_argument("--benchmark", help="a named benchmark (its training split is used)")
     src.add_argument("--problems", type=Path, help="a JSONL / dataset of problems with gold answers")
     b.add_argument("--problem-field", default=None)
@@ -83,14 +88,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a block with this many real lines or fewer is low quality (default 5)",
     )
     o = p.add_argument_group("output")
-    o.add_argument("--out", type=Path, required=True, help="run directory")
+    o.add_argument("--out", type=Path, help="run directory (required, except with --refilter)")
     o.add_argument("--resume", action="store_true", help="continue the run in --out")
-    o.add_argument("--report-only", action="store_true", help="refilter the logged attempts and rewrite the reports")
+    o.add_argument(
+        "--report-only",
+        action="store_true",
+        help="refilter the logged attempts of --out with these filter flags and rewrite the reports",
+    )
+    o.add_argument(
+        "--refilter",
+        type=Path,
+        metavar="RUN_DIR",
+        help="re-run today's filters over a finished run (its run.json thresholds and disabled stages; a gzipped "
+        "log, as shipped, is written back gzipped) and rewrite its samples, rejections, summary and funnel; "
+        "--tokenizer also checks token lengths",
+    )
     o.add_argument("--no-progress", action="store_true")
     p.add_argument("--sandbox-url", default=None, help="a running sandbox service (default: start a local pool)")
     p.add_argument("--sandbox-pool", type=int, default=4)
     p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.refilter is None:
+        missing = [
+            name
+            for name, given in (
+                ("--actor-url", args.actor_url or args.report_only),
+                ("--benchmark or --problems", args.benchmark or args.problems or args.report_only),
+                ("--out", args.out),
+            )
+            if not given
+        ]
+        if missing:
+            p.error(f"the following arguments are required: {', '.join(missing)} (or --refilter RUN_DIR)")
+    return args
 
 
 def _filter_config(args: argparse.Namespace, tokenizer: object | None) -> FilterConfig:
@@ -110,6 +140,14 @@ async def _run(args: argparse.Namespace) -> int:
     from .endpoints import Actor, Critic
     from .runner import run_tirgen, write_reports
 
+    if args.refilter is not None:
+        from .runner import refilter_run
+
+        tok = load_tokenizer(resolve_tokenizer(args.tokenizer))[0] if args.tokenizer else None
+        result = refilter_run(args.refilter, tok)
+        s = result.filters
+        print(f"{args.refilter}: {len(s.kept)} kept of {s.generated} generated; rejected by stage {s.by_stage}")
+        return 0
     if args.report_only:
         result = write_reports(args.out, _filter_config(args, None))
         print(f"{args.out}: {len(result.kept)} kept of {result.attempted} attempted")

@@ -3,12 +3,16 @@
 Owns:
 
 - `Actor`: step-wise text completion of the chat-templated actor prompt plus the
-  solution so far, so the actor can continue from a prefix the critic rewrote.
+  solution so far, so the actor can continue from a prefix the critic rewrote. Its
+  steps stop at an output fence (```` ```output ````): the actor has no tool, so an
+  output block it starts is invented (generate.py decides what the step becomes).
 - `Critic`: one fragment's rewrite with its code really executed: the critic's text is
   cut after each closed python block, the sandbox runs the block with the decoder's
-  settings and the observation is injected exactly as the decoder injects it
+  settings and the observation is judged by the training rules RL's rollouts use too
+  (``thor_engine.config.training_observation``) and injected exactly as the decoder injects it
   (``thor_engine.observation.judge`` / ``injection``), so whatever the critic would
-  have predicted is never kept; a failed call ends the rewrite.
+  have predicted is never kept (its completions stop at an output fence, and its text is
+  cut after each closed block); a failed call ends the rewrite.
 
 Both need only a text completions endpoint (vLLM, our server, most hosted completions
 APIs) and the model's tokenizer here for its chat template: the prompt text is rendered
@@ -21,6 +25,7 @@ service itself.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -31,10 +36,20 @@ from trainer.evaluate.client_loop import resolve_tokenizer
 from trainer.evaluate.remote_backend import _local_model_dir, _model_entry, base_url, load_tokenizer
 from trainer.evaluate.targets import TargetError
 
+from .filters import OUTPUT_FENCE
 from .prompts import actor_messages, critic_messages
 from .sample import SegmentText
 
-__all__ = ["Actor", "Completion", "CompletionsClient", "Critic", "CriticRewrite", "EndpointError", "TargetError"]
+__all__ = [
+    "Actor",
+    "Completion",
+    "CompletionsClient",
+    "Critic",
+    "CriticRewrite",
+    "EndpointError",
+    "TargetError",
+    "critic_lead",
+]
 
 
 class EndpointError(RuntimeError):
@@ -46,6 +61,13 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     tokens: int
+    stop_reason: str | int | None = None  # the stop string (or token id) that ended it, where the endpoint says
+
+    @property
+    def at_output_fence(self) -> bool:
+        """It stopped where the model began an output block (an endpoint that reports no `stop_reason`, such as
+        a hosted completions API, reads as an ordinary end)."""
+        return self.finish_reason == "stop" and self.stop_reason == OUTPUT_FENCE
 
 
 class CompletionsClient:
@@ -72,8 +94,19 @@ class CompletionsClient:
             tok, _ = load_tokenizer(tok_path)
             yield cls(client, str(entry["id"]), tok)
 
-    async def step(self, prompt: str, *, max_tokens: int, temperature: float, top_p: float, seed: int) -> Completion:
-        body = {
+    async def step(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        stop: tuple[str, ...] = (OUTPUT_FENCE,),
+    ) -> Completion:
+        """One completion of `prompt`; by default it stops where the model begins an output block (only the
+        tool loop writes those)."""
+        body: dict[str, Any] = {
             "model": self.model,
             "prompt": prompt,
             "max_tokens": max_tokens,
@@ -81,6 +114,8 @@ class CompletionsClient:
             "top_p": top_p,
             "seed": seed,
         }
+        if stop:
+            body["stop"] = list(stop)
         where = f"{self.client.base_url}/v1/completions"
         try:
             r = await self.client.post("/v1/completions", json=body)
@@ -97,6 +132,7 @@ class CompletionsClient:
                 text=str(choice["text"]),
                 finish_reason=str(choice.get("finish_reason") or "stop"),
                 tokens=int(usage.get("completion_tokens") or 0),
+                stop_reason=choice.get("stop_reason"),
             )
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise EndpointError(f"endpoint {where} did not answer an OpenAI completion: {r.text[:200]}") from exc
@@ -139,8 +175,10 @@ class Critic:
     """The critic model on a text completions endpoint, with the real tool loop run here.
 
     The critic's turn is prefilled with the fragment's first line (the actor's own plan
-    sentence, when the fragment has more than one line) and an opened ```` ```python ````
-    fence, so even a small critic writes code rather than a paraphrase. Each time its
+    sentence, when the fragment has more than one line and that line states no computed
+    value: `critic_lead`) and an opened ```` ```python ````
+    fence, so even a small critic writes code rather than a paraphrase. Its completions
+    stop at an output fence. Each time its
     text holds a closed python block, the text is cut after that block's closing fence
     (whatever it wrote after it, an invented output included, is dropped), the code runs
     in the sandbox with the decoder's settings, the observation is judged and injected as
@@ -152,13 +190,14 @@ class Critic:
     def __init__(
         self, completions: CompletionsClient, executor: Any, *, max_calls: int, observation: Any = None
     ) -> None:
-        from thor_engine.config import ObservationConfig
+        from thor_engine.config import training_observation
 
         self.completions = completions
         self.model = completions.model
         self.executor = executor
         self.max_calls = max_calls
-        self.observation = observation or ObservationConfig()
+        # the rules RL rolls out with (one setting, thor_engine.config.TRAINING_OBSERVATION_PROFILE)
+        self.observation = observation or training_observation()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -200,8 +239,7 @@ class Critic:
         prompt = tok.apply_chat_template(
             critic_messages(problem, solution_so_far, step), tokenize=False, add_generation_prompt=True
         )
-        lines = step.strip().split("\n")
-        lead = lines[0].rstrip() + "\n" if len(lines) > 1 else ""
+        lead = critic_lead(problem, solution_so_far, step)
         segments: list[SegmentText] = []
         current = lead + "```python\n"  # model text since the last observation
         calls = failed = 0
@@ -253,6 +291,37 @@ class Critic:
             finish_reason=finish,
             observations=observations,
         )
+
+
+_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")
+_OUTPUT_BODY = re.compile(r"```output[ \t]*\r?\n(.*?)```", re.DOTALL)
+
+
+def _numbers(text: str) -> set[str]:
+    """The numbers written in `text`, normalised (no thousands separators, no trailing ``.0``)."""
+    out = set()
+    for n in _NUMBER.findall(text):
+        n = n.replace(",", "")
+        out.add(n.rstrip("0").rstrip(".") if "." in n else n)
+    return out
+
+
+def critic_lead(problem: str, solution_so_far: str, step: str) -> str:
+    """The line the critic's turn is prefilled with: the step's first line (the actor's plan sentence), when the
+    step has more than one line and that line states no computed value. A line with an inline computation
+    (``12 * 7 = 84``) or a number that is neither in the problem nor in a real output so far states a result the
+    code has not computed yet: carried over, it would sit before the code that computes it (and could be
+    wrong), so the critic writes its own first line instead."""
+    from .filters import inline_results
+
+    lines = step.strip().split("\n")
+    if len(lines) < 2:
+        return ""
+    first = lines[0].rstrip()
+    known = _numbers(problem).union(*(_numbers(o) for o in _OUTPUT_BODY.findall(solution_so_far)))
+    if inline_results(first) or not _numbers(first) <= known:
+        return ""
+    return first + "\n"
 
 
 def _without_trailing_fences(text: str) -> str:

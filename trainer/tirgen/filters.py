@@ -9,8 +9,8 @@ Markdown table (`format_funnel`) and bar chart (`plot_funnel`, ``funnel.png``).
 Stages, in order (a sample is rejected by the first stage it fails; each name is stable and
 is what the funnel, `FilterConfig.disabled` and the rejection records use):
 
-    correct, code_passed, length, boxed, dollars, fences, think, has_code, code_quality,
-    repetition, dedup, single_call_downsample
+    correct, code_passed, length, boxed, dollars, fences, real_outputs, result_before_code,
+    think, has_code, code_quality, repetition, dedup, single_call_downsample
 
 Does not own: generating samples (generate.py), grading answers (the generator sets
 ``TirSample.correct`` with ``thor_engine.answer``), the sample schema (sample.py) or writing
@@ -51,10 +51,13 @@ __all__ = [
     "filter_fences",
     "filter_has_code",
     "filter_length",
+    "filter_real_outputs",
     "filter_repetition",
+    "filter_result_before_code",
     "filter_think",
     "find_repetition",
     "format_funnel",
+    "inline_results",
     "observation_is_error",
     "plot_funnel",
     "real_code_lines",
@@ -165,6 +168,14 @@ _OBSERVATION_BODY = re.compile(r"```output[ \t]*\r?\n(.*?)(?:\r?\n)?```", re.DOT
 #: the reference's timeout message (``timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'``) or
 #: the notebook profile's ``OutputLimitError: ...`` / ``MemoryError: ...``.
 _ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b\s*(?::|$)")
+#: The opening of an output block. Only the tool loop injects one (as an ``observation`` segment): in a model
+#: segment it is an output the model invented.
+OUTPUT_FENCE = "```output"
+#: An inline computation with its result, ``12 * 7 = 84`` or ``$84 - (12 + 3) = 69$``: numbers joined by
+#: operators (parentheses allowed), ``=`` and a number.
+_NUM = r"\d[\d,]*(?:\.\d+)?"
+_OP = r"(?:[-+*/\u00d7\u00f7^]|\\times|\\cdot|\\div)"
+_INLINE_RESULT = re.compile(rf"(?<![\w.])\(*\s*{_NUM}(?:\s*\)*\s*{_OP}\s*\(*\s*{_NUM})+\s*\)*\s*=\s*\$?\s*-?{_NUM}")
 _THINK_OPEN = "<think>"
 _THINK_CLOSE = "</think>"
 
@@ -297,6 +308,45 @@ def filter_fences(sample: TirSample, cfg: FilterConfig) -> str | None:
     return f"an unclosed code fence at character {open_blocks[0].start}" if open_blocks else None
 
 
+def filter_real_outputs(sample: TirSample, cfg: FilterConfig) -> str | None:
+    """Every tool output in the sample really ran: no output fence inside a model segment (the model wrote its
+    tool's answer itself), and every executable code block ends its model segment and is followed by an
+    observation (a block the sample shows without its real output teaches the model to skip the tool)."""
+    completion = [s for s in sample.segments if s.kind != "prompt"]
+    for n, seg in enumerate(completion):
+        if seg.kind != "model":
+            continue
+        at = seg.text.find(OUTPUT_FENCE)
+        if at >= 0:
+            return f"an output block the model wrote itself: {seg.text[at : at + 40]!r}"
+        followed = n + 1 < len(completion) and completion[n + 1].kind == "observation"
+        for b in _code_blocks(seg.text, cfg):
+            if seg.text[b.end :].strip() or not followed:
+                return f"a {b.language} block with no observation after it: {seg.text[b.start : b.start + 40]!r}"
+    return None
+
+
+def inline_results(text: str) -> list[str]:
+    """The inline computations with a result in `text` (``12 * 7 = 84``), in order."""
+    return [m.group(0) for m in _INLINE_RESULT.finditer(text)]
+
+
+def filter_result_before_code(sample: TirSample, cfg: FilterConfig) -> str | None:
+    """No prose before a code block (since the previous observation) states a computed result such as
+    ``12 * 7 = 84``: the result must come from the block's real output, not be written ahead of it (the
+    critic's prefill once carried the actor's computed line over)."""
+    for seg in sample.segments:
+        if seg.kind != "model":
+            continue
+        pos = 0
+        for b in _code_blocks(seg.text, cfg):
+            stated = inline_results(_outside_blocks(seg.text[pos : b.start]))
+            if stated:
+                return f"states {stated[0]!r} before the code that computes it"
+            pos = b.end
+    return None
+
+
 def filter_think(sample: TirSample, cfg: FilterConfig) -> str | None:
     """Reasoning models only: exactly one complete think block, with at least one executable code block in it.
 
@@ -365,6 +415,8 @@ SAMPLE_FILTERS: tuple[tuple[str, SampleFilter], ...] = (
     ("boxed", filter_boxed),
     ("dollars", filter_dollars),
     ("fences", filter_fences),
+    ("real_outputs", filter_real_outputs),
+    ("result_before_code", filter_result_before_code),
     ("think", filter_think),
     ("has_code", filter_has_code),
     ("code_quality", filter_code_quality),

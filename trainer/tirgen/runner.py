@@ -13,14 +13,21 @@ Owns the run directory:
 - ``summary.json``, ``funnel.md`` and ``funnel.png``: attempted -> critic drops -> each
   filter -> kept, and the code-invocation ratio of generated and kept samples.
 
+`refilter_run` re-runs today's filters, with the thresholds the run recorded in
+``run.json``, over a finished run's log and rewrites every report in place: how a
+shipped run (whose log and samples are gzipped: ``*.jsonl.gz``, written gzipped again)
+is brought up to new filter stages without generating again or editing a sample.
+
 Does not own: one sample (generate.py), the filters (filters.py), the CLI (__main__.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -37,7 +44,7 @@ from .filters import FilterConfig, FilterResult, FunnelStage, apply_filters, for
 from .generate import Dropped, TirGenConfig, generate_sample
 from .sample import TirSample
 
-__all__ = ["RunSettingsError", "TirGenResult", "run_tirgen"]
+__all__ = ["RunSettingsError", "TirGenResult", "refilter_run", "run_tirgen", "write_reports"]
 
 log = logging.getLogger("trainer.tirgen")
 
@@ -193,27 +200,64 @@ async def run_tirgen(
     return write_reports(out, filters, wall_s=time.monotonic() - start)
 
 
+def _write_jsonl(path: Path, lines: list[str], *, compress: bool) -> None:
+    text = "".join(line + "\n" for line in lines)
+    if not compress:
+        write_text_atomic(path, text)
+        return
+    path = path.with_name(path.name + ".gz")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))  # mtime 0: the same samples, the same bytes
+    os.replace(tmp, path)
+
+
+def _load_log(out: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The run's attempts, and whether its log is gzipped (a shipped run)."""
+    if (out / "generated.jsonl").is_file():
+        return _Log(out / "generated.jsonl").load(), False
+    if (out / "generated.jsonl.gz").is_file():
+        with gzip.open(out / "generated.jsonl.gz", "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()], True
+    raise FileNotFoundError(
+        f"{out} holds no TIRGen run (no generated.jsonl or generated.jsonl.gz): check --out / --refilter, or run "
+        "without --report-only"
+    )
+
+
+def refilter_run(out: Path, tokenizer: Any = None) -> TirGenResult:
+    """Re-run the filters (today's stages, the thresholds and disabled stages in the run's ``run.json``) over the
+    attempts logged in `out` and rewrite its samples, rejections, summary and funnel. With `tokenizer` the token
+    lengths are checked too (as the run did with its policy tokenizer)."""
+    path = out / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out} holds no TIRGen run (no run.json): pass the run directory to --refilter")
+    recorded = json.loads(path.read_text(encoding="utf-8"))["filters"]
+    cfg = FilterConfig(**{k: v for k, v in recorded.items() if k in FilterConfig.model_fields})
+    if tokenizer is not None:
+        cfg = cfg.with_tokenizer(tokenizer)
+    old = out / "summary.json"
+    wall_s = json.loads(old.read_text(encoding="utf-8")).get("wall_s", 0.0) if old.is_file() else 0.0
+    return write_reports(out, cfg, wall_s=wall_s)
+
+
 def write_reports(out: Path, filters: FilterConfig, *, wall_s: float = 0.0) -> TirGenResult:
-    """Filter every logged attempt and write samples.jsonl, rejected.jsonl, summary.json, funnel.md/png."""
-    if not (out / "generated.jsonl").is_file():
-        raise FileNotFoundError(
-            f"{out} holds no TIRGen run (no generated.jsonl): check --out, or run without --report-only"
-        )
-    entries = _Log(out / "generated.jsonl").load()
+    """Filter every logged attempt and write samples.jsonl, rejected.jsonl, summary.json, funnel.md/png
+    (the JSONL files gzipped when the log is)."""
+    entries, compress = _load_log(out)
     latest: dict[tuple[str, int], dict[str, Any]] = {}
     for e in entries:
         latest[(e["id"], e["attempt"])] = e
     dropped: Counter[str] = Counter(e["reason"] for e in latest.values() if e["status"] == "dropped")
     samples = [TirSample.model_validate(e["sample"]) for e in latest.values() if e["status"] == "sample"]
     result = apply_filters(samples, filters)
-    write_text_atomic(out / "samples.jsonl", "".join(s.model_dump_json() + "\n" for s in result.kept))
-    write_text_atomic(
+    _write_jsonl(out / "samples.jsonl", [s.model_dump_json() for s in result.kept], compress=compress)
+    _write_jsonl(
         out / "rejected.jsonl",
-        "".join(
+        [
             json.dumps({"id": s.id, "stage": stage, "reason": reason, "sample": s.model_dump()}, ensure_ascii=False)
-            + "\n"
             for s, stage, reason in result.rejected
-        ),
+        ],
+        compress=compress,
     )
     funnel = _funnel(len(latest), dropped, result)
     summary = {
