@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from thor_engine.config import ObservationConfig
+from thor_engine.config import training_observation
 from thor_engine.observation import injection, judge
 from thor_engine.prompting import TIR_INSTRUCTIONS, with_tir_instructions
 from trainer.tirgen.prompts import training_messages
@@ -75,8 +75,8 @@ BRANCHES: tuple[Branch, ...] = ("print", "bare", "direct")
 #: The opening shared by the print and bare branches (everything before the code).
 OPENING = "I will compute it with Python.\n```python\n"
 DIRECT_OPENING = "I estimate it directly: "
-#: THOR's reference observation rules (a call that prints nothing fails), as the thor-rl mode runs them.
-OBSERVATION = ObservationConfig(profile="reference")
+#: The training observation rules (THOR's reference: a call that prints nothing fails), as RL and the thor-rl mode run them.
+OBSERVATION = training_observation()
 SOURCE = "train"  # the benchmark name trainer.evaluate gives problems/train.jsonl (its stem)
 GUESS_SPREAD = 30  # wrong guesses are the answer +- 1..GUESS_SPREAD
 

@@ -24,7 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from thor_engine.config import ObservationConfig, SelfCorrectionConfig, ThorConfig
+from thor_engine.config import (
+    TRAINING_OBSERVATION_PROFILE,
+    ObservationConfig,
+    SelfCorrectionConfig,
+    ThorConfig,
+    training_observation,
+)
 from thor_engine.prompting import TIR_INSTRUCTIONS
 
 __all__ = ["COT_PROMPT", "MODES", "Mode", "parse_modes"]
@@ -111,12 +117,12 @@ MODES: dict[str, Mode] = {
             tools=True,
             config=ThorConfig(
                 max_tool_calls=5,
-                observation=ObservationConfig(profile="reference"),
+                observation=training_observation(),
                 self_correction=SelfCorrectionConfig(enabled=False),
             ),
             server_options={
                 "max_tool_calls": 5,
-                "observation": {"profile": "reference"},
+                "observation": {"profile": TRAINING_OBSERVATION_PROFILE},
                 "self_correction": False,
             },
         ),
