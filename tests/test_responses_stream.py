@@ -184,3 +184,82 @@ def test_tool_switches():
         CreateResponseRequest(input="x", tools=[{"type": "code_interpreter"}], thor={"enabled": False}),
     ):
         assert not off.code_interpreter() and not off.thor_options(False).enabled
+
+
+# --- storing and ending a stream (server/generation.py with this builder) ---------------------
+
+
+def _state(store) -> Any:
+    """The server state `respond` reads (settings, store, metrics); no engine: the events are given."""
+    from server.settings import ServerSettings
+    from server.state import ServerState
+
+    return ServerState(
+        settings=ServerSettings(),
+        engine=None,  # type: ignore[arg-type]
+        store=store,
+        sandbox=None,  # type: ignore[arg-type]
+        metrics=ServerMetrics(),
+        model_name="m",
+        api_keys=None,  # type: ignore[arg-type]
+    )
+
+
+async def stream_through_respond(state, events, *, key: str = "client-a", tools: bool = True):
+    """`respond` as the Responses route calls it, streaming: (the builder, the SSE body iterator)."""
+    from server.generation import StreamFormat, respond
+    from server.guards import RateLimiter
+
+    builder = ResponsesBuilder(
+        response_id="resp_" + key,
+        model="m",
+        params=CreateResponseRequest(input="What is 6*7?").response_fields(
+            SamplingOptions(), tools_on=tools, store=True
+        ),
+        tools_enabled=tools,
+        reasoning_model=False,
+        metrics=state.metrics,
+        conversation=[{"role": "user", "content": "What is 6*7?"}],
+    )
+    resp = await respond(
+        state,
+        None,  # type: ignore[arg-type]  # streaming never reads the request
+        RateLimiter(state, key),
+        builder,
+        events,
+        stream=True,
+        include_usage=False,
+        summary={"route": "/v1/responses"},
+        stream_format=StreamFormat(
+            named_events=True, done_sentinel=False, opening=builder.opening, error=builder.error_event
+        ),
+    )
+    return builder, resp.body_iterator
+
+
+async def test_a_stream_is_stored_before_its_terminal_event(tokenizer, executor):
+    """A client that closes the stream the moment `response.completed` arrives (the SDK does) finds
+    the response stored: the engine's stream may take a while to end after its last event, and the
+    store write must not wait for that."""
+    import asyncio
+
+    from server.store import MemoryStore
+
+    dec = ThorDecoder(ScriptedBackend(tokenizer, CASES["one-call"][0]()), executor)
+    prompt = render_chat(tokenizer, [{"role": "user", "content": "What is 6*7?"}])
+
+    async def engine_events():
+        async for ev in dec.stream(prompt, ThorConfig(), SamplingOptions(max_tokens=400, temperature=0.0)):
+            yield ev
+        await asyncio.sleep(3600)  # the engine winds down (aborts, frees its KV cache) after Final
+
+    state = _state(MemoryStore())
+    builder, body = await stream_through_respond(state, engine_events())
+    seen = ""
+    async for piece in body:
+        seen += piece
+        if "event: response.completed" in piece:
+            break
+    await body.aclose()  # the client closed on the terminal event
+    stored = await state.store.trace_get(builder.id, owner="client-a")
+    assert stored is not None and stored["response"]["status"] == "completed"
