@@ -42,13 +42,11 @@ from thor_engine.events import Backtrack, CodeBlock, Event, Final, FinishReason,
 
 from .errors import ApiError
 from .metrics import ServerMetrics
-from .response_request import items_to_messages
+from .response_request import CONTAINER_ID, items_to_messages
 from .tool_records import backtrack_record, call_record, result_record, retract, trace_head, trajectory_record
 
 #: finish reasons that leave a response `incomplete` (OpenAI: max_output_tokens; thor.finish_reason says which)
 INCOMPLETE = {FinishReason.length, FinishReason.context_length, FinishReason.generation_cap, FinishReason.repetition}
-#: what `container_id` says: the calls run in this server's sandbox, one fresh process per call
-CONTAINER_ID = "thor-sandbox"
 
 ItemKind = Literal["reasoning", "message"]
 
