@@ -4,7 +4,8 @@ Owns: `ResponsesBuilder`, one per `POST /v1/responses`, with the interface gener
 needs (`feed`, `response`, `generated_tokens`, `trace`, `choices`) plus the stream's opening
 events and its error event. It produces, in order, the output items OpenAI's Responses API
 defines for server-side code execution:
-- `reasoning` items: the model's text between tool calls (and inside <think>);
+- `reasoning` items: the model's text between tool calls (and inside <think>: those are
+  marked `encrypted_content: THINKING`, so a later turn puts them back inside <think>);
 - one `code_interpreter_call` per committed call: its code, its output as `logs` (the
   observation the model read), status `completed`, `failed` (the code failed) or
   `incomplete` (not run: the tool budget was spent);
@@ -42,13 +43,21 @@ from thor_engine.events import Backtrack, CodeBlock, Event, Final, FinishReason,
 
 from .errors import ApiError
 from .metrics import ServerMetrics
-from .response_request import CONTAINER_ID, items_to_messages
+from .response_request import CONTAINER_ID, THINKING, items_to_messages
 from .tool_records import backtrack_record, call_record, result_record, retract, trace_head, trajectory_record
 
 #: finish reasons that leave a response `incomplete` (OpenAI: max_output_tokens; thor.finish_reason says which)
 INCOMPLETE = {FinishReason.length, FinishReason.context_length, FinishReason.generation_cap, FinishReason.repetition}
 
-ItemKind = Literal["reasoning", "message"]
+#: "thinking" is a reasoning item of text inside <think> (marked with `THINKING`), "reasoning" one of
+#: the prose before a code block outside it
+ItemKind = Literal["thinking", "reasoning", "message"]
+
+
+def _thinking_mark(kind: ItemKind) -> dict[str, str]:
+    """A thinking item carries `THINKING` as its opaque `encrypted_content` (OpenAI's field for the
+    reasoning state a later turn needs): sent back as input, its text goes inside <think> again."""
+    return {"encrypted_content": THINKING} if kind == "thinking" else {}
 
 
 def _new_id(prefix: str) -> str:
@@ -144,12 +153,13 @@ class ResponsesBuilder:
 
     def _open_item(self, kind: ItemKind) -> list[dict[str, Any]]:
         index = len(self.output)
-        if kind == "reasoning":
+        if kind != "message":
             item: dict[str, Any] = {
                 "id": _new_id("rs"),
                 "type": "reasoning",
                 "summary": [],
                 "content": [],
+                **_thinking_mark(kind),
                 "status": "in_progress",
             }
             part: dict[str, Any] = {"type": "reasoning_text", "text": ""}
@@ -186,8 +196,8 @@ class ResponsesBuilder:
         o = self._open
         assert o is not None
         o.text += text
-        name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-        extra = {} if kind == "reasoning" else {"logprobs": []}
+        name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
+        extra = {"logprobs": []} if kind == "message" else {}
         out.append(self._event(name, item_id=o.id, output_index=o.index, content_index=0, delta=text, **extra))
         return out
 
@@ -195,9 +205,16 @@ class ResponsesBuilder:
         o, self._open = self._open, None
         if o is None:
             return []
-        if o.kind == "reasoning":
+        if o.kind != "message":
             part: dict[str, Any] = {"type": "reasoning_text", "text": o.text}
-            item: dict[str, Any] = {"id": o.id, "type": "reasoning", "summary": [], "content": [part], "status": status}
+            item: dict[str, Any] = {
+                "id": o.id,
+                "type": "reasoning",
+                "summary": [],
+                "content": [part],
+                **_thinking_mark(o.kind),
+                "status": status,
+            }
             done = self._event(
                 "response.reasoning_text.done", item_id=o.id, output_index=o.index, content_index=0, text=o.text
             )
@@ -282,12 +299,25 @@ class ResponsesBuilder:
     def _release_round(self, block: CodeBlock) -> list[dict[str, Any]]:
         """The round's held text is reasoning up to its code block's opening fence; then the call."""
         text = "".join(p.text for p in self._pending)
-        self._pending.clear()
         blocks = find_blocks(text)
-        prose = text[: blocks[-1].start] if blocks else text
-        out = self._text("reasoning", prose[self._prose_sent :])
+        out = self._prose(self._prose_sent, blocks[-1].start if blocks else len(text))
+        self._pending.clear()
         self._prose_sent = 0
         return out + self._start_call(block)
+
+    def _prose(self, start: int, end: int) -> list[dict[str, Any]]:
+        """The held text from `start` to `end` as reasoning items: text inside <think> a thinking item,
+        the rest a reasoning item (a new item where the channel changes)."""
+        out: list[dict[str, Any]] = []
+        at = 0
+        for piece in self._pending:
+            lo, hi = max(start, at), min(end, at + len(piece.text))
+            if lo < hi:
+                out += self._text(
+                    "thinking" if piece.channel == "reasoning" else "reasoning", piece.text[lo - at : hi - at]
+                )
+            at += len(piece.text)
+        return out
 
     def _stream_live(self) -> list[dict[str, Any]]:
         """Held text nothing can take back, with a code block open in it: the prose before the fence
@@ -301,7 +331,7 @@ class ResponsesBuilder:
         block = blocks[-1]
         if text[block.start] != "`":
             return []
-        out = self._text("reasoning", text[self._prose_sent : block.start])
+        out = self._prose(self._prose_sent, block.start)
         self._prose_sent = block.start
         first_line = text.find("\n", block.start)
         if first_line < 0:
@@ -322,7 +352,7 @@ class ResponsesBuilder:
         skip, self._prose_sent = self._prose_sent, 0  # already sent as reasoning (a fence had opened)
         for piece in self._pending:
             text, skip = piece.text[skip:], max(0, skip - len(piece.text))
-            out += self._text("reasoning" if piece.channel == "reasoning" else "message", text)
+            out += self._text("thinking" if piece.channel == "reasoning" else "message", text)
         self._pending.clear()
         return out
 
@@ -386,7 +416,7 @@ class ResponsesBuilder:
         if ev.markup or ev.source == "observation":  # an observation is its call's output, in the call's item
             return []
         if not self.tools_enabled and not ev.retractable:
-            return self._text("reasoning" if ev.channel == "reasoning" else "message", ev.text)
+            return self._text("thinking" if ev.channel == "reasoning" else "message", ev.text)
         self._pending.append(_Piece(ev.text, ev.channel, ev.retractable))
         if any(p.retractable for p in self._pending):
             return []  # a backtrack may take it: held until its call is committed

@@ -9,7 +9,8 @@ tool budget, `reasoning.effort` the thinking budget of a reasoning model), and
 `items_to_messages`: input items (strings, messages, and the output items of an earlier
 response: reasoning, `code_interpreter_call`, message) as the chat messages the chat
 template renders. A code interpreter call comes back as the fenced code and the output
-block the model read, so a continued conversation shows the model its own trajectory.
+block the model read, so a continued conversation shows the model its own trajectory, and
+thinking items (`THINKING`) go back inside <think>...</think>.
 
 Does not own: rendering the response (response_items.py), storing responses (the store,
 through generation.py) or routing (routes/responses.py).
@@ -336,15 +337,30 @@ def _call_logs(item: dict[str, Any]) -> str | None:
 
 def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Input items as chat messages. Consecutive assistant-side items (reasoning, code interpreter
-    calls, assistant messages) become one assistant turn, in order, as the model wrote it.
-    ValueError names the item that cannot be rendered."""
+    calls, assistant messages) become one assistant turn, in order, as the model wrote it: the
+    thinking of a reasoning model (reasoning items marked `THINKING`, and the calls among and
+    right after them) inside <think>...</think>, so the model's chat template treats it as chat's
+    history (most strip earlier turns' thinking). ValueError names the item that cannot be rendered."""
     messages: list[dict[str, str]] = []
+    thinking = False  # inside a <think> span of the current assistant turn
 
-    def assistant(text: str) -> None:
+    def assistant(text: str, *, think: bool | None = None) -> None:
+        """`think` True opens (or continues) a <think> span, False closes it, None continues as is."""
+        nonlocal thinking
+        if think is True and not thinking:
+            text, thinking = "<think>" + text, True
+        elif think is False and thinking:
+            text, thinking = "</think>\n\n" + text, False
         if messages and messages[-1]["role"] == "assistant":
             messages[-1]["content"] += text
         else:
             messages.append({"role": "assistant", "content": text})
+
+    def end_turn() -> None:
+        nonlocal thinking
+        if thinking:
+            messages[-1]["content"] += "</think>\n\n"
+            thinking = False
 
     for i, item in enumerate(items):
         where = f"input[{i}]"
@@ -357,19 +373,21 @@ def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, str]]:
                 raise ValueError(f"{where}.role must be one of user, assistant, system, developer; got {role!r}")
             text = _content_text(item.get("content"), f"{where}.content")
             if role == "assistant":
-                assistant(text)
+                assistant(text, think=False)
             else:
+                end_turn()
                 messages.append({"role": _FORWARD_ROLES[role], "content": text})
         elif kind == "reasoning":
             parts = item.get("content") or []
-            assistant(_content_text(parts, f"{where}.content"))
+            assistant(_content_text(parts, f"{where}.content"), think=item.get("encrypted_content") == THINKING)
         elif kind == "code_interpreter_call":
             code = item.get("code")
             if not isinstance(code, str):
                 raise ValueError(f"{where}.code must be the call's code (a string)")
-            outputs = item.get("outputs") or []
-            logs = "".join(o.get("logs", "") for o in outputs if isinstance(o, dict) and o.get("type") == "logs")
-            assistant(code_round_text(code, logs if outputs else None))
+            outputs = item.get("outputs")
+            if outputs is not None and not isinstance(outputs, list):
+                raise ValueError(f"{where}.outputs must be a list of logs outputs or null")
+            assistant(code_round_text(code, _call_logs(item)))
         elif kind == "item_reference":
             raise ValueError(
                 f"{where}: item references are not supported; pass the item itself or use previous_response_id"
@@ -379,4 +397,6 @@ def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, str]]:
                 f"{where}: item type {kind!r} is not supported; send messages, or reasoning, code_interpreter_call "
                 "and message items of an earlier response"
             )
+    if messages:
+        end_turn()
     return messages

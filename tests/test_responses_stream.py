@@ -263,3 +263,52 @@ async def test_a_stream_is_stored_before_its_terminal_event(tokenizer, executor)
     await body.aclose()  # the client closed on the terminal event
     stored = await state.store.trace_get(builder.id, owner="client-a")
     assert stored is not None and stored["response"]["status"] == "completed"
+
+
+# --- chained reasoning ---------------------------------------------------------------------------
+
+# Qwen3's handling of earlier turns: an assistant message's text up to its last </think> is the
+# thinking of a finished turn, and the template drops it (real reasoning-model templates do this).
+THINK_STRIPPING_TEMPLATE = """\
+{%- for message in messages %}
+    {%- set content = message['content'] %}
+    {%- if message['role'] == 'assistant' and '</think>' in content %}
+        {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+    {%- endif %}
+    {{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
+
+
+async def test_chained_thinking_is_stripped_as_chat_history_is(think_tokenizer, tokenizer, executor):
+    """Turn 2 of a reasoning model, continued from turn 1's output items, is the prompt chat renders
+    for the same history: the thinking (and the calls in it) goes back inside <think>...</think>, so
+    the template strips it, as it strips chat's; the answer stays."""
+    import copy
+
+    from tests.test_stream_equality import build, message_fields
+
+    tok = copy.copy(think_tokenizer)
+    tok.chat_template = THINK_STRIPPING_TEMPLATE
+    make = THINK_CASES["think-tools"][0]
+    _, body, _ = await run(think_tokenizer, executor, make, ThorConfig(), tools=True)
+    _, chat, _ = await build(think_tokenizer, executor, make, ThorConfig(), kind="chat", tools=True, stream=False)
+    [chat_message] = message_fields(chat.response(), "chat")
+    assert chat_message["reasoning"]  # chat returned the thinking apart from the answer
+    question, follow = {"role": "user", "content": "What is 6*7?"}, {"role": "user", "content": "And 6*8?"}
+    by_items = [question, *items_to_messages(body["output"]), follow]
+    by_chat = [question, {"role": "assistant", "content": chat_message["content"]}, follow]
+    n_items = len(render_chat(tok, by_items, tir_instructions=None))
+    n_chat = len(render_chat(tok, by_chat, tir_instructions=None))
+    assert n_items == n_chat
+    # the thinking items say so, and come back as the model wrote them (tags and all)
+    thinking = [i for i in body["output"] if i["type"] == "reasoning"]
+    assert thinking and all(i.get("encrypted_content") == "thor:thinking" for i in thinking)
+    [turn] = items_to_messages(body["output"])
+    assert turn["content"].startswith("<think>\nLet me compute.\n```python\nprint(6*7)\n```\n")
+    assert turn["content"].endswith("It is 42.\n</think>\n\nThe answer is \\boxed{42}.")
+    # a model without <think> writes no thinking items: its reasoning is its prose, kept as it is
+    _, plain, _ = await run(tokenizer, executor, CASES["one-call"][0], ThorConfig(), tools=True)
+    assert all("encrypted_content" not in i for i in plain["output"])
+    assert "<think>" not in items_to_messages(plain["output"])[0]["content"]
