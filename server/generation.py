@@ -69,12 +69,13 @@ class Builder(Protocol):
 class StreamFormat:
     """How a stream is framed. Chat and completions: `data:` lines, an OpenAI error body on a
     failure, then `data: [DONE]`. The Responses API: each event named (`event: <type>`), opening
-    events of its own before the engine's first, its `error` event, and no sentinel."""
+    events of its own before the engine's first, its failure events (`error`, `response.failed`),
+    and no sentinel."""
 
     named_events: bool = False
     done_sentinel: bool = True
     opening: Callable[[], list[dict[str, Any]]] | None = None
-    error: Callable[[ApiError], dict[str, Any]] | None = None
+    error: Callable[[ApiError], list[dict[str, Any]]] | None = None
 
     def line(self, chunk: dict[str, Any]) -> str:
         data = json.dumps(chunk, ensure_ascii=False)
@@ -169,6 +170,9 @@ async def sse(
                 # every event that is ready goes out in one write (one ASGI message, one send)
                 for ev in batch:
                     pending.extend(fmt.line(chunk) for chunk in builder.feed(ev))
+                end_batch = getattr(builder, "end_batch", None)  # a builder that waits for the batch's end
+                if end_batch is not None:
+                    pending.extend(fmt.line(chunk) for chunk in end_batch())
                 if not stored and all(c.final for c in builder.choices):
                     # stored before the terminal event goes out: a client that closes on it finds it stored
                     stored = True
@@ -189,7 +193,8 @@ async def sse(
             err = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
         if pending:
             yield "".join(pending)
-        yield fmt.line(fmt.error(err) if fmt.error else error_body(err.message, err.type, err.param, err.code))
+        failure = fmt.error(err) if fmt.error else [error_body(err.message, err.type, err.param, err.code)]
+        yield "".join(fmt.line(chunk) for chunk in failure)
     if completed and not stored:
         await on_complete()
     if fmt.done_sentinel:

@@ -7,15 +7,17 @@ defines for server-side code execution:
 - `reasoning` items: the model's text between tool calls (and inside <think>: those are
   marked `encrypted_content: THINKING`, so a later turn puts them back inside <think>);
 - one `code_interpreter_call` per committed call: its code, its output as `logs` (the
-  observation the model read), status `completed`, `failed` (the code failed) or
-  `incomplete` (not run: the tool budget was spent);
+  observation the model read), status `completed`, `failed` (the code failed; no
+  `.completed` event) or `incomplete` (not run: the tool budget was spent; never
+  `.interpreting`, which waits for the end of the batch of engine events that holds the call);
 - the `message` with the answer: the model's text after the last tool output.
 Stream events follow OpenAI's published sequence (`response.created`, `.in_progress`,
 `output_item.added`, `content_part.added`, `reasoning_text.delta`/`.done`,
 `code_interpreter_call.in_progress`, `_code.delta`/`.done`, `.interpreting`, `.completed`,
 `output_text.delta`/`.done`, `content_part.done`, `output_item.done`, then
-`response.completed` or `response.incomplete`), numbered by `sequence_number`; the final
-response is built from exactly the items the stream sent.
+`response.completed` or `response.incomplete`; on a failure `error` then `response.failed`,
+and an engine abort is `response.failed` too, never a completed response), numbered by
+`sequence_number`; the final response is built from exactly the items the stream sent.
 
 The one rule, as for chat (responses.py): a client never sees what self-correction takes
 back. Text a backtrack may still retract is held until its tool call is committed; a
@@ -48,16 +50,25 @@ from .tool_records import backtrack_record, call_record, result_record, retract,
 
 #: finish reasons that leave a response `incomplete` (OpenAI: max_output_tokens; thor.finish_reason says which)
 INCOMPLETE = {FinishReason.length, FinishReason.context_length, FinishReason.generation_cap, FinishReason.repetition}
+#: the `error.message` of a response whose generation the engine aborted (status `failed`)
+ABORTED_MESSAGE = "the engine aborted the generation before it finished; retry the request"
+#: OpenAI's `ResponseErrorCode` values this server can report; anything else is a `server_error`
+_ERROR_CODES = frozenset({"server_error", "rate_limit_exceeded", "invalid_prompt"})
 
-#: "thinking" is a reasoning item of text inside <think> (marked with `THINKING`), "reasoning" one of
-#: the prose before a code block outside it
-ItemKind = Literal["thinking", "reasoning", "message"]
+
+def _error_code(code: str | None) -> str:
+    return code if code in _ERROR_CODES else "server_error"
 
 
 def _thinking_mark(kind: ItemKind) -> dict[str, str]:
     """A thinking item carries `THINKING` as its opaque `encrypted_content` (OpenAI's field for the
     reasoning state a later turn needs): sent back as input, its text goes inside <think> again."""
     return {"encrypted_content": THINKING} if kind == "thinking" else {}
+
+
+#: "thinking" is a reasoning item of text inside <think> (marked with `THINKING`), "reasoning" one of
+#: the prose before a code block outside it
+ItemKind = Literal["thinking", "reasoning", "message"]
 
 
 def _new_id(prefix: str) -> str:
@@ -129,6 +140,8 @@ class ResponsesBuilder:
         self._code_sent = ""  # code of the open call already sent as deltas (a call streamed live)
         self.attempts: list[dict[str, Any]] = []  # every code block run, discarded attempts included
         self.backtracks: list[dict[str, Any]] = []
+        self._failure: dict[str, str] | None = None  # the response's `error` when it failed
+        self._interpreting: dict[str, Any] = {}  # the open call whose `interpreting` event waits
 
     # --- events -------------------------------------------------------------------------------
 
@@ -145,9 +158,17 @@ class ResponsesBuilder:
             self._event("response.in_progress", response=snapshot),
         ]
 
-    def error_event(self, err: ApiError) -> dict[str, Any]:
-        """A stream that fails after it started: OpenAI's `error` event."""
-        return self._event("error", code=err.code or err.type, message=err.message, param=err.param)
+    def failure_events(self, err: ApiError) -> list[dict[str, Any]]:
+        """A stream that fails after it started: the open item closed `incomplete`, OpenAI's `error`
+        event, then `response.failed` (the response with status `failed` and its `error`), so
+        the SDK's stream helpers end on a failed response, never on a silently cut stream."""
+        self._failure = {"code": _error_code(err.code), "message": err.message}
+        closed = self._close_open("incomplete")
+        return [
+            *closed,
+            self._event("error", code=err.code or err.type, message=err.message, param=err.param),
+            self._event("response.failed", response=self.response()),
+        ]
 
     # --- items --------------------------------------------------------------------------------
 
@@ -271,16 +292,18 @@ class ResponsesBuilder:
         assert self._call is not None
         self._call.code = block.code
         ids = {"output_index": self._call.index, "item_id": self._call.id}
-        return [
-            *out,
-            self._event("response.code_interpreter_call_code.done", **ids, code=block.code),
-            self._event("response.code_interpreter_call.interpreting", **ids),
-        ]
+        # `interpreting` waits for the next event: a block the tool budget refuses is followed at once by
+        # its `not_executed` result (the same batch of engine events), and was never interpreted
+        self._interpreting = ids
+        return [*out, self._event("response.code_interpreter_call_code.done", **ids, code=block.code)]
 
     def _finish_call(self, ev: ToolCall) -> list[dict[str, Any]]:
         call, self._call = self._call, None
         assert call is not None
-        status = "completed" if ev.ok else "incomplete" if ev.outcome == "not_executed" else "failed"
+        ran = ev.outcome != "not_executed"
+        status = "completed" if ev.ok else "failed" if ran else "incomplete"
+        out = self._flush_interpreting() if ran else []  # a refused call was never interpreted
+        self._interpreting = {}
         item = {
             "id": call.id,
             "type": "code_interpreter_call",
@@ -291,10 +314,9 @@ class ResponsesBuilder:
         }
         self.output[call.index] = item
         ids = {"output_index": call.index, "item_id": call.id}
-        return [
-            self._event("response.code_interpreter_call.completed", **ids),
-            self._event("response.output_item.done", output_index=call.index, item=item),
-        ]
+        if status == "completed":  # a failed or refused call ends with its item's status, never `completed`
+            out.append(self._event("response.code_interpreter_call.completed", **ids))
+        return [*out, self._event("response.output_item.done", output_index=call.index, item=item)]
 
     def _release_round(self, block: CodeBlock) -> list[dict[str, Any]]:
         """The round's held text is reasoning up to its code block's opening fence; then the call."""
@@ -387,6 +409,21 @@ class ResponsesBuilder:
 
     def feed(self, ev: Event) -> list[dict[str, Any]]:
         """Consume one engine event; return the stream events it produces (possibly none)."""
+        if self._interpreting and not isinstance(ev, ToolCall):
+            out = self._flush_interpreting()
+            return out + self._feed(ev)
+        return self._feed(ev)
+
+    def end_batch(self) -> list[dict[str, Any]]:
+        """The engine's events ready now are all fed: a call still waiting for its result runs in the
+        sandbox (`interpreting`)."""
+        return self._flush_interpreting()
+
+    def _flush_interpreting(self) -> list[dict[str, Any]]:
+        ids, self._interpreting = self._interpreting, {}
+        return [self._event("response.code_interpreter_call.interpreting", **ids)] if ids else []
+
+    def _feed(self, ev: Event) -> list[dict[str, Any]]:
         if isinstance(ev, Vote):
             return []
         if isinstance(ev, TextDelta):
@@ -441,10 +478,17 @@ class ResponsesBuilder:
         self.choices[0].final = ev
         self.completed_at = int(time.time())
         self.metrics.count_trajectory(ev)
-        incomplete = ev.finish_reason in INCOMPLETE
-        out = self._release_final() + self._close_open("incomplete" if incomplete else "completed")
-        kind = "response.incomplete" if incomplete else "response.completed"
-        return [*out, self._event(kind, response=self.response())]
+        if ev.finish_reason == FinishReason.aborted:  # the engine dropped the request: not an answer
+            self._failure = {"code": "server_error", "message": ABORTED_MESSAGE}
+        status = self._status()
+        out = self._release_final() + self._close_open("completed" if status == "completed" else "incomplete")
+        return [*out, self._event(f"response.{status}", response=self.response())]
+
+    def _status(self) -> Literal["completed", "incomplete", "failed"]:
+        f = self.choices[0].final
+        if self._failure is not None:
+            return "failed"
+        return "incomplete" if f is not None and f.finish_reason in INCOMPLETE else "completed"
 
     # --- the response object --------------------------------------------------------------------
 
@@ -475,22 +519,23 @@ class ResponsesBuilder:
         """The response object: as the stream's last event carries it (`status` None), or a snapshot."""
         f = self.choices[0].final
         if status is None:
-            status = "incomplete" if f is not None and f.finish_reason in INCOMPLETE else "completed"
+            status = self._status()
         done = status != "in_progress"
         body = {
             "id": self.id,
             "object": "response",
             "created_at": self.created,
             "status": status,
-            "completed_at": self.completed_at if done else None,
-            "error": None,
+            "completed_at": self.completed_at if status in ("completed", "incomplete") else None,
+            "error": self._failure if status == "failed" else None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "model": self.model,
             "output": [dict(item) for item in self.output] if done else [],
             **self.params,
         }
-        if done:  # usage is not nullable in OpenAI's schema: a snapshot in progress has none yet
+        if done and f is not None:  # usage is not nullable in OpenAI's schema: only a finished trajectory has it
             body["usage"] = self.usage()
+        if done:
             body["thor"] = self.thor_object()
         return body
 

@@ -307,14 +307,18 @@ def test_store_false_and_other_clients_see_nothing(server, client):
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unstored.id)
     r = post(server, body(previous_response_id=unstored.id))
-    assert r.status_code == 404
+    # as OpenAI answers an unknown previous_response_id: 400, invalid_request_error, previous_response_not_found
+    assert r.status_code == 400
     assert r.json()["error"]["code"] == "previous_response_not_found"
+    assert r.json()["error"]["type"] == "invalid_request_error"
     assert r.json()["error"]["param"] == "previous_response_id"
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(**body(), previous_response_id="resp_does_not_exist")
     stored = client.responses.create(**body())
     other = openai.OpenAI(base_url=server.url + "/v1", api_key=OTHER_KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError):
         other.responses.retrieve(stored.id)
-    assert post(server, body(previous_response_id=stored.id), key=OTHER_KEY).status_code == 404
+    assert post(server, body(previous_response_id=stored.id), key=OTHER_KEY).status_code == 400
     assert client.responses.retrieve(stored.id).id == stored.id
 
 
@@ -344,7 +348,7 @@ def test_input_items_and_delete(server, client):
         client.responses.retrieve(resp.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.delete(resp.id)
-    assert post(server, body(previous_response_id=resp.id)).status_code == 404
+    assert post(server, body(previous_response_id=resp.id)).status_code == 400
 
 
 # --- refusals and operations ------------------------------------------------------------------
@@ -444,6 +448,19 @@ def test_input_items_keep_only_what_the_server_reads_and_page_with_repeated_ids(
     assert seen == ids
 
 
+def test_call_events_of_failed_and_refused_calls(server):
+    """A failed call ran (`interpreting`) but never `completed`; a refused one never ran (neither)."""
+    events = stream_events(server, body(DIVZERO, max_tool_calls=1))
+    calls = [i for i in events[-1]["response"]["output"] if i["type"] == "code_interpreter_call"]
+    assert [c["status"] for c in calls][:2] == ["failed", "incomplete"]
+
+    def kinds(call: dict) -> list[str]:
+        return [e["type"].rsplit(".", 1)[1] for e in events if e.get("item_id") == call["id"]]
+
+    assert "interpreting" in kinds(calls[0]) and "completed" not in kinds(calls[0])
+    assert "interpreting" not in kinds(calls[1]) and "completed" not in kinds(calls[1])
+
+
 async def test_a_key_flooding_stored_responses_evicts_only_its_own(server):
     """40 responses as large as the request limits allow (about 1.5x the key's quota): the flooder
     loses its own oldest, the other key's response is still retrieved and continued."""
@@ -452,3 +469,16 @@ async def test_a_key_flooding_stored_responses_evicts_only_its_own(server):
     outcome = await flood_stored_responses(server.url, flooder_key=FLOOD_KEY, victim_key=OTHER_KEY, model=MODEL)
     assert outcome.victim_response_kept and outcome.victim_limits_kept
     assert outcome.flooder_latest_kept and not outcome.flooder_oldest_kept
+
+
+def test_delete_leaves_the_copy_a_later_response_continues(client):
+    """Documented: a response made with previous_response_id holds its own copy of the conversation;
+    deleting the earlier one does not change what the later one continues."""
+    first = client.responses.create(**body(max_output_tokens=20))
+    second = client.responses.create(**body("Again.", max_output_tokens=1), previous_response_id=first.id)
+    before = client.responses.create(**body("Once more.", max_output_tokens=1), previous_response_id=second.id)
+    client.responses.delete(first.id)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(**body("x", max_output_tokens=1), previous_response_id=first.id)
+    after = client.responses.create(**body("Once more.", max_output_tokens=1), previous_response_id=second.id)
+    assert after.usage.input_tokens == before.usage.input_tokens

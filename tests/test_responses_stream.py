@@ -29,7 +29,7 @@ from server.response_request import CreateResponseRequest, items_to_messages
 from tests.support.openapi import validate
 from tests.support.scripted_backend import ScriptedBackend
 from tests.test_responses_api import event_schemas, without_ids
-from tests.test_stream_equality import CASES, THINK_CASES
+from tests.test_stream_equality import CASES, THINK_CASES, continuing
 from thor_engine.config import SamplingOptions, SelfCorrectionConfig, ThorConfig
 from thor_engine.decoder import ThorDecoder
 from thor_engine.events import Final
@@ -231,7 +231,7 @@ async def stream_through_respond(state, events, *, key: str = "client-a", tools:
         include_usage=False,
         summary={"route": "/v1/responses"},
         stream_format=StreamFormat(
-            named_events=True, done_sentinel=False, opening=builder.opening, error=builder.error_event
+            named_events=True, done_sentinel=False, opening=builder.opening, error=builder.failure_events
         ),
     )
     return builder, resp.body_iterator
@@ -312,3 +312,117 @@ async def test_chained_thinking_is_stripped_as_chat_history_is(think_tokenizer, 
     _, plain, _ = await run(tokenizer, executor, CASES["one-call"][0], ThorConfig(), tools=True)
     assert all("encrypted_content" not in i for i in plain["output"])
     assert "<think>" not in items_to_messages(plain["output"])[0]["content"]
+
+
+# --- failures ------------------------------------------------------------------------------------
+
+
+def sse_events(text: str) -> list[dict[str, Any]]:
+    """The named events of an SSE body, each checked against its schema in OpenAI's spec."""
+    import json
+
+    events = []
+    for block in text.split("\n\n"):
+        lines = [ln for ln in block.split("\n") if ln and not ln.startswith(":")]
+        if not lines:
+            continue
+        name, data = lines
+        ev = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {ev['type']}"
+        validate(ev, event_schemas()[ev["type"]])
+        events.append(ev)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    return events
+
+
+async def test_a_failed_stream_ends_with_response_failed(tokenizer, executor):
+    """The engine fails mid-stream: the stream says so with `error`, then `response.failed` (status
+    `failed`, its `error`), which the SDK parses as the failed response; nothing is stored."""
+    from openai.types.responses import ResponseFailedEvent, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    from server.store import MemoryStore
+
+    dec = ThorDecoder(ScriptedBackend(tokenizer, CASES["no-code"][0]()), executor)
+    prompt = render_chat(tokenizer, [{"role": "user", "content": "What is 6*7?"}])
+
+    async def failing_engine():
+        n = 0
+        cfg = ThorConfig(max_tool_calls=0)
+        async for ev in dec.stream(prompt, cfg, SamplingOptions(max_tokens=400, temperature=0.0)):
+            yield ev
+            n += 1
+            if n == 3:
+                raise RuntimeError("the engine died")
+
+    state = _state(MemoryStore())
+    builder, body = await stream_through_respond(state, failing_engine(), tools=False)
+    events = sse_events("".join([piece async for piece in body]))
+    assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    validate(failed, "Response")
+    parsed = TypeAdapter(ResponseStreamEvent).validate_python(events[-1])
+    assert isinstance(parsed, ResponseFailedEvent) and parsed.response.error is not None
+    # the item that was open when it failed is closed, incomplete
+    assert [i["status"] for i in failed["output"]] == ["incomplete"]
+    assert await state.store.trace_get(builder.id, owner="client-a") is None
+
+
+class AbortingBackend(ScriptedBackend):
+    """The engine aborts its request after a few tokens (vLLM's finish reason "abort")."""
+
+    async def generate(self, prompt_token_ids, params, request_id):
+        from thor_engine.backend import GenChunk
+
+        n = 0
+        async for chunk in super().generate(prompt_token_ids, params, request_id):
+            if n == 4:
+                yield GenChunk([], "", True, "abort")
+                return
+            yield chunk
+            n += 1
+
+
+async def test_an_engine_abort_is_a_failed_response_never_a_completed_one(tokenizer, executor):
+    from server.store import MemoryStore
+
+    dec = ThorDecoder(AbortingBackend(tokenizer, CASES["no-code"][0]()), executor)
+    prompt = render_chat(tokenizer, [{"role": "user", "content": "What is 6*7?"}])
+    state = _state(MemoryStore())
+    builder, body = await stream_through_respond(
+        state, dec.stream(prompt, ThorConfig(), SamplingOptions(max_tokens=400, temperature=0.0))
+    )
+    events = sse_events("".join([piece async for piece in body]))
+    assert events[-1]["type"] == "response.failed"
+    assert builder.response()["status"] == "failed" and builder.response()["error"]["code"] == "server_error"
+    validate(builder.response(), "Response")
+    stored = await state.store.trace_get(builder.id, owner="client-a")
+    assert stored is not None and stored["response"]["status"] == "failed"
+
+
+async def test_call_events_say_failed_and_never_run(tokenizer, executor):
+    """One call allowed, self-correction off: the first call fails (it ran: `interpreting`, then its
+    item `failed`, never `.completed`), the second is refused (never run: neither `interpreting`
+    nor `.completed`; its item `incomplete`)."""
+    from server.store import MemoryStore
+
+    trajectory = (
+        "A.\n```python\nprint(1/0)\n```\n```output\nx\n```\nB.\n```python\nprint(2)\n```\n```output\nx\n```\n"
+        "So \\boxed{2}."
+    )
+    dec = ThorDecoder(ScriptedBackend(tokenizer, continuing(trajectory)), executor)
+    cfg = ThorConfig(max_tool_calls=1, self_correction=SelfCorrectionConfig(enabled=False))
+    prompt = render_chat(tokenizer, [{"role": "user", "content": "What is 6*7?"}])
+    _, body = await stream_through_respond(
+        _state(MemoryStore()), dec.stream(prompt, cfg, SamplingOptions(max_tokens=400, temperature=0.0))
+    )
+    events = sse_events("".join([piece async for piece in body]))
+    calls = [i for i in events[-1]["response"]["output"] if i["type"] == "code_interpreter_call"]
+    assert [c["status"] for c in calls] == ["failed", "incomplete"]
+
+    def kinds(call: dict) -> list[str]:
+        return [e["type"].rsplit(".", 1)[1] for e in events if e.get("item_id") == call["id"]]
+
+    assert "interpreting" in kinds(calls[0]) and "completed" not in kinds(calls[0])
+    assert "interpreting" not in kinds(calls[1]) and "completed" not in kinds(calls[1])
