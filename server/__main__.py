@@ -132,6 +132,7 @@ def make_build(
                 rate_limit_fail_open=settings.rate_limit_fail_open,
                 on_error=lambda op: metrics.store_errors.labels(operation=op).inc(),
                 max_trace_bytes=settings.trace_memory_bytes,
+                trace_quota_bytes=settings.trace_quota_bytes,
             )
             stack.push_async_callback(store.close)
             backend = await VllmBackend.start(

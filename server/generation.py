@@ -11,7 +11,7 @@ events ready together are sent in one write: a stream that fell behind catches u
 client that goes away cancels the stream, which aborts the engine requests and sandbox
 calls. However the request ends, the client is charged with every token the engine
 generated, in a `finally`; a completed request's trace is stored, bound to its client,
-unless it asked for none. Also `with_keepalive`.
+unless it asked for none (a stream stores it before sending its terminal event). Also `with_keepalive`.
 
 Does not own: what the chunks and bodies say (the builders: responses.py,
 plain_responses.py, plain_chat.py, response_items.py), checking the request (checks.py,
@@ -69,12 +69,13 @@ class Builder(Protocol):
 class StreamFormat:
     """How a stream is framed. Chat and completions: `data:` lines, an OpenAI error body on a
     failure, then `data: [DONE]`. The Responses API: each event named (`event: <type>`), opening
-    events of its own before the engine's first, its `error` event, and no sentinel."""
+    events of its own before the engine's first, its failure events (`error`, `response.failed`),
+    and no sentinel."""
 
     named_events: bool = False
     done_sentinel: bool = True
     opening: Callable[[], list[dict[str, Any]]] | None = None
-    error: Callable[[ApiError], dict[str, Any]] | None = None
+    error: Callable[[ApiError], list[dict[str, Any]]] | None = None
 
     def line(self, chunk: dict[str, Any]) -> str:
         data = json.dumps(chunk, ensure_ascii=False)
@@ -152,9 +153,11 @@ async def sse(
     fmt: StreamFormat = CHAT_STREAM,
 ) -> AsyncIterator[str]:
     """The SSE lines of a stream: the format's opening events, the builder's chunks, keep-alives,
-    the usage chunk when asked for, `on_complete()` once all is sent, then `[DONE]` (after an
-    error event on a failure) where the format has it."""
-    completed = False
+    the usage chunk when asked for, then `[DONE]` (after an error event on a failure) where the
+    format has it. `on_complete()` (storing the trace) runs once every choice is final, before the
+    batch with the terminal event is sent: a client that closes the stream on that event (the SDK
+    on `response.completed`) still finds the response stored."""
+    completed = stored = False
     pending: list[str] = []  # lines of the current batch, sent before an error event if a later one fails
     try:
         for chunk in fmt.opening() if fmt.opening else []:
@@ -167,6 +170,13 @@ async def sse(
                 # every event that is ready goes out in one write (one ASGI message, one send)
                 for ev in batch:
                     pending.extend(fmt.line(chunk) for chunk in builder.feed(ev))
+                end_batch = getattr(builder, "end_batch", None)  # a builder that waits for the batch's end
+                if end_batch is not None:
+                    pending.extend(fmt.line(chunk) for chunk in end_batch())
+                if not stored and all(c.final for c in builder.choices):
+                    # stored before the terminal event goes out: a client that closes on it finds it stored
+                    stored = True
+                    await on_complete()
                 if pending:
                     lines, pending = "".join(pending), []
                     yield lines
@@ -183,8 +193,9 @@ async def sse(
             err = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
         if pending:
             yield "".join(pending)
-        yield fmt.line(fmt.error(err) if fmt.error else error_body(err.message, err.type, err.param, err.code))
-    if completed:
+        failure = fmt.error(err) if fmt.error else [error_body(err.message, err.type, err.param, err.code)]
+        yield "".join(fmt.line(chunk) for chunk in failure)
+    if completed and not stored:
         await on_complete()
     if fmt.done_sentinel:
         yield "data: [DONE]\n\n"

@@ -4,17 +4,20 @@ Owns: `ResponsesBuilder`, one per `POST /v1/responses`, with the interface gener
 needs (`feed`, `response`, `generated_tokens`, `trace`, `choices`) plus the stream's opening
 events and its error event. It produces, in order, the output items OpenAI's Responses API
 defines for server-side code execution:
-- `reasoning` items: the model's text between tool calls (and inside <think>);
+- `reasoning` items: the model's text between tool calls (and inside <think>: those are
+  marked `encrypted_content: THINKING`, so a later turn puts them back inside <think>);
 - one `code_interpreter_call` per committed call: its code, its output as `logs` (the
-  observation the model read), status `completed`, `failed` (the code failed) or
-  `incomplete` (not run: the tool budget was spent);
+  observation the model read), status `completed`, `failed` (the code failed; no
+  `.completed` event) or `incomplete` (not run: the tool budget was spent; never
+  `.interpreting`, which waits for the end of the batch of engine events that holds the call);
 - the `message` with the answer: the model's text after the last tool output.
 Stream events follow OpenAI's published sequence (`response.created`, `.in_progress`,
 `output_item.added`, `content_part.added`, `reasoning_text.delta`/`.done`,
 `code_interpreter_call.in_progress`, `_code.delta`/`.done`, `.interpreting`, `.completed`,
 `output_text.delta`/`.done`, `content_part.done`, `output_item.done`, then
-`response.completed` or `response.incomplete`), numbered by `sequence_number`; the final
-response is built from exactly the items the stream sent.
+`response.completed` or `response.incomplete`; on a failure `error` then `response.failed`,
+and an engine abort is `response.failed` too, never a completed response), numbered by
+`sequence_number`; the final response is built from exactly the items the stream sent.
 
 The one rule, as for chat (responses.py): a client never sees what self-correction takes
 back. Text a backtrack may still retract is held until its tool call is committed; a
@@ -42,15 +45,30 @@ from thor_engine.events import Backtrack, CodeBlock, Event, Final, FinishReason,
 
 from .errors import ApiError
 from .metrics import ServerMetrics
-from .response_request import items_to_messages
+from .response_request import CONTAINER_ID, THINKING, items_to_messages
 from .tool_records import backtrack_record, call_record, result_record, retract, trace_head, trajectory_record
 
 #: finish reasons that leave a response `incomplete` (OpenAI: max_output_tokens; thor.finish_reason says which)
 INCOMPLETE = {FinishReason.length, FinishReason.context_length, FinishReason.generation_cap, FinishReason.repetition}
-#: what `container_id` says: the calls run in this server's sandbox, one fresh process per call
-CONTAINER_ID = "thor-sandbox"
+#: the `error.message` of a response whose generation the engine aborted (status `failed`)
+ABORTED_MESSAGE = "the engine aborted the generation before it finished; retry the request"
+#: OpenAI's `ResponseErrorCode` values this server can report; anything else is a `server_error`
+_ERROR_CODES = frozenset({"server_error", "rate_limit_exceeded", "invalid_prompt"})
 
-ItemKind = Literal["reasoning", "message"]
+
+def _error_code(code: str | None) -> str:
+    return code if code in _ERROR_CODES else "server_error"
+
+
+def _thinking_mark(kind: ItemKind) -> dict[str, str]:
+    """A thinking item carries `THINKING` as its opaque `encrypted_content` (OpenAI's field for the
+    reasoning state a later turn needs): sent back as input, its text goes inside <think> again."""
+    return {"encrypted_content": THINKING} if kind == "thinking" else {}
+
+
+#: "thinking" is a reasoning item of text inside <think> (marked with `THINKING`), "reasoning" one of
+#: the prose before a code block outside it
+ItemKind = Literal["thinking", "reasoning", "message"]
 
 
 def _new_id(prefix: str) -> str:
@@ -122,6 +140,8 @@ class ResponsesBuilder:
         self._code_sent = ""  # code of the open call already sent as deltas (a call streamed live)
         self.attempts: list[dict[str, Any]] = []  # every code block run, discarded attempts included
         self.backtracks: list[dict[str, Any]] = []
+        self._failure: dict[str, str] | None = None  # the response's `error` when it failed
+        self._interpreting: dict[str, Any] = {}  # the open call whose `interpreting` event waits
 
     # --- events -------------------------------------------------------------------------------
 
@@ -138,20 +158,29 @@ class ResponsesBuilder:
             self._event("response.in_progress", response=snapshot),
         ]
 
-    def error_event(self, err: ApiError) -> dict[str, Any]:
-        """A stream that fails after it started: OpenAI's `error` event."""
-        return self._event("error", code=err.code or err.type, message=err.message, param=err.param)
+    def failure_events(self, err: ApiError) -> list[dict[str, Any]]:
+        """A stream that fails after it started: the open item closed `incomplete`, OpenAI's `error`
+        event, then `response.failed` (the response with status `failed` and its `error`), so
+        the SDK's stream helpers end on a failed response, never on a silently cut stream."""
+        self._failure = {"code": _error_code(err.code), "message": err.message}
+        closed = self._close_open("incomplete")
+        return [
+            *closed,
+            self._event("error", code=err.code or err.type, message=err.message, param=err.param),
+            self._event("response.failed", response=self.response()),
+        ]
 
     # --- items --------------------------------------------------------------------------------
 
     def _open_item(self, kind: ItemKind) -> list[dict[str, Any]]:
         index = len(self.output)
-        if kind == "reasoning":
+        if kind != "message":
             item: dict[str, Any] = {
                 "id": _new_id("rs"),
                 "type": "reasoning",
                 "summary": [],
                 "content": [],
+                **_thinking_mark(kind),
                 "status": "in_progress",
             }
             part: dict[str, Any] = {"type": "reasoning_text", "text": ""}
@@ -188,8 +217,8 @@ class ResponsesBuilder:
         o = self._open
         assert o is not None
         o.text += text
-        name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-        extra = {} if kind == "reasoning" else {"logprobs": []}
+        name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
+        extra = {"logprobs": []} if kind == "message" else {}
         out.append(self._event(name, item_id=o.id, output_index=o.index, content_index=0, delta=text, **extra))
         return out
 
@@ -197,9 +226,16 @@ class ResponsesBuilder:
         o, self._open = self._open, None
         if o is None:
             return []
-        if o.kind == "reasoning":
+        if o.kind != "message":
             part: dict[str, Any] = {"type": "reasoning_text", "text": o.text}
-            item: dict[str, Any] = {"id": o.id, "type": "reasoning", "summary": [], "content": [part], "status": status}
+            item: dict[str, Any] = {
+                "id": o.id,
+                "type": "reasoning",
+                "summary": [],
+                "content": [part],
+                **_thinking_mark(o.kind),
+                "status": status,
+            }
             done = self._event(
                 "response.reasoning_text.done", item_id=o.id, output_index=o.index, content_index=0, text=o.text
             )
@@ -256,16 +292,18 @@ class ResponsesBuilder:
         assert self._call is not None
         self._call.code = block.code
         ids = {"output_index": self._call.index, "item_id": self._call.id}
-        return [
-            *out,
-            self._event("response.code_interpreter_call_code.done", **ids, code=block.code),
-            self._event("response.code_interpreter_call.interpreting", **ids),
-        ]
+        # `interpreting` waits for the next event: a block the tool budget refuses is followed at once by
+        # its `not_executed` result (the same batch of engine events), and was never interpreted
+        self._interpreting = ids
+        return [*out, self._event("response.code_interpreter_call_code.done", **ids, code=block.code)]
 
     def _finish_call(self, ev: ToolCall) -> list[dict[str, Any]]:
         call, self._call = self._call, None
         assert call is not None
-        status = "completed" if ev.ok else "incomplete" if ev.outcome == "not_executed" else "failed"
+        ran = ev.outcome != "not_executed"
+        status = "completed" if ev.ok else "failed" if ran else "incomplete"
+        out = self._flush_interpreting() if ran else []  # a refused call was never interpreted
+        self._interpreting = {}
         item = {
             "id": call.id,
             "type": "code_interpreter_call",
@@ -276,20 +314,32 @@ class ResponsesBuilder:
         }
         self.output[call.index] = item
         ids = {"output_index": call.index, "item_id": call.id}
-        return [
-            self._event("response.code_interpreter_call.completed", **ids),
-            self._event("response.output_item.done", output_index=call.index, item=item),
-        ]
+        if status == "completed":  # a failed or refused call ends with its item's status, never `completed`
+            out.append(self._event("response.code_interpreter_call.completed", **ids))
+        return [*out, self._event("response.output_item.done", output_index=call.index, item=item)]
 
     def _release_round(self, block: CodeBlock) -> list[dict[str, Any]]:
         """The round's held text is reasoning up to its code block's opening fence; then the call."""
         text = "".join(p.text for p in self._pending)
-        self._pending.clear()
         blocks = find_blocks(text)
-        prose = text[: blocks[-1].start] if blocks else text
-        out = self._text("reasoning", prose[self._prose_sent :])
+        out = self._prose(self._prose_sent, blocks[-1].start if blocks else len(text))
+        self._pending.clear()
         self._prose_sent = 0
         return out + self._start_call(block)
+
+    def _prose(self, start: int, end: int) -> list[dict[str, Any]]:
+        """The held text from `start` to `end` as reasoning items: text inside <think> a thinking item,
+        the rest a reasoning item (a new item where the channel changes)."""
+        out: list[dict[str, Any]] = []
+        at = 0
+        for piece in self._pending:
+            lo, hi = max(start, at), min(end, at + len(piece.text))
+            if lo < hi:
+                out += self._text(
+                    "thinking" if piece.channel == "reasoning" else "reasoning", piece.text[lo - at : hi - at]
+                )
+            at += len(piece.text)
+        return out
 
     def _stream_live(self) -> list[dict[str, Any]]:
         """Held text nothing can take back, with a code block open in it: the prose before the fence
@@ -303,7 +353,7 @@ class ResponsesBuilder:
         block = blocks[-1]
         if text[block.start] != "`":
             return []
-        out = self._text("reasoning", text[self._prose_sent : block.start])
+        out = self._prose(self._prose_sent, block.start)
         self._prose_sent = block.start
         first_line = text.find("\n", block.start)
         if first_line < 0:
@@ -324,7 +374,7 @@ class ResponsesBuilder:
         skip, self._prose_sent = self._prose_sent, 0  # already sent as reasoning (a fence had opened)
         for piece in self._pending:
             text, skip = piece.text[skip:], max(0, skip - len(piece.text))
-            out += self._text("reasoning" if piece.channel == "reasoning" else "message", text)
+            out += self._text("thinking" if piece.channel == "reasoning" else "message", text)
         self._pending.clear()
         return out
 
@@ -359,6 +409,21 @@ class ResponsesBuilder:
 
     def feed(self, ev: Event) -> list[dict[str, Any]]:
         """Consume one engine event; return the stream events it produces (possibly none)."""
+        if self._interpreting and not isinstance(ev, ToolCall):
+            out = self._flush_interpreting()
+            return out + self._feed(ev)
+        return self._feed(ev)
+
+    def end_batch(self) -> list[dict[str, Any]]:
+        """The engine's events ready now are all fed: a call still waiting for its result runs in the
+        sandbox (`interpreting`)."""
+        return self._flush_interpreting()
+
+    def _flush_interpreting(self) -> list[dict[str, Any]]:
+        ids, self._interpreting = self._interpreting, {}
+        return [self._event("response.code_interpreter_call.interpreting", **ids)] if ids else []
+
+    def _feed(self, ev: Event) -> list[dict[str, Any]]:
         if isinstance(ev, Vote):
             return []
         if isinstance(ev, TextDelta):
@@ -388,7 +453,7 @@ class ResponsesBuilder:
         if ev.markup or ev.source == "observation":  # an observation is its call's output, in the call's item
             return []
         if not self.tools_enabled and not ev.retractable:
-            return self._text("reasoning" if ev.channel == "reasoning" else "message", ev.text)
+            return self._text("thinking" if ev.channel == "reasoning" else "message", ev.text)
         self._pending.append(_Piece(ev.text, ev.channel, ev.retractable))
         if any(p.retractable for p in self._pending):
             return []  # a backtrack may take it: held until its call is committed
@@ -413,10 +478,17 @@ class ResponsesBuilder:
         self.choices[0].final = ev
         self.completed_at = int(time.time())
         self.metrics.count_trajectory(ev)
-        incomplete = ev.finish_reason in INCOMPLETE
-        out = self._release_final() + self._close_open("incomplete" if incomplete else "completed")
-        kind = "response.incomplete" if incomplete else "response.completed"
-        return [*out, self._event(kind, response=self.response())]
+        if ev.finish_reason == FinishReason.aborted:  # the engine dropped the request: not an answer
+            self._failure = {"code": "server_error", "message": ABORTED_MESSAGE}
+        status = self._status()
+        out = self._release_final() + self._close_open("completed" if status == "completed" else "incomplete")
+        return [*out, self._event(f"response.{status}", response=self.response())]
+
+    def _status(self) -> Literal["completed", "incomplete", "failed"]:
+        f = self.choices[0].final
+        if self._failure is not None:
+            return "failed"
+        return "incomplete" if f is not None and f.finish_reason in INCOMPLETE else "completed"
 
     # --- the response object --------------------------------------------------------------------
 
@@ -447,22 +519,23 @@ class ResponsesBuilder:
         """The response object: as the stream's last event carries it (`status` None), or a snapshot."""
         f = self.choices[0].final
         if status is None:
-            status = "incomplete" if f is not None and f.finish_reason in INCOMPLETE else "completed"
+            status = self._status()
         done = status != "in_progress"
         body = {
             "id": self.id,
             "object": "response",
             "created_at": self.created,
             "status": status,
-            "completed_at": self.completed_at if done else None,
-            "error": None,
+            "completed_at": self.completed_at if status in ("completed", "incomplete") else None,
+            "error": self._failure if status == "failed" else None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "model": self.model,
             "output": [dict(item) for item in self.output] if done else [],
             **self.params,
         }
-        if done:  # usage is not nullable in OpenAI's schema: a snapshot in progress has none yet
+        if done and f is not None:  # usage is not nullable in OpenAI's schema: only a finished trajectory has it
             body["usage"] = self.usage()
+        if done:
             body["thor"] = self.thor_object()
         return body
 

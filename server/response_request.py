@@ -2,13 +2,15 @@
 
 Owns: `CreateResponseRequest` (OpenAI's fields, vLLM's sampling extensions and the `thor`
 options, as chat accepts them; what cannot work is a 400 naming the field, never accepted
-and dropped), which THOR settings a request asks for (`code_interpreter` in `tools` turns
+and dropped; `metadata` within OpenAI's bounds; the input items as stored, rebuilt from the
+fields this server reads, with unique ids), which THOR settings a request asks for (`code_interpreter` in `tools` turns
 the THOR loop on, `tool_choice: "none"` or no tool turns it off, `max_tool_calls` is the
 tool budget, `reasoning.effort` the thinking budget of a reasoning model), and
 `items_to_messages`: input items (strings, messages, and the output items of an earlier
 response: reasoning, `code_interpreter_call`, message) as the chat messages the chat
 template renders. A code interpreter call comes back as the fenced code and the output
-block the model read, so a continued conversation shows the model its own trajectory.
+block the model read, so a continued conversation shows the model its own trajectory, and
+thinking items (`THINKING`) go back inside <think>...</think>.
 
 Does not own: rendering the response (response_items.py), storing responses (the store,
 through generation.py) or routing (routes/responses.py).
@@ -26,6 +28,9 @@ from thor_engine.observation import injection
 
 from .protocol import ThorOptions, _none_is_default, _SamplingRequest, _unicode
 
+#: what a code interpreter call's `container_id` says (the calls run in this server's sandbox)
+CONTAINER_ID = "thor-sandbox"
+
 #: `reasoning.effort` as the thinking budget (tokens inside <think>) of a reasoning model;
 #: `none` turns thinking off. A `thor.thinking_budget` in the request wins.
 EFFORT_BUDGET: dict[str, int | None] = {
@@ -38,6 +43,13 @@ EFFORT_BUDGET: dict[str, int | None] = {
 }
 
 _FORWARD_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+#: the `encrypted_content` of a reasoning item whose text the model wrote inside <think>: rendered
+#: back inside <think>...</think>, so a reasoning model's chat template strips earlier thinking
+#: as it does for chat's history
+THINKING = "thor:thinking"
+#: OpenAI's bounds on `metadata` (the `Metadata` schema): 16 pairs, keys <= 64, values <= 512 characters
+METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
 
 
 class ReasoningParam(BaseModel):
@@ -82,6 +94,24 @@ class CreateResponseRequest(_SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
 
     _resp_nulls = field_validator("store", mode="before")(classmethod(_none_is_default))
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        if len(v) > METADATA_MAX_PAIRS:
+            raise ValueError(f"metadata has {len(v)} pairs; at most {METADATA_MAX_PAIRS} are allowed")
+        for key, value in v.items():
+            _unicode(key, "metadata")
+            _unicode(value, "metadata")
+            if len(key) > METADATA_MAX_KEY:
+                raise ValueError(f"metadata key {key[:20]!r}... is {len(key)} characters; at most {METADATA_MAX_KEY}")
+            if len(value) > METADATA_MAX_VALUE:
+                raise ValueError(
+                    f"metadata[{key!r}] is {len(value)} characters; values are at most {METADATA_MAX_VALUE}"
+                )
+        return v
 
     @field_validator("n")
     @classmethod
@@ -212,29 +242,52 @@ class CreateResponseRequest(_SamplingRequest):
         }
 
     def input_items(self) -> list[dict[str, Any]]:
-        """This request's input as the items `GET /v1/responses/{id}/input_items` lists: messages
-        with ids and typed text parts, earlier output items as they were sent."""
+        """This request's input as the items `GET /v1/responses/{id}/input_items` lists, rebuilt from
+        the fields this server reads (nothing else a client sent is stored): messages with typed
+        text parts, reasoning items with their text, code interpreter calls with their code and
+        logs. Every item has an id, unique in the list (the list's cursor): an item without one, or
+        repeating an earlier item's, gets a fresh one."""
         raw: list[Any] = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
-        items = []
+        items: list[dict[str, Any]] = []
+        seen: set[str] = set()
         for item in raw:
-            if item.get("type", "message") != "message":
-                items.append({**item, "id": item.get("id") or f"item_{uuid.uuid4().hex}"})
-                continue
-            role = item["role"]
-            kind = "output_text" if role == "assistant" else "input_text"
-            content = item.get("content")
-            parts = [{"type": kind, "text": _content_text(content, "input")}]
-            if role == "assistant":
-                parts[0]["annotations"] = []
-            items.append(
-                {
-                    "id": item.get("id") or f"msg_{uuid.uuid4().hex}",
-                    "type": "message",
-                    "role": role,
-                    "content": parts,
+            kind = item.get("type", "message")
+            if kind == "reasoning":
+                text = _content_text(item.get("content"), "input")
+                new: dict[str, Any] = {
+                    "type": "reasoning",
+                    "summary": [],
+                    "content": [{"type": "reasoning_text", "text": text}],
+                    **({"encrypted_content": THINKING} if item.get("encrypted_content") == THINKING else {}),
                     "status": "completed",
                 }
-            )
+                prefix = "rs"
+            elif kind == "code_interpreter_call":
+                logs = _call_logs(item)
+                status = item.get("status")
+                new = {
+                    "type": "code_interpreter_call",
+                    "status": status if status in ("completed", "incomplete", "failed") else "completed",
+                    "container_id": CONTAINER_ID,
+                    "code": item["code"],
+                    "outputs": None if logs is None else [{"type": "logs", "logs": logs}],
+                }
+                prefix = "ci"
+            else:
+                role = item["role"]
+                part: dict[str, Any] = {
+                    "type": "output_text" if role == "assistant" else "input_text",
+                    "text": _content_text(item.get("content"), "input"),
+                }
+                if role == "assistant":
+                    part |= {"annotations": [], "logprobs": []}
+                new = {"type": "message", "role": role, "content": [part], "status": "completed"}
+                prefix = "msg"
+            item_id = item.get("id")
+            if not isinstance(item_id, str) or not item_id or len(item_id) > 128 or item_id in seen:
+                item_id = f"{prefix}_{uuid.uuid4().hex}"
+            seen.add(item_id)
+            items.append({"id": item_id, **new})
         return items
 
     def input_messages(self) -> list[dict[str, str]]:
@@ -274,17 +327,40 @@ def code_round_text(code: str, logs: str | None) -> str:
     return fence + (injection(logs, True) if logs is not None else "")
 
 
+def _call_logs(item: dict[str, Any]) -> str | None:
+    """The output a code interpreter call's model read (its `logs` outputs); None when it never ran."""
+    outputs = item.get("outputs") or []
+    if not outputs:
+        return None
+    return "".join(o.get("logs", "") for o in outputs if isinstance(o, dict) and o.get("type") == "logs")
+
+
 def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Input items as chat messages. Consecutive assistant-side items (reasoning, code interpreter
-    calls, assistant messages) become one assistant turn, in order, as the model wrote it.
-    ValueError names the item that cannot be rendered."""
+    calls, assistant messages) become one assistant turn, in order, as the model wrote it: the
+    thinking of a reasoning model (reasoning items marked `THINKING`, and the calls among and
+    right after them) inside <think>...</think>, so the model's chat template treats it as chat's
+    history (most strip earlier turns' thinking). ValueError names the item that cannot be rendered."""
     messages: list[dict[str, str]] = []
+    thinking = False  # inside a <think> span of the current assistant turn
 
-    def assistant(text: str) -> None:
+    def assistant(text: str, *, think: bool | None = None) -> None:
+        """`think` True opens (or continues) a <think> span, False closes it, None continues as is."""
+        nonlocal thinking
+        if think is True and not thinking:
+            text, thinking = "<think>" + text, True
+        elif think is False and thinking:
+            text, thinking = "</think>\n\n" + text, False
         if messages and messages[-1]["role"] == "assistant":
             messages[-1]["content"] += text
         else:
             messages.append({"role": "assistant", "content": text})
+
+    def end_turn() -> None:
+        nonlocal thinking
+        if thinking:
+            messages[-1]["content"] += "</think>\n\n"
+            thinking = False
 
     for i, item in enumerate(items):
         where = f"input[{i}]"
@@ -297,19 +373,21 @@ def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, str]]:
                 raise ValueError(f"{where}.role must be one of user, assistant, system, developer; got {role!r}")
             text = _content_text(item.get("content"), f"{where}.content")
             if role == "assistant":
-                assistant(text)
+                assistant(text, think=False)
             else:
+                end_turn()
                 messages.append({"role": _FORWARD_ROLES[role], "content": text})
         elif kind == "reasoning":
             parts = item.get("content") or []
-            assistant(_content_text(parts, f"{where}.content"))
+            assistant(_content_text(parts, f"{where}.content"), think=item.get("encrypted_content") == THINKING)
         elif kind == "code_interpreter_call":
             code = item.get("code")
             if not isinstance(code, str):
                 raise ValueError(f"{where}.code must be the call's code (a string)")
-            outputs = item.get("outputs") or []
-            logs = "".join(o.get("logs", "") for o in outputs if isinstance(o, dict) and o.get("type") == "logs")
-            assistant(code_round_text(code, logs if outputs else None))
+            outputs = item.get("outputs")
+            if outputs is not None and not isinstance(outputs, list):
+                raise ValueError(f"{where}.outputs must be a list of logs outputs or null")
+            assistant(code_round_text(code, _call_logs(item)))
         elif kind == "item_reference":
             raise ValueError(
                 f"{where}: item references are not supported; pass the item itself or use previous_response_id"
@@ -319,4 +397,6 @@ def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, str]]:
                 f"{where}: item type {kind!r} is not supported; send messages, or reasoning, code_interpreter_call "
                 "and message items of an earlier response"
             )
+    if messages:
+        end_turn()
     return messages

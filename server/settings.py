@@ -97,7 +97,15 @@ class ServerSettings(BaseSettings):
     tool_cache_ttl_s: int = Field(default=24 * 3600, ge=0, description="0 disables the tool-result cache.")
     trace_ttl_s: int = Field(default=24 * 3600, ge=0, description="0 disables trace storage.")
     trace_memory_bytes: int = Field(
-        default=64 * 1024 * 1024, ge=1, description="Bound on the in-memory trace store (oldest evicted first)."
+        default=64 * 1024 * 1024,
+        ge=1,
+        description="Bound on the in-memory trace store (past it: expired traces, then the biggest holder's oldest).",
+    )
+    trace_quota_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Per client (API key id, or address on an open server): the most bytes of stored traces and "
+        "responses it holds, in memory or Redis; a new one evicts that client's own oldest.",
     )
 
     # --- rate limits per API key id (or per client address on an open server); generated tokens,

@@ -73,7 +73,7 @@ def check_response(path: str, response) -> None:
         events = [ln for ln in response.text.split("\n\n") if ln.strip()]
         if path == "/responses":  # named events, no sentinel: the last is the response's end (or an error)
             last = json.loads(events[-1].split("data: ", 1)[1])
-            assert last["type"] in ("response.completed", "response.incomplete", "error"), events[-3:]
+            assert last["type"] in ("response.completed", "response.incomplete", "response.failed"), events[-3:]
             events.append("data: [DONE]")
         assert events[-1] == "data: [DONE]", events[-3:]
         for ev in events[:-1]:

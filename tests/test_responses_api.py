@@ -27,7 +27,9 @@ from tests.support.thor_server import run_server, tiny_server_args
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.sandbox]
 
-KEY, OTHER_KEY = "responses-key-1", "responses-key-2"
+KEY, OTHER_KEY, FLOOD_KEY = "responses-key-1", "responses-key-2", "responses-key-flood"
+#: each key's stored responses (THOR_TRACE_QUOTA_BYTES): a few dozen of this file's responses
+QUOTA = 256 * 1024
 MODEL = "tiny-tir"
 MUL = "Compute 17*23."
 DIVZERO = "Divide 10 by zero safely."
@@ -37,8 +39,9 @@ SELF_CORRECT = {"thor": {"self_correction": {"max_retries": 1, "backtrack_tokens
 
 @pytest.fixture(scope="module")
 def server(tiny_tir_model, sandbox):
-    args = [*tiny_server_args(tiny_tir_model, MODEL, sandbox_url=sandbox.url), "--api-key", KEY, "--api-key", OTHER_KEY]
-    with run_server(args) as srv:
+    args = [*tiny_server_args(tiny_tir_model, MODEL, sandbox_url=sandbox.url)]
+    args += ["--api-key", KEY, "--api-key", OTHER_KEY, "--api-key", FLOOD_KEY]
+    with run_server(args, env={"THOR_TRACE_QUOTA_BYTES": str(QUOTA)}) as srv:
         yield srv
 
 
@@ -304,14 +307,18 @@ def test_store_false_and_other_clients_see_nothing(server, client):
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unstored.id)
     r = post(server, body(previous_response_id=unstored.id))
-    assert r.status_code == 404
+    # as OpenAI answers an unknown previous_response_id: 400, invalid_request_error, previous_response_not_found
+    assert r.status_code == 400
     assert r.json()["error"]["code"] == "previous_response_not_found"
+    assert r.json()["error"]["type"] == "invalid_request_error"
     assert r.json()["error"]["param"] == "previous_response_id"
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(**body(), previous_response_id="resp_does_not_exist")
     stored = client.responses.create(**body())
     other = openai.OpenAI(base_url=server.url + "/v1", api_key=OTHER_KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError):
         other.responses.retrieve(stored.id)
-    assert post(server, body(previous_response_id=stored.id), key=OTHER_KEY).status_code == 404
+    assert post(server, body(previous_response_id=stored.id), key=OTHER_KEY).status_code == 400
     assert client.responses.retrieve(stored.id).id == stored.id
 
 
@@ -341,7 +348,7 @@ def test_input_items_and_delete(server, client):
         client.responses.retrieve(resp.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.delete(resp.id)
-    assert post(server, body(previous_response_id=resp.id)).status_code == 404
+    assert post(server, body(previous_response_id=resp.id)).status_code == 400
 
 
 # --- refusals and operations ------------------------------------------------------------------
@@ -384,3 +391,94 @@ def test_unknown_response_id_is_404_and_route_is_metered(server, client):
             if s.name == "thor_requests_total" and s.labels.get("route") == "/v1/responses":
                 total += s.value
     assert total >= 1
+
+
+# --- stored responses: what is kept ----------------------------------------------------------
+
+
+def test_metadata_is_bounded_as_openai_bounds_it(server, client):
+    """At most 16 pairs, keys <= 64 characters, values <= 512 (OpenAI's `Metadata`); at the bounds it
+    is kept and echoed."""
+    most = {f"key{i:02d}": "v" * 512 for i in range(16)}
+    resp = client.responses.create(**body(max_output_tokens=1), metadata=most)
+    assert resp.metadata == most and client.responses.retrieve(resp.id).metadata == most
+    for metadata in (
+        {f"key{i:02d}": "v" for i in range(17)},
+        {"k" * 65: "v"},
+        {"key": "v" * 513},
+        {f"key{i:02d}": "v" * 600 for i in range(20)},  # what was accepted before
+    ):
+        r = post(server, body(max_output_tokens=1, metadata=metadata))
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "metadata"
+
+
+def test_input_items_keep_only_what_the_server_reads_and_page_with_repeated_ids(server, client):
+    """Earlier output items sent back as input are stored rebuilt from their known fields (unknown
+    keys dropped); items that repeat an id get fresh ones, so paging by `after` always ends."""
+    first = post(server, body()).json()
+    reasoning, call, message = first["output"]
+    items = [
+        {"role": "user", "content": MUL, "id": "msg_same"},
+        {**reasoning, "junk": "x" * 1000},
+        {**call, "junk": {"nested": True}, "outputs": [{"type": "logs", "logs": "391", "junk": 1}]},
+        {**message, "id": "msg_same"},
+        {"role": "user", "content": "Again.", "id": "msg_same"},
+    ]
+    resp = post(server, body(items, max_output_tokens=1)).json()
+    listed = httpx.get(
+        f"{server.url}/v1/responses/{resp['id']}/input_items?order=asc",
+        headers={"Authorization": f"Bearer {KEY}"},
+    ).json()
+    validate(listed, "ResponseItemList")
+    assert "junk" not in json.dumps(listed)
+    assert listed["data"][2]["outputs"] == [{"type": "logs", "logs": "391"}]
+    ids = [i["id"] for i in listed["data"]]
+    assert len(set(ids)) == 5 and ids[0] == "msg_same" and ids[1] == reasoning["id"]
+    # one item per page: every item once, then the end
+    seen, after = [], None
+    for _ in range(10):
+        page = client.responses.input_items.list(
+            resp["id"], order="asc", limit=1, **({"after": after} if after else {})
+        )
+        seen += [i.id for i in page.data]
+        if not page.has_more:
+            break
+        after = page.data[-1].id
+    assert seen == ids
+
+
+def test_call_events_of_failed_and_refused_calls(server):
+    """A failed call ran (`interpreting`) but never `completed`; a refused one never ran (neither)."""
+    events = stream_events(server, body(DIVZERO, max_tool_calls=1))
+    calls = [i for i in events[-1]["response"]["output"] if i["type"] == "code_interpreter_call"]
+    assert [c["status"] for c in calls][:2] == ["failed", "incomplete"]
+
+    def kinds(call: dict) -> list[str]:
+        return [e["type"].rsplit(".", 1)[1] for e in events if e.get("item_id") == call["id"]]
+
+    assert "interpreting" in kinds(calls[0]) and "completed" not in kinds(calls[0])
+    assert "interpreting" not in kinds(calls[1]) and "completed" not in kinds(calls[1])
+
+
+async def test_a_key_flooding_stored_responses_evicts_only_its_own(server):
+    """40 responses as large as the request limits allow (about 1.5x the key's quota): the flooder
+    loses its own oldest, the other key's response is still retrieved and continued."""
+    from tests.support.store_flood import flood_stored_responses
+
+    outcome = await flood_stored_responses(server.url, flooder_key=FLOOD_KEY, victim_key=OTHER_KEY, model=MODEL)
+    assert outcome.victim_response_kept and outcome.victim_limits_kept
+    assert outcome.flooder_latest_kept and not outcome.flooder_oldest_kept
+
+
+def test_delete_leaves_the_copy_a_later_response_continues(client):
+    """Documented: a response made with previous_response_id holds its own copy of the conversation;
+    deleting the earlier one does not change what the later one continues."""
+    first = client.responses.create(**body(max_output_tokens=20))
+    second = client.responses.create(**body("Again.", max_output_tokens=1), previous_response_id=first.id)
+    before = client.responses.create(**body("Once more.", max_output_tokens=1), previous_response_id=second.id)
+    client.responses.delete(first.id)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(**body("x", max_output_tokens=1), previous_response_id=first.id)
+    after = client.responses.create(**body("Once more.", max_output_tokens=1), previous_response_id=second.id)
+    assert after.usage.input_tokens == before.usage.input_tokens

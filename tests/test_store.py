@@ -247,8 +247,28 @@ async def test_api_keys_are_not_stored_in_clear(redis_server: RedisServer) -> No
     try:
         keys = [k async for k in client.scan_iter("clear:*")]
         assert keys and not any(secret in k for k in keys)
-        ttl = await client.pttl(keys[0])
-        assert 0 < ttl <= 61_000  # forgotten once the buckets are full again
+    finally:
+        await client.aclose()
+        await s.close()
+
+
+async def test_redis_buckets_carry_no_ttl_and_are_forgotten_once_full(redis_server: RedisServer) -> None:
+    """No TTL (under `volatile-lru` a key with one may be evicted, resetting a client's limits); a
+    bucket that is full again (the same as an absent one) is deleted by a later call."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    s = RedisStore(redis_server.url, key_prefix="nottl:")
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await s.rate_limit("client-1", requests_per_min=600, tokens_per_min=None)  # full again in 0.1 s
+        [bucket] = [k async for k in client.scan_iter("nottl:rl:*")]
+        assert await client.pttl(bucket) == -1
+        await asyncio.sleep(1.3)
+        assert await client.exists(bucket)  # nothing ran since
+        await s.rate_limit("client-2", requests_per_min=600, tokens_per_min=None)
+        assert not await client.exists(bucket)
     finally:
         await client.aclose()
         await s.close()

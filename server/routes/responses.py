@@ -5,8 +5,10 @@ system message, the conversation of `previous_response_id` looked up for its cli
 the input items; THOR's tool-use instructions when `code_interpreter` is on), the THOR
 config and sampling, and storing the response (with `store: true`, as a trace bound to the
 client's key, kept `trace_ttl_s`: `GET /v1/responses/{id}` returns it and
-`previous_response_id` continues it, `GET /v1/responses/{id}/input_items` lists its input and
-`DELETE` forgets it; another client's response is a 404 exactly like a missing one). Streams are framed as the Responses API does (named events, no `[DONE]`).
+`previous_response_id` continues it (an unknown one: a 400, `previous_response_not_found`, as
+OpenAI answers), `GET /v1/responses/{id}/input_items` lists its input and `DELETE` forgets it
+(not the copies of its conversation in responses that continued it); another client's
+response is a 404 exactly like a missing one). Streams are framed as the Responses API does (named events, no `[DONE]`).
 
 Does not own: the request shape (response_request.py), the output items and events
 (response_items.py), running and streaming (generation.py), auth and rate limits (guards.py).
@@ -35,13 +37,22 @@ router = v1_router()
 
 
 def _not_found(response_id: str, state: ServerState, param: str) -> ApiError:
+    """A 404 for the response in the path; for `previous_response_id`, a 400 as OpenAI answers it
+    (`invalid_request_error`, code `previous_response_not_found`): the request names a bad id."""
+    kept = f"(responses are kept {state.settings.trace_ttl_s}s when created with store: true)"
+    if param == "previous_response_id":
+        return ApiError(
+            400,
+            f"Previous response with id {response_id!r} not found for this API key {kept}",
+            param=param,
+            code="previous_response_not_found",
+        )
     return ApiError(
         404,
-        f"no response with id {response_id!r} for this API key (responses are kept {state.settings.trace_ttl_s}s "
-        "when created with store: true)",
+        f"no response with id {response_id!r} for this API key {kept}",
         type="not_found_error",
         param=param,
-        code="previous_response_not_found" if param == "previous_response_id" else "response_not_found",
+        code="response_not_found",
     )
 
 
@@ -49,6 +60,13 @@ async def _stored(state: ServerState, response_id: str, owner: str, param: str) 
     found = await state.store.trace_get(response_id, owner=owner)
     if found is None or not isinstance(found.get("response"), dict):
         raise _not_found(response_id, state, param)
+    if param == "previous_response_id" and found["response"].get("status") == "failed":
+        raise ApiError(
+            400,
+            f"response {response_id!r} failed ({found['response'].get('error')}): there is no turn to continue; "
+            "send its input again without previous_response_id",
+            param=param,
+        )
     return found
 
 
@@ -117,7 +135,7 @@ async def create_response(
         include_usage=False,
         summary=summary if store else None,
         stream_format=StreamFormat(
-            named_events=True, done_sentinel=False, opening=builder.opening, error=builder.error_event
+            named_events=True, done_sentinel=False, opening=builder.opening, error=builder.failure_events
         ),
     )
 
@@ -129,7 +147,9 @@ async def get_response(response_id: str, state: StateDep, owner: ClientKeyDep) -
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str, state: StateDep, owner: ClientKeyDep) -> dict[str, Any]:
-    """Forget a stored response (it can no longer be retrieved or continued)."""
+    """Forget a stored response (it can no longer be retrieved or continued). A later response that
+    continued it (`previous_response_id`) stored its own copy of the conversation, the deleted turn
+    included, and keeps it: delete that one too to forget the turn."""
     await _stored(state, response_id, owner, "response_id")
     if not await state.store.trace_delete(response_id, owner=owner):
         raise ApiError(

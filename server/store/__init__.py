@@ -6,7 +6,7 @@ one import callers need. The parts:
 
 - base.py: the `Store` interface, `RateDecision`, rate-limit semantics, trace owners;
 - cacheable.py: `tool_cache_key`, `is_cacheable` (what may be cached, under which key);
-- memory.py: `MemoryStore` (in-process, one replica; traces bounded by bytes);
+- memory.py: `MemoryStore` (in-process, one replica; traces bounded per client and in all);
 - redis_backend.py: `RedisBackend` (Redis operations, key layout, the Lua buckets);
 - resilient.py: `ResilientStore` (degradation when the backend is down) and
   `RedisStore` (Redis behind it, shared by every replica using the same URL).
@@ -47,13 +47,18 @@ def create_store(
     on_error: Callable[[str], None] | None = None,
     max_cache_entries: int = 10_000,
     max_trace_bytes: int = 64 * 1024 * 1024,
+    trace_quota_bytes: int = 16 * 1024 * 1024,
 ) -> MemoryStore | RedisStore:
-    """RedisStore when a URL is given (shared by replicas), MemoryStore otherwise."""
+    """RedisStore when a URL is given (shared by replicas), MemoryStore otherwise. Either keeps
+    each client's traces within `trace_quota_bytes` (its own oldest evicted first)."""
     if redis_url:
         return RedisStore(
             redis_url,
             rate_limit_fail_open=rate_limit_fail_open,
             key_prefix=key_prefix,
             on_error=on_error,
+            trace_quota_bytes=trace_quota_bytes,
         )
-    return MemoryStore(max_cache_entries=max_cache_entries, max_trace_bytes=max_trace_bytes)
+    return MemoryStore(
+        max_cache_entries=max_cache_entries, max_trace_bytes=max_trace_bytes, trace_quota_bytes=trace_quota_bytes
+    )

@@ -4,7 +4,9 @@ Owns: the `Store` protocol (tool-result cache, rate limits, traces, health), the
 `RateDecision` value, the `STORE_UNAVAILABLE` limit name, argument checks for rate
 limits, and the owner-binding of traces (`trace_record` / `trace_for`): a trace is
 stored together with the id of the client that created it and is only returned to
-that same client id. Callers pass client ids (an API key id, a client address),
+that same client id. Every backend keeps each owner's traces within a quota of bytes
+(its own oldest evicted first), so one client cannot evict another's; rate-limit state
+is never evicted by stored traces. Callers pass client ids (an API key id, a client address),
 never secrets.
 
 Does not own: any storage (memory.py, redis_backend.py), degradation when a backend

@@ -1,11 +1,14 @@
 """`MemoryStore`: the in-process `Store` of a single replica.
 
-Owns: TTL + LRU bounded mappings for cached tool results and traces, and the token
-buckets of the rate limits, all on a monotonic clock. Traces are bounded by the total
-size of their JSON text (`max_trace_bytes`, oldest evicted first) as well as by their
-TTL, so a server that keeps every trace of large trajectories cannot run out of
-memory; a single trace larger than the whole bound is not kept. Rate-limit entries are
-bounded by count and forgotten once their buckets are full again.
+Owns: a TTL + LRU bounded mapping for cached tool results, the trace store, and the token
+buckets of the rate limits, all on a monotonic clock. Traces (stored responses) are bounded
+per owner (the client id) by `trace_quota_bytes`, the total size of the owner's JSON texts:
+a new trace evicts that owner's own oldest, never another owner's; a trace larger than the
+quota is not kept. They are also bounded in all by `max_trace_bytes` (and `max_traces`), so
+a server cannot run out of memory however many owners store: past that bound, expired
+traces go first, then the oldest of the owner holding the most bytes. Rate-limit entries are
+a separate mapping (traces never evict them), bounded by count and forgotten once their
+buckets are full again.
 
 Does not own: the interface and the bucket semantics (base.py), shared state across
 replicas (redis_backend.py), HTTP or metrics.
@@ -77,6 +80,78 @@ class _TTLCache:
         return len(self._data)
 
 
+class _Traces:
+    """Trace id -> (owner, expiry, JSON text), with each owner's traces in insertion order and their
+    sizes, bounded per owner (`quota_bytes`) and in all (`max_bytes`, `max_entries`)."""
+
+    def __init__(self, *, max_entries: int, max_bytes: int, quota_bytes: int) -> None:
+        if min(max_entries, max_bytes, quota_bytes) < 1:
+            raise ValueError(
+                f"trace bounds must be >= 1, got max_entries={max_entries}, max_bytes={max_bytes}, "
+                f"quota_bytes={quota_bytes}"
+            )
+        self._max, self._max_bytes, self._quota = max_entries, max_bytes, quota_bytes
+        self._data: OrderedDict[str, tuple[str, float, str]] = OrderedDict()  # insertion order
+        self._owned: dict[str, OrderedDict[str, int]] = {}  # owner -> its trace ids -> sizes, oldest first
+        self._owner_bytes: dict[str, int] = {}
+        self._bytes = 0
+
+    def get(self, key: str, now: float) -> tuple[str, str] | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        if item[1] <= now:
+            self.delete(key)
+            return None
+        return item[0], item[2]
+
+    def put(self, key: str, owner: str, text: str, expires: float, now: float) -> str | None:
+        """Store `text` for `owner`; None when kept, else why not (it alone exceeds a bound)."""
+        self.delete(key)
+        size = len(text)  # json.dumps output is ASCII (ensure_ascii): characters == bytes
+        if size > min(self._quota, self._max_bytes):
+            return f"its {size} bytes exceed the per-client trace quota ({self._quota}) or the store's bound"
+        own = self._owned.setdefault(owner, OrderedDict())
+        while own and self._owner_bytes.get(owner, 0) + size > self._quota:
+            self.delete(next(iter(own)))  # the owner's own oldest: never another owner's
+        own = self._owned.setdefault(owner, OrderedDict())
+        while self._data and (self._bytes + size > self._max_bytes or len(self._data) + 1 > self._max):
+            oldest = next(iter(self._data))
+            if self._data[oldest][1] <= now:
+                self.delete(oldest)  # expired ones first (one TTL for all: the oldest expire first)
+                continue
+            biggest = max(self._owner_bytes, key=self._owner_bytes.__getitem__)
+            self.delete(next(iter(self._owned[biggest])))
+        own = self._owned.setdefault(owner, OrderedDict())
+        self._data[key] = (owner, expires, text)
+        own[key] = size
+        self._owner_bytes[owner] = self._owner_bytes.get(owner, 0) + size
+        self._bytes += size
+        return None
+
+    def delete(self, key: str) -> None:
+        item = self._data.pop(key, None)
+        if item is None:
+            return
+        owner, _, text = item
+        self._bytes -= len(text)
+        own = self._owned[owner]
+        own.pop(key, None)
+        self._owner_bytes[owner] -= len(text)
+        if not own:
+            del self._owned[owner], self._owner_bytes[owner]
+
+    def owner_bytes(self, owner: str) -> int:
+        return self._owner_bytes.get(owner, 0)
+
+    @property
+    def total_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
 @dataclass
 class _Bucket:
     """Token bucket of one minute's capacity; `level` may go negative (debt)."""
@@ -113,13 +188,14 @@ class MemoryStore:
         *,
         max_cache_entries: int = 10_000,
         max_trace_bytes: int = 64 * 1024 * 1024,
+        trace_quota_bytes: int = 16 * 1024 * 1024,
         max_traces: int = 100_000,
         max_rate_keys: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
         self._cache = _TTLCache(max_cache_entries)
-        self._traces = _TTLCache(max_traces, max_bytes=max_trace_bytes)
+        self._traces = _Traces(max_entries=max_traces, max_bytes=max_trace_bytes, quota_bytes=trace_quota_bytes)
         self._limits: OrderedDict[str, _Limits] = OrderedDict()
         self._max_rate_keys = max_rate_keys
         self._calls = 0
@@ -134,6 +210,10 @@ class MemoryStore:
     def trace_bytes(self) -> int:
         """Total size of the traces held now (bounded by `max_trace_bytes`)."""
         return self._traces.total_bytes
+
+    def owner_trace_bytes(self, owner: str) -> int:
+        """Size of the traces `owner` holds now (bounded by `trace_quota_bytes`)."""
+        return self._traces.owner_bytes(owner)
 
     async def ping(self) -> bool:
         return True
@@ -150,13 +230,15 @@ class MemoryStore:
 
     async def trace_put(self, trace_id: str, trace: dict[str, Any], ttl_s: float, *, owner: str) -> None:
         text = json.dumps(trace_record(trace, owner))
-        if not self._traces.set(trace_id, text, self._clock() + ttl_s):
-            log.warning("trace %s not kept: its %d bytes exceed the in-memory trace bound", trace_id, len(text))
+        now = self._clock()
+        refused = self._traces.put(trace_id, owner, text, now + ttl_s, now)
+        if refused is not None:
+            log.warning("trace %s not kept: %s", trace_id, refused)
 
     async def trace_get(self, trace_id: str, *, owner: str) -> dict[str, Any] | None:
         check_owner(owner)
-        text = self._traces.get(trace_id, self._clock())
-        return None if text is None else trace_for(json.loads(text), owner)
+        found = self._traces.get(trace_id, self._clock())
+        return None if found is None else trace_for(json.loads(found[1]), owner)
 
     async def trace_delete(self, trace_id: str, *, owner: str) -> bool:
         if await self.trace_get(trace_id, owner=owner) is None:

@@ -44,9 +44,9 @@ class RaisingBackend(Protocol):
 
     async def cache_get(self, key: str) -> dict[str, Any] | None: ...
     async def cache_set(self, key: str, value: dict[str, Any], ttl_s: float) -> None: ...
-    async def trace_put(self, trace_id: str, record: dict[str, Any], ttl_s: float) -> None: ...
+    async def trace_put(self, trace_id: str, record: dict[str, Any], ttl_s: float, *, owner: str) -> int: ...
     async def trace_get(self, trace_id: str) -> dict[str, Any] | None: ...
-    async def trace_delete(self, trace_id: str) -> None: ...
+    async def trace_delete(self, trace_id: str, *, owner: str) -> None: ...
     async def rate_limit(
         self, key: str, *, requests_per_min: int | None, tokens_per_min: int | None, tokens: int = 0
     ) -> RateDecision: ...
@@ -196,7 +196,9 @@ class ResilientStore:
 
     async def trace_put(self, trace_id: str, trace: dict[str, Any], ttl_s: float, *, owner: str) -> None:
         record = trace_record(trace, owner)
-        await self._run("trace_put", lambda: self.backend.trace_put(trace_id, record, ttl_s))
+        evicted = await self._run("trace_put", lambda: self.backend.trace_put(trace_id, record, ttl_s, owner=owner))
+        if evicted == -1:
+            log.warning("trace %s not kept: it alone exceeds the per-client trace quota", trace_id)
 
     async def trace_get(self, trace_id: str, *, owner: str) -> dict[str, Any] | None:
         check_owner(owner)
@@ -208,7 +210,8 @@ class ResilientStore:
         is down deletes nothing and says so (False)."""
         if await self.trace_get(trace_id, owner=owner) is None:
             return False
-        return not isinstance(await self._run("trace_delete", lambda: self.backend.trace_delete(trace_id)), _Failed)
+        deleted = await self._run("trace_delete", lambda: self.backend.trace_delete(trace_id, owner=owner))
+        return not isinstance(deleted, _Failed)
 
     async def rate_limit(
         self, key: str, *, requests_per_min: int | None, tokens_per_min: int | None, tokens: int = 0
@@ -244,13 +247,16 @@ class RedisStore(ResilientStore):
         rate_limit_fail_open: bool = True,
         key_prefix: str = "thor:",
         socket_timeout_s: float = 0.25,
+        trace_quota_bytes: int = 16 * 1024 * 1024,
         retry_interval_s: float = 1.0,
         fail_closed_retry_after_s: float = 1.0,
         log_every_s: float = 60.0,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(
-            RedisBackend(url, key_prefix=key_prefix, socket_timeout_s=socket_timeout_s),
+            RedisBackend(
+                url, key_prefix=key_prefix, socket_timeout_s=socket_timeout_s, trace_quota_bytes=trace_quota_bytes
+            ),
             rate_limit_fail_open=rate_limit_fail_open,
             retry_interval_s=retry_interval_s,
             fail_closed_retry_after_s=fail_closed_retry_after_s,
