@@ -3,7 +3,9 @@
 Owns: one served model (a generation backend) plus a tool executor, and the
 operations a front end needs without touching tokens: preparing a prompt from
 chat messages or raw text on a worker thread (chat-template refusals become
-`ChatTemplateError`, lengths are checked against the context window), the
+`ChatTemplateError`, lengths are checked against the context window; an input
+longer than the context by its characters alone is `InputTooLong` before any
+template or tokeniser runs), the
 generation budget as vLLM computes it (`max_tokens_for`: clamped to the context,
 checkpoint defaults), checking sampling token ids against the vocabulary,
 running THOR trajectories (`stream`), plain generation without tools
@@ -43,6 +45,7 @@ from .tools import ToolExecutor
 __all__ = [
     "ChatTemplateError",
     "EngineUnavailable",
+    "InputTooLong",
     "InvalidParameter",
     "PlainChunk",
     "Prompt",
@@ -71,6 +74,20 @@ class PromptTooLong(ValueError):
             f"{prompt_tokens + (requested or 0)} tokens ({prompt_tokens} in the prompt{extra}). "
             "Please reduce the length of the messages or max_tokens."
         )
+
+
+class InputTooLong(PromptTooLong):
+    """An input with more characters than the context can hold as tokens, whatever they are:
+    refused by its length alone, before any template or tokeniser runs."""
+
+    def __init__(self, chars: int, min_tokens: int, max_model_len: int, token_chars: int) -> None:
+        ValueError.__init__(
+            self,
+            f"This model's maximum context length is {max_model_len} tokens. However, your input of {chars} "
+            f"characters is at least {min_tokens} tokens (one token of this model's vocabulary stands for at most "
+            f"{token_chars} characters). Please reduce the length of the input.",
+        )
+        self.prompt_tokens, self.max_model_len, self.requested = min_tokens, max_model_len, None
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,7 @@ class ThorEngine:
         # Chat templates and tokenisation of long prompts take real CPU time: one worker thread
         # keeps them off the event loop (one, so the tokenizer is never used by two threads).
         self._render_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="thor-render")
+        self._token_chars: int | None = None  # the longest token's characters, once an input needed it
 
     @property
     def model_aliases(self) -> frozenset[str]:
@@ -198,12 +216,41 @@ class ThorEngine:
             raise ChatTemplateError(str(exc)) from exc
 
     async def prepare_chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Prompt:
-        """`chat_prompt` on the render thread, so the event loop keeps serving meanwhile."""
+        """`chat_prompt` on the render thread, so the event loop keeps serving meanwhile; a
+        conversation too long for the context by its characters alone is refused first
+        (InputTooLong), without rendering it."""
+        await self.check_input_chars(_content_chars(messages), most=self.max_model_len - 1)
         return await self._off_loop(functools.partial(self.chat_prompt, messages, **kwargs))
 
     async def prepare_text(self, prompt: str | Sequence[int]) -> Prompt:
-        """`text_prompt` on the render thread."""
+        """`text_prompt` on the render thread; a prompt too long for the context by its length
+        alone (characters, or token ids) is refused first, without tokenising it."""
+        if isinstance(prompt, str):
+            await self.check_input_chars(len(prompt), most=self.max_model_len - 1)
+        elif len(prompt) >= self.max_model_len:
+            raise PromptTooLong(len(prompt), self.max_model_len)
         return await self._off_loop(functools.partial(self.text_prompt, prompt))
+
+    def _longest_token(self) -> int:
+        """The most characters of input one token can stand for: the length of the longest entry
+        of the vocabulary (byte-level BPE spells each byte as one character, so an entry is at least
+        as long as the text it decodes to; special tokens are spelt as themselves)."""
+        if self._token_chars is None:
+            self._token_chars = max(1, max((len(t) for t in self.backend.tokenizer.get_vocab()), default=1))
+        return self._token_chars
+
+    async def check_input_chars(self, chars: int, *, most: int) -> None:
+        """InputTooLong when `chars` characters are more than `most` tokens however they tokenise
+        (at least chars / the longest token): a cheap bound checked before any template or
+        tokeniser runs, which is where a huge input would otherwise hold the one render thread."""
+        if chars <= most:  # cannot be more than `most` tokens
+            return
+        per = self._token_chars or await asyncio.get_running_loop().run_in_executor(
+            self._render_pool, self._longest_token
+        )
+        least = -(-chars // per)
+        if least > most:
+            raise InputTooLong(chars, least, self.max_model_len, per)
 
     async def _off_loop(self, fn: Callable[[], Prompt]) -> Prompt:
         return await asyncio.get_running_loop().run_in_executor(self._render_pool, fn)
@@ -442,6 +489,19 @@ class ThorEngine:
         shutdown = getattr(self.backend, "shutdown", None)
         if shutdown is not None:
             shutdown()
+
+
+def _content_chars(messages: Sequence[Mapping[str, Any]]) -> int:
+    """Characters of the messages' contents (text parts included): a lower bound on what the
+    chat template renders."""
+    total = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return total
 
 
 def _logprob_entry(tok: Any, token_id: int, alternatives: dict[int, Any]) -> LogprobEntry:
