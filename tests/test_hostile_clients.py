@@ -185,6 +185,24 @@ def refused(r: httpx.Response, param: str, code: str | None = None) -> None:
 # --------------------------------------------------------------------------- the attacks
 
 
+def test_giant_tokenize_is_refused(server, probe, idle) -> None:
+    """4,000,000 characters to /tokenize, as text and as a conversation: far more than the context
+    holds, refused by their length before any tokeniser runs."""
+    text = "the hostile client " * (4_000_000 // 19)
+    r = under_attack(probe, idle, "/tokenize 4M chars", post_a(server, "/tokenize", {"prompt": text}))
+    refused(r, "prompt", "context_length_exceeded")
+    body = {"messages": [{"role": "user", "content": text}]}
+    r = under_attack(probe, idle, "/tokenize 4M chars of messages", post_a(server, "/tokenize", body))
+    refused(r, "messages", "context_length_exceeded")
+
+
+def test_giant_detokenize_is_refused(server, probe, idle) -> None:
+    body = {"tokens": [100 + i % 5000 for i in range(1_000_000)]}
+    r = under_attack(probe, idle, "/detokenize 1M ids", post_a(server, "/detokenize", body))
+    refused(r, "tokens")
+    assert str(MAX_MODEL_LEN) in r.json()["error"]["message"]
+
+
 def test_oversized_chat_is_refused_by_its_size(server, probe, idle) -> None:
     """A conversation of 7 MB (under the 8 MB body limit): refused without rendering it."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "the hostile client " * 370_000}]}

@@ -10,7 +10,8 @@ generation budget as vLLM computes it (`max_tokens_for`: clamped to the context,
 checkpoint defaults), checking sampling token ids against the vocabulary,
 running THOR trajectories (`stream`), plain generation without tools
 (`generate_plain`, for vLLM-compatible /v1/completions, with the prompt tokens'
-logprobs when asked: `echo`), the model's aliases and
+logprobs when asked: `echo`), vLLM's /tokenize and
+/detokenize (bounded by the context), the model's aliases and
 `generation_config.json` defaults, the engine health check, and shutdown.
 Prompts are opaque `Prompt` handles: token ids stay inside thor_engine.
 
@@ -266,25 +267,34 @@ class ThorEngine:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: Mapping[str, Any] | None = None,
-    ) -> list[int]:
+        return_token_strs: bool = False,
+    ) -> tuple[list[int], list[str] | None]:
         """Token ids of raw `text`, or of `messages` rendered by the chat template exactly as
-        given (no THOR instructions added), as vLLM's /tokenize computes them. No length limit.
+        given (no THOR instructions added), as vLLM's /tokenize computes them, and with
+        `return_token_strs` each token's string (both on the render thread). At most
+        `max_model_len` tokens, as vLLM allows: a longer input is PromptTooLong, refused by its
+        characters alone (InputTooLong) before tokenising when it cannot fit.
 
         Raises ChatTemplateError / InvalidParameter as `chat_prompt` does."""
+        chars = len(text or "") if messages is None else _content_chars(messages)
+        await self.check_input_chars(chars, most=self.max_model_len)
 
-        def run() -> list[int]:
+        def run() -> tuple[list[int], list[str] | None]:
             if messages is None:
-                return self.backend.tokenizer.encode(text or "", add_special_tokens=add_special_tokens)
-            ids = self._render(
-                messages,
-                tir_instructions=None,
-                chat_template_kwargs=chat_template_kwargs,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-            )
-            if add_special_tokens and self.backend.tokenizer.bos_token_id is not None:
-                ids = [self.backend.tokenizer.bos_token_id, *ids]
-            return ids
+                ids = self.backend.tokenizer.encode(text or "", add_special_tokens=add_special_tokens)
+            else:
+                ids = self._render(
+                    messages,
+                    tir_instructions=None,
+                    chat_template_kwargs=chat_template_kwargs,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                )
+                if add_special_tokens and self.backend.tokenizer.bos_token_id is not None:
+                    ids = [self.backend.tokenizer.bos_token_id, *ids]
+            if len(ids) > self.max_model_len:
+                raise PromptTooLong(len(ids), self.max_model_len)
+            return ids, self.token_strings(ids) if return_token_strs else None
 
         return await asyncio.get_running_loop().run_in_executor(self._render_pool, run)
 
@@ -293,8 +303,14 @@ class ThorEngine:
         return [str(t) for t in self.backend.tokenizer.convert_ids_to_tokens(list(ids))]
 
     async def detokenize(self, ids: Sequence[int]) -> str:
-        """The text of token ids (special tokens kept, as vLLM's /detokenize); out-of-vocabulary
-        ids are an InvalidParameter naming `tokens`."""
+        """The text of token ids (special tokens kept, as vLLM's /detokenize); more than
+        `max_model_len` ids, or out-of-vocabulary ones, are an InvalidParameter naming `tokens`."""
+        if len(ids) > self.max_model_len:
+            raise InvalidParameter(
+                "tokens",
+                f"{len(ids)} token ids are more than this model's maximum context length of {self.max_model_len} "
+                "tokens; send at most that many per request",
+            )
         vocab = len(self.backend.tokenizer)
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
