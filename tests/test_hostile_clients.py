@@ -185,6 +185,16 @@ def refused(r: httpx.Response, param: str, code: str | None = None) -> None:
 # --------------------------------------------------------------------------- the attacks
 
 
+def test_echo_with_top_logprobs_of_many_samples_is_refused(server, probe, idle) -> None:
+    """32 prompts of 3,000 tokens, n 8, echo with 20 top logprobs and nothing generated: 16 million
+    logprob entries to compute and send for a request whose n x max_tokens is 0."""
+    prompts = [[100 + (k + i) % 5000 for i in range(3000)] for k in range(32)]
+    body = {"model": MODEL, "prompt": prompts, "n": 8, "echo": True, "logprobs": 20, "max_tokens": 0}
+    r = under_attack(probe, idle, "echo + logprobs x n", post_a(server, "/v1/completions", body))
+    refused(r, "echo")
+    assert "max_request_tokens" in r.json()["error"]["message"]
+
+
 def test_giant_tokenize_is_refused(server, probe, idle) -> None:
     """4,000,000 characters to /tokenize, as text and as a conversation: far more than the context
     holds, refused by their length before any tokeniser runs."""

@@ -10,7 +10,7 @@ generation budget as vLLM computes it (`max_tokens_for`: clamped to the context,
 checkpoint defaults), checking sampling token ids against the vocabulary,
 running THOR trajectories (`stream`), plain generation without tools
 (`generate_plain`, for vLLM-compatible /v1/completions, with the prompt tokens'
-logprobs when asked: `echo`), vLLM's /tokenize and
+logprobs when asked, computed once per prompt whatever n: `echo`), vLLM's /tokenize and
 /detokenize (bounded by the context), the model's aliases and
 `generation_config.json` defaults, the engine health check, and shutdown.
 Prompts are opaque `Prompt` handles: token ids stay inside thor_engine.
@@ -416,10 +416,13 @@ class ThorEngine:
 
         Choices are numbered from `first_index` (a batch of prompts: prompt k's from k x n). With
         `prompt_logprobs`, each choice's first chunk carries every prompt token's logprob entry
-        (vLLM's `echo` with `logprobs`)."""
+        (vLLM's `echo` with `logprobs`), computed once: the first sample asks the engine for them,
+        turns them into entries on the render thread, and the other samples reuse those entries."""
         rid = request_id or uuid.uuid4().hex
         max_tokens = sampling.max_tokens or (self.max_model_len - prompt.num_tokens)
         tok = self.backend.tokenizer
+        # the prompt's entries, from the first sample to the others (each waits for it before its first chunk)
+        shared: asyncio.Future[list[LogprobEntry]] = asyncio.get_running_loop().create_future()
 
         async def one(i: int) -> AsyncIterator[PlainChunk]:
             seed = None if sampling.seed is None else sampling.seed + i
@@ -433,7 +436,7 @@ class ThorEngine:
                 stop=sampling.stop,
                 include_stop_str_in_output=include_stop_str_in_output,
                 logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs,
+                prompt_logprobs=prompt_logprobs if i == 0 else None,
                 presence_penalty=sampling.presence_penalty,
                 frequency_penalty=sampling.frequency_penalty,
                 repetition_penalty=sampling.repetition_penalty,
@@ -449,35 +452,47 @@ class ThorEngine:
             pending: list[dict[int, Any] | None] = []
             prompt_done = prompt_logprobs is None
             index = first_index + i
-            async with contextlib.aclosing(self.backend.generate(list(prompt._ids), params, f"{rid}-{index}")) as gen:
-                async for chunk in gen:
-                    produced += len(chunk.token_ids)
-                    plp = None
-                    if not prompt_done:
-                        pending += chunk.prompt_logprobs or []
-                        if not (chunk.token_ids or chunk.finished):
-                            continue
-                        plp = self._prompt_entries(prompt, pending)
-                        prompt_done = True
-                    lp = None
-                    if logprobs is not None and chunk.logprobs:
-                        lp = [
-                            _logprob_entry(tok, tid, d) for tid, d in zip(chunk.token_ids, chunk.logprobs, strict=False)
-                        ]
-                    yield PlainChunk(
-                        index=index,
-                        text=chunk.text,
-                        finished=chunk.finished,
-                        finish_reason=chunk.finish_reason,
-                        stop_reason=chunk.stop_reason,
-                        logprobs=lp,
-                        prompt_logprobs=plp,
-                        prompt_tokens=prompt.num_tokens,
-                        completion_tokens=produced,
-                        token_ids=list(chunk.token_ids),
-                        prompt_token_ids=None if sent_prompt else list(prompt._ids),
-                    )
-                    sent_prompt = True
+            try:
+                gen = self.backend.generate(list(prompt._ids), params, f"{rid}-{index}")
+                async with contextlib.aclosing(gen):
+                    async for chunk in gen:
+                        produced += len(chunk.token_ids)
+                        plp = None
+                        if not prompt_done:
+                            if i > 0:  # the first sample's entries (shielded: a cancelled waiter leaves them be)
+                                plp = await asyncio.shield(shared)
+                            else:
+                                pending += chunk.prompt_logprobs or []
+                                if not (chunk.token_ids or chunk.finished):
+                                    continue
+                                plp = await asyncio.get_running_loop().run_in_executor(
+                                    self._render_pool, self._prompt_entries, prompt, pending
+                                )
+                                shared.set_result(plp)
+                            prompt_done = True
+                        lp = None
+                        if logprobs is not None and chunk.logprobs:
+                            lp = [
+                                _logprob_entry(tok, tid, d)
+                                for tid, d in zip(chunk.token_ids, chunk.logprobs, strict=False)
+                            ]
+                        yield PlainChunk(
+                            index=index,
+                            text=chunk.text,
+                            finished=chunk.finished,
+                            finish_reason=chunk.finish_reason,
+                            stop_reason=chunk.stop_reason,
+                            logprobs=lp,
+                            prompt_logprobs=plp,
+                            prompt_tokens=prompt.num_tokens,
+                            completion_tokens=produced,
+                            token_ids=list(chunk.token_ids),
+                            prompt_token_ids=None if sent_prompt else list(prompt._ids),
+                        )
+                        sent_prompt = True
+            finally:
+                if i == 0 and not shared.done():  # failed or cancelled first: the waiters must not hang
+                    shared.cancel()
 
         # one choice is read directly: merge's task and queue would cost a task switch per token
         choices = one(0) if n == 1 else merge([functools.partial(one, i) for i in range(n)])
