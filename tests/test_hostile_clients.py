@@ -246,6 +246,18 @@ def test_requests_that_end_in_400_count_against_the_rate_limit(server, probe, id
     assert r.json()["error"]["type"] == "rate_limit_error" and int(r.headers["Retry-After"]) >= 1
 
 
+def test_api_schema_and_docs_need_a_key(server) -> None:
+    """With keys configured, /openapi.json, /docs and /redoc answer only to a client with a key."""
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        r = httpx.get(server.url + path, timeout=30)
+        assert r.status_code == 401, (path, r.status_code)
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.get(server.url + path, headers=auth(KEY_B), timeout=30)
+        assert r.status_code == 200, (path, r.status_code)
+    schema = httpx.get(server.url + "/openapi.json", headers=auth(KEY_B), timeout=30).json()
+    assert "/v1/chat/completions" in schema["paths"]
+
+
 # --------------------------------------------------------------------------- stored responses under a flood
 #
 # PLACE FOR THE LEAD: "key A floods stored responses; key B's stored response and rate-limit state
