@@ -5,8 +5,8 @@ state (engine, store, sandbox client, via the `build` callable) and puts it on
 `app.state`, and closes it at shutdown; the metrics live on `app.state` from the
 start (so /metrics answers while the server starts); the pure-ASGI middleware
 (middleware.py: body-size limit, JSON content type, request metrics); the OpenAI
-error handlers (errors.py); and the routers (routes/: /v1 routes behind the auth
-dependency, /health and /metrics open).
+error handlers (errors.py); and the routers (routes/: /v1 routes, /tokenize, /detokenize and
+the API schema and docs behind the auth dependency, /health and /metrics open).
 
 Does not own: any route (routes/), auth and rate limits (guards.py), running and
 streaming requests (generation.py), response rendering (responses.py,
@@ -51,7 +51,15 @@ def create_app(settings: ServerSettings, build: Build, metrics: ServerMetrics | 
         finally:
             await close()
 
-    app = FastAPI(title="THOR reasoning server", version="0.1.0", lifespan=lifespan)
+    # /openapi.json, /docs and /redoc are routes/docs.py's, behind the server's auth like /v1
+    app = FastAPI(
+        title="THOR reasoning server",
+        version="0.1.0",
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.metrics = metrics
     install_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)

@@ -5,9 +5,10 @@ key id in the request state for rate limits and traces; a missing or wrong key i
 failed attempts are throttled per client address, and once an address has used up its
 allowance every request from it, right key or not, gets a 429 with Retry-After, so
 guessing gains nothing from the answers; a store outage never locks anyone out), and
-`rate_limiter`, which hands a route the `RateLimiter` of the client it serves (its key
-id, or its address on an open server): `admit` checks the request and prompt tokens
-against the per-minute limits (429 with Retry-After), `charge` debits what the engine
+`rate_limiter`, which counts the request against its client's per-minute limits (its key
+id, or its address on an open server) as soon as it is authenticated, before the route does
+any work (429 with Retry-After), and hands the route the client's `RateLimiter`: `admit`
+debits the prompt tokens once the route knows them, `charge` debits what the engine
 generated when the request ends, as its own task so that a cancelled request still pays.
 Also `v1_router`, the APIRouter every /v1 route is on: `authenticate` is its dependency,
 and its route class authenticates a request whose body FastAPI could not decode (that
@@ -112,13 +113,22 @@ class RateLimiter:
     def __init__(self, state: ServerState, key: str) -> None:
         self.state, self.key = state, key
 
-    async def admit(self, tokens: int) -> None:
-        """Count this request and its `tokens` prompt tokens; a 429 with Retry-After when over a limit."""
+    async def count_request(self) -> None:
+        """Count this request (before any work on it: one that ends in a 400 counts too); a 429 with
+        Retry-After when the client has no request left, or its token bucket is spent."""
         s = self.state.settings
-        if s.requests_per_minute is None and s.tokens_per_minute is None:
+        await self._decide(s.requests_per_minute, s.tokens_per_minute, 0)
+
+    async def admit(self, tokens: int) -> None:
+        """Debit the request's `tokens` prompt tokens (the request itself was counted on arrival);
+        a 429 with Retry-After when the client's token bucket cannot cover them."""
+        await self._decide(None, self.state.settings.tokens_per_minute, tokens)
+
+    async def _decide(self, requests_per_min: int | None, tokens_per_min: int | None, tokens: int) -> None:
+        if requests_per_min is None and tokens_per_min is None:
             return
         decision = await self.state.store.rate_limit(
-            self.key, requests_per_min=s.requests_per_minute, tokens_per_min=s.tokens_per_minute, tokens=tokens
+            self.key, requests_per_min=requests_per_min, tokens_per_min=tokens_per_min, tokens=tokens
         )
         if not decision.allowed:
             self.state.metrics.rate_limited.inc()
@@ -148,9 +158,14 @@ def client_key(request: Request) -> str:
     return client_id(request.scope)
 
 
-def rate_limiter(state: StateDep, key: Annotated[str, Depends(client_key)]) -> RateLimiter:
-    """FastAPI dependency: the rate limits of the client this request comes from."""
-    return RateLimiter(state, key)
+async def rate_limiter(state: StateDep, key: Annotated[str, Depends(client_key)]) -> RateLimiter:
+    """FastAPI dependency: the rate limits of the client this request comes from, with the request
+    already counted. FastAPI resolves dependencies before it validates the body, so every
+    authenticated request counts, whatever it ends in (a body that fails validation included),
+    before the route renders or tokenises anything."""
+    limiter = RateLimiter(state, key)
+    await limiter.count_request()
+    return limiter
 
 
 #: a route parameter typed `ClientKeyDep` receives who the request counts as

@@ -134,7 +134,10 @@ class ServerSettings(BaseSettings):
         default=8, ge=0, description="Largest thor.self_correction.max_retries a request may set."
     )
     max_request_tokens: int = Field(
-        default=131072, ge=1, description="Largest n x max_tokens (after clamping to the context) per request."
+        default=131072,
+        ge=1,
+        description="Largest n x max_tokens (after clamping to the context) per request, and largest echo: "
+        "prompt tokens x n x (1 + logprobs).",
     )
     max_batch_prompts: int = Field(
         default=128, ge=1, description="Most prompts one /v1/completions request may batch (larger: a 400)."

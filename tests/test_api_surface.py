@@ -530,23 +530,29 @@ def test_engine_death_health_503_and_stream_error_event(tiny_tir_model, sandbox)
 
 async def test_prompt_rendering_runs_off_the_event_loop(tok, sandbox):
     from tests.support.scripted_backend import ScriptedBackend
-    from thor_engine.engine import PromptTooLong, ThorEngine
+    from thor_engine.engine import InputTooLong, PromptTooLong, ThorEngine
     from thor_engine.tools import SandboxExecutor
     from thor_sandbox.client import SandboxClient
 
     async with SandboxClient(sandbox.url) as client:
         engine = ThorEngine(ScriptedBackend(tok, lambda _: ""), SandboxExecutor(client), model_name="scripted")
         try:
-            huge = [{"role": "user", "content": "many words " * 200_000}]
-            for work in (engine.prepare_chat(huge), engine.prepare_text("many words " * 200_000)):
+            # 880,000 characters: within what 8192 tokens may spell (x 128, the longest token), so tokenised
+            long = "many words " * 80_000
+            for work in (engine.prepare_chat([{"role": "user", "content": long}]), engine.prepare_text(long)):
                 task = asyncio.ensure_future(work)
                 ticks = 0
                 while not task.done():  # the loop keeps running other work while the prompt is tokenised
                     ticks += 1
                     await asyncio.sleep(0)
-                with pytest.raises(PromptTooLong):
+                with pytest.raises(PromptTooLong) as refused:
                     task.result()
-                assert ticks > 1
+                assert ticks > 1 and not isinstance(refused.value, InputTooLong)
+            # more characters than 8192 tokens can spell: refused by its length, nothing rendered
+            with pytest.raises(InputTooLong):
+                await engine.prepare_chat([{"role": "user", "content": "many words " * 200_000}])
+            with pytest.raises(InputTooLong):
+                await engine.prepare_text("many words " * 200_000)
             prompt = await engine.prepare_chat([{"role": "user", "content": MUL}])
             assert prompt.num_tokens > 0
         finally:

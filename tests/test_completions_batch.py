@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.sandbox]
 
 MODEL = "tiny-tir"
 # one key per test: rate limits are per key, so each test starts with a full token bucket
-KEYS = [f"batch-key-{i}" for i in range(24)]
+KEYS = [f"batch-key-{i}" for i in range(28)]  # the last four: the rate-limit tests
 _next_key = itertools.count()
 TOKENS_PER_MINUTE = 4000
 MAX_BATCH = 8
@@ -390,6 +390,12 @@ def test_batch_and_echo_bodies_equal_vllms(servers, key, tiny_tir_model, extra):
         ({"echo": True, "return_token_ids": True}, "echo", "prompt_token_ids"),
         ({"prompt": ["a"] * MAX_BATCH, "max_tokens": 600}, "max_tokens", "number of prompts"),
         ({"max_tokens": -1, "echo": True}, "max_tokens", ""),
+        # echo's work: 2 x 300 prompt tokens x n 2 x (1 + 5 logprobs) = 7200 > 4096, though n x max_tokens is 0
+        (
+            {"prompt": [[100] * 300] * 2, "n": 2, "echo": True, "logprobs": 5, "max_tokens": 0},
+            "echo",
+            "max_request_tokens",
+        ),
     ],
 )
 def test_bad_batch_and_echo_inputs_are_400_naming_the_field(server, key, extra, param, needle):
@@ -401,6 +407,23 @@ def test_bad_batch_and_echo_inputs_are_400_naming_the_field(server, key, extra, 
     assert needle in err["error"]["message"], err
     if needle == "prompt[1]":  # the batch's second prompt is longer than the context
         assert err["error"]["code"] == "context_length_exceeded"
+
+
+def test_rate_limit_admission_counts_echo_work(server):
+    """Echo sends every prompt token with its top logprobs for each choice: admission debits that
+    work (300 tokens x n 2 x (1 + 5) = 3600 of the 4000-token bucket), so the same key's next
+    request of 1000 prompt tokens waits; the same prompt without echo leaves room for it (the control)."""
+    echo_key, plain_key = KEYS[-3], KEYS[-4]
+    base = {"model": MODEL, "prompt": [[100] * 300], "n": 2, "temperature": 1.0, "seed": 1}
+    after = {"model": MODEL, "prompt": [[100] * 1000], "max_tokens": 1}
+    assert post(server, plain_key, {**base, "max_tokens": 1}).status_code == 200
+    assert post(server, plain_key, after).status_code == 200
+    r = post(server, echo_key, {**base, "max_tokens": 0, "echo": True, "logprobs": 5})
+    assert r.status_code == 200, r.text
+    assert [len(c["logprobs"]["tokens"]) for c in r.json()["choices"]] == [300, 300]
+    r = post(server, echo_key, after)
+    assert r.status_code == 429, r.text
+    validate(r.json(), "ErrorResponse")
 
 
 def test_rate_limit_admission_counts_every_prompt_of_a_batch(server):

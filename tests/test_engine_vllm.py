@@ -99,6 +99,45 @@ async def test_cancellation_leaves_nothing_running(tiny_backend, executor):
     assert await wait_idle(tiny_backend) == 0
 
 
+class RecordingBackend:
+    """The real backend, recording the parameters of every generation request it is sent."""
+
+    def __init__(self, inner: VllmBackend) -> None:
+        self.inner, self.params = inner, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def generate(self, prompt_token_ids, params: GenParams, request_id: str):
+        self.params.append(params)
+        return self.inner.generate(prompt_token_ids, params, request_id)
+
+
+async def test_echo_prompt_logprobs_are_computed_once_per_prompt(tiny_backend, executor):
+    """`echo` with logprobs and n samples: the engine scores the prompt once (one request asks for
+    prompt logprobs) and every choice carries the same entries, one per prompt token."""
+    from thor_engine.engine import ThorEngine
+
+    recording = RecordingBackend(tiny_backend)
+    engine = ThorEngine(recording, executor, "tiny")  # type: ignore[arg-type]
+    prompt = engine.text_prompt("word " * 200)
+    sampling = SamplingOptions(max_tokens=3, temperature=1.0, seed=5)
+    chunks = [c async for c in engine.generate_plain(prompt, sampling, n=4, logprobs=2, prompt_logprobs=2)]
+    assert len(recording.params) == 4
+    assert [p.prompt_logprobs for p in recording.params].count(2) == 1
+    assert [p.prompt_logprobs for p in recording.params].count(None) == 3
+    firsts = {}
+    for c in chunks:
+        firsts.setdefault(c.index, c)
+    assert sorted(firsts) == [0, 1, 2, 3]
+    entries = [firsts[i].prompt_logprobs for i in range(4)]
+    assert entries[0] is not None and len(entries[0]) == prompt.num_tokens
+    assert entries[0][0][1] is None and all(isinstance(e[1], float) for e in entries[0][1:])
+    assert all(e == entries[0] for e in entries)
+    assert [c.prompt_logprobs for c in chunks].count(None) == len(chunks) - 4  # on first chunks only
+    assert await wait_idle(tiny_backend) == 0
+
+
 @pytest.fixture(scope="module")
 async def default_backend(default_model) -> AsyncIterator[VllmBackend]:
     backend = await VllmBackend.start(

@@ -323,6 +323,10 @@ def test_tokenize_and_detokenize_as_vllm_names_them(server, tiny_tir_model):
         ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "continue_final_message": True}, 400, None),
         ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
         ("/detokenize", {"tokens": []}, 400, "tokens"),
+        # longer than the context (2048 tokens), as vLLM refuses it: tokenised, then refused
+        ("/tokenize", {"prompt": "x " * 3000}, 400, "prompt"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "x " * 3000}]}, 400, "messages"),
+        ("/detokenize", {"tokens": [100] * 2049}, 400, "tokens"),
     ],
 )
 def test_tokenizer_utilities_refuse_bad_input(server, path, body, status, param):

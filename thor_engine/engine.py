@@ -3,12 +3,15 @@
 Owns: one served model (a generation backend) plus a tool executor, and the
 operations a front end needs without touching tokens: preparing a prompt from
 chat messages or raw text on a worker thread (chat-template refusals become
-`ChatTemplateError`, lengths are checked against the context window), the
+`ChatTemplateError`, lengths are checked against the context window; an input
+longer than the context by its characters alone is `InputTooLong` before any
+template or tokeniser runs), the
 generation budget as vLLM computes it (`max_tokens_for`: clamped to the context,
 checkpoint defaults), checking sampling token ids against the vocabulary,
 running THOR trajectories (`stream`), plain generation without tools
 (`generate_plain`, for vLLM-compatible /v1/completions, with the prompt tokens'
-logprobs when asked: `echo`), the model's aliases and
+logprobs when asked, computed once per prompt whatever n: `echo`), vLLM's /tokenize and
+/detokenize (bounded by the context), the model's aliases and
 `generation_config.json` defaults, the engine health check, and shutdown.
 Prompts are opaque `Prompt` handles: token ids stay inside thor_engine.
 
@@ -43,6 +46,7 @@ from .tools import ToolExecutor
 __all__ = [
     "ChatTemplateError",
     "EngineUnavailable",
+    "InputTooLong",
     "InvalidParameter",
     "PlainChunk",
     "Prompt",
@@ -71,6 +75,20 @@ class PromptTooLong(ValueError):
             f"{prompt_tokens + (requested or 0)} tokens ({prompt_tokens} in the prompt{extra}). "
             "Please reduce the length of the messages or max_tokens."
         )
+
+
+class InputTooLong(PromptTooLong):
+    """An input with more characters than the context can hold as tokens, whatever they are:
+    refused by its length alone, before any template or tokeniser runs."""
+
+    def __init__(self, chars: int, min_tokens: int, max_model_len: int, token_chars: int) -> None:
+        ValueError.__init__(
+            self,
+            f"This model's maximum context length is {max_model_len} tokens. However, your input of {chars} "
+            f"characters is at least {min_tokens} tokens (one token of this model's vocabulary stands for at most "
+            f"{token_chars} characters). Please reduce the length of the input.",
+        )
+        self.prompt_tokens, self.max_model_len, self.requested = min_tokens, max_model_len, None
 
 
 @dataclass(frozen=True)
@@ -117,6 +135,7 @@ class ThorEngine:
         # Chat templates and tokenisation of long prompts take real CPU time: one worker thread
         # keeps them off the event loop (one, so the tokenizer is never used by two threads).
         self._render_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="thor-render")
+        self._token_chars: int | None = None  # the longest token's characters, once an input needed it
 
     @property
     def model_aliases(self) -> frozenset[str]:
@@ -198,12 +217,41 @@ class ThorEngine:
             raise ChatTemplateError(str(exc)) from exc
 
     async def prepare_chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Prompt:
-        """`chat_prompt` on the render thread, so the event loop keeps serving meanwhile."""
+        """`chat_prompt` on the render thread, so the event loop keeps serving meanwhile; a
+        conversation too long for the context by its characters alone is refused first
+        (InputTooLong), without rendering it."""
+        await self.check_input_chars(_content_chars(messages), most=self.max_model_len - 1)
         return await self._off_loop(functools.partial(self.chat_prompt, messages, **kwargs))
 
     async def prepare_text(self, prompt: str | Sequence[int]) -> Prompt:
-        """`text_prompt` on the render thread."""
+        """`text_prompt` on the render thread; a prompt too long for the context by its length
+        alone (characters, or token ids) is refused first, without tokenising it."""
+        if isinstance(prompt, str):
+            await self.check_input_chars(len(prompt), most=self.max_model_len - 1)
+        elif len(prompt) >= self.max_model_len:
+            raise PromptTooLong(len(prompt), self.max_model_len)
         return await self._off_loop(functools.partial(self.text_prompt, prompt))
+
+    def _longest_token(self) -> int:
+        """The most characters of input one token can stand for: the length of the longest entry
+        of the vocabulary (byte-level BPE spells each byte as one character, so an entry is at least
+        as long as the text it decodes to; special tokens are spelt as themselves)."""
+        if self._token_chars is None:
+            self._token_chars = max(1, max((len(t) for t in self.backend.tokenizer.get_vocab()), default=1))
+        return self._token_chars
+
+    async def check_input_chars(self, chars: int, *, most: int) -> None:
+        """InputTooLong when `chars` characters are more than `most` tokens however they tokenise
+        (at least chars / the longest token): a cheap bound checked before any template or
+        tokeniser runs, which is where a huge input would otherwise hold the one render thread."""
+        if chars <= most:  # cannot be more than `most` tokens
+            return
+        per = self._token_chars or await asyncio.get_running_loop().run_in_executor(
+            self._render_pool, self._longest_token
+        )
+        least = -(-chars // per)
+        if least > most:
+            raise InputTooLong(chars, least, self.max_model_len, per)
 
     async def _off_loop(self, fn: Callable[[], Prompt]) -> Prompt:
         return await asyncio.get_running_loop().run_in_executor(self._render_pool, fn)
@@ -219,25 +267,34 @@ class ThorEngine:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: Mapping[str, Any] | None = None,
-    ) -> list[int]:
+        return_token_strs: bool = False,
+    ) -> tuple[list[int], list[str] | None]:
         """Token ids of raw `text`, or of `messages` rendered by the chat template exactly as
-        given (no THOR instructions added), as vLLM's /tokenize computes them. No length limit.
+        given (no THOR instructions added), as vLLM's /tokenize computes them, and with
+        `return_token_strs` each token's string (both on the render thread). At most
+        `max_model_len` tokens, as vLLM allows: a longer input is PromptTooLong, refused by its
+        characters alone (InputTooLong) before tokenising when it cannot fit.
 
         Raises ChatTemplateError / InvalidParameter as `chat_prompt` does."""
+        chars = len(text or "") if messages is None else _content_chars(messages)
+        await self.check_input_chars(chars, most=self.max_model_len)
 
-        def run() -> list[int]:
+        def run() -> tuple[list[int], list[str] | None]:
             if messages is None:
-                return self.backend.tokenizer.encode(text or "", add_special_tokens=add_special_tokens)
-            ids = self._render(
-                messages,
-                tir_instructions=None,
-                chat_template_kwargs=chat_template_kwargs,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-            )
-            if add_special_tokens and self.backend.tokenizer.bos_token_id is not None:
-                ids = [self.backend.tokenizer.bos_token_id, *ids]
-            return ids
+                ids = self.backend.tokenizer.encode(text or "", add_special_tokens=add_special_tokens)
+            else:
+                ids = self._render(
+                    messages,
+                    tir_instructions=None,
+                    chat_template_kwargs=chat_template_kwargs,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                )
+                if add_special_tokens and self.backend.tokenizer.bos_token_id is not None:
+                    ids = [self.backend.tokenizer.bos_token_id, *ids]
+            if len(ids) > self.max_model_len:
+                raise PromptTooLong(len(ids), self.max_model_len)
+            return ids, self.token_strings(ids) if return_token_strs else None
 
         return await asyncio.get_running_loop().run_in_executor(self._render_pool, run)
 
@@ -246,8 +303,14 @@ class ThorEngine:
         return [str(t) for t in self.backend.tokenizer.convert_ids_to_tokens(list(ids))]
 
     async def detokenize(self, ids: Sequence[int]) -> str:
-        """The text of token ids (special tokens kept, as vLLM's /detokenize); out-of-vocabulary
-        ids are an InvalidParameter naming `tokens`."""
+        """The text of token ids (special tokens kept, as vLLM's /detokenize); more than
+        `max_model_len` ids, or out-of-vocabulary ones, are an InvalidParameter naming `tokens`."""
+        if len(ids) > self.max_model_len:
+            raise InvalidParameter(
+                "tokens",
+                f"{len(ids)} token ids are more than this model's maximum context length of {self.max_model_len} "
+                "tokens; send at most that many per request",
+            )
         vocab = len(self.backend.tokenizer)
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
@@ -353,10 +416,13 @@ class ThorEngine:
 
         Choices are numbered from `first_index` (a batch of prompts: prompt k's from k x n). With
         `prompt_logprobs`, each choice's first chunk carries every prompt token's logprob entry
-        (vLLM's `echo` with `logprobs`)."""
+        (vLLM's `echo` with `logprobs`), computed once: the first sample asks the engine for them,
+        turns them into entries on the render thread, and the other samples reuse those entries."""
         rid = request_id or uuid.uuid4().hex
         max_tokens = sampling.max_tokens or (self.max_model_len - prompt.num_tokens)
         tok = self.backend.tokenizer
+        # the prompt's entries, from the first sample to the others (each waits for it before its first chunk)
+        shared: asyncio.Future[list[LogprobEntry]] = asyncio.get_running_loop().create_future()
 
         async def one(i: int) -> AsyncIterator[PlainChunk]:
             seed = None if sampling.seed is None else sampling.seed + i
@@ -370,7 +436,7 @@ class ThorEngine:
                 stop=sampling.stop,
                 include_stop_str_in_output=include_stop_str_in_output,
                 logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs,
+                prompt_logprobs=prompt_logprobs if i == 0 else None,
                 presence_penalty=sampling.presence_penalty,
                 frequency_penalty=sampling.frequency_penalty,
                 repetition_penalty=sampling.repetition_penalty,
@@ -386,35 +452,47 @@ class ThorEngine:
             pending: list[dict[int, Any] | None] = []
             prompt_done = prompt_logprobs is None
             index = first_index + i
-            async with contextlib.aclosing(self.backend.generate(list(prompt._ids), params, f"{rid}-{index}")) as gen:
-                async for chunk in gen:
-                    produced += len(chunk.token_ids)
-                    plp = None
-                    if not prompt_done:
-                        pending += chunk.prompt_logprobs or []
-                        if not (chunk.token_ids or chunk.finished):
-                            continue
-                        plp = self._prompt_entries(prompt, pending)
-                        prompt_done = True
-                    lp = None
-                    if logprobs is not None and chunk.logprobs:
-                        lp = [
-                            _logprob_entry(tok, tid, d) for tid, d in zip(chunk.token_ids, chunk.logprobs, strict=False)
-                        ]
-                    yield PlainChunk(
-                        index=index,
-                        text=chunk.text,
-                        finished=chunk.finished,
-                        finish_reason=chunk.finish_reason,
-                        stop_reason=chunk.stop_reason,
-                        logprobs=lp,
-                        prompt_logprobs=plp,
-                        prompt_tokens=prompt.num_tokens,
-                        completion_tokens=produced,
-                        token_ids=list(chunk.token_ids),
-                        prompt_token_ids=None if sent_prompt else list(prompt._ids),
-                    )
-                    sent_prompt = True
+            try:
+                gen = self.backend.generate(list(prompt._ids), params, f"{rid}-{index}")
+                async with contextlib.aclosing(gen):
+                    async for chunk in gen:
+                        produced += len(chunk.token_ids)
+                        plp = None
+                        if not prompt_done:
+                            if i > 0:  # the first sample's entries (shielded: a cancelled waiter leaves them be)
+                                plp = await asyncio.shield(shared)
+                            else:
+                                pending += chunk.prompt_logprobs or []
+                                if not (chunk.token_ids or chunk.finished):
+                                    continue
+                                plp = await asyncio.get_running_loop().run_in_executor(
+                                    self._render_pool, self._prompt_entries, prompt, pending
+                                )
+                                shared.set_result(plp)
+                            prompt_done = True
+                        lp = None
+                        if logprobs is not None and chunk.logprobs:
+                            lp = [
+                                _logprob_entry(tok, tid, d)
+                                for tid, d in zip(chunk.token_ids, chunk.logprobs, strict=False)
+                            ]
+                        yield PlainChunk(
+                            index=index,
+                            text=chunk.text,
+                            finished=chunk.finished,
+                            finish_reason=chunk.finish_reason,
+                            stop_reason=chunk.stop_reason,
+                            logprobs=lp,
+                            prompt_logprobs=plp,
+                            prompt_tokens=prompt.num_tokens,
+                            completion_tokens=produced,
+                            token_ids=list(chunk.token_ids),
+                            prompt_token_ids=None if sent_prompt else list(prompt._ids),
+                        )
+                        sent_prompt = True
+            finally:
+                if i == 0 and not shared.done():  # failed or cancelled first: the waiters must not hang
+                    shared.cancel()
 
         # one choice is read directly: merge's task and queue would cost a task switch per token
         choices = one(0) if n == 1 else merge([functools.partial(one, i) for i in range(n)])
@@ -442,6 +520,19 @@ class ThorEngine:
         shutdown = getattr(self.backend, "shutdown", None)
         if shutdown is not None:
             shutdown()
+
+
+def _content_chars(messages: Sequence[Mapping[str, Any]]) -> int:
+    """Characters of the messages' contents (text parts included): a lower bound on what the
+    chat template renders."""
+    total = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return total
 
 
 def _logprob_entry(tok: Any, token_id: int, alternatives: dict[int, Any]) -> LogprobEntry:

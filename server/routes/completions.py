@@ -7,9 +7,11 @@ index = prompt index x n + sample index, each prompt length-checked and clamped 
 logprobs, include_stop_str_in_output, `echo` with the prompt tokens' logprobs, vLLM's
 `max_tokens: 0` with `echo`) goes to a PlainCompletionBuilder; both through the same
 generation.respond. The checks that need settings or several fields: at most
-`max_batch_prompts` prompts, prompts x n x max_tokens within `max_request_tokens`, no batch
+`max_batch_prompts` prompts, prompts x n x max_tokens within `max_request_tokens`, and so is
+`echo`'s work (prompt tokens x n x (1 + logprobs): what it sends back), no batch
 and no `echo` with `thor` (one trajectory per request; its text is not the prompt's
-continuation alone), `max_tokens: 0` only with `echo`. Admission counts every prompt's tokens.
+continuation alone), `max_tokens: 0` only with `echo`. Admission (after the checks; the request
+itself is counted on arrival) debits every prompt's tokens, or echo's work when larger.
 Does not own: auth and rate limits (guards.py), request checks (checks.py), running
 and streaming the request (generation.py) or rendering it (the builders).
 """
@@ -87,6 +89,12 @@ def _check_fields(state: ServerState, body: CompletionRequest) -> None:
         )
 
 
+def _echo_work(body: CompletionRequest, prompt_tokens: int) -> int:
+    """What `echo` sends back: every prompt token, with logprobs its top logprobs too, for each of
+    the n choices (0 without echo)."""
+    return prompt_tokens * body.n * (1 + (body.logprobs or 0)) if body.echo else 0
+
+
 async def _prepare(state: ServerState, body: CompletionRequest) -> list[Prompt]:
     """Each prompt tokenised and length-checked (a batch's errors say which prompt)."""
     raw = body.prompts()
@@ -109,21 +117,33 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     if body.thor is not None:
         check_thor_limits(state, body.thor.to_config(state.settings.thor))
     prompts = await _prepare(state, body)
-    await limiter.admit(sum(p.num_tokens for p in prompts))
     rid = "cmpl-" + uuid.uuid4().hex
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     # max_tokens 0 (echo only): the engine generates one token that is not sent, as vLLM does
     budgets = [state.engine.max_tokens_for(p, body.max_tokens) for p in prompts]
     total = sum(budgets) * body.n
-    if len(prompts) > 1 and total > state.settings.max_request_tokens:
+    limit = state.settings.max_request_tokens
+    if len(prompts) > 1 and total > limit:
         raise ApiError(
             400,
             f"prompts x n x max_tokens is {total} tokens; this server allows at most "
-            f"{state.settings.max_request_tokens} per request (max_request_tokens): lower max_tokens, n "
+            f"{limit} per request (max_request_tokens): lower max_tokens, n "
             "or the number of prompts",
             param="max_tokens",
         )
+    prompt_tokens = sum(p.num_tokens for p in prompts)
+    echoed = _echo_work(body, prompt_tokens)
+    if echoed > limit:
+        raise ApiError(
+            400,
+            f"echo returns every prompt token (with logprobs, each with its top logprobs) for each of the n "
+            f"choices: prompt tokens x n x (1 + logprobs) is {prompt_tokens} x {body.n} x "
+            f"{1 + (body.logprobs or 0)} = {echoed}; this server allows at most {limit} per request "
+            "(max_request_tokens): lower logprobs or n, send fewer or shorter prompts, or drop echo",
+            param="echo",
+        )
     options = [sampling(state, body, b, "max_tokens") for b in budgets]
+    await limiter.admit(max(prompt_tokens, echoed))  # the request itself was counted on arrival
     if body.thor is not None:
         prompt = prompts[0]
         cfg = body.thor.to_config(state.settings.thor)
