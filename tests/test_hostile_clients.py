@@ -14,6 +14,7 @@ each attack) is printed: `pytest -s tests/test_hostile_clients.py` shows it.
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import threading
 import time
@@ -30,6 +31,9 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.sandbox]
 
 MODEL = "tiny-tir"
 KEY_A, KEY_B = "sk-hostile-a-7d1e", "sk-hostile-b-40c9"
+KEY_C = "sk-hostile-c-93f2"  # floods stored responses (a key of its own: the burst test spends A's requests)
+#: each key's stored responses (THOR_TRACE_QUOTA_BYTES): key C's flood is about 1.5x this
+QUOTA = 256 * 1024
 REQUESTS_PER_MINUTE = 120  # per key: B's probes (about 4 a second while an attack runs) stay well inside it
 MAX_MODEL_LEN = 4096
 # an attack is answered within this (a 4xx names the field); B's slowest request during one stays under
@@ -37,6 +41,7 @@ MAX_MODEL_LEN = 4096
 # the bounds under test each attack holds the engine, the event loop or the render thread for far longer
 ATTACK_S = 5.0
 B_MAX_S = 3.0
+FLOOD_B_MAX_S = 10.0  # B's slowest request while key C's flood (40 real generations) runs
 WINDOW_S = 2.0  # B is watched at least this long from the start of each attack (work it left behind)
 
 
@@ -52,10 +57,12 @@ def server(tiny_tir_model, sandbox) -> Iterator[ThorServer]:
         KEY_A,
         "--api-key",
         KEY_B,
+        "--api-key",
+        KEY_C,
         "--requests-per-minute",
         str(REQUESTS_PER_MINUTE),
     ]
-    with run_server(args) as srv:
+    with run_server(args, env={"THOR_TRACE_QUOTA_BYTES": str(QUOTA)}) as srv:
         yield srv
 
 
@@ -259,10 +266,24 @@ def test_api_schema_and_docs_need_a_key(server) -> None:
 
 
 # --------------------------------------------------------------------------- stored responses under a flood
-#
-# PLACE FOR THE LEAD: "key A floods stored responses; key B's stored response and rate-limit state
-# survive". Add it here on the same `server`, `probe` and `idle` fixtures: have B store a response
-# (`store: true`) first, flood with key A (e.g. `under_attack(probe, idle, "store flood", ...)` around
-# a loop of stored Responses), then check B's `GET /v1/responses/{id}` and `previous_response_id`
-# still work and B is not rate limited. Mind REQUESTS_PER_MINUTE (per key) and that the burst test
-# above leaves key A out of requests for up to a minute: run the flood before it (or use a third key).
+
+
+def test_a_key_flooding_stored_responses_evicts_only_its_own(server, probe, idle) -> None:
+    """Key C stores 40 responses as large as the request limits allow (about 1.5x its quota): it
+    loses its own oldest, key B's stored response is still retrieved and continued, and B's probes
+    keep flowing. (Rate-limit state surviving a flood, on the memory store and on a real Redis with
+    the compose eviction policy: tests/test_responses_store_quota.py.)"""
+    from tests.support.store_flood import flood_stored_responses
+
+    t0 = time.monotonic()
+    outcome = asyncio.run(flood_stored_responses(server.url, flooder_key=KEY_C, victim_key=KEY_B, model=MODEL))
+    took = time.monotonic() - t0
+    time.sleep(max(0.0, t0 + WINDOW_S - time.monotonic()))
+    seen = probe.window(t0, time.monotonic())
+    during = figures(seen)
+    print(f"\nstore flood (40 responses): {took:.2f} s; key B during it: {during} (idle: {idle})")
+    assert outcome.victim_response_kept and outcome.victim_limits_kept, outcome
+    assert outcome.flooder_latest_kept and not outcome.flooder_oldest_kept, outcome
+    assert all(s.status == 200 for s in seen), [s.status for s in seen]
+    # C's 40 requests really run (they share the engine with B, fairly): a looser bound than for the refusals
+    assert during.max < FLOOD_B_MAX_S, f"store flood: key B waited {during.max:.1f} s (idle max {idle.max:.2f} s)"
