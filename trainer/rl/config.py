@@ -134,6 +134,9 @@ class EvalConfig(_Section):
     modes: str = "thor-rl"
     max_tokens: int = Field(default=2048, ge=16)
     concurrency: int = Field(default=8, ge=1)
+    allow_train_overlap: bool = Field(
+        default=False, description="score evaluation problems the checkpoints are trained on (refused otherwise)"
+    )
 
 
 class ScheduleConfig(_Section):

@@ -185,7 +185,7 @@ class _Main:
         self.sync: Any = None
         self.checker: Any = None
         self.problems: _Problems | None = None
-        self.heldout: list[Any] = []
+        self.trained: Any = None  # the TrainingProblems of this run's checkpoints
 
     async def open(self, policy_dir: Path, learner: Any) -> None:
         from thor_engine.answer import AnswerChecker
@@ -295,7 +295,6 @@ class _Main:
             return None
         from thor_engine.engine import ThorEngine
         from trainer.evaluate.__main__ import report
-        from trainer.evaluate.benchmarks import load_benchmark, select
         from trainer.evaluate.modes import parse_modes
         from trainer.evaluate.records import RunSpec
         from trainer.evaluate.runner import run_evaluation
@@ -304,11 +303,9 @@ class _Main:
         out = self.out / "eval" / f"step-{step}"
         if out.exists():
             shutil.rmtree(out)  # a step re-run after resume replaces its partial evaluation
-        names = [n.strip() for n in ev.benchmarks.split(",") if n.strip()]
-        problems = []
-        for name in names:
-            fields = {"problem_field": ev.problem_field, "answer_field": ev.answer_field, "id_field": ev.id_field}
-            problems += select(load_benchmark(name, **{k: v for k, v in fields.items() if v}), limit=ev.limit)
+        names, problems = _eval_problems(self.cfg)
+        if self.trained is not None:  # checked at the start too; the trained set cannot grow during a run
+            _check_eval_overlap(self.cfg, problems, self.trained)
         modes = parse_modes(ev.modes)
         model_name = f"rl-step-{step}"
         engine = ThorEngine(self.backend, self.executor, model_name)
@@ -348,6 +345,37 @@ class _Main:
                 "calls_per_sample": row["tools"]["calls_per_sample"],
             }
         return res
+
+
+def _eval_problems(cfg: RlConfig) -> tuple[list[str], list[Any]]:
+    """The held-out evaluation's benchmark names and problems (eval.benchmarks, eval.limit each)."""
+    from trainer.evaluate.benchmarks import load_benchmark, select
+
+    ev = cfg.eval
+    names = [n.strip() for n in (ev.benchmarks or "").split(",") if n.strip()]
+    fields = {"problem_field": ev.problem_field, "answer_field": ev.answer_field, "id_field": ev.id_field}
+    problems: list[Any] = []
+    for name in names:
+        problems += select(load_benchmark(name, **{k: v for k, v in fields.items() if v}), limit=ev.limit)
+    return names, problems
+
+
+def _check_eval_overlap(cfg: RlConfig, problems: list[Any], trained: Any) -> None:
+    """The evaluate command's check (trainer.splits.check_no_overlap): refuse to score problems the
+    checkpoints are trained on (the starting checkpoint's and this run's), unless eval.allow_train_overlap."""
+    from trainer.splits import SplitError, check_no_overlap
+
+    if cfg.eval.allow_train_overlap:
+        return
+    try:
+        check_no_overlap(
+            problems,
+            trained,
+            model=f"the RL run {cfg.out}",
+            fix="Set eval.benchmarks to held-out problems, or eval.allow_train_overlap: true to score them anyway",
+        )
+    except SplitError as exc:
+        raise RlRunError(str(exc)) from exc
 
 
 def _seed(seed: int, step: int, index: int) -> int:
@@ -422,6 +450,12 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
                 "offset 200 or your own file, or set problems.allow_eval_problems: true"
             )
     trained = _training_problems(cfg, problems)
+    if cfg.eval.benchmarks:  # before anything expensive starts: the evaluation must be held out
+        try:
+            _, eval_problems = _eval_problems(cfg)
+        except (OSError, ValueError) as exc:
+            raise RlRunError(f"cannot read the evaluation problems {cfg.eval.benchmarks}: {exc}") from exc
+        _check_eval_overlap(cfg, eval_problems, trained)
 
     learner = Learner(
         cfg.model, cfg.optim, cfg.loss, accelerator, seed=cfg.schedule.seed, temperature=cfg.trajectory.temperature
@@ -441,6 +475,7 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
     if main:
         m = _Main(cfg, out)
         m.problems = _Problems(problems, cfg.schedule.seed, cursor)
+        m.trained = trained
     policy0 = start_ckpt if start_ckpt is not None else out / "policy-0"
     if start_ckpt is None:
         # untied, what vLLM starts from (a tied start would reload wrongly); every process: the gather is collective
