@@ -283,6 +283,25 @@ def test_clear_errors(tmp_path, tiny) -> None:
         lrn.load_state(tmp_path / "missing")
 
 
+def test_bfloat16_full_fine_tuning_is_refused(tiny) -> None:
+    """AdamW on bfloat16 weights at lr 1e-6 leaves about 98% of them unchanged: refused with the fix;
+    LoRA on a bfloat16 base is fine (peft keeps the adapter, hence its optimizer state, in float32)."""
+    from pydantic import ValidationError
+
+    from trainer.rl.config import RlConfigError, load_config
+
+    with pytest.raises(ValidationError, match=r"bfloat16 with full fine-tuning.*dtype: float32.*lora: true"):
+        ModelConfig(path=str(tiny), dtype="bfloat16")
+    with pytest.raises(RlConfigError, match="model: Value error, dtype bfloat16 with full fine-tuning"):
+        load_config(None, {"model.path": str(tiny), "problems.path": "p.jsonl", "out": "o", "model.dtype": "bfloat16"})
+    lrn = Learner(
+        ModelConfig(path=str(tiny), dtype="bfloat16", lora=True, lora_r=4), OptimConfig(lr=1e-6), LossConfig()
+    )
+    trainable = [p for p in lrn.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert lrn.base_model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
 # ----------------------------------------------------------------- DDP, for real
 
 

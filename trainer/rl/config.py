@@ -50,8 +50,21 @@ class ModelConfig(_Section):
     lora_alpha: int = Field(default=32, ge=1)
     lora_target: list[str] | str = "all-linear"
     dtype: Literal["float32", "bfloat16"] = Field(
-        default="float32", description="the learner's parameter dtype (float32 on CPU)"
+        default="float32",
+        description="the learner's parameter dtype (float32 on CPU); bfloat16 only with lora (the adapter and "
+        "its optimizer stay float32)",
     )
+
+    @model_validator(mode="after")
+    def _no_bf16_full_fine_tuning(self) -> ModelConfig:
+        if self.dtype == "bfloat16" and not self.lora:
+            raise ValueError(
+                "dtype bfloat16 with full fine-tuning: AdamW's steps on bfloat16 weights round away (at lr 1e-6 "
+                "about 98% of the weights never change), so the run would silently train nothing. Use dtype: "
+                "float32 (float32 master weights; vLLM can still sample in bfloat16, engine.dtype), or lora: true "
+                "(a bfloat16 base with a float32 adapter)"
+            )
+        return self
 
 
 class ProblemsConfig(_Section):
