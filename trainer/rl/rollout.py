@@ -11,6 +11,10 @@ in-process vLLM engine with the real sandbox:
   `min_response_tokens`, or without a non-empty `\\boxed` near the end (or, with
   `format_reward`, kept with that reward); a group with fewer survivors than
   `min_survivor_fraction` x G, or with zero reward variance, is dropped.
+- **Sandbox failures** (tool outcome `sandbox_error`: busy after retries, a dead worker)
+  are not the code's: such a rollout is dropped as "sandbox error" (no reward, not a
+  failed call) and is never a step-level source; a continuation whose block the sandbox
+  could not run is dropped the same way (no step reward).
 - **Step level.** From a rollout whose call failed (else, optionally, a random rollout with
   code), the trajectory is cut at the token level `backtrack_tokens` before the failed
   block's opening fence (never into the prompt or a tool output); G continuations run
@@ -50,6 +54,9 @@ from .records import RolloutRecord
 
 __all__ = ["GroupResult", "Rollout", "RolloutWorker", "prompt_ids_for"]
 
+#: The tool outcome of a call the sandbox itself could not run (thor_engine.tools: busy, a dead worker).
+SANDBOX_ERROR = "sandbox_error"
+
 #: A text repeating a 20-character window 5 times is degenerate: reward 0 (TIRGen's repetition rule).
 REPETITION_WINDOW, REPETITION_COUNT = 20, 5
 
@@ -73,16 +80,22 @@ class Rollout:
     calls: int
     ok_calls: int
     failed_calls: int
-    #: (index of the opening fence's token in prompt+response, ran ok) per executed block, in order
-    blocks: list[tuple[int, bool]] = field(default_factory=list)
+    #: (index of the opening fence's token in prompt+response, ran ok) per executed block, in order;
+    #: ok is None when the sandbox itself failed (outcome sandbox_error): the code never ran
+    blocks: list[tuple[int, bool | None]] = field(default_factory=list)
     correct: bool = False
     reward: float = 0.0
     drop: str | None = None  # why a filter dropped it (None: kept)
 
     @property
     def failed_block(self) -> int | None:
-        """Fence token of the first failed executed block, if any."""
-        return next((tok for tok, ok in self.blocks if not ok), None)
+        """Fence token of the first block whose code failed, if any (a sandbox failure is not the code's)."""
+        return next((tok for tok, ok in self.blocks if ok is False), None)
+
+    @property
+    def sandbox_errors(self) -> int:
+        """Blocks the sandbox could not run (outcome sandbox_error): they say nothing about the code."""
+        return sum(ok is None for _, ok in self.blocks)
 
 
 @dataclass
@@ -99,7 +112,7 @@ class GroupResult:
         return self.reason is None
 
 
-def _rollout_from(final: Final, blocks: list[tuple[int, bool]], prompt_len: int) -> Rollout:
+def _rollout_from(final: Final, blocks: list[tuple[int, bool | None]], prompt_len: int) -> Rollout:
     traj = final.trajectory or {}
     ids: list[int] = []
     mask: list[int] = []
@@ -163,7 +176,7 @@ class RolloutWorker:
         self, prompt: list[int], config: Any, sampling: SamplingOptions, n: int, tag: str
     ) -> list[Rollout]:
         sandbox_request_scope(self.sandbox_slots)
-        blocks: dict[int, list[tuple[int, bool]]] = {i: [] for i in range(n)}
+        blocks: dict[int, list[tuple[int, bool | None]]] = {i: [] for i in range(n)}
         pending: dict[tuple[int, int], int] = {}
         finals: list[Final] = []
         stream = self.decoder.stream(prompt, config, sampling, n=n, request_id=tag)
@@ -174,7 +187,7 @@ class RolloutWorker:
                 elif isinstance(ev, ToolCall) and ev.outcome != "not_executed":
                     fence = pending.pop((ev.sample, ev.execution), None)
                     if fence is not None:
-                        blocks[ev.sample].append((fence, ev.ok))
+                        blocks[ev.sample].append((fence, None if ev.outcome == SANDBOX_ERROR else ev.ok))
                 elif isinstance(ev, Final):
                     finals.append(ev)
         finals.sort(key=lambda f: f.sample)
@@ -206,7 +219,9 @@ class RolloutWorker:
             r.reward = 0.0
         tail = r.text[-cfg.boxed_tail_chars :]
         boxed_near_end = "\\boxed" in tail and bool((r.answer or "").strip())  # the decoder's answer
-        if r.failed_calls or r.finish_reason == FinishReason.tool_error.value:
+        if r.sandbox_errors:  # the sandbox failed, not the model: neither a reward nor a failed call
+            r.drop = "sandbox error"
+        elif r.failed_calls or r.finish_reason == FinishReason.tool_error.value:
             r.drop = "failed call"
         elif sum(r.response_mask) < cfg.min_response_tokens:
             r.drop = "too short"
@@ -225,7 +240,7 @@ class RolloutWorker:
             r = rng.choice(failed)
             return r, r.failed_block  # type: ignore[return-value]
         if self.scfg.use_random_code_rollout:
-            with_code = [r for r in rollouts if r.blocks]
+            with_code = [r for r in rollouts if r.blocks and not r.sandbox_errors]
             if with_code:
                 r = rng.choice(with_code)
                 return r, rng.choice(r.blocks)[0]
@@ -256,6 +271,8 @@ class RolloutWorker:
         for r in rollouts:
             if r.finish_reason != FinishReason.tool_executed.value or not r.blocks:
                 r.drop = "no code block"
+            elif r.blocks[0][1] is None:  # the sandbox could not run the block: no verdict on the code
+                r.drop = "sandbox error"
             r.reward = 1.0 if r.blocks and r.blocks[0][1] else 0.0
         result = GroupResult(group, "step", problem, rollouts)
         result.reason = _filter_group(rollouts, cfg.group_size, self.tcfg.min_survivor_fraction)
@@ -278,6 +295,7 @@ class RolloutWorker:
                 "finish_reason": r.finish_reason,
                 "calls": r.calls,
                 "ok_calls": r.ok_calls,
+                "sandbox_errors": r.sandbox_errors,
                 "answer": r.answer,
                 "correct": r.correct,
             },

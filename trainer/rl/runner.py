@@ -121,12 +121,15 @@ def _summarise_trajectories(groups: list[GroupResult]) -> dict[str, Any]:
     rollouts = [r for g in groups for r in g.rollouts]
     calls = sum(r.calls for r in rollouts)
     ok = sum(r.ok_calls for r in rollouts)
+    sandbox = sum(r.sandbox_errors for r in rollouts)
+    ran = calls - sandbox  # calls the sandbox ran: a sandbox failure is not the code's
     n = max(1, len(rollouts))
     return {
         "rollouts": len(rollouts),
         "accuracy": sum(r.correct for r in rollouts) / n,
         "reward": sum(r.reward for r in rollouts if r.drop is None) / max(1, sum(r.drop is None for r in rollouts)),
-        "tool_success": ok / calls if calls else None,
+        "tool_success": ok / ran if ran else None,
+        "sandbox_errors": sandbox,
         "code_use": sum(r.calls > 0 for r in rollouts) / n,
         "calls_per_rollout": calls / n,
         "response_tokens": sum(len(r.response_ids) for r in rollouts) / n,
@@ -147,6 +150,7 @@ def _summarise_steps(groups: list[GroupResult]) -> dict[str, Any]:
         "continuations": len(rollouts),
         "reached_code": len(reached) / max(1, len(rollouts)),
         "code_success": sum(r.reward for r in reached) / len(reached) if reached else None,
+        "sandbox_errors": sum(r.sandbox_errors for r in rollouts),
     }
 
 
@@ -165,6 +169,7 @@ def _rollout_line(g: GroupResult, r: Rollout) -> str:
             "finish_reason": r.finish_reason,
             "calls": r.calls,
             "ok_calls": r.ok_calls,
+            "sandbox_errors": r.sandbox_errors,
             "prompt_tokens": len(r.prompt_ids),
             "response_tokens": len(r.response_ids),
             "text": r.text,
