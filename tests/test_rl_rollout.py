@@ -25,6 +25,8 @@ ASSISTANT = "<|im_start|>assistant\n"
 LEAD = "I will compute it with Python.\n"
 SCRIPTS = {
     "print": LEAD + "```python\nprint(6 * 7)\n```\n",
+    # the closing fence's last token is "`\n\n": the decoder cuts inside it and re-encodes "`\n"
+    "print_cut": LEAD + "```python\nprint(6 * 7)\n```\n\n",
     "bare": LEAD + "```python\n6 * 7\n```\n",
     "wrong": "I estimate it directly: \\boxed{40}.",
     "nobox": "I cannot work out this product in my head, and I will not guess a number for it.",
@@ -190,3 +192,23 @@ async def test_a_sandbox_failure_is_not_the_codes_failure(tokenizer, executor, c
     assert w.step_source(g.rollouts, random.Random(0)) is None  # nothing to regenerate: the code never ran
     assert [r.drop for r in s.rollouts] == ["sandbox error"] * 4
     assert not s.kept and not s.records and s.reason == "too few survivors (0/4)"
+
+
+async def test_reencoded_tokens_at_a_cut_are_not_trained_as_sampled(tokenizer, executor, checker):
+    """A cut inside a token (the closing fence shares "`\\n\\n" with the next line) leaves a re-encoded
+    model token with no sampled log-prob: it is masked from the loss and counted, at both levels."""
+    w = worker(tokenizer, executor, checker, ["print_cut", "wrong"], group=4, backtrack=3)
+    g = await w.trajectory_group(PROBLEM, "g", 1)
+    assert g.kept and sorted(r.reward for r in g.rollouts) == [0.0, 0.0, 1.0, 1.0]
+    for rec in g.records:
+        # every trained token carries the log-prob it was sampled with; nothing else is trained
+        for t, m, lp in zip(rec.response_ids, rec.response_mask, rec.response_logprobs, strict=True):
+            assert lp == (pytest.approx(scripted_logprob(t)) if m else 0.0)
+        assert rec.info["reencoded_tokens"] == (1 if rec.reward else 0)
+    assert [r.reencoded for r in g.rollouts] == [1, 0, 1, 0]
+    source = (await worker(tokenizer, executor, checker, ["bare"], group=4).trajectory_group(PROBLEM, "t", 1)).rollouts[
+        0
+    ]
+    s = await w.step_group(PROBLEM, source, source.failed_block, "s", seed=2)
+    cut = [r for r in s.rollouts if r.drop is None and r.reencoded]
+    assert cut and all(r.response_mask[-1] == 0 and r.response_logprobs[-1] == 0.0 for r in cut)

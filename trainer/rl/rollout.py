@@ -11,6 +11,9 @@ in-process vLLM engine with the real sandbox:
   `min_response_tokens`, or without a non-empty `\\boxed` near the end (or, with
   `format_reward`, kept with that reward); a group with fewer survivors than
   `min_survivor_fraction` x G, or with zero reward variance, is dropped.
+- **Re-encoded tokens.** Where the decoder cut the text inside a token (a stop or a fence
+  sharing a token with what follows) it re-encodes the kept remainder: those model tokens
+  were not sampled (no log-prob) and are masked from the loss, counted in `reencoded`.
 - **Sandbox failures** (tool outcome `sandbox_error`: busy after retries, a dead worker)
   are not the code's: such a rollout is dropped as "sandbox error" (no reward, not a
   failed call) and is never a step-level source; a continuation whose block the sandbox
@@ -86,6 +89,8 @@ class Rollout:
     correct: bool = False
     reward: float = 0.0
     drop: str | None = None  # why a filter dropped it (None: kept)
+    #: model tokens the decoder re-encoded at a text cut (not sampled: no log-prob): masked from the loss
+    reencoded: int = 0
 
     @property
     def failed_block(self) -> int | None:
@@ -118,16 +123,22 @@ def _rollout_from(final: Final, blocks: list[tuple[int, bool | None]], prompt_le
     mask: list[int] = []
     lps: list[float] = []
     has_lp = False
+    reencoded = 0
     for seg in traj.get("segments", []):
         n = len(seg["token_ids"])
         ids.extend(seg["token_ids"])
-        mask.extend([1 if seg["kind"] == "model" else 0] * n)
         seg_lp = seg.get("logprobs")
+        model = seg["kind"] == "model"
         if seg_lp is not None:
             has_lp = True
             lps.extend(0.0 if v is None else float(v) for v in seg_lp)
+            # a model token without a sampled log-prob was re-encoded at a cut, not sampled: never trained on
+            mask.extend(1 if model and v is not None else 0 for v in seg_lp)
+            if model and len(ids) - n >= prompt_len:
+                reencoded += sum(v is None for v in seg_lp)
         else:
             lps.extend([0.0] * n)
+            mask.extend([1 if model else 0] * n)
     t = final.tools
     return Rollout(
         prompt_ids=ids[:prompt_len],
@@ -141,6 +152,7 @@ def _rollout_from(final: Final, blocks: list[tuple[int, bool | None]], prompt_le
         ok_calls=t.ok,
         failed_calls=t.failed,
         blocks=blocks,
+        reencoded=reencoded,
     )
 
 
@@ -296,6 +308,7 @@ class RolloutWorker:
                 "calls": r.calls,
                 "ok_calls": r.ok_calls,
                 "sandbox_errors": r.sandbox_errors,
+                "reencoded_tokens": r.reencoded,
                 "answer": r.answer,
                 "correct": r.correct,
             },

@@ -133,6 +133,7 @@ def _summarise_trajectories(groups: list[GroupResult]) -> dict[str, Any]:
         "code_use": sum(r.calls > 0 for r in rollouts) / n,
         "calls_per_rollout": calls / n,
         "response_tokens": sum(len(r.response_ids) for r in rollouts) / n,
+        "reencoded_tokens": sum(r.reencoded for r in rollouts),
         "groups": len(groups),
         "groups_kept": sum(g.kept for g in groups),
         "group_drops": dict(Counter(g.reason.split(" (")[0] for g in groups if g.reason)),
@@ -151,6 +152,7 @@ def _summarise_steps(groups: list[GroupResult]) -> dict[str, Any]:
         "reached_code": len(reached) / max(1, len(rollouts)),
         "code_success": sum(r.reward for r in reached) / len(reached) if reached else None,
         "sandbox_errors": sum(r.sandbox_errors for r in rollouts),
+        "reencoded_tokens": sum(r.reencoded for r in rollouts),
     }
 
 
@@ -170,6 +172,7 @@ def _rollout_line(g: GroupResult, r: Rollout) -> str:
             "calls": r.calls,
             "ok_calls": r.ok_calls,
             "sandbox_errors": r.sandbox_errors,
+            "reencoded_tokens": r.reencoded,
             "prompt_tokens": len(r.prompt_ids),
             "response_tokens": len(r.response_ids),
             "text": r.text,
