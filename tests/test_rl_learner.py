@@ -15,6 +15,7 @@ Does not own: the loss's arithmetic (tests/test_rl_loss.py) or vLLM's weight rel
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -157,6 +158,35 @@ def test_update_follows_the_advantages(tiny) -> None:
             assert trained_a < trained_b, rec
             moved += 1
     assert moved == 8
+
+
+def test_sampled_logprob_gap_is_measured_and_bounded(tiny) -> None:
+    """The gap between the sampler's log-probs and the learner's old ones on trained tokens is a stat of
+    every update; above `max_logprob_gap` the update is refused before any step (rollouts of another policy)."""
+    import dataclasses
+
+    from trainer.rl.learner import OffPolicyError
+
+    lrn = learner(tiny)
+    own = lrn.logprobs(RECORDS)
+    sampled = [dataclasses.replace(r, response_logprobs=lp) for r, lp in zip(RECORDS, own, strict=True)]
+    stats = lrn.update(sampled, max_logprob_gap=1e-4)  # sampled by this very policy: no gap
+    assert stats["logprob_gap"] == pytest.approx(0, abs=1e-5) and stats["logprob_gap_max"] < 1e-4
+    lrn = learner(tiny)
+    # another policy: 0.5 off on every token, except the masked ones (never compared)
+    off = [
+        dataclasses.replace(
+            r, response_logprobs=[x + (0.5 if m else 9.0) for x, m in zip(lp, r.response_mask, strict=True)]
+        )
+        for r, lp in zip(RECORDS, own, strict=True)
+    ]
+    before = [p.detach().clone() for p in lrn.model.parameters()]
+    with pytest.raises(OffPolicyError, match=r"differ from the learner's by 0\.50.*nothing was trained"):
+        lrn.update(off, max_logprob_gap=0.1)
+    assert lrn.optimizer_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, lrn.model.parameters(), strict=True))
+    assert lrn.update(off)["logprob_gap"] == pytest.approx(0.5, abs=1e-4)  # no bound: measured only
+    assert math.isnan(lrn.update(RECORDS)["logprob_gap"])  # no sampled log-probs: nothing to compare
 
 
 def test_old_logprobs_stay_those_before_the_first_step(tiny) -> None:

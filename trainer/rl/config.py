@@ -174,6 +174,18 @@ class EngineConfig(_Section):
         description="max mean |vLLM - learner| log-prob gap on the probe sequence after a sync (float32: ~1e-6; "
         "bfloat16 inference against a float32 learner: ~0.03)",
     )
+    probe_change_tolerance: float = Field(
+        default=0.5,
+        gt=0,
+        description="after a sync, vLLM's probe log-probs must have moved since the first probe as the learner's "
+        "did: mean |vLLM change - learner change| at most this x the learner's mean change (sync.py)",
+    )
+    rollout_logprob_tolerance: float | None = Field(
+        default=0.1,
+        gt=0,
+        description="max mean |vLLM's sampled log-prob - the learner's old log-prob| over a batch's trained "
+        "tokens; above it the update is refused (null: only logged as learner.logprob_gap)",
+    )
 
 
 class RlConfig(_Section):

@@ -6,7 +6,9 @@ groups or `max_rounds` are spent (dynamic sampling: dropped groups are replaced 
 problems), then step-level groups cut from this step's failed rollouts, all through the
 serving decoder on the in-process vLLM engine; GRPO advantages per group; the batch is
 broadcast to every process and the learner updates (DDP under `accelerate launch`); the
-new weights are reloaded into vLLM and probed. Every step appends a line to
+new weights are reloaded into vLLM and probed (sync.py); the gap between vLLM's sampled
+log-probs and the learner's old ones on the trained tokens is logged per step and bounded
+(engine.rollout_logprob_tolerance: the learner refuses to step on rollouts another policy sampled). Every step appends a line to
 `metrics.jsonl` and redraws `metrics.png`; every `checkpoint_every` steps a servable
 checkpoint (`checkpoints/step-N/`, Hugging Face format, untied) plus the learner's and
 the loop's state for `--resume`; a held-out evaluation through `trainer.evaluate`'s
@@ -241,11 +243,15 @@ class _Main:
             "I will compute it with Python.\n```python\nprint(1 + 2)\n```\n", add_special_tokens=False
         )
         self.sync = WeightSync(
-            self.backend.engine, probe_prompt + probe_tail, len(probe_prompt), cfg.engine.probe_tolerance
+            self.backend.engine,
+            probe_prompt + probe_tail,
+            len(probe_prompt),
+            cfg.engine.probe_tolerance,
+            cfg.engine.probe_change_tolerance,
         )
         self.stack.callback(self.sync.close)
-        worst, mean = await self.sync.probe(learner.sequence_logprobs)
-        log.info("probe before training: |dlogp| max %.2e mean %.2e", worst, mean)
+        res = await self.sync.probe(learner.probe_logprobs)
+        log.info("probe before training: |dlogp| max %.2e mean %.2e", res.max_abs, res.mean_abs)
 
     async def close(self) -> None:
         await self.stack.aclose()
@@ -508,17 +514,28 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
                 group_advantages(records, cfg.loss.adv_eps)
             t1 = time.perf_counter()
             records = _broadcast(accelerator, records)
-            stats = learner.update(records) if records else {"skipped": True}
+            gap_tolerance = cfg.engine.rollout_logprob_tolerance
+            stats = learner.update(records, max_logprob_gap=gap_tolerance) if records else {"skipped": True}
             t2 = time.perf_counter()
             metrics["learner"] = stats
             if m is not None:
                 if records:
                     # DDP: the main process holds the whole model. FSDP2 / ZeRO-3 would need save_weights'
                     # gather on every process before this (untested here: no GPUs).
-                    res = await m.sync.sync(learner.save_weights, learner.sequence_logprobs)
+                    res = await m.sync.sync(learner.save_weights, learner.probe_logprobs)
                     metrics["sync_s"] = res.seconds
-                    metrics["probe_max_abs"] = res.probe_max_abs
-                    metrics["probe_mean_abs"] = res.probe_mean_abs
+                    metrics["probe_max_abs"] = res.probe.max_abs
+                    metrics["probe_mean_abs"] = res.probe.mean_abs
+                    metrics["probe_change"] = res.probe.change
+                    metrics["probe_change_gap"] = res.probe.change_gap
+                if records:
+                    log.info(
+                        "step %d: sampled vs learner log-prob gap on trained tokens %.2e (max %.2e, tolerance %s)",
+                        step,
+                        stats["logprob_gap"],
+                        stats["logprob_gap_max"],
+                        gap_tolerance,
+                    )
                 metrics["rollout_s"] = t1 - t0
                 metrics["update_s"] = t2 - t1
             accelerator.wait_for_everyone()
