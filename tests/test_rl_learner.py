@@ -133,6 +133,57 @@ def test_temperature_scales_the_logits(tiny) -> None:
     assert_logprobs_close(lrn.logprobs([rec]), [want])
 
 
+class _Float32Logits:
+    """Records the largest float32 tensor with a vocabulary-sized last dimension any op creates."""
+
+    def __init__(self, vocab: int) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else [out]:
+                    if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() and t.shape[-1] == vocab:
+                        outer.largest = max(outer.largest, t.numel())
+                return out
+
+        self.largest = 0
+        self.mode = Mode()
+
+
+def test_logprobs_are_computed_in_chunks(tiny) -> None:
+    """Only `logprob_chunk` positions of float32 full-vocabulary log-softmax exist at once, forward and
+    backward (a bfloat16 base with LoRA: the model's own logits are bfloat16); chunked = unchunked."""
+    rec = RECORDS[4]  # 11 response tokens
+    chunked = Learner(
+        ModelConfig(path=str(tiny), dtype="bfloat16", lora=True, lora_r=4),
+        OptimConfig(micro_batch_size=1, mini_batch_size=1, logprob_chunk=2),
+        LossConfig(),
+    )
+    probe = _Float32Logits(VOCAB)
+    with probe.mode:
+        chunked.update([rec])
+    assert 0 < probe.largest <= 2 * VOCAB < len(rec.response_ids) * VOCAB
+    whole = Learner(  # one chunk: what the learner did before, [B, R, V] at once
+        ModelConfig(path=str(tiny), dtype="bfloat16", lora=True, lora_r=4),
+        OptimConfig(micro_batch_size=1, mini_batch_size=1),
+        LossConfig(),
+    )
+    probe = _Float32Logits(VOCAB)
+    with probe.mode:
+        whole.update([rec])
+    assert probe.largest == len(rec.response_ids) * VOCAB
+    a = learner(tiny, logprob_chunk=2)
+    b = learner(tiny)
+    assert_logprobs_close(a.logprobs(RECORDS), b.logprobs(RECORDS), atol=1e-6)
+    a.update(RECORDS)
+    b.update(RECORDS)
+    for (k, pa), pb in zip(a.unwrapped.named_parameters(), b.unwrapped.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=k)
+
+
 # ----------------------------------------------------------------- the update
 
 

@@ -53,3 +53,32 @@ def test_held_out_evaluation_refuses_training_problems(tmp_path, capsys) -> None
                    "--set", "eval.allow_train_overlap=true")  # fmt: skip
     err = capsys.readouterr().err
     assert code == EXIT_RUN and "no config.json there" in err and "evaluation problems were in" not in err
+
+
+def test_resume_without_a_checkpoint_redoes_every_step_once(tmp_path, capsys) -> None:
+    """A run that stopped before its first checkpoint restarts from step 0 on --resume: the lines of the
+    steps (and of the evaluation before training) it logged are dropped, not kept next to their redo."""
+    train = write_problems(tmp_path / "drills.jsonl", ["a", "b"])
+    model = tmp_path / "model"  # no weights: every start stops at the learner, after the run dir is set up
+    model.mkdir()
+    out = tmp_path / "run"
+    assert rl_main(model, train, out, "--set", "eval.benchmarks=") == EXIT_RUN
+    # what the stopped run had logged: the evaluation before training and two steps, no checkpoint
+    (out / "eval.jsonl").write_text(json.dumps({"step": 0, "x/thor-rl": {"accuracy": 0.5}}) + "\n")
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2)))
+    assert rl_main(model, train, out, "--set", "eval.benchmarks=", "--resume") == EXIT_RUN
+    assert "no config.json there" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == "" and (out / "eval.jsonl").read_text() == ""
+
+
+def test_engine_options_share_the_gpu_and_match_the_learners_logprobs(tmp_path) -> None:
+    """vLLM's GPU memory share is a setting (the learner sits on the same GPU), and its sampled log-probs
+    are those of the distribution it samples from (after temperature), which the learner computes."""
+    from trainer.rl.config import load_config
+    from trainer.rl.runner import engine_options
+
+    cfg = load_config(DEMO, {"engine.gpu_memory_utilization": 0.35})
+    opts = engine_options(cfg, tmp_path)
+    assert opts.gpu_memory_utilization == 0.35 and opts.model == str(tmp_path)
+    assert opts.extra["logprobs_mode"] == "processed_logprobs"
+    assert engine_options(load_config(DEMO), tmp_path).gpu_memory_utilization == 0.5  # not vLLM's 0.9

@@ -3,7 +3,8 @@ Qwen2 (real tokenizer) on vLLM (CPU, float32) and the RL learner on the same wei
 
 Owns: a reload that did nothing stops the run even when the update is far below the level
 tolerance (one AdamW step at the reference lr 1e-6); a real reload passes with vLLM tracking
-the learner's change.
+the learner's change; at a temperature other than 1 the probe (raw log-probs) and the rollouts'
+sampled log-probs (the engine's processed_logprobs) agree with the learner.
 
 Does not own: the learner's arithmetic (tests/test_rl_learner.py), a whole run (tests/test_rl.py).
 """
@@ -17,17 +18,39 @@ from typing import Any
 import pytest
 
 from tests.support.rl_ddp_update import fixed_records
-from thor_engine.backends.vllm_backend import EngineOptions, VllmBackend
+from thor_engine.backends.vllm_backend import VllmBackend
+from thor_engine.config import SamplingOptions, rl_rollout_config
+from thor_engine.decoder import ThorDecoder
 from trainer.evaluate.benchmarks import Problem
-from trainer.rl.config import LossConfig, ModelConfig, OptimConfig
+from trainer.rl.config import (
+    EngineConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    ProblemsConfig,
+    RlConfig,
+    StepLevelConfig,
+    TrajectoryConfig,
+)
 from trainer.rl.learner import Learner
-from trainer.rl.rollout import prompt_ids_for
+from trainer.rl.loss import group_advantages
+from trainer.rl.records import RolloutRecord
+from trainer.rl.rollout import RolloutWorker, prompt_ids_for
+from trainer.rl.runner import engine_options
 from trainer.rl.sync import ProbeMismatch, WeightSync, vllm_prompt_logprobs
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.sandbox, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBLEM = Problem(benchmark="toy", id="p1", index=0, problem="What is 37 * 48 + 12?", answer="1788")
+
+
+@pytest.fixture(scope="module")
+def checker():
+    from thor_engine.answer import AnswerChecker
+
+    with AnswerChecker(max_workers=1) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +69,15 @@ def policy0(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-async def backend(policy0) -> AsyncIterator[VllmBackend]:
-    b = await VllmBackend.start(
-        EngineOptions(model=str(policy0), dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=8)
+async def backend(policy0, tmp_path_factory) -> AsyncIterator[VllmBackend]:
+    """The engine as the runner starts it (engine_options), float32."""
+    cfg = RlConfig(
+        model=ModelConfig(path=str(policy0)),
+        problems=ProblemsConfig(path="unused.jsonl"),
+        out=str(tmp_path_factory.mktemp("rl-sync-run")),
+        engine=EngineConfig(dtype="float32", max_model_len=1024, max_num_seqs=8),
     )
+    b = await VllmBackend.start(engine_options(cfg, policy0))
     yield b
     b.shutdown()
 
@@ -103,3 +131,33 @@ async def test_a_reload_that_did_nothing_stops_the_run(backend, tiny) -> None:
         print(f"level {level:.2e}, change {res.probe.change:.2e}, change gap {res.probe.change_gap:.2e}")
     finally:
         sync.close()
+
+
+async def test_temperature_other_than_one_keeps_probe_and_sampled_logprobs_consistent(
+    backend, tiny, executor, checker
+) -> None:
+    """At temperature 0.7 the rollouts' sampled log-probs (through the decoder) are those of the tempered
+    distribution, as the learner's old log-probs; the probe compares raw log-probs on both sides."""
+    lrn = Learner(ModelConfig(path=str(tiny)), OptimConfig(lr=1e-6), LossConfig(), temperature=0.7)
+    ids, start = probe_sequence(backend.tokenizer)
+    sync = WeightSync(backend.engine, ids, start, tolerance=1e-3)
+    try:
+        await sync.sync(lrn.save_weights, lrn.probe_logprobs)  # vLLM runs this learner's weights
+    finally:
+        sync.close()
+    worker = RolloutWorker(
+        ThorDecoder(backend, executor), checker, TrajectoryConfig(temperature=0.7, max_tokens=24), StepLevelConfig()
+    )
+    prompt = prompt_ids_for(backend.tokenizer, PROBLEM)
+    sampling = SamplingOptions(temperature=0.7, max_tokens=24, seed=3, logprobs=True)
+    rollouts = await worker._sample(prompt, rl_rollout_config(5), sampling, 4, "temp")
+    records = [
+        RolloutRecord(r.prompt_ids, r.response_ids, r.response_mask, reward=float(i % 2), group="g",
+                      level="trajectory", response_logprobs=r.response_logprobs)
+        for i, r in enumerate(rollouts)
+    ]  # fmt: skip
+    group_advantages(records)
+    assert sum(r.trained_tokens for r in records) > 20
+    stats = lrn.update(records, max_logprob_gap=1e-3)
+    assert stats["logprob_gap"] < 1e-3, stats
+    print(f"temperature 0.7: sampled vs learner gap {stats['logprob_gap']:.2e} (max {stats['logprob_gap_max']:.2e})")

@@ -135,6 +135,12 @@ class OptimConfig(_Section):
     mini_batch_size: int = Field(default=64, ge=1, description="samples per optimiser update (across processes)")
     micro_batch_size: int = Field(default=8, ge=1, description="samples per forward/backward on one process")
     epochs: int = Field(default=1, ge=1, description="passes over a rollout batch")
+    logprob_chunk: int = Field(
+        default=512,
+        ge=1,
+        description="response positions whose full-vocabulary float32 log-softmax exists at once (memory: "
+        "micro_batch_size x logprob_chunk x vocab x 4 bytes, recomputed in the backward pass)",
+    )
 
 
 class EvalConfig(_Section):
@@ -168,6 +174,13 @@ class EngineConfig(_Section):
     sandbox_url: str | None = Field(default=None, description="a running sandbox; default: start a local pool")
     sandbox_pool: int = Field(default=4, ge=1)
     concurrency: int = Field(default=64, ge=1, description="rollouts in flight at once (vLLM batches them)")
+    gpu_memory_utilization: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="vLLM's share of the GPU's memory; the learner (weights, optimizer, activations) shares the "
+        "same GPU (no effect on CPU)",
+    )
     probe_tolerance: float = Field(
         default=0.05,
         gt=0,

@@ -3,7 +3,8 @@
 Owns: `Learner`: loading the starting checkpoint (fp32 by default, tied embeddings untied
 at load because vLLM's in-place weight reload keeps a stale tied head; optional peft LoRA),
 per-token log-probabilities of rollout records (batched, right-padded, only the response
-positions' logits computed), the update (old log-probs recomputed first, then `epochs` passes
+positions' logits computed, the float32 log-softmax over the vocabulary `optim.logprob_chunk`
+positions at a time and recomputed in the backward pass), the update (old log-probs recomputed first, then `epochs` passes
 of shuffled mini-batches, each split over the processes and into micro-batches with gradient
 accumulation, loss normalised by the mini-batch's global trained-token count, grad clip,
 AdamW step), the weights vLLM reloads (`save_weights`: LoRA merged, untied, Hugging Face
@@ -120,6 +121,16 @@ def _split(items: list[int], k: int) -> list[list[int]]:
         out.append(items[s : s + n])
         s += n
     return out
+
+
+def _chunk_logprobs(logits: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, t: float) -> torch.Tensor:
+    """Log-probs ``[B, C]`` of *targets* at kept-logit positions *idx* ``[B, C]``, in float32, at temperature *t*."""
+    import torch
+
+    sel = torch.gather(logits, 1, idx[..., None].expand(-1, -1, logits.shape[-1])).float()
+    if t != 1.0:
+        sel = sel / t
+    return torch.gather(sel, -1, targets[..., None]).squeeze(-1) - torch.logsumexp(sel, dim=-1)
 
 
 class Learner:
@@ -261,13 +272,19 @@ class Learner:
             logits_to_keep=b.keep,
         )
         logits = out.logits
-        vocab = logits.shape[-1]
-        sel = torch.gather(logits, 1, b.gather[..., None].expand(-1, -1, vocab)).float()
         t = self.temperature if temperature is None else temperature
-        if t != 1.0:
-            sel = sel / t
-        picked = torch.gather(sel, -1, b.targets[..., None]).squeeze(-1)
-        return picked - torch.logsumexp(sel, dim=-1)
+        chunk = self.optim_cfg.logprob_chunk
+        grad = torch.is_grad_enabled() and logits.requires_grad
+        parts = []
+        for s in range(0, b.gather.shape[1], chunk):
+            idx, tgt = b.gather[:, s : s + chunk], b.targets[:, s : s + chunk]
+            if grad:  # the chunk's float32 [B, chunk, V] is recomputed in the backward pass, not kept
+                from torch.utils.checkpoint import checkpoint
+
+                parts.append(checkpoint(_chunk_logprobs, logits, idx, tgt, t, use_reentrant=False))
+            else:
+                parts.append(_chunk_logprobs(logits, idx, tgt, t))
+        return torch.cat(parts, dim=1)
 
     def _logprobs_of(
         self,

@@ -49,7 +49,7 @@ from .config import RlConfig
 from .records import RolloutRecord
 from .rollout import GroupResult, Rollout, RolloutWorker, gather_groups, prompt_ids_for
 
-__all__ = ["RlRunError", "run_rl"]
+__all__ = ["RlRunError", "engine_options", "run_rl"]
 
 log = logging.getLogger("trainer.rl")
 
@@ -199,7 +199,7 @@ class _Main:
 
     async def open(self, policy_dir: Path, learner: Any) -> None:
         from thor_engine.answer import AnswerChecker
-        from thor_engine.backends.vllm_backend import EngineOptions, VllmBackend
+        from thor_engine.backends.vllm_backend import VllmBackend
         from thor_engine.cli.local_sandbox import LocalSandboxError, sandbox_at
         from thor_engine.decoder import ThorDecoder
         from thor_engine.tools import SandboxExecutor, SandboxPolicy
@@ -216,14 +216,7 @@ class _Main:
             raise RlRunError(f"no sandbox: {exc}") from exc
         client = await self.stack.enter_async_context(SandboxClient(url))
         self.executor = SandboxExecutor(client, SandboxPolicy(max_concurrent_per_request=cfg.engine.sandbox_pool))
-        opts = EngineOptions(
-            model=str(policy_dir),
-            dtype=cfg.engine.dtype,
-            max_model_len=cfg.engine.max_model_len,
-            enforce_eager=cfg.engine.enforce_eager,
-            max_num_seqs=cfg.engine.max_num_seqs,
-            seed=cfg.schedule.seed,
-        )
+        opts = engine_options(cfg, policy_dir)
         try:
             self.backend = await VllmBackend.start(opts)
         except Exception as exc:  # vLLM raises many kinds; one line for the operator
@@ -361,6 +354,25 @@ class _Main:
         return res
 
 
+def engine_options(cfg: RlConfig, policy_dir: Path) -> Any:
+    """The in-process vLLM engine's options: its share of a GPU next to the learner
+    (engine.gpu_memory_utilization), and sampled log-probs of the distribution it samples from
+    (logprobs_mode processed_logprobs: after temperature, as the learner's; vLLM's default is the raw
+    distribution's). Prompt log-probs (the probe) are raw in either mode."""
+    from thor_engine.backends.vllm_backend import EngineOptions
+
+    return EngineOptions(
+        model=str(policy_dir),
+        dtype=cfg.engine.dtype,
+        max_model_len=cfg.engine.max_model_len,
+        enforce_eager=cfg.engine.enforce_eager,
+        max_num_seqs=cfg.engine.max_num_seqs,
+        seed=cfg.schedule.seed,
+        gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
+        extra={"logprobs_mode": "processed_logprobs"},
+    )
+
+
 def _eval_problems(cfg: RlConfig) -> tuple[list[str], list[Any]]:
     """The held-out evaluation's benchmark names and problems (eval.benchmarks, eval.limit each)."""
     from trainer.evaluate.benchmarks import load_benchmark, select
@@ -435,8 +447,16 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
     )
     start_ckpt = _check_run_dir(cfg, out, resume) if main else None
     start_ckpt = _broadcast(accelerator, start_ckpt)
+    step0, cursor = 0, 0
+    if start_ckpt is not None:
+        loop = json.loads((start_ckpt / LOOP_STATE).read_text())
+        step0, cursor = loop["step"], loop["cursor"]
     if main:
         _write_config(out, cfg)
+        if resume:  # the steps after the checkpoint are redone: their lines go (all of them without one,
+            # the evaluation before training included)
+            for name in (METRICS_FILE, "eval.jsonl"):
+                _trim_log(out / name, step0 if start_ckpt is not None else -1)
     try:
         named = cfg.problems.path in BENCHMARKS
         fields = (
@@ -474,16 +494,9 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
     learner = Learner(
         cfg.model, cfg.optim, cfg.loss, accelerator, seed=cfg.schedule.seed, temperature=cfg.trajectory.temperature
     )
-    step0 = 0
-    cursor = 0
     if start_ckpt is not None:
         learner.load_state(start_ckpt / "state")
-        loop = json.loads((start_ckpt / LOOP_STATE).read_text())
-        step0, cursor = loop["step"], loop["cursor"]
-        log.info("resuming from %s (step %d)", start_ckpt, step0)
-        if main:  # steps after the checkpoint are redone: their lines go
-            for name in (METRICS_FILE, "eval.jsonl"):
-                _trim_log(out / name, step0)
+        log.info("resuming from %s (step %d, problem cursor %d)", start_ckpt, step0, cursor)
 
     m: _Main | None = None
     if main:
