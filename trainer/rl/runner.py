@@ -531,7 +531,10 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
             stats = learner.update(records, max_logprob_gap=gap_tolerance) if records else {"skipped": True}
             t2 = time.perf_counter()
             metrics["learner"] = stats
+            metrics["optimizer_steps"] = learner.optimizer_steps  # since the run began (restored on resume)
             if m is not None:
+                assert m.problems is not None
+                metrics["problem_cursor"] = m.problems.cursor  # problems drawn since the run began
                 if records:
                     # DDP: the main process holds the whole model. FSDP2 / ZeRO-3 would need save_weights'
                     # gather on every process before this (untested here: no GPUs).
