@@ -155,12 +155,22 @@ def test_rl_runs_checkpoints_resumes_and_the_server_serves_it(cold_start, tmp_pa
         logged = [json.loads(line) for line in f]
     assert {"trajectory"} <= {x["level"] for x in logged} and all("text" in x for x in logged)
 
-    # resume: one more step from the last checkpoint, nothing redone
+    # resume: one more step from the last checkpoint, nothing redone; the problem stream and the learner
+    # (optimizer steps, with its weights and Adam state) go on where step 2 left them
+    loop2 = json.loads((final / "loop.json").read_text())
+    assert loop2 == {"step": 2, "cursor": rows[1]["problem_cursor"]}
     r = _rl(task, sft, out, "--resume", steps=3)
     assert r.returncode == 0, r.stderr[-6000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert (out / "final").resolve().name == "step-3"
+    drawn = rows[2]["trajectory"]["groups"]  # problems step 3 drew
+    assert rows[2]["problem_cursor"] == loop2["cursor"] + drawn
+    assert json.loads(((out / "final") / "loop.json").read_text())["cursor"] == rows[2]["problem_cursor"]
+    step3_updates = int(rows[2]["learner"].get("updates", 0))
+    assert rows[2]["optimizer_steps"] == rows[1]["optimizer_steps"] + step3_updates
+    assert rows[1]["optimizer_steps"] >= 1
+    assert "resuming from" in r.stderr and f"problem cursor {loop2['cursor']}" in r.stderr
     # a changed configuration is refused on resume, with the reason
     r = _rl(task, sft, out, "--resume", "--lr", "0.5", steps=4)
     assert r.returncode == 1 and "configuration differs" in r.stderr
@@ -232,3 +242,13 @@ def test_rl_runs_under_accelerate_ddp_with_two_cpu_processes(cold_start, tmp_pat
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row.get("probe_max_abs", 0.0) <= 0.01 for row in rows)
     assert (out / "final" / "model.safetensors").is_file()
+    # an update happened, on both processes' share, and vLLM took it
+    updated = [row for row in rows if row["records"]]
+    assert updated, "no group was kept in 2 steps: nothing was trained"
+    for row in updated:
+        assert row["learner"]["updates"] >= 1 and row["learner"]["tokens"] > 0 and row["learner"]["grad_norm"] > 0
+        assert row["probe_change"] >= row["probe_change_gap"] * 2
+    assert rows[-1]["optimizer_steps"] == sum(int(row["learner"].get("updates", 0)) for row in rows)
+    before = load_file(str(sft / "model.safetensors"))
+    after = load_file(str(out / "final" / "model.safetensors"))
+    assert any(not (before[k].float() == after[k].float()).all() for k in before)

@@ -15,6 +15,7 @@ Does not own: the loss's arithmetic (tests/test_rl_loss.py) or vLLM's weight rel
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -132,6 +133,57 @@ def test_temperature_scales_the_logits(tiny) -> None:
     assert_logprobs_close(lrn.logprobs([rec]), [want])
 
 
+class _Float32Logits:
+    """Records the largest float32 tensor with a vocabulary-sized last dimension any op creates."""
+
+    def __init__(self, vocab: int) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else [out]:
+                    if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() and t.shape[-1] == vocab:
+                        outer.largest = max(outer.largest, t.numel())
+                return out
+
+        self.largest = 0
+        self.mode = Mode()
+
+
+def test_logprobs_are_computed_in_chunks(tiny) -> None:
+    """Only `logprob_chunk` positions of float32 full-vocabulary log-softmax exist at once, forward and
+    backward (a bfloat16 base with LoRA: the model's own logits are bfloat16); chunked = unchunked."""
+    rec = RECORDS[4]  # 11 response tokens
+    chunked = Learner(
+        ModelConfig(path=str(tiny), dtype="bfloat16", lora=True, lora_r=4),
+        OptimConfig(micro_batch_size=1, mini_batch_size=1, logprob_chunk=2),
+        LossConfig(),
+    )
+    probe = _Float32Logits(VOCAB)
+    with probe.mode:
+        chunked.update([rec])
+    assert 0 < probe.largest <= 2 * VOCAB < len(rec.response_ids) * VOCAB
+    whole = Learner(  # one chunk: what the learner did before, [B, R, V] at once
+        ModelConfig(path=str(tiny), dtype="bfloat16", lora=True, lora_r=4),
+        OptimConfig(micro_batch_size=1, mini_batch_size=1),
+        LossConfig(),
+    )
+    probe = _Float32Logits(VOCAB)
+    with probe.mode:
+        whole.update([rec])
+    assert probe.largest == len(rec.response_ids) * VOCAB
+    a = learner(tiny, logprob_chunk=2)
+    b = learner(tiny)
+    assert_logprobs_close(a.logprobs(RECORDS), b.logprobs(RECORDS), atol=1e-6)
+    a.update(RECORDS)
+    b.update(RECORDS)
+    for (k, pa), pb in zip(a.unwrapped.named_parameters(), b.unwrapped.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=k)
+
+
 # ----------------------------------------------------------------- the update
 
 
@@ -157,6 +209,35 @@ def test_update_follows_the_advantages(tiny) -> None:
             assert trained_a < trained_b, rec
             moved += 1
     assert moved == 8
+
+
+def test_sampled_logprob_gap_is_measured_and_bounded(tiny) -> None:
+    """The gap between the sampler's log-probs and the learner's old ones on trained tokens is a stat of
+    every update; above `max_logprob_gap` the update is refused before any step (rollouts of another policy)."""
+    import dataclasses
+
+    from trainer.rl.learner import OffPolicyError
+
+    lrn = learner(tiny)
+    own = lrn.logprobs(RECORDS)
+    sampled = [dataclasses.replace(r, response_logprobs=lp) for r, lp in zip(RECORDS, own, strict=True)]
+    stats = lrn.update(sampled, max_logprob_gap=1e-4)  # sampled by this very policy: no gap
+    assert stats["logprob_gap"] == pytest.approx(0, abs=1e-5) and stats["logprob_gap_max"] < 1e-4
+    lrn = learner(tiny)
+    # another policy: 0.5 off on every token, except the masked ones (never compared)
+    off = [
+        dataclasses.replace(
+            r, response_logprobs=[x + (0.5 if m else 9.0) for x, m in zip(lp, r.response_mask, strict=True)]
+        )
+        for r, lp in zip(RECORDS, own, strict=True)
+    ]
+    before = [p.detach().clone() for p in lrn.model.parameters()]
+    with pytest.raises(OffPolicyError, match=r"differ from the learner's by 0\.50.*nothing was trained"):
+        lrn.update(off, max_logprob_gap=0.1)
+    assert lrn.optimizer_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, lrn.model.parameters(), strict=True))
+    assert lrn.update(off)["logprob_gap"] == pytest.approx(0.5, abs=1e-4)  # no bound: measured only
+    assert math.isnan(lrn.update(RECORDS)["logprob_gap"])  # no sampled log-probs: nothing to compare
 
 
 def test_old_logprobs_stay_those_before_the_first_step(tiny) -> None:
@@ -281,6 +362,25 @@ def test_clear_errors(tmp_path, tiny) -> None:
         lrn.logprobs([no_prompt])
     with pytest.raises(LearnerError, match=r"state .* does not exist"):
         lrn.load_state(tmp_path / "missing")
+
+
+def test_bfloat16_full_fine_tuning_is_refused(tiny) -> None:
+    """AdamW on bfloat16 weights at lr 1e-6 leaves about 98% of them unchanged: refused with the fix;
+    LoRA on a bfloat16 base is fine (peft keeps the adapter, hence its optimizer state, in float32)."""
+    from pydantic import ValidationError
+
+    from trainer.rl.config import RlConfigError, load_config
+
+    with pytest.raises(ValidationError, match=r"bfloat16 with full fine-tuning.*dtype: float32.*lora: true"):
+        ModelConfig(path=str(tiny), dtype="bfloat16")
+    with pytest.raises(RlConfigError, match="model: Value error, dtype bfloat16 with full fine-tuning"):
+        load_config(None, {"model.path": str(tiny), "problems.path": "p.jsonl", "out": "o", "model.dtype": "bfloat16"})
+    lrn = Learner(
+        ModelConfig(path=str(tiny), dtype="bfloat16", lora=True, lora_r=4), OptimConfig(lr=1e-6), LossConfig()
+    )
+    trainable = [p for p in lrn.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert lrn.base_model.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------- DDP, for real

@@ -25,6 +25,8 @@ ASSISTANT = "<|im_start|>assistant\n"
 LEAD = "I will compute it with Python.\n"
 SCRIPTS = {
     "print": LEAD + "```python\nprint(6 * 7)\n```\n",
+    # the closing fence's last token is "`\n\n": the decoder cuts inside it and re-encodes "`\n"
+    "print_cut": LEAD + "```python\nprint(6 * 7)\n```\n\n",
     "bare": LEAD + "```python\n6 * 7\n```\n",
     "wrong": "I estimate it directly: \\boxed{40}.",
     "nobox": "I cannot work out this product in my head, and I will not guess a number for it.",
@@ -162,3 +164,51 @@ def test_cut_point_never_enters_an_output_or_the_prompt(tokenizer, executor, che
     assert w.cut_point(r, 15) == 10  # never into the prompt
     picked = w.step_source([r], random.Random(0))
     assert picked is not None and picked[1] == 35
+
+
+async def test_a_sandbox_failure_is_not_the_codes_failure(tokenizer, executor, checker):
+    """A call the sandbox could not run (outcome sandbox_error: a busy sandbox, no retries left) is carried
+    through: the rollout is dropped as a sandbox error (no reward 0, not a failed call), it is no step-level
+    source, and a continuation whose block the sandbox could not run gets no step reward."""
+    from tests.test_tools import busy_sandbox, hold_the_worker
+    from thor_engine.tools import SandboxExecutor, SandboxPolicy
+    from thor_sandbox.client import SandboxClient
+
+    healthy = worker(tokenizer, executor, checker, ["bare"], group=4, backtrack=3)
+    source = (await healthy.trajectory_group(PROBLEM, "t", 1)).rollouts[0]
+    assert source.failed_block is not None  # a real failure of the code (no stdout): a step source
+
+    with busy_sandbox() as svc:
+        async with SandboxClient(svc.url, retries=0) as client:
+            holder = await hold_the_worker(client, svc.url, 30)  # the only worker is busy: every call gets 503
+            broken = SandboxExecutor(client, SandboxPolicy(busy_retries=0))
+            w = worker(tokenizer, broken, checker, ["print", "bare"], group=4, backtrack=3)
+            g = await w.trajectory_group(PROBLEM, "b", 1)
+            s = await w.step_group(PROBLEM, source, source.failed_block, "s", seed=2)
+            holder.cancel()
+    assert [r.drop for r in g.rollouts] == ["sandbox error"] * 4
+    assert all(r.sandbox_errors == 1 and r.failed_block is None for r in g.rollouts)
+    assert not g.kept and not g.records
+    assert w.step_source(g.rollouts, random.Random(0)) is None  # nothing to regenerate: the code never ran
+    assert [r.drop for r in s.rollouts] == ["sandbox error"] * 4
+    assert not s.kept and not s.records and s.reason == "too few survivors (0/4)"
+
+
+async def test_reencoded_tokens_at_a_cut_are_not_trained_as_sampled(tokenizer, executor, checker):
+    """A cut inside a token (the closing fence shares "`\\n\\n" with the next line) leaves a re-encoded
+    model token with no sampled log-prob: it is masked from the loss and counted, at both levels."""
+    w = worker(tokenizer, executor, checker, ["print_cut", "wrong"], group=4, backtrack=3)
+    g = await w.trajectory_group(PROBLEM, "g", 1)
+    assert g.kept and sorted(r.reward for r in g.rollouts) == [0.0, 0.0, 1.0, 1.0]
+    for rec in g.records:
+        # every trained token carries the log-prob it was sampled with; nothing else is trained
+        for t, m, lp in zip(rec.response_ids, rec.response_mask, rec.response_logprobs, strict=True):
+            assert lp == (pytest.approx(scripted_logprob(t)) if m else 0.0)
+        assert rec.info["reencoded_tokens"] == (1 if rec.reward else 0)
+    assert [r.reencoded for r in g.rollouts] == [1, 0, 1, 0]
+    source = (await worker(tokenizer, executor, checker, ["bare"], group=4).trajectory_group(PROBLEM, "t", 1)).rollouts[
+        0
+    ]
+    s = await w.step_group(PROBLEM, source, source.failed_block, "s", seed=2)
+    cut = [r for r in s.rollouts if r.drop is None and r.reencoded]
+    assert cut and all(r.response_mask[-1] == 0 and r.response_logprobs[-1] == 0.0 for r in cut)

@@ -90,14 +90,25 @@ def read_training_problems(model_dir: str | Path) -> TrainingProblems | None:
     return TrainingProblems.model_validate(json.loads(path.read_text(encoding="utf-8")))
 
 
-def check_no_overlap(problems: Iterable[Problem], trained: TrainingProblems, *, model: str) -> None:
-    """Raise SplitError when any of `problems` is one the model was trained on."""
+#: What the evaluate command's refusal tells the user to do.
+EVALUATE_FIX = (
+    "Evaluate on held-out problems (for gsm8k: --limit 200 or less from offset 0), or pass --allow-train-overlap "
+    "to score them anyway."
+)
+
+
+def check_no_overlap(
+    problems: Iterable[Problem], trained: TrainingProblems, *, model: str, fix: str = EVALUATE_FIX
+) -> None:
+    """Raise SplitError when any of `problems` is one the model was trained on.
+
+    The one check of every evaluation (the evaluate command, RL's held-out evaluation); *fix* is
+    the caller's way out (its flags or settings)."""
     seen = set(trained.problems)
     overlap = [problem_key(p.benchmark, p.id) for p in problems if problem_key(p.benchmark, p.id) in seen]
     if overlap:
         shown = ", ".join(overlap[:5]) + (f" and {len(overlap) - 5} more" if len(overlap) > 5 else "")
         raise SplitError(
             f"{len(overlap)} of the evaluation problems were in {model}'s training data ({shown}): its scores on "
-            "them say nothing about held-out accuracy. Evaluate on held-out problems (for gsm8k: --limit 200 or "
-            "less from offset 0), or pass --allow-train-overlap to score them anyway."
+            f"them say nothing about held-out accuracy. {fix}"
         )

@@ -2,7 +2,7 @@
 
 Owns: the command line: the YAML config (see trainer/configs/rl/), flags for the common
 settings and `--set section.key=value` for any other, `--resume`, logging, exit codes
-(0 done, 1 the run failed: no sandbox, vLLM could not load, a probe mismatch; 2 a bad
+(0 done, 1 the run failed: no sandbox, vLLM could not load, a probe mismatch, off-policy rollouts; 2 a bad
 config or flag).
 
 Does not own: the run (runner.py) or the settings' meaning (config.py).
@@ -107,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.dump())
         return EXIT_OK
+    from .learner import LearnerError
     from .runner import RlRunError, run
     from .sync import ProbeMismatch
 
     try:
         final = run(cfg, resume=args.resume, progress=not args.no_progress)
-    except (RlRunError, ProbeMismatch) as e:
+    except (RlRunError, ProbeMismatch, LearnerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_RUN
     print(f"[rl] done: serve it with `python -m server --model {final}`", file=sys.stderr)

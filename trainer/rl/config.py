@@ -50,8 +50,21 @@ class ModelConfig(_Section):
     lora_alpha: int = Field(default=32, ge=1)
     lora_target: list[str] | str = "all-linear"
     dtype: Literal["float32", "bfloat16"] = Field(
-        default="float32", description="the learner's parameter dtype (float32 on CPU)"
+        default="float32",
+        description="the learner's parameter dtype (float32 on CPU); bfloat16 only with lora (the adapter and "
+        "its optimizer stay float32)",
     )
+
+    @model_validator(mode="after")
+    def _no_bf16_full_fine_tuning(self) -> ModelConfig:
+        if self.dtype == "bfloat16" and not self.lora:
+            raise ValueError(
+                "dtype bfloat16 with full fine-tuning: AdamW's steps on bfloat16 weights round away (at lr 1e-6 "
+                "about 98% of the weights never change), so the run would silently train nothing. Use dtype: "
+                "float32 (float32 master weights; vLLM can still sample in bfloat16, engine.dtype), or lora: true "
+                "(a bfloat16 base with a float32 adapter)"
+            )
+        return self
 
 
 class ProblemsConfig(_Section):
@@ -122,6 +135,12 @@ class OptimConfig(_Section):
     mini_batch_size: int = Field(default=64, ge=1, description="samples per optimiser update (across processes)")
     micro_batch_size: int = Field(default=8, ge=1, description="samples per forward/backward on one process")
     epochs: int = Field(default=1, ge=1, description="passes over a rollout batch")
+    logprob_chunk: int = Field(
+        default=512,
+        ge=1,
+        description="response positions whose full-vocabulary float32 log-softmax exists at once (memory: "
+        "micro_batch_size x logprob_chunk x vocab x 4 bytes, recomputed in the backward pass)",
+    )
 
 
 class EvalConfig(_Section):
@@ -134,6 +153,9 @@ class EvalConfig(_Section):
     modes: str = "thor-rl"
     max_tokens: int = Field(default=2048, ge=16)
     concurrency: int = Field(default=8, ge=1)
+    allow_train_overlap: bool = Field(
+        default=False, description="score evaluation problems the checkpoints are trained on (refused otherwise)"
+    )
 
 
 class ScheduleConfig(_Section):
@@ -152,11 +174,30 @@ class EngineConfig(_Section):
     sandbox_url: str | None = Field(default=None, description="a running sandbox; default: start a local pool")
     sandbox_pool: int = Field(default=4, ge=1)
     concurrency: int = Field(default=64, ge=1, description="rollouts in flight at once (vLLM batches them)")
+    gpu_memory_utilization: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="vLLM's share of the GPU's memory; the learner (weights, optimizer, activations) shares the "
+        "same GPU (no effect on CPU)",
+    )
     probe_tolerance: float = Field(
         default=0.05,
         gt=0,
         description="max mean |vLLM - learner| log-prob gap on the probe sequence after a sync (float32: ~1e-6; "
         "bfloat16 inference against a float32 learner: ~0.03)",
+    )
+    probe_change_tolerance: float = Field(
+        default=0.5,
+        gt=0,
+        description="after a sync, vLLM's probe log-probs must have moved since the first probe as the learner's "
+        "did: mean |vLLM change - learner change| at most this x the learner's mean change (sync.py)",
+    )
+    rollout_logprob_tolerance: float | None = Field(
+        default=0.1,
+        gt=0,
+        description="max mean |vLLM's sampled log-prob - the learner's old log-prob| over a batch's trained "
+        "tokens; above it the update is refused (null: only logged as learner.logprob_gap)",
     )
 
 

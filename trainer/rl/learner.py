@@ -3,12 +3,15 @@
 Owns: `Learner`: loading the starting checkpoint (fp32 by default, tied embeddings untied
 at load because vLLM's in-place weight reload keeps a stale tied head; optional peft LoRA),
 per-token log-probabilities of rollout records (batched, right-padded, only the response
-positions' logits computed), the update (old log-probs recomputed first, then `epochs` passes
+positions' logits computed, the float32 log-softmax over the vocabulary `optim.logprob_chunk`
+positions at a time and recomputed in the backward pass), the update (old log-probs recomputed first, then `epochs` passes
 of shuffled mini-batches, each split over the processes and into micro-batches with gradient
 accumulation, loss normalised by the mini-batch's global trained-token count, grad clip,
 AdamW step), the weights vLLM reloads (`save_weights`: LoRA merged, untied, Hugging Face
 names, one safetensors file), a servable export, resumable state (accelerate's
-save_state/load_state) and `sequence_logprobs` for the post-sync probe.
+save_state/load_state), `probe_logprobs` for the post-sync probe, and the gap between the
+rollouts' sampled log-probs and its old ones on the trained tokens (`logprob_gap`, bounded by
+`update(max_logprob_gap=...)`: `OffPolicyError` before any step).
 
 The same code runs on CPU, one GPU and under `accelerate launch` (DDP; tested with 2 CPU
 processes, see tests/test_rl_learner.py). Every process gets the same records (the caller
@@ -52,7 +55,7 @@ if TYPE_CHECKING:
     from .config import LossConfig, ModelConfig, OptimConfig
     from .records import RolloutRecord
 
-__all__ = ["WEIGHTS_FILE", "Learner", "LearnerError"]
+__all__ = ["WEIGHTS_FILE", "Learner", "LearnerError", "OffPolicyError"]
 
 #: The file `save_weights` writes (vLLM's reload reads every *.safetensors of the directory).
 WEIGHTS_FILE = "model.safetensors"
@@ -62,6 +65,10 @@ _ADAPTER = "default"
 
 class LearnerError(RuntimeError):
     """The learner cannot load, train on or save what it was given; the message names the fix."""
+
+
+class OffPolicyError(LearnerError):
+    """The rollouts' sampled log-probs are far from the learner's: the sampler did not run this policy."""
 
 
 @dataclass
@@ -114,6 +121,16 @@ def _split(items: list[int], k: int) -> list[list[int]]:
         out.append(items[s : s + n])
         s += n
     return out
+
+
+def _chunk_logprobs(logits: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, t: float) -> torch.Tensor:
+    """Log-probs ``[B, C]`` of *targets* at kept-logit positions *idx* ``[B, C]``, in float32, at temperature *t*."""
+    import torch
+
+    sel = torch.gather(logits, 1, idx[..., None].expand(-1, -1, logits.shape[-1])).float()
+    if t != 1.0:
+        sel = sel / t
+    return torch.gather(sel, -1, targets[..., None]).squeeze(-1) - torch.logsumexp(sel, dim=-1)
 
 
 class Learner:
@@ -242,8 +259,9 @@ class Learner:
             [len(r) for _, r, _ in pairs],
         )  # fmt: skip
 
-    def _forward(self, model: torch.nn.Module, b: _Batch) -> torch.Tensor:
-        """Log-probs ``[B, R]`` (float32) of the response tokens under *model*; grad as the caller enables it."""
+    def _forward(self, model: torch.nn.Module, b: _Batch, temperature: float | None = None) -> torch.Tensor:
+        """Log-probs ``[B, R]`` (float32) of the response tokens under *model*, of the distribution at
+        *temperature* (None: the learner's); grad as the caller enables it."""
         import torch
 
         out = model(
@@ -254,14 +272,26 @@ class Learner:
             logits_to_keep=b.keep,
         )
         logits = out.logits
-        vocab = logits.shape[-1]
-        sel = torch.gather(logits, 1, b.gather[..., None].expand(-1, -1, vocab)).float()
-        if self.temperature != 1.0:
-            sel = sel / self.temperature
-        picked = torch.gather(sel, -1, b.targets[..., None]).squeeze(-1)
-        return picked - torch.logsumexp(sel, dim=-1)
+        t = self.temperature if temperature is None else temperature
+        chunk = self.optim_cfg.logprob_chunk
+        grad = torch.is_grad_enabled() and logits.requires_grad
+        parts = []
+        for s in range(0, b.gather.shape[1], chunk):
+            idx, tgt = b.gather[:, s : s + chunk], b.targets[:, s : s + chunk]
+            if grad:  # the chunk's float32 [B, chunk, V] is recomputed in the backward pass, not kept
+                from torch.utils.checkpoint import checkpoint
 
-    def _logprobs_of(self, pairs: list[tuple[list[int], list[int], list[int]]], calls: int | None = None) -> list:
+                parts.append(checkpoint(_chunk_logprobs, logits, idx, tgt, t, use_reentrant=False))
+            else:
+                parts.append(_chunk_logprobs(logits, idx, tgt, t))
+        return torch.cat(parts, dim=1)
+
+    def _logprobs_of(
+        self,
+        pairs: list[tuple[list[int], list[int], list[int]]],
+        calls: int | None = None,
+        temperature: float | None = None,
+    ) -> list:
         """Per-pair log-prob lists (no grad), in micro-batches sorted by length; *calls* pads the forward count."""
         import torch
 
@@ -272,7 +302,7 @@ class Learner:
         model = self.unwrapped
         with torch.no_grad():
             for chunk in chunks:
-                lp = self._forward(model, self._build([pairs[i] for i in chunk])).cpu()
+                lp = self._forward(model, self._build([pairs[i] for i in chunk]), temperature).cpu()
                 for row, i in enumerate(chunk):
                     out[i] = lp[row, : len(pairs[i][1])].tolist()
             for _ in range(len(chunks), calls or 0):  # collective forwards (FSDP/ZeRO-3) need equal counts
@@ -291,15 +321,21 @@ class Learner:
         FSDP/ZeRO-3, with the same records)."""
         return self._logprobs_of([(r.prompt_ids, r.response_ids, r.response_mask) for r in records])
 
-    def sequence_logprobs(self, token_ids: list[int], start: int) -> list[float]:
-        """Log-probs of ``token_ids[start:]``, each given the tokens before it (the post-sync probe)."""
+    def sequence_logprobs(self, token_ids: list[int], start: int, *, temperature: float | None = None) -> list[float]:
+        """Log-probs of ``token_ids[start:]``, each given the tokens before it, at *temperature* (None: the
+        learner's)."""
         if not 1 <= start < len(token_ids):
             raise LearnerError(
                 f"start must be in [1, {len(token_ids) - 1}] for {len(token_ids)} tokens (the first scored "
                 f"token needs a context), got {start}"
             )
         resp = list(token_ids[start:])
-        return self._logprobs_of([(list(token_ids[:start]), resp, [1] * len(resp))])[0]
+        return self._logprobs_of([(list(token_ids[:start]), resp, [1] * len(resp))], temperature=temperature)[0]
+
+    def probe_logprobs(self, token_ids: list[int], start: int) -> list[float]:
+        """What vLLM's prompt log-probs of the same tokens are (the post-sync probe): those of the raw
+        distribution (temperature 1), whatever the sampling temperature and vLLM's logprobs_mode."""
+        return self.sequence_logprobs(token_ids, start, temperature=1.0)
 
     # ------------------------------------------------------------------ the update
 
@@ -319,7 +355,7 @@ class Learner:
                 plan.append((idx, [_split(sl, k) for sl in slices]))
         return plan
 
-    def update(self, records: list[RolloutRecord]) -> dict[str, float]:
+    def update(self, records: list[RolloutRecord], *, max_logprob_gap: float | None = None) -> dict[str, float]:
         """Train on *records* (advantages already set); returns stats averaged over the optimizer steps.
 
         Records with no trained token (response mask all 0) are skipped. Call it on every process
@@ -327,7 +363,13 @@ class Learner:
         ``clip_frac_low``, ``dual_clip_frac``, ``approx_kl``, ``ratio_mean``, ``grad_norm`` (before
         clipping) and ``tokens`` (trained tokens per step): means over steps; ``ratio_max`` and
         ``grad_norm_max``: maxima; ``updates`` (optimizer steps), ``records`` (trained on),
-        ``skipped``, ``seconds``."""
+        ``skipped``, ``seconds``; ``logprob_gap`` and ``logprob_gap_max``: mean and max of |the
+        sampler's log-prob (``response_logprobs``) - the learner's old log-prob| over the trained
+        tokens of records that carry sampled log-probs (NaN when none does).
+
+        *max_logprob_gap*: raise `OffPolicyError`, before any step, when ``logprob_gap`` exceeds it
+        (the rollouts were not sampled from this policy: a stale engine, another temperature or
+        logprobs_mode)."""
         import torch
 
         t0 = time.monotonic()
@@ -353,6 +395,19 @@ class Learner:
             [(train[i].prompt_ids, train[i].response_ids, train[i].response_mask) for i in mine], calls
         )
         old = dict(zip(mine, old_lists, strict=True))
+        owner: dict[int, int] = {}  # each record counted once across processes
+        for p, idx in enumerate(needed_by):
+            for i in idx:
+                owner.setdefault(i, p)
+        gap = self._logprob_gap(train, {i: v for i, v in old.items() if owner[i] == rank})
+        if max_logprob_gap is not None and gap[0] > max_logprob_gap:
+            raise OffPolicyError(
+                f"the rollouts' sampled log-probs differ from the learner's by {gap[0]:.4f} on average (max "
+                f"{gap[1]:.4f}) over the trained tokens, above the tolerance {max_logprob_gap}: the sampler is not "
+                "running the learner's policy (stale weights after a sync? another temperature, or a vLLM "
+                "logprobs_mode other than processed_logprobs? top_p < 1 renormalises vLLM's log-probs over the "
+                "nucleus); nothing was trained"
+            )
 
         trainable = self._trainable()
         steps: list[dict[str, float]] = []
@@ -409,8 +464,28 @@ class Learner:
         stats["updates"] = float(len(steps))
         stats["records"] = float(len(train))
         stats["skipped"] = float(len(records) - len(train))
+        stats["logprob_gap"], stats["logprob_gap_max"] = gap
         stats["seconds"] = time.monotonic() - t0
         return stats
+
+    def _logprob_gap(self, train: list[RolloutRecord], old: dict[int, list[float]]) -> tuple[float, float]:
+        """(mean, max) |sampled - old| log-prob over trained tokens with a sampled value, over all processes."""
+        import torch
+
+        acc = self.accelerator
+        total, count, worst = 0.0, 0, 0.0
+        for i, lps in old.items():
+            sampled = train[i].response_logprobs
+            if sampled is None:
+                continue
+            for a, b, m in zip(sampled, lps, train[i].response_mask, strict=True):
+                if m:
+                    d = abs(a - b)
+                    total, count, worst = total + d, count + 1, max(worst, d)
+        summed = acc.reduce(torch.tensor([total, float(count)], dtype=torch.float64, device=acc.device), "sum")
+        worst = float(acc.gather(torch.tensor([worst], device=acc.device)).max())
+        total, n = (float(x) for x in summed.tolist())
+        return (total / n, worst) if n else (float("nan"), float("nan"))
 
     # ------------------------------------------------------------------ weights out
 

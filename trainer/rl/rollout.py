@@ -11,6 +11,13 @@ in-process vLLM engine with the real sandbox:
   `min_response_tokens`, or without a non-empty `\\boxed` near the end (or, with
   `format_reward`, kept with that reward); a group with fewer survivors than
   `min_survivor_fraction` x G, or with zero reward variance, is dropped.
+- **Re-encoded tokens.** Where the decoder cut the text inside a token (a stop or a fence
+  sharing a token with what follows) it re-encodes the kept remainder: those model tokens
+  were not sampled (no log-prob) and are masked from the loss, counted in `reencoded`.
+- **Sandbox failures** (tool outcome `sandbox_error`: busy after retries, a dead worker)
+  are not the code's: such a rollout is dropped as "sandbox error" (no reward, not a
+  failed call) and is never a step-level source; a continuation whose block the sandbox
+  could not run is dropped the same way (no step reward).
 - **Step level.** From a rollout whose call failed (else, optionally, a random rollout with
   code), the trajectory is cut at the token level `backtrack_tokens` before the failed
   block's opening fence (never into the prompt or a tool output); G continuations run
@@ -50,6 +57,9 @@ from .records import RolloutRecord
 
 __all__ = ["GroupResult", "Rollout", "RolloutWorker", "prompt_ids_for"]
 
+#: The tool outcome of a call the sandbox itself could not run (thor_engine.tools: busy, a dead worker).
+SANDBOX_ERROR = "sandbox_error"
+
 #: A text repeating a 20-character window 5 times is degenerate: reward 0 (TIRGen's repetition rule).
 REPETITION_WINDOW, REPETITION_COUNT = 20, 5
 
@@ -73,16 +83,24 @@ class Rollout:
     calls: int
     ok_calls: int
     failed_calls: int
-    #: (index of the opening fence's token in prompt+response, ran ok) per executed block, in order
-    blocks: list[tuple[int, bool]] = field(default_factory=list)
+    #: (index of the opening fence's token in prompt+response, ran ok) per executed block, in order;
+    #: ok is None when the sandbox itself failed (outcome sandbox_error): the code never ran
+    blocks: list[tuple[int, bool | None]] = field(default_factory=list)
     correct: bool = False
     reward: float = 0.0
     drop: str | None = None  # why a filter dropped it (None: kept)
+    #: model tokens the decoder re-encoded at a text cut (not sampled: no log-prob): masked from the loss
+    reencoded: int = 0
 
     @property
     def failed_block(self) -> int | None:
-        """Fence token of the first failed executed block, if any."""
-        return next((tok for tok, ok in self.blocks if not ok), None)
+        """Fence token of the first block whose code failed, if any (a sandbox failure is not the code's)."""
+        return next((tok for tok, ok in self.blocks if ok is False), None)
+
+    @property
+    def sandbox_errors(self) -> int:
+        """Blocks the sandbox could not run (outcome sandbox_error): they say nothing about the code."""
+        return sum(ok is None for _, ok in self.blocks)
 
 
 @dataclass
@@ -99,22 +117,28 @@ class GroupResult:
         return self.reason is None
 
 
-def _rollout_from(final: Final, blocks: list[tuple[int, bool]], prompt_len: int) -> Rollout:
+def _rollout_from(final: Final, blocks: list[tuple[int, bool | None]], prompt_len: int) -> Rollout:
     traj = final.trajectory or {}
     ids: list[int] = []
     mask: list[int] = []
     lps: list[float] = []
     has_lp = False
+    reencoded = 0
     for seg in traj.get("segments", []):
         n = len(seg["token_ids"])
         ids.extend(seg["token_ids"])
-        mask.extend([1 if seg["kind"] == "model" else 0] * n)
         seg_lp = seg.get("logprobs")
+        model = seg["kind"] == "model"
         if seg_lp is not None:
             has_lp = True
             lps.extend(0.0 if v is None else float(v) for v in seg_lp)
+            # a model token without a sampled log-prob was re-encoded at a cut, not sampled: never trained on
+            mask.extend(1 if model and v is not None else 0 for v in seg_lp)
+            if model and len(ids) - n >= prompt_len:
+                reencoded += sum(v is None for v in seg_lp)
         else:
             lps.extend([0.0] * n)
+            mask.extend([1 if model else 0] * n)
     t = final.tools
     return Rollout(
         prompt_ids=ids[:prompt_len],
@@ -128,6 +152,7 @@ def _rollout_from(final: Final, blocks: list[tuple[int, bool]], prompt_len: int)
         ok_calls=t.ok,
         failed_calls=t.failed,
         blocks=blocks,
+        reencoded=reencoded,
     )
 
 
@@ -163,7 +188,7 @@ class RolloutWorker:
         self, prompt: list[int], config: Any, sampling: SamplingOptions, n: int, tag: str
     ) -> list[Rollout]:
         sandbox_request_scope(self.sandbox_slots)
-        blocks: dict[int, list[tuple[int, bool]]] = {i: [] for i in range(n)}
+        blocks: dict[int, list[tuple[int, bool | None]]] = {i: [] for i in range(n)}
         pending: dict[tuple[int, int], int] = {}
         finals: list[Final] = []
         stream = self.decoder.stream(prompt, config, sampling, n=n, request_id=tag)
@@ -174,7 +199,7 @@ class RolloutWorker:
                 elif isinstance(ev, ToolCall) and ev.outcome != "not_executed":
                     fence = pending.pop((ev.sample, ev.execution), None)
                     if fence is not None:
-                        blocks[ev.sample].append((fence, ev.ok))
+                        blocks[ev.sample].append((fence, None if ev.outcome == SANDBOX_ERROR else ev.ok))
                 elif isinstance(ev, Final):
                     finals.append(ev)
         finals.sort(key=lambda f: f.sample)
@@ -206,7 +231,9 @@ class RolloutWorker:
             r.reward = 0.0
         tail = r.text[-cfg.boxed_tail_chars :]
         boxed_near_end = "\\boxed" in tail and bool((r.answer or "").strip())  # the decoder's answer
-        if r.failed_calls or r.finish_reason == FinishReason.tool_error.value:
+        if r.sandbox_errors:  # the sandbox failed, not the model: neither a reward nor a failed call
+            r.drop = "sandbox error"
+        elif r.failed_calls or r.finish_reason == FinishReason.tool_error.value:
             r.drop = "failed call"
         elif sum(r.response_mask) < cfg.min_response_tokens:
             r.drop = "too short"
@@ -225,7 +252,7 @@ class RolloutWorker:
             r = rng.choice(failed)
             return r, r.failed_block  # type: ignore[return-value]
         if self.scfg.use_random_code_rollout:
-            with_code = [r for r in rollouts if r.blocks]
+            with_code = [r for r in rollouts if r.blocks and not r.sandbox_errors]
             if with_code:
                 r = rng.choice(with_code)
                 return r, rng.choice(r.blocks)[0]
@@ -256,6 +283,8 @@ class RolloutWorker:
         for r in rollouts:
             if r.finish_reason != FinishReason.tool_executed.value or not r.blocks:
                 r.drop = "no code block"
+            elif r.blocks[0][1] is None:  # the sandbox could not run the block: no verdict on the code
+                r.drop = "sandbox error"
             r.reward = 1.0 if r.blocks and r.blocks[0][1] else 0.0
         result = GroupResult(group, "step", problem, rollouts)
         result.reason = _filter_group(rollouts, cfg.group_size, self.tcfg.min_survivor_fraction)
@@ -278,6 +307,8 @@ class RolloutWorker:
                 "finish_reason": r.finish_reason,
                 "calls": r.calls,
                 "ok_calls": r.ok_calls,
+                "sandbox_errors": r.sandbox_errors,
+                "reencoded_tokens": r.reencoded,
                 "answer": r.answer,
                 "correct": r.correct,
             },

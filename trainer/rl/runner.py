@@ -6,7 +6,9 @@ groups or `max_rounds` are spent (dynamic sampling: dropped groups are replaced 
 problems), then step-level groups cut from this step's failed rollouts, all through the
 serving decoder on the in-process vLLM engine; GRPO advantages per group; the batch is
 broadcast to every process and the learner updates (DDP under `accelerate launch`); the
-new weights are reloaded into vLLM and probed. Every step appends a line to
+new weights are reloaded into vLLM and probed (sync.py); the gap between vLLM's sampled
+log-probs and the learner's old ones on the trained tokens is logged per step and bounded
+(engine.rollout_logprob_tolerance: the learner refuses to step on rollouts another policy sampled). Every step appends a line to
 `metrics.jsonl` and redraws `metrics.png`; every `checkpoint_every` steps a servable
 checkpoint (`checkpoints/step-N/`, Hugging Face format, untied) plus the learner's and
 the loop's state for `--resume`; a held-out evaluation through `trainer.evaluate`'s
@@ -47,7 +49,7 @@ from .config import RlConfig
 from .records import RolloutRecord
 from .rollout import GroupResult, Rollout, RolloutWorker, gather_groups, prompt_ids_for
 
-__all__ = ["RlRunError", "run_rl"]
+__all__ = ["RlRunError", "engine_options", "run_rl"]
 
 log = logging.getLogger("trainer.rl")
 
@@ -121,15 +123,19 @@ def _summarise_trajectories(groups: list[GroupResult]) -> dict[str, Any]:
     rollouts = [r for g in groups for r in g.rollouts]
     calls = sum(r.calls for r in rollouts)
     ok = sum(r.ok_calls for r in rollouts)
+    sandbox = sum(r.sandbox_errors for r in rollouts)
+    ran = calls - sandbox  # calls the sandbox ran: a sandbox failure is not the code's
     n = max(1, len(rollouts))
     return {
         "rollouts": len(rollouts),
         "accuracy": sum(r.correct for r in rollouts) / n,
         "reward": sum(r.reward for r in rollouts if r.drop is None) / max(1, sum(r.drop is None for r in rollouts)),
-        "tool_success": ok / calls if calls else None,
+        "tool_success": ok / ran if ran else None,
+        "sandbox_errors": sandbox,
         "code_use": sum(r.calls > 0 for r in rollouts) / n,
         "calls_per_rollout": calls / n,
         "response_tokens": sum(len(r.response_ids) for r in rollouts) / n,
+        "reencoded_tokens": sum(r.reencoded for r in rollouts),
         "groups": len(groups),
         "groups_kept": sum(g.kept for g in groups),
         "group_drops": dict(Counter(g.reason.split(" (")[0] for g in groups if g.reason)),
@@ -147,6 +153,8 @@ def _summarise_steps(groups: list[GroupResult]) -> dict[str, Any]:
         "continuations": len(rollouts),
         "reached_code": len(reached) / max(1, len(rollouts)),
         "code_success": sum(r.reward for r in reached) / len(reached) if reached else None,
+        "sandbox_errors": sum(r.sandbox_errors for r in rollouts),
+        "reencoded_tokens": sum(r.reencoded for r in rollouts),
     }
 
 
@@ -165,6 +173,8 @@ def _rollout_line(g: GroupResult, r: Rollout) -> str:
             "finish_reason": r.finish_reason,
             "calls": r.calls,
             "ok_calls": r.ok_calls,
+            "sandbox_errors": r.sandbox_errors,
+            "reencoded_tokens": r.reencoded,
             "prompt_tokens": len(r.prompt_ids),
             "response_tokens": len(r.response_ids),
             "text": r.text,
@@ -185,11 +195,11 @@ class _Main:
         self.sync: Any = None
         self.checker: Any = None
         self.problems: _Problems | None = None
-        self.heldout: list[Any] = []
+        self.trained: Any = None  # the TrainingProblems of this run's checkpoints
 
     async def open(self, policy_dir: Path, learner: Any) -> None:
         from thor_engine.answer import AnswerChecker
-        from thor_engine.backends.vllm_backend import EngineOptions, VllmBackend
+        from thor_engine.backends.vllm_backend import VllmBackend
         from thor_engine.cli.local_sandbox import LocalSandboxError, sandbox_at
         from thor_engine.decoder import ThorDecoder
         from thor_engine.tools import SandboxExecutor, SandboxPolicy
@@ -206,14 +216,7 @@ class _Main:
             raise RlRunError(f"no sandbox: {exc}") from exc
         client = await self.stack.enter_async_context(SandboxClient(url))
         self.executor = SandboxExecutor(client, SandboxPolicy(max_concurrent_per_request=cfg.engine.sandbox_pool))
-        opts = EngineOptions(
-            model=str(policy_dir),
-            dtype=cfg.engine.dtype,
-            max_model_len=cfg.engine.max_model_len,
-            enforce_eager=cfg.engine.enforce_eager,
-            max_num_seqs=cfg.engine.max_num_seqs,
-            seed=cfg.schedule.seed,
-        )
+        opts = engine_options(cfg, policy_dir)
         try:
             self.backend = await VllmBackend.start(opts)
         except Exception as exc:  # vLLM raises many kinds; one line for the operator
@@ -233,11 +236,15 @@ class _Main:
             "I will compute it with Python.\n```python\nprint(1 + 2)\n```\n", add_special_tokens=False
         )
         self.sync = WeightSync(
-            self.backend.engine, probe_prompt + probe_tail, len(probe_prompt), cfg.engine.probe_tolerance
+            self.backend.engine,
+            probe_prompt + probe_tail,
+            len(probe_prompt),
+            cfg.engine.probe_tolerance,
+            cfg.engine.probe_change_tolerance,
         )
         self.stack.callback(self.sync.close)
-        worst, mean = await self.sync.probe(learner.sequence_logprobs)
-        log.info("probe before training: |dlogp| max %.2e mean %.2e", worst, mean)
+        res = await self.sync.probe(learner.probe_logprobs)
+        log.info("probe before training: |dlogp| max %.2e mean %.2e", res.max_abs, res.mean_abs)
 
     async def close(self) -> None:
         await self.stack.aclose()
@@ -295,7 +302,6 @@ class _Main:
             return None
         from thor_engine.engine import ThorEngine
         from trainer.evaluate.__main__ import report
-        from trainer.evaluate.benchmarks import load_benchmark, select
         from trainer.evaluate.modes import parse_modes
         from trainer.evaluate.records import RunSpec
         from trainer.evaluate.runner import run_evaluation
@@ -304,11 +310,9 @@ class _Main:
         out = self.out / "eval" / f"step-{step}"
         if out.exists():
             shutil.rmtree(out)  # a step re-run after resume replaces its partial evaluation
-        names = [n.strip() for n in ev.benchmarks.split(",") if n.strip()]
-        problems = []
-        for name in names:
-            fields = {"problem_field": ev.problem_field, "answer_field": ev.answer_field, "id_field": ev.id_field}
-            problems += select(load_benchmark(name, **{k: v for k, v in fields.items() if v}), limit=ev.limit)
+        names, problems = _eval_problems(self.cfg)
+        if self.trained is not None:  # checked at the start too; the trained set cannot grow during a run
+            _check_eval_overlap(self.cfg, problems, self.trained)
         modes = parse_modes(ev.modes)
         model_name = f"rl-step-{step}"
         engine = ThorEngine(self.backend, self.executor, model_name)
@@ -348,6 +352,56 @@ class _Main:
                 "calls_per_sample": row["tools"]["calls_per_sample"],
             }
         return res
+
+
+def engine_options(cfg: RlConfig, policy_dir: Path) -> Any:
+    """The in-process vLLM engine's options: its share of a GPU next to the learner
+    (engine.gpu_memory_utilization), and sampled log-probs of the distribution it samples from
+    (logprobs_mode processed_logprobs: after temperature, as the learner's; vLLM's default is the raw
+    distribution's). Prompt log-probs (the probe) are raw in either mode."""
+    from thor_engine.backends.vllm_backend import EngineOptions
+
+    return EngineOptions(
+        model=str(policy_dir),
+        dtype=cfg.engine.dtype,
+        max_model_len=cfg.engine.max_model_len,
+        enforce_eager=cfg.engine.enforce_eager,
+        max_num_seqs=cfg.engine.max_num_seqs,
+        seed=cfg.schedule.seed,
+        gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
+        extra={"logprobs_mode": "processed_logprobs"},
+    )
+
+
+def _eval_problems(cfg: RlConfig) -> tuple[list[str], list[Any]]:
+    """The held-out evaluation's benchmark names and problems (eval.benchmarks, eval.limit each)."""
+    from trainer.evaluate.benchmarks import load_benchmark, select
+
+    ev = cfg.eval
+    names = [n.strip() for n in (ev.benchmarks or "").split(",") if n.strip()]
+    fields = {"problem_field": ev.problem_field, "answer_field": ev.answer_field, "id_field": ev.id_field}
+    problems: list[Any] = []
+    for name in names:
+        problems += select(load_benchmark(name, **{k: v for k, v in fields.items() if v}), limit=ev.limit)
+    return names, problems
+
+
+def _check_eval_overlap(cfg: RlConfig, problems: list[Any], trained: Any) -> None:
+    """The evaluate command's check (trainer.splits.check_no_overlap): refuse to score problems the
+    checkpoints are trained on (the starting checkpoint's and this run's), unless eval.allow_train_overlap."""
+    from trainer.splits import SplitError, check_no_overlap
+
+    if cfg.eval.allow_train_overlap:
+        return
+    try:
+        check_no_overlap(
+            problems,
+            trained,
+            model=f"the RL run {cfg.out}",
+            fix="Set eval.benchmarks to held-out problems, or eval.allow_train_overlap: true to score them anyway",
+        )
+    except SplitError as exc:
+        raise RlRunError(str(exc)) from exc
 
 
 def _seed(seed: int, step: int, index: int) -> int:
@@ -393,8 +447,16 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
     )
     start_ckpt = _check_run_dir(cfg, out, resume) if main else None
     start_ckpt = _broadcast(accelerator, start_ckpt)
+    step0, cursor = 0, 0
+    if start_ckpt is not None:
+        loop = json.loads((start_ckpt / LOOP_STATE).read_text())
+        step0, cursor = loop["step"], loop["cursor"]
     if main:
         _write_config(out, cfg)
+        if resume:  # the steps after the checkpoint are redone: their lines go (all of them without one,
+            # the evaluation before training included)
+            for name in (METRICS_FILE, "eval.jsonl"):
+                _trim_log(out / name, step0 if start_ckpt is not None else -1)
     try:
         named = cfg.problems.path in BENCHMARKS
         fields = (
@@ -422,25 +484,25 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
                 "offset 200 or your own file, or set problems.allow_eval_problems: true"
             )
     trained = _training_problems(cfg, problems)
+    if cfg.eval.benchmarks:  # before anything expensive starts: the evaluation must be held out
+        try:
+            _, eval_problems = _eval_problems(cfg)
+        except (OSError, ValueError) as exc:
+            raise RlRunError(f"cannot read the evaluation problems {cfg.eval.benchmarks}: {exc}") from exc
+        _check_eval_overlap(cfg, eval_problems, trained)
 
     learner = Learner(
         cfg.model, cfg.optim, cfg.loss, accelerator, seed=cfg.schedule.seed, temperature=cfg.trajectory.temperature
     )
-    step0 = 0
-    cursor = 0
     if start_ckpt is not None:
         learner.load_state(start_ckpt / "state")
-        loop = json.loads((start_ckpt / LOOP_STATE).read_text())
-        step0, cursor = loop["step"], loop["cursor"]
-        log.info("resuming from %s (step %d)", start_ckpt, step0)
-        if main:  # steps after the checkpoint are redone: their lines go
-            for name in (METRICS_FILE, "eval.jsonl"):
-                _trim_log(out / name, step0)
+        log.info("resuming from %s (step %d, problem cursor %d)", start_ckpt, step0, cursor)
 
     m: _Main | None = None
     if main:
         m = _Main(cfg, out)
         m.problems = _Problems(problems, cfg.schedule.seed, cursor)
+        m.trained = trained
     policy0 = start_ckpt if start_ckpt is not None else out / "policy-0"
     if start_ckpt is None:
         # untied, what vLLM starts from (a tied start would reload wrongly); every process: the gather is collective
@@ -465,17 +527,31 @@ async def run_rl(cfg: RlConfig, *, resume: bool = False, progress: bool = True) 
                 group_advantages(records, cfg.loss.adv_eps)
             t1 = time.perf_counter()
             records = _broadcast(accelerator, records)
-            stats = learner.update(records) if records else {"skipped": True}
+            gap_tolerance = cfg.engine.rollout_logprob_tolerance
+            stats = learner.update(records, max_logprob_gap=gap_tolerance) if records else {"skipped": True}
             t2 = time.perf_counter()
             metrics["learner"] = stats
+            metrics["optimizer_steps"] = learner.optimizer_steps  # since the run began (restored on resume)
             if m is not None:
+                assert m.problems is not None
+                metrics["problem_cursor"] = m.problems.cursor  # problems drawn since the run began
                 if records:
                     # DDP: the main process holds the whole model. FSDP2 / ZeRO-3 would need save_weights'
                     # gather on every process before this (untested here: no GPUs).
-                    res = await m.sync.sync(learner.save_weights, learner.sequence_logprobs)
+                    res = await m.sync.sync(learner.save_weights, learner.probe_logprobs)
                     metrics["sync_s"] = res.seconds
-                    metrics["probe_max_abs"] = res.probe_max_abs
-                    metrics["probe_mean_abs"] = res.probe_mean_abs
+                    metrics["probe_max_abs"] = res.probe.max_abs
+                    metrics["probe_mean_abs"] = res.probe.mean_abs
+                    metrics["probe_change"] = res.probe.change
+                    metrics["probe_change_gap"] = res.probe.change_gap
+                if records:
+                    log.info(
+                        "step %d: sampled vs learner log-prob gap on trained tokens %.2e (max %.2e, tolerance %s)",
+                        step,
+                        stats["logprob_gap"],
+                        stats["logprob_gap_max"],
+                        gap_tolerance,
+                    )
                 metrics["rollout_s"] = t1 - t0
                 metrics["update_s"] = t2 - t1
             accelerator.wait_for_everyone()
