@@ -144,6 +144,21 @@ def test_logprobs_shape_and_greedy_consistency(client):
         assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
 
 
+def test_top_logprobs_are_one_per_token_id(server):
+    """Several token ids can decode to the same text (the byte pieces of one character all read
+    U+FFFD): each id is its own `top_logprobs` entry, as vLLM sends them, never merged into one
+    entry per text (which would return fewer than asked, with one of the ids' logprobs)."""
+    ask = [{"role": "user", "content": "Reply with three emoji and nothing else."}]
+    out = chat(server, messages=ask, max_tokens=6, logprobs=True, top_logprobs=20)
+    entries = out["choices"][0]["logprobs"]["content"]
+    assert entries and all(len(e["top_logprobs"]) == 20 for e in entries), [len(e["top_logprobs"]) for e in entries]
+    # the case this is about occurs here: some position has alternatives that read the same
+    assert any(len({t["token"] for t in e["top_logprobs"]}) < 20 for e in entries)
+    for e in entries:
+        lps = [t["logprob"] for t in e["top_logprobs"]]
+        assert lps == sorted(lps, reverse=True)
+
+
 def test_logprobs_without_top_logprobs(server):
     out = chat(server, logprobs=True)
     entries = out["choices"][0]["logprobs"]["content"]

@@ -237,7 +237,7 @@ def test_plain_completion_logprob_offsets_do_not_depend_on_chunking() -> None:
     from server.plain_responses import PlainCompletionBuilder
     from thor_engine.engine import PlainChunk
 
-    tokens = [(" ", -1.5, {" ": -1.5}), ("3", -0.1, {"3": -0.1}), ("36", -0.2, {"36": -0.2})]
+    tokens = [(" ", -1.5, [(" ", -1.5)]), ("3", -0.1, [("3", -0.1)]), ("36", -0.2, [("36", -0.2)])]
     held_back = [
         PlainChunk(0, "", logprobs=tokens[:1], completion_tokens=1),
         PlainChunk(0, " 3", logprobs=tokens[1:2], completion_tokens=2),
