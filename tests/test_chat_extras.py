@@ -73,6 +73,14 @@ def post(server, payload: dict[str, Any]) -> httpx.Response:
     return httpx.post(server.url + "/v1/chat/completions", json=payload, timeout=120)
 
 
+def plain_finish(body: dict[str, Any], max_tokens: int) -> str:
+    """The one finish_reason a plain (THOR off) choice may have: `tool_calls` exactly when it
+    carries calls, else `length` exactly when it used all of max_tokens, else `stop`."""
+    if body["choices"][0]["message"].get("tool_calls"):
+        return "tool_calls"
+    return "length" if body["usage"]["completion_tokens"] == max_tokens else "stop"
+
+
 def chat(server, **kw: Any) -> dict[str, Any]:
     r = post(server, body(**kw))
     assert r.status_code == 200, r.text
@@ -315,8 +323,9 @@ def test_auto_renders_tools_and_answers_in_schema(server, tokenizer):
     assert "<tools>" in text and '"get_weather"' in text
     assert whole["usage"]["prompt_tokens"] == len(tokenizer.encode(text, add_special_tokens=False))
     choice = whole["choices"][0]
-    if not choice["message"].get("tool_calls"):
-        assert choice["finish_reason"] in ("stop", "length") and choice["message"]["content"]
+    assert choice["finish_reason"] == plain_finish(whole, 40), whole
+    if choice["finish_reason"] != "tool_calls":
+        assert choice["message"]["content"] and "tool_calls" not in choice["message"]
     assert accumulate(stream(server, max_tokens=40, **kw)) == as_accumulated(choice)
 
 
@@ -458,7 +467,7 @@ def test_tool_choice_none_renders_tools_and_calls_nothing(server):
     without = chat(server, messages=kw["messages"], max_tokens=1)
     assert none["usage"]["prompt_tokens"] == auto["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"]
     choice = none["choices"][0]
-    assert "tool_calls" not in choice["message"] and choice["finish_reason"] in ("stop", "length")
+    assert "tool_calls" not in choice["message"] and choice["finish_reason"] == plain_finish(none, 16), none
     assert choice["message"]["content"]
 
 
@@ -505,7 +514,12 @@ def test_thor_on_with_client_functions_runs_python_and_takes_tool_results(client
     ]  # fmt: skip
     follow = client.chat.completions.create(model=MODEL, messages=turn, tools=[ADD], temperature=0, max_tokens=120)
     validate(follow.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionResponse")
-    assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # OpenAI's finish_reason says what THOR's does: a client call, the model's stop, or a limit
+    thor_finish = follow.model_extra["thor"]["choices"][0]["finish_reason"]
+    expected = "tool_calls" if follow.choices[0].message.tool_calls else {"stop": "stop"}.get(thor_finish, "length")
+    assert follow.choices[0].finish_reason == expected, (thor_finish, follow.choices[0])
+    if thor_finish == "length":
+        assert follow.usage.completion_tokens >= 120
     assert follow.usage.prompt_tokens > r.usage.prompt_tokens
 
 
