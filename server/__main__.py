@@ -159,6 +159,7 @@ def make_build(
             # engine and sandbox busy time on /metrics (server/activity.py); cache hits run nothing
             clock = ActivityClock()
             metrics.watch_activity(clock)
+            metrics.watch_engine(backend)
             executor = CachingExecutor(
                 ClockedExecutor(SandboxExecutor(sandbox, policy), clock),
                 store,

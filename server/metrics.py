@@ -10,7 +10,12 @@ generation.py and the response builders).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from thor_engine.events import Final, ToolCall
 
@@ -56,6 +61,11 @@ class ServerMetrics:
             "thor_aborted_requests_total", "Requests aborted because the client went away.", registry=r
         )
 
+    def watch_engine(self, backend: Any) -> None:
+        """Expose the engine's aborted requests (`backend.aborted_requests`, read at scrape time)
+        as thor_engine_aborted_requests_total."""
+        self.registry.register(_EngineAborts(backend))
+
     def watch_activity(self, clock: ActivityClock) -> None:
         """Expose `clock`'s engine and sandbox busy time (thor_engine_busy_seconds_total, ...)."""
         self.registry.register(ActivityCollector(clock))
@@ -74,3 +84,16 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry) + generate_latest(REGISTRY)
+
+
+class _EngineAborts(Collector):
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "thor_engine_aborted_requests",
+            "Engine requests aborted before they finished: a client that went away, or the decoder "
+            "cutting a round short (a closing fence or a loop seen in the streamed text).",
+            value=int(getattr(self._backend, "aborted_requests", 0)),
+        )

@@ -131,7 +131,8 @@ class PlainChatBuilder(PlainTokenCounts):
             return None
         out = []
         for text, lp, tops in c.logprobs or ():
-            best = sorted(tops.items(), key=lambda kv: kv[1], reverse=True)[: self.top_logprobs]
+            # one entry per token id (two ids with the same text are two entries, as vLLM sends them)
+            best = sorted(tops or (), key=lambda kv: kv[1], reverse=True)[: self.top_logprobs]
             out.append({**_logprob(text, lp), "top_logprobs": [_logprob(t, v) for t, v in best]})
         return out
 

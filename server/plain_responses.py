@@ -134,7 +134,8 @@ class PlainCompletionBuilder(PlainTokenCounts):
             for d in (part, st.logprobs):
                 d["tokens"].append(text)
                 d["token_logprobs"].append(lp)
-                d["top_logprobs"].append(tops)
+                # the legacy shape is {token text: logprob}: ids with the same text share a key, as in vLLM
+                d["top_logprobs"].append(dict(tops) if tops is not None else None)
                 d["text_offset"].append(st.token_chars)
             st.token_chars += len(text)
         return part

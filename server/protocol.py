@@ -542,6 +542,13 @@ class CompletionRequest(_SamplingRequest):
             "best_of is not supported (vLLM's engine dropped it); sample with n and pick on the client",
         )
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_kind_of_batch(cls, v: Any) -> Any:
+        if isinstance(v, list) and len({type(p) for p in v if isinstance(p, str | list)}) > 1:
+            raise ValueError("a batch of prompts mixes texts and token-id lists: send all texts or all token-id lists")
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _prompt_texts(cls, v: Any) -> Any:

@@ -21,7 +21,9 @@ The one rule for the message fields, streamed or not:
 - chat with THOR on and client function `tools` (tool_choice auto): the turn ends where
   the model closes a call to a client function (`</tool_call>` is a stop string); the
   calls its answer ends with become `tool_calls` (finish_reason `tool_calls`), sent whole
-  when the trajectory ends, and their text leaves `content`.
+  when the trajectory ends, and their text leaves `content`. Only a call the model
+  completed (the trajectory ended as the model's own stop, not cut by max_tokens or the
+  context) to a function the request offered is a call; otherwise its text stays `content`.
 The non-stream body is built from exactly the deltas the stream sends, so
 concatenating a stream's deltas gives the non-stream message, field by field.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -88,10 +91,13 @@ class ResponseBuilder:
         metrics: ServerMetrics,
         include_usage: bool = False,
         function_calls: FunctionCallParser | None = None,
+        function_names: Collection[str] = (),
     ) -> None:
         self.kind, self.id, self.model = kind, response_id, model
         #: chat with THOR on and client functions (tool_choice auto): the answer's calls, parsed at the end
         self.function_calls = function_calls
+        #: the functions the request offered: a call to any other is no call
+        self.function_names = frozenset(function_names)
         self.created = int(time.time())
         self.choices = [ChoiceState(i) for i in range(n)]
         self.reasoning_fields = reasoning_fields
@@ -215,7 +221,7 @@ class ResponseBuilder:
             else:
                 out.append(self._chunk([self._completion_choice(st.index, "", thor=thor)]))
         if isinstance(ev, Final):
-            calls = self._client_calls(st)
+            calls = self._client_calls(st, ev)
             out.extend(self._release(st, final=True))
             if calls:
                 st.function_calls = calls
@@ -223,17 +229,19 @@ class ResponseBuilder:
             out.extend(self._finish(st, ev))
         return out
 
-    def _client_calls(self, st: ChoiceState) -> list[dict[str, Any]]:
-        """The calls to client functions the held answer ends with (its text is taken out of it)."""
-        if self.function_calls is None:
+    def _client_calls(self, st: ChoiceState, ev: Final) -> list[dict[str, Any]]:
+        """The calls to client functions the held answer ends with (its text is taken out of it):
+        only calls the model completed (it stopped by itself: a call cut by max_tokens or the
+        context is unfinished, however well its text parses) to functions the request offered."""
+        if self.function_calls is None or ev.finish_reason != FinishReason.stop:
             return []
         answer = "".join(p.text for p in st.pending if p.field == "content")
         start = answer.find(TOOL_CALL_START)
         if start < 0:
             return []
         _, calls = self.function_calls.parse(answer[start:])
-        if not calls:
-            return []  # no call parses: the text stays the answer
+        if not calls or any(name not in self.function_names for name, _ in calls):
+            return []  # no call parses, or one names a function not offered: the text stays the answer
         retract(st.pending, len(answer) - len(answer[:start].rstrip()))  # the call and the space before it
         return [
             {

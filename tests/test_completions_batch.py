@@ -383,13 +383,13 @@ def test_batch_and_echo_bodies_equal_vllms(servers, key, tiny_tir_model, extra):
         ({"prompt": [[100] * 5, [100] * 2100]}, "prompt", "prompt[1]"),
         ({"prompt": []}, "prompt", "empty"),
         ({"prompt": [[5], []]}, "prompt", "empty"),
-        ({"prompt": ["a", [1, 2]]}, "prompt", ""),
+        ({"prompt": ["a", [1, 2]]}, "prompt", "mixes texts and token-id lists"),
         ({"prompt": ["a", "b"], "thor": {}}, "prompt", "batch of prompts"),
         ({"echo": True, "thor": {}}, "echo", "plain completions only"),
         ({"max_tokens": 0}, "max_tokens", "echo"),
         ({"echo": True, "return_token_ids": True}, "echo", "prompt_token_ids"),
         ({"prompt": ["a"] * MAX_BATCH, "max_tokens": 600}, "max_tokens", "number of prompts"),
-        ({"max_tokens": -1, "echo": True}, "max_tokens", ""),
+        ({"max_tokens": -1, "echo": True}, "max_tokens", "greater than or equal to 0"),
         # echo's work: 2 x 300 prompt tokens x n 2 x (1 + 5 logprobs) = 7200 > 4096, though n x max_tokens is 0
         (
             {"prompt": [[100] * 300] * 2, "n": 2, "echo": True, "logprobs": 5, "max_tokens": 0},
@@ -404,7 +404,7 @@ def test_bad_batch_and_echo_inputs_are_400_naming_the_field(server, key, extra, 
     err = r.json()
     validate(err, "ErrorResponse")
     assert err["error"]["param"] == param, err
-    assert needle in err["error"]["message"], err
+    assert needle and needle in err["error"]["message"], err
     if needle == "prompt[1]":  # the batch's second prompt is longer than the context
         assert err["error"]["code"] == "context_length_exceeded"
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis.generation.modes import GenerationMode
 
-from tests.support.openapi import validate
+from tests.support.openapi import validate, validate_response_event
 from tests.support.shared_data import schema_path
 from tests.support.thor_server import run_server, tiny_server_args
 
@@ -37,6 +37,8 @@ OPERATIONS = [
     ("/responses/{response_id}", "GET", {GenerationMode.POSITIVE: 5, GenerationMode.NEGATIVE: 5}),
     ("/models", "GET", {GenerationMode.POSITIVE: 5, GenerationMode.NEGATIVE: 5}),
 ]
+#: the types of the Responses stream events the run produced (the test's coverage, in its failure messages)
+RESPONSE_EVENTS: Counter[str] = Counter()
 SUCCESS_OBJECT = {
     "/chat/completions": "chat.completion",
     "/completions": "text_completion",
@@ -72,9 +74,13 @@ def check_response(path: str, response) -> None:
     if (ctype[0] if isinstance(ctype, list) else ctype).startswith("text/event-stream"):
         events = [ln for ln in response.text.split("\n\n") if ln.strip()]
         if path == "/responses":  # named events, no sentinel: the last is the response's end (or an error)
-            last = json.loads(events[-1].split("data: ", 1)[1])
-            assert last["type"] in ("response.completed", "response.incomplete", "response.failed"), events[-3:]
-            events.append("data: [DONE]")
+            data = [json.loads(ev.split("data: ", 1)[1]) for ev in events if not ev.startswith(":")]
+            for ev in data:  # every event (an `error` event included) is one of the spec's, in its shape
+                validate_response_event(ev)
+            assert data[-1]["type"] in ("response.completed", "response.incomplete", "response.failed"), events[-3:]
+            assert [ev["sequence_number"] for ev in data] == list(range(len(data))), events[:3]
+            RESPONSE_EVENTS.update(ev["type"] for ev in data)
+            return
         assert events[-1] == "data: [DONE]", events[-3:]
         for ev in events[:-1]:
             if ev.startswith(":"):  # SSE comments (keep-alives)

@@ -483,29 +483,45 @@ def running(server) -> int:
     return httpx.get(server.url + "/health").json()["engine"]["requests_running"]
 
 
-def test_stream_disconnect_aborts_engine_request(server):
-    body = chat("Write a long story.", max_tokens=1500, stream=True, temperature=1.0)
+def endless(**kw) -> dict:
+    """A plain request that cannot end by itself before the context is full (no EOS, max_tokens
+    clamped to the room the 2048-token context leaves): ~2000 tokens, far more than the tiny
+    model writes in the seconds the disconnect tests wait."""
+    body = chat("Write a long story.", max_tokens=100_000, ignore_eos=True, **kw)
     body["thor"] = {"enabled": False}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=H(), json=body, timeout=60) as r:
+    return body
+
+
+def abort_counts(server) -> tuple[float, float]:
+    return metric(server.url, "thor_engine_aborted_requests_total"), metric(server.url, "thor_aborted_requests_total")
+
+
+def assert_aborted(server, before: tuple[float, float]) -> None:
+    """The engine aborted exactly one request (a request that finishes by itself is never
+    counted) and the server counted the client's abort, within seconds of the client leaving."""
+    deadline = time.monotonic() + 10
+    while running(server) or abort_counts(server) != (before[0] + 1, before[1] + 1):
+        assert time.monotonic() < deadline, ("no abort after the client left", abort_counts(server), before)
+        time.sleep(0.1)
+
+
+def test_stream_disconnect_aborts_engine_request(server):
+    before = abort_counts(server)
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", headers=H(), json=endless(stream=True), timeout=60
+    ) as r:
         it = r.iter_lines()
         for _ in range(10):
             next(it)
         assert running(server) == 1
-    deadline = time.monotonic() + 10
-    while running(server):
-        assert time.monotonic() < deadline, "engine request still running after the client left"
-        time.sleep(0.1)
+    assert_aborted(server, before)
 
 
 def test_non_stream_disconnect_aborts_engine_request(server):
-    body = chat("Write a long story.", max_tokens=1500, temperature=1.0)
-    body["thor"] = {"enabled": False}
+    before = abort_counts(server)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/chat/completions", headers=H(), json=body, timeout=1.5)
-    deadline = time.monotonic() + 10
-    while running(server):
-        assert time.monotonic() < deadline, "engine request still running after the client left"
-        time.sleep(0.1)
+        httpx.post(server.url + "/v1/chat/completions", headers=H(), json=endless(), timeout=1.5)
+    assert_aborted(server, before)
 
 
 def test_metrics_exposition(server, client):

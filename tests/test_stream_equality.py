@@ -237,7 +237,7 @@ def test_plain_completion_logprob_offsets_do_not_depend_on_chunking() -> None:
     from server.plain_responses import PlainCompletionBuilder
     from thor_engine.engine import PlainChunk
 
-    tokens = [(" ", -1.5, {" ": -1.5}), ("3", -0.1, {"3": -0.1}), ("36", -0.2, {"36": -0.2})]
+    tokens = [(" ", -1.5, [(" ", -1.5)]), ("3", -0.1, [("3", -0.1)]), ("36", -0.2, [("36", -0.2)])]
     held_back = [
         PlainChunk(0, "", logprobs=tokens[:1], completion_tokens=1),
         PlainChunk(0, " 3", logprobs=tokens[1:2], completion_tokens=2),
@@ -266,14 +266,19 @@ def test_plain_completion_logprob_offsets_do_not_depend_on_chunking() -> None:
     assert "".join(c["choices"][0]["text"] for c in split_stream) == split_body["choices"][0]["text"] == " 336"
 
 
-@pytest.mark.parametrize("stream", [True, False])
-async def test_client_function_call_ends_a_thor_turn(tokenizer, executor, stream):
-    """THOR on with client functions: the model runs its Python, then calls a client function;
-    the call (up to the `</tool_call>` stop string) becomes `tool_calls`, never `content`."""
+CALL_TURN = (
+    "Compute.\n```python\nprint(6*7)\n```\n```output\n42\n```\nSending it.\n"
+    '<tool_call>\n{"name": "send_answer", "arguments": {"value": 42}}\n'
+)
+
+
+async def client_call_turn(
+    tokenizer, executor, text: str, *, stream: bool, offered: tuple[str, ...] = ("send_answer",), max_tokens: int = 400
+) -> tuple[dict, list[dict], Final]:
+    """A THOR turn with client functions `offered` (tool_choice auto) where the model writes `text`:
+    the non-stream body and the stream chunks, through the server's builder."""
     from thor_engine.function_calls import TOOL_CALL_END, FunctionCallParser
 
-    call = '<tool_call>\n{"name": "send_answer", "arguments": {"value": 42}}\n'
-    text = "Compute.\n```python\nprint(6*7)\n```\n```output\n42\n```\nSending it.\n" + call + TOOL_CALL_END + " junk"
     dec = ThorDecoder(ScriptedBackend(tokenizer, continuing(text)), executor)
     builder = ResponseBuilder(
         kind="chat",
@@ -284,12 +289,28 @@ async def test_client_function_call_ends_a_thor_turn(tokenizer, executor, stream
         tools_enabled=True,
         reasoning_model=False,
         metrics=ServerMetrics(),
+        include_usage=stream,
         function_calls=FunctionCallParser(tokenizer),
+        function_names=offered,
     )
     prompt = render_chat(tokenizer, [{"role": "user", "content": "What is 6*7? Send it."}])
-    sampling = SamplingOptions(max_tokens=400, stop=(TOOL_CALL_END,), temperature=0.0)
+    sampling = SamplingOptions(max_tokens=max_tokens, stop=(TOOL_CALL_END,), temperature=0.0)
     chunks = [c for ev in [e async for e in dec.stream(prompt, ThorConfig(), sampling)] for c in builder.feed(ev)]
-    body = builder.response()
+    return builder.response(), chunks, builder.choices[0].final
+
+
+def completion_ids(final: Final) -> list[int]:
+    return [t for seg in final.trajectory["segments"] if seg["kind"] != "prompt" for t in seg["token_ids"]]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_function_call_ends_a_thor_turn(tokenizer, executor, stream):
+    """THOR on with client functions: the model runs its Python, then calls a client function;
+    the call (up to the `</tool_call>` stop string) becomes `tool_calls`, never `content`."""
+    from thor_engine.function_calls import TOOL_CALL_END
+
+    text = CALL_TURN + TOOL_CALL_END + " junk"
+    body, chunks, _ = await client_call_turn(tokenizer, executor, text, stream=stream)
     message = body["choices"][0]["message"]
     assert body["choices"][0]["finish_reason"] == "tool_calls"
     [tc] = message["tool_calls"]
@@ -307,3 +328,32 @@ async def test_client_function_call_ends_a_thor_turn(tokenizer, executor, stream
     ]
     assert [{k: v for k, v in t.items() if k != "index"} for t in sent] == message["tool_calls"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("case", ["not_offered", "cut_by_max_tokens"])
+async def test_only_finished_calls_to_offered_functions_are_tool_calls(tokenizer, executor, case):
+    """Mixed mode reports a client call only when the model finished it (not a call that
+    max_tokens cut right after its JSON, which vLLM's parser would still read) and only to a
+    function the request offered (a model may name any); otherwise the text stays the answer."""
+    from thor_engine.function_calls import TOOL_CALL_END
+
+    if case == "not_offered":
+        text = CALL_TURN + TOOL_CALL_END
+        body, chunks, _ = await client_call_turn(tokenizer, executor, text, stream=True, offered=("f",))
+        finish = "stop"
+    else:
+        # max_tokens ends the turn right after the call's JSON, before the model could close it
+        text = CALL_TURN + "more" + TOOL_CALL_END
+        _, _, whole = await client_call_turn(tokenizer, executor, text, stream=True)
+        ids = completion_ids(whole)
+        cut = next(k for k in range(len(ids)) if "42}}" in tokenizer.decode(ids[:k]))
+        body, chunks, _ = await client_call_turn(tokenizer, executor, text, stream=True, max_tokens=cut)
+        finish = "length"
+    choice = body["choices"][0]
+    assert body["thor"]["choices"][0]["tool_calls"][0]["stdout"] == "42\n"  # the Python still ran
+    assert choice["finish_reason"] == finish and "tool_calls" not in choice["message"], choice
+    assert choice["message"]["content"].startswith('Sending it.\n<tool_call>\n{"name": "send_answer"')
+    assert choice["message"]["content"].rstrip().endswith('"arguments": {"value": 42}}')
+    assert not any("tool_calls" in c["choices"][0]["delta"] for c in chunks if c["choices"])
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert streamed == choice["message"]["content"]

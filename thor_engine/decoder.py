@@ -7,7 +7,7 @@ fence: trailing spaces, `\\r\\n`, indentation, longer fences) or the model opens
 an ```` ```output ```` block of its own (its invented output is cut, never kept,
 and the code before it runs). The block runs in the sandbox (awaited, never
 blocking the event loop); the observation is formatted by the reference rules
-and appended *as tokens*; the next request continues from the whole token
+and appended *as tokens* (plain text: control tokens it spells stay text); the next request continues from the whole token
 sequence, so vLLM's prefix cache serves everything but the new tokens. A complete
 code block at the end of a round is always executed, refused with an
 observation (budget spent, answer after a thinking cut), or ends the trajectory
@@ -58,7 +58,7 @@ from .config import SamplingOptions, ThorConfig
 from .detokenize import TokenText
 from .events import Backtrack, CodeBlock, Event, Final, FinishReason, TextDelta, ToolCall, ToolStats, Usage, Vote
 from .observation import injection, judge
-from .prompting import is_reasoning_model
+from .prompting import encode_plain, is_reasoning_model
 from .repetition import RepetitionDetector
 from .streams import merge
 from .tools import ToolExecutor
@@ -657,7 +657,8 @@ class ThorDecoder:
 
     def _commit_observation(self, st: _State, cfg: ThorConfig, observation: str) -> list[TextDelta]:
         text = injection(observation, st.text.text.endswith("\n"))
-        self._append(st, self.tokenizer.encode(text, add_special_tokens=False), SegmentKind.observation)
+        # the tool's output is plain text: a control token it prints (<|im_end|>) stays text
+        self._append(st, encode_plain(self.tokenizer, text), SegmentKind.observation)
         st.traj.protect()
         self._new_watch(st)
         return self._emit(st, len(st.text.text), False, source="observation")

@@ -102,8 +102,10 @@ class Prompt:
         return len(self._ids)
 
 
-#: (token text, logprob, {alternative token text: logprob}); a prompt's first token: (text, None, None)
-LogprobEntry = tuple[str, float | None, dict[str, float] | None]
+#: (token text, logprob, [(alternative token text, logprob), one per alternative token id]); a
+#: prompt's first token: (text, None, None). Alternatives stay one per token id: several ids can
+#: decode to the same text (byte pieces of one character all read U+FFFD).
+LogprobEntry = tuple[str, float | None, list[tuple[str, float]] | None]
 
 
 @dataclass
@@ -115,7 +117,7 @@ class PlainChunk:
     finished: bool = False
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    # per new token: (token text, logprob, {alternative token text: logprob})
+    # per new token: (token text, logprob, [(alternative token text, logprob) per token id])
     logprobs: list[LogprobEntry] | None = None
     # with `prompt_logprobs`, on a choice's first chunk: one entry per prompt token, the first
     # one (no context) as (text, None, None), as vLLM and OpenAI report it
@@ -542,5 +544,5 @@ def _logprob_entry(tok: Any, token_id: int, alternatives: dict[int, Any]) -> Log
 
     own = alternatives.get(token_id)
     text = tok.decode([token_id])
-    tops = {tok.decode([t]): lp(v) for t, v in alternatives.items()}
+    tops = [(tok.decode([t]), lp(v)) for t, v in alternatives.items()]
     return text, lp(own) if own is not None else 0.0, tops

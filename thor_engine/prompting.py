@@ -4,13 +4,20 @@ Owns: the tool-integrated-reasoning instruction text, where it goes (`TirMode`:
 appended to the caller's system message by default, only when the caller brought
 none, or never), whether the model is a reasoning ("thinking") model, and
 rendering chat messages with the tokenizer's own chat template plus the caller's
-`chat_template_kwargs` and function `tools`. Raw prompt text or token ids pass through untouched.
+`chat_template_kwargs` and function `tools`, and tokenising text the server did not write
+as plain text (`encode_plain`): a message or tool output that spells a control token
+(`<|im_end|>`, `<|im_start|>`) is that text, never the control token, so it cannot end a
+turn or open a new one. Only the template's own control tokens are control tokens. Raw
+prompt text or token ids (`/v1/completions`, where the client writes the template itself)
+pass through untouched.
 
 Does not own: sampling, the loop, or HTTP message validation.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -99,15 +106,64 @@ def render_chat(
         raise ValueError(f"chat_template_kwargs may not set {', '.join(clash)}: THOR sets these itself")
     if enable_thinking is not None:
         kwargs["enable_thinking"] = enable_thinking
+    # the caller's text reaches the template with every control-token spelling swapped for a
+    # placeholder, so each control token in the rendering is the template's own
+    specials = special_tokens(tokenizer)
+    nonce = secrets.token_hex(8)
+    swap = {tok: f"\ue000{nonce}.{i}\ue001" for i, tok in enumerate(specials)}
+    hide = _replacer(swap)
     text = tokenizer.apply_chat_template(
-        msgs,
+        _map_strings(msgs, hide),
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
-        **({"tools": [dict(t) for t in tools]} if tools else {}),
+        **({"tools": _map_strings([dict(t) for t in tools], hide)} if tools else {}),
         **kwargs,
     )
-    return tokenizer.encode(text, add_special_tokens=False)
+    restore = _replacer({v: k for k, v in swap.items()})
+    ids: list[int] = []
+    # as the tokenizer itself does: control tokens first, the text between them encoded on its own
+    for i, piece in enumerate(_special_pattern(specials).split(text) if specials else [text]):
+        if i % 2:
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+        elif piece:
+            ids += encode_plain(tokenizer, restore(piece))
+    return ids
+
+
+def special_tokens(tokenizer: Any) -> list[str]:
+    """The tokenizer's control tokens (added tokens marked special), e.g. Qwen's `<|im_end|>`."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found = {str(t) for t in decoder.values() if getattr(t, "special", False)}
+    return sorted(found | set(getattr(tokenizer, "all_special_tokens", ()) or ()))
+
+
+def encode_plain(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of text the server did not write (a tool's output, a client's message): a
+    control token's spelling in it is plain text, never the control token."""
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
+def _special_pattern(specials: Sequence[str]) -> re.Pattern[str]:
+    return re.compile("(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")")
+
+
+def _replacer(table: Mapping[str, str]) -> Any:
+    if not table:
+        return lambda s: s
+    pattern = _special_pattern(list(table))
+    return lambda s: pattern.sub(lambda m: table[m.group(0)], s)
+
+
+def _map_strings(value: Any, fn: Any) -> Any:
+    """`value` with `fn` applied to every string in it (message fields, tool definitions)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_map_strings(v, fn) for v in value]
+    return value
 
 
 def encode_raw(tokenizer: Any, prompt: str) -> list[int]:

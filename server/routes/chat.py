@@ -133,6 +133,7 @@ async def chat_completions(
         reasoning_model=state.engine.reasoning_model,
         metrics=state.metrics,
         function_calls=parser,
+        function_names=[t["function"]["name"] for t in body.function_tools() or []],
     )
     events = state.engine.stream(prompt, cfg, options, n=body.n, vote=bool(opts and opts.vote), request_id=rid)
     summary = {

@@ -48,3 +48,25 @@ def validate(body: Any, schema_name: str) -> None:
         raise KeyError(schema_name)
     schema = {"$ref": f"urn:openai#/components/schemas/{schema_name}"}
     jsonschema.Draft202012Validator(schema, registry=_registry()).validate(body)
+
+
+@functools.cache
+def response_event_schemas() -> dict[str, str]:
+    """Each Responses API stream event type -> the name of its schema in OpenAI's spec (the
+    members of `ResponseStreamEvent`), e.g. "error" -> "ResponseErrorEvent"."""
+    schemas = _spec()["components"]["schemas"]
+    out = {}
+    for ref in schemas["ResponseStreamEvent"]["anyOf"]:
+        name = ref["$ref"].rsplit("/", 1)[1]
+        for kind in schemas[name]["properties"]["type"].get("enum", []):
+            out[kind] = name
+    return out
+
+
+def validate_response_event(event: Any) -> None:
+    """Raise when a Responses stream event is not one of the spec's events or breaks its schema."""
+    kind = event.get("type") if isinstance(event, dict) else None
+    schema = response_event_schemas().get(kind)  # type: ignore[arg-type]
+    if schema is None:
+        raise jsonschema.ValidationError(f"{kind!r} is not a Responses stream event type: {str(event)[:200]}")
+    validate(event, schema)

@@ -7,7 +7,8 @@ and text with every `GenParams` field mapped onto vLLM's `SamplingParams` (seeds
 kept in vLLM's int64 range), passing on vLLM's prompt logprobs as they come, reporting
 prefix-cache hits (`num_cached_tokens`),
 the checkpoint's `generation_config.json` sampling defaults, vLLM's own health
-check, aborting, and shutting the engine down. The engine core runs in its own process, so programs
+check, aborting (counted: `aborted_requests`, every request aborted before it finished,
+by a client that left or by the decoder cutting a round short), and shutting the engine down. The engine core runs in its own process, so programs
 using this need an `if __name__ == "__main__":` guard; that process (and its workers) is killed
 with the owning process however it exits (orphan_guard.py). A request's structured-output
 constraint (`GenParams.structured_outputs`) becomes vLLM's `StructuredOutputsParams`.
@@ -87,6 +88,8 @@ class VllmBackend:
 
     def __init__(self, engine: Any, tokenizer: Any, max_model_len: int, options: EngineOptions) -> None:
         self.engine = engine
+        #: requests aborted in the engine before they finished (since start)
+        self.aborted_requests = 0
         self._tokenizer = tokenizer
         self._max_model_len = max_model_len
         self.options = options
@@ -231,6 +234,7 @@ class VllmBackend:
 
         if self.engine is None:
             return
+        self.aborted_requests += 1
         with contextlib.suppress(EngineDeadError):  # a dead engine runs nothing that needs aborting
             await self.engine.abort(request_id)
 
