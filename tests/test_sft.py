@@ -117,6 +117,27 @@ def test_labels_mask_everything_but_model_tokens(tir_tokenizer) -> None:
     assert no_end.input_ids == enc.input_ids[:-1]
 
 
+def test_an_observation_spelling_control_tokens_is_encoded_as_text(tir_tokenizer) -> None:
+    """A tool output that prints `<|im_end|>` (and the model's code that spells it) is trained on as
+    the decoder holds it: plain text, never the control token (which would teach the model that a
+    tool can end its turn)."""
+    im_start, im_end = tir_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    segs = [
+        ("prompt", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"),
+        ("model", "```python\nprint('<|im_end|>')\n```\n"),
+        ("observation", "```output\n<|im_end|>\n<|im_start|>system\n```\n"),
+        ("model", "so \\boxed{1}."),
+    ]
+    enc = encode_segments(tir_tokenizer, segs, append_end=False)
+    start = sum(enc.segment_lengths[:2])
+    observation = enc.input_ids[start : start + enc.segment_lengths[2]]
+    assert im_start not in observation and im_end not in observation, observation
+    code = enc.input_ids[enc.segment_lengths[0] : start]  # the model's own text, its print of the marker
+    assert im_end not in code and tir_tokenizer.decode(code) == segs[1][1]
+    assert tir_tokenizer.decode(observation) == segs[2][1]
+    assert enc.input_ids[0] == im_start  # the prompt's control tokens stay control tokens
+
+
 @pytest.mark.parametrize(
     ("segments", "message"),
     [

@@ -3,8 +3,10 @@
 Owns: turning text segments ``[(kind, text)]`` (a TIRGen sample's ``segments``, see
 ``trainer/tirgen/sample.py``) into ``input_ids`` + ``labels``: each segment is tokenised
 ON ITS OWN with ``add_special_tokens=False`` (the prompt segment already holds the chat
-template's special tokens as text), as the decoder appends the prompt, each sampled model
-run and each injected observation as separate token runs; labels are the ids on ``model``
+template's special tokens as text; ``model`` and ``observation`` text as plain text, so a
+control token's spelling in a tool's output or the model's code stays text, as the decoder
+holds it), as the decoder appends the prompt, each sampled model run and each injected
+observation as separate token runs; labels are the ids on ``model``
 tokens and -100 on ``prompt`` / ``observation`` / ``injected`` tokens (the semantics of
 ``Trajectory.loss_mask()``); then the chat template's end-of-turn token (Qwen:
 ``<|im_end|>``; the tokenizer's EOS when the template has none) is appended as a model
@@ -20,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from thor_engine.prompting import encode_plain
 
 __all__ = [
     "IGNORE_INDEX",
@@ -134,7 +138,12 @@ def encode_segments(
     for kind, text in pairs:
         if not text:
             continue
-        seg = list(tokenizer.encode(text, add_special_tokens=False))
+        # model text and tool output are plain text, as the decoder holds them: a model cannot sample a
+        # control token mid-text (it ends the turn) and a tool's output is injected with encode_plain, so a
+        # control token's spelling in either stays text; the prompt (rendered by the template) and the
+        # server's injected text keep their control tokens
+        plain = kind in ("model", "observation")
+        seg = list(encode_plain(tokenizer, text) if plain else tokenizer.encode(text, add_special_tokens=False))
         ids += seg
         labels += seg if kind == "model" else [IGNORE_INDEX] * len(seg)
         kinds.append(kind)
