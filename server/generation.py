@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from thor_engine.streams import cancel_and_wait
 from thor_engine.tools import sandbox_request_scope
 
 from .errors import ApiError, error_body, generation_error
@@ -238,7 +239,10 @@ async def with_keepalive(events: AsyncIterator[Any], interval_s: float) -> Async
     `interval_s` passes without one (0: never).
 
     One producer task pulls the events (so the source runs in a single task however long the
-    consumer waits); closing this iterator cancels the producer, which closes the source."""
+    consumer waits); closing this iterator cancels the producer, which closes the source, and
+    waits for it to finish closing (`cancel_and_wait`: a consumer that is cancelled again and
+    again, as Starlette's cancel scope does on a disconnect, must not interrupt that close, or
+    the sandbox call it holds runs on)."""
     queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue(maxsize=256)
 
     async def pump() -> None:
@@ -279,7 +283,6 @@ async def with_keepalive(events: AsyncIterator[Any], interval_s: float) -> Async
                 raise item
             yield batch
     finally:
-        if getter is not None:
-            getter.cancel()
-        producer.cancel()
-        await asyncio.gather(producer, return_exceptions=True)
+        # cancelled once, then waited for however often this consumer is cancelled meanwhile
+        # (Starlette's cancel scope re-cancels it every turn of the loop): see `cancel_and_wait`
+        await cancel_and_wait([producer] if getter is None else [producer, getter])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -81,3 +82,45 @@ def test_closing_early_closes_the_source():
         assert closed.is_set()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_stream_cancelled_by_a_cancel_scope_lets_its_source_finish_closing(n):
+    """Starlette cancels a stream whose client left through an anyio cancel scope, which cancels
+    the stream's task again on every turn of the loop until it ends. The source (the decoder,
+    whose sandbox call's httpx connection closes under a shield) is cancelled once and must be
+    left to finish closing: the repeated cancellations once reached it through `gather` and cut
+    its cleanup short, so the sandbox never saw the client leave. `n` 2: through `merge` too."""
+    import anyio
+
+    from thor_engine.streams import merge
+
+    cleaned: list[int] = []
+
+    async def calling(i: int):
+        try:
+            yield i
+            await asyncio.sleep(3600)  # the sandbox call
+        finally:
+            with anyio.CancelScope(shield=True):  # httpcore closing the connection
+                await asyncio.sleep(0.05)
+            cleaned.append(i)
+
+    def source():
+        return merge([lambda i=i: calling(i) for i in range(n)]) if n > 1 else calling(0)
+
+    async def main() -> None:
+        started = asyncio.Event()
+
+        async def stream() -> None:
+            async with contextlib.aclosing(with_keepalive(source(), 0)) as batches:
+                async for _batch in batches:
+                    started.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream)
+            await started.wait()
+            tg.cancel_scope.cancel()
+
+    asyncio.run(main())
+    assert sorted(cleaned) == list(range(n))

@@ -3,15 +3,18 @@
 Owns: `merge`, which runs each source in its own task and yields items as they
 arrive; an exception in any source is re-raised to the consumer; when the consumer
 stops (or is cancelled), every source is cancelled and closed, so engine requests
-and sandbox calls behind them are aborted. Does not own: what the sources are.
+and sandbox calls behind them are aborted. Also `cancel_and_wait`, the one way a
+consumer here stops the tasks it started: each is cancelled once and left to finish
+its own cleanup, however often the consumer is cancelled meanwhile. Does not own:
+what the sources are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -46,6 +49,32 @@ async def merge(sources: Sequence[Callable[[], AsyncIterator[T]]]) -> AsyncItera
             else:
                 yield item  # type: ignore[misc]
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
+
+
+async def cancel_and_wait(tasks: Collection[asyncio.Future[Any]]) -> None:
+    """Cancel `tasks` once and wait until every one has ended; if the caller is cancelled while
+    it waits, it still waits, then re-raises that cancellation.
+
+    Not `await asyncio.gather(*tasks)`: gather passes each cancellation of its caller on to the
+    tasks, and a caller inside an anyio cancel scope (Starlette's, when a stream's client
+    disconnects) is cancelled again on every turn of the event loop. Those repeated
+    cancellations reach the tasks in the middle of their own cleanup, even where it is shielded
+    (httpx closing a sandbox connection under an anyio shield): the connection stays open, the
+    sandbox never sees its client leave and runs the call to its timeout. `asyncio.wait` never
+    cancels what it waits for."""
+    for t in tasks:
+        t.cancel()
+    cancelled: asyncio.CancelledError | None = None
+    # done-ness read from the tasks themselves, never from what `wait` returns: a caller that is
+    # cancelled on every turn of the loop would never see a `wait` complete
+    while pending := [t for t in tasks if not t.done()]:
+        try:
+            await asyncio.wait(pending)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    for t in tasks:
+        if not t.cancelled():
+            t.exception()  # retrieved: a task that failed on its way out is not reported as "never retrieved"
+    if cancelled is not None:
+        raise cancelled
