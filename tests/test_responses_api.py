@@ -5,7 +5,6 @@ every stream event validated against OpenAI's published schema."""
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
@@ -22,7 +21,7 @@ from openai.types.responses import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.openapi import _spec, validate
+from tests.support.openapi import response_event_schemas, validate
 from tests.support.thor_server import run_server, tiny_server_args
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.sandbox]
@@ -60,18 +59,6 @@ def post(server, payload: dict[str, Any], key: str = KEY) -> httpx.Response:
     )
 
 
-@functools.cache
-def event_schemas() -> dict[str, str]:
-    """Each stream event type -> the name of its schema in OpenAI's spec (ResponseStreamEvent's members)."""
-    schemas = _spec()["components"]["schemas"]
-    out = {}
-    for ref in schemas["ResponseStreamEvent"]["anyOf"]:
-        name = ref["$ref"].rsplit("/", 1)[1]
-        for kind in schemas[name]["properties"]["type"].get("enum", []):
-            out[kind] = name
-    return out
-
-
 def stream_events(server, payload: dict[str, Any]) -> list[dict[str, Any]]:
     """A raw SSE stream: each event named as its data's type, validated against its own schema."""
     with httpx.stream(
@@ -89,7 +76,7 @@ def stream_events(server, payload: dict[str, Any]) -> list[dict[str, Any]]:
         assert name_line.startswith("event: ") and data_line.startswith("data: ")
         ev = json.loads(data_line[6:])
         assert ev["type"] == name_line[7:]
-        validate(ev, event_schemas()[ev["type"]])
+        validate(ev, response_event_schemas()[ev["type"]])
         events.append(ev)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     return events
