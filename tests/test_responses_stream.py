@@ -26,9 +26,9 @@ import pytest
 from server.metrics import ServerMetrics
 from server.response_items import ResponsesBuilder
 from server.response_request import CreateResponseRequest, items_to_messages
-from tests.support.openapi import validate
+from tests.support.openapi import response_event_schemas, validate
 from tests.support.scripted_backend import ScriptedBackend
-from tests.test_responses_api import event_schemas, without_ids
+from tests.test_responses_api import without_ids
 from tests.test_stream_equality import CASES, THINK_CASES, continuing
 from thor_engine.config import SamplingOptions, SelfCorrectionConfig, ThorConfig
 from thor_engine.decoder import ThorDecoder
@@ -85,7 +85,7 @@ async def check(tokenizer, executor, case, *, tools: bool, self_correction: bool
 
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     for ev in events:
-        validate(ev, event_schemas()[ev["type"]])
+        validate(ev, response_event_schemas()[ev["type"]])
     validate(body, "Response")
     assert events[-1]["type"] in ("response.completed", "response.incomplete")
     streamed = items_from_stream(events)
@@ -329,7 +329,7 @@ def sse_events(text: str) -> list[dict[str, Any]]:
         name, data = lines
         ev = json.loads(data.removeprefix("data: "))
         assert name == f"event: {ev['type']}"
-        validate(ev, event_schemas()[ev["type"]])
+        validate(ev, response_event_schemas()[ev["type"]])
         events.append(ev)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     return events
