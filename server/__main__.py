@@ -9,7 +9,7 @@ uvicorn. Before anything starts it applies the access policy: configuration erro
 (an empty API key, a key file without keys) and a non-loopback bind without a key
 (unless --allow-open-remote) end the process with exit code 2 and a message naming
 the fix; proxy headers are honoured only from --forwarded-allow-ips. Does not own:
-the app and its routes (app.py, routes/), key digests (auth.py) or the engine (thor_engine).
+the app and its surfaces (api_server.py and the modules it includes), key digests (admission/keys.py) or the engine (thor_engine).
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
+from server.admission.keys import ApiKeys
+from server.api_server import create_app
+from server.metrics import ServerMetrics
+from server.settings import ServerSettings
+from server.state import ServerState
 from thor_sandbox.client import SandboxClient
-
-from .app import create_app
-from .auth import ApiKeys
-from .metrics import ServerMetrics
-from .settings import ServerSettings
-from .state import ServerState
 
 log = logging.getLogger("server")
 
@@ -57,7 +56,7 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
     p.add_argument(
         "--api-key-file",
         type=Path,
-        help="file with one API key (or sha256:<hex> digest, see `python -m server.auth`) per line",
+        help="file with one API key (or sha256:<hex> digest, see `python -m server.admission.keys`) per line",
     )
     p.add_argument(
         "--allow-open-remote",
@@ -106,16 +105,15 @@ def make_build(
     info = info if info is not None else {}
 
     async def build(metrics: ServerMetrics) -> tuple[ServerState, Callable[[], Awaitable[None]]]:
+        from server.activity import ActivityClock, ClockedBackend, ClockedExecutor
+        from server.admission.metering import MeteredBackend
+        from server.store import create_store
+        from server.tool_cache import CachingExecutor
         from thor_engine.backends.vllm_backend import EngineOptions, VllmBackend
         from thor_engine.cli.local_sandbox import sandbox_at
         from thor_engine.engine import ThorEngine
         from thor_engine.models.provision import PRESETS, ensure_model
         from thor_engine.tools import SandboxExecutor, SandboxPolicy
-
-        from .activity import ActivityClock, ClockedBackend, ClockedExecutor
-        from .metering import MeteredBackend
-        from .store import create_store
-        from .tool_cache import CachingExecutor
 
         stack = contextlib.AsyncExitStack()
         try:
@@ -167,7 +165,7 @@ def make_build(
                 ttl_s=settings.tool_cache_ttl_s,
                 metrics=metrics,
             )
-            # generated tokens are counted per request for the rate limits (server/metering.py)
+            # generated tokens are counted per request for the rate limits (server/admission/metering.py)
             engine = ThorEngine(MeteredBackend(ClockedBackend(backend, clock)), executor, model_name=name)
             info["model_name"] = name
             state = ServerState(

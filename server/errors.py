@@ -4,8 +4,8 @@ Owns: the `ApiError` exception the routes raise, the FastAPI handlers that turn
 it, validation errors, HTTP errors and unexpected exceptions into that body, and
 `generation_error`, the client-facing error for a failure while the engine generates
 (sandbox down or failing, a value the engine refused, the engine gone).
-Does not own: deciding when a request is wrong (protocol.py, checks.py, guards.py,
-the routes) or where an error goes once a stream has started (generation.py).
+Does not own: deciding when a request is wrong (the protocol modules, admission/limits.py, admission/guards.py,
+the routes) or where an error goes once a stream has started (streaming.py).
 """
 
 from __future__ import annotations

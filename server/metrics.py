@@ -4,8 +4,8 @@ Owns: the server's metric names, labels and buckets on a registry it owns, and
 the exposition that appends vLLM's own engine metrics (which vLLM registers in
 prometheus_client's default registry) on the same `/metrics` endpoint.
 Also `count_tool_result` and `count_trajectory`, what both THOR builders record of the
-engine's events. Does not own: when metrics change (middleware.py, guards.py,
-generation.py and the response builders).
+engine's events. Does not own: when metrics change (middleware.py, admission/guards.py,
+streaming.py and the response builders).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from server.activity import ActivityClock, ActivityCollector
 from thor_engine.events import Final, ToolCall
-
-from .activity import ActivityClock, ActivityCollector
 
 LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 

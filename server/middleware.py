@@ -6,7 +6,7 @@ body under /v1 read as JSON whatever Content-Type the client sent; request count
 route and status, latency to the end of the response, requests in flight). Both are
 pure ASGI, so streams and disconnects pass through untouched.
 
-Does not own: auth and rate limits (guards.py, as route dependencies), errors raised
+Does not own: auth and rate limits (admission/guards.py, as route dependencies), errors raised
 by routes (errors.py) or the metric definitions (metrics.py).
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from .errors import error_body
-from .metrics import ServerMetrics
+from server.errors import error_body
+from server.metrics import ServerMetrics
 
 KNOWN_ROUTES = {
     "/v1/chat/completions",

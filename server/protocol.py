@@ -1,36 +1,27 @@
-"""OpenAI-compatible request models, plus the `thor` extension, with validation.
+"""What the generation surfaces' requests share: the `thor` options object and the sampling fields.
 
-Owns: the accepted request shapes of `/v1/chat/completions` and `/v1/completions`
-(OpenAI's fields and vLLM's sampling extensions: `top_k`, `min_p`, penalties,
-`min_tokens`, `logit_bias`, `stop_token_ids`, `ignore_eos`, `skip_special_tokens`,
-`include_stop_str_in_output`, `chat_template_kwargs`), the `thor` options object,
-and turning them into the engine's `ThorConfig` / `SamplingOptions` (request values,
-then the checkpoint's generation_config.json defaults, then vLLM's neutral ones).
-Chat's plain-generation fields are shaped and checked here too: `logprobs` /
-`top_logprobs` (0..20, needs logprobs), `response_format` (text, json_object,
-json_schema, mapped onto vLLM's structured-output constraint), function `tools`,
-`tool_choice` (none, auto, required, a named function among the tools) and
-`parallel_tool_calls`, and conversation messages carrying `tool_calls` / `tool_call_id`
-(rendered for the chat template as vLLM does: arguments as objects); which of them ask for
-plain generation (`plain_features`: the route refuses them with THOR's tools on, but for
-function tools with tool_choice auto or none, which run with THOR).
-OpenAI fields this server cannot honour (legacy functions / function_call, audio,
-best_of, suffix...) are 400s, never accepted and dropped; `null`
-means a field's default, as OpenAI's spec allows. Fields with no effect on the
-answer (user, store, metadata, service_tier) and unknown fields are ignored, as
-OpenAI's SDKs send many. Wrong types or values are 400s naming the field.
+Owns: `ThorOptions` (the `thor` extension object: THOR on or off, tool budget, self-correction,
+observation, repetition guard) and its conversion into the engine's `ThorConfig`;
+`SamplingRequest`, the base of chat, completions and Responses requests (OpenAI's sampling
+fields and vLLM's extensions: `top_k`, `min_p`, penalties, `min_tokens`, `logit_bias`,
+`stop_token_ids`, `ignore_eos`, `skip_special_tokens`, `include_stop_str_in_output`), turned into
+the engine's `SamplingOptions` (request values, then the checkpoint's generation_config.json
+defaults, then vLLM's neutral ones); `StreamOptions`; and the field checks every surface's
+wire types use (`none_is_default`: `null` means a field's default, as OpenAI's spec allows;
+`checked_unicode`: text that cannot be tokenised; `reject_unless`). Wrong types or values are
+400s naming the field.
 
-Does not own: response rendering (responses.py) or routing (routes/).
+Does not own: a surface's own wire types (chat/protocol.py, completions/protocol.py,
+responses/protocol.py, tokenization.py) or response rendering (the surfaces' builders).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from thor_engine.config import ObservationConfig, RepetitionConfig, SamplingOptions, SelfCorrectionConfig, ThorConfig
 
@@ -150,14 +141,14 @@ NEUTRAL_SAMPLING: dict[str, float | int] = {
 }
 
 
-def _none_is_default(cls: type[BaseModel], v: Any, info: Any) -> Any:
+def none_is_default(cls: type[BaseModel], v: Any, info: Any) -> Any:
     """OpenAI's spec marks many fields nullable: null means the field's default."""
     if v is None:
         return cls.model_fields[info.field_name].get_default(call_default_factory=True)
     return v
 
 
-def _unicode(text: str, what: str) -> str:
+def checked_unicode(text: str, what: str) -> str:
     """Text must encode as UTF-8: a lone UTF-16 surrogate (JSON `"\\ud800"`) cannot be tokenised."""
     try:
         text.encode("utf-8")
@@ -169,13 +160,13 @@ def _unicode(text: str, what: str) -> str:
     return text
 
 
-def _reject_unless(value: Any, ok: bool, what: str) -> Any:
+def reject_unless(value: Any, ok: bool, what: str) -> Any:
     if not ok:
         raise ValueError(what)
     return value
 
 
-class _SamplingRequest(BaseModel):
+class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -200,7 +191,7 @@ class _SamplingRequest(BaseModel):
     thor: ThorOptions | None = None
 
     _nulls = field_validator("n", "stream", "min_tokens", "ignore_eos", "skip_special_tokens", mode="before")(
-        classmethod(_none_is_default)
+        classmethod(none_is_default)
     )
 
     @field_validator("stop")
@@ -212,7 +203,7 @@ class _SamplingRequest(BaseModel):
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         for s in stops:
-            _unicode(s, "a stop sequence")
+            checked_unicode(s, "a stop sequence")
         return v
 
     @field_validator("logit_bias")
@@ -268,342 +259,3 @@ class _SamplingRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
         )
-
-
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ChatTool(BaseModel):
-    """A client function the model may call (OpenAI `tools[]`)."""
-
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str
-
-
-class NamedToolChoice(BaseModel):
-    """`tool_choice: {"type": "function", "function": {"name": ...}}`: call this function."""
-
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["function"]
-    function: NamedFunction
-
-
-class CalledFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str
-    arguments: str
-
-
-class MessageToolCall(BaseModel):
-    """A call in an earlier assistant message of the conversation."""
-
-    model_config = ConfigDict(extra="ignore")
-    id: str
-    type: Literal["function"] = "function"
-    function: CalledFunction
-
-    def for_template(self) -> dict[str, Any]:
-        """As chat templates want it (and vLLM passes it): arguments as an object, not JSON text."""
-        try:
-            arguments: Any = json.loads(self.function.arguments)
-        except ValueError:
-            arguments = self.function.arguments
-        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
-
-
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    description: str | None = None
-    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(BaseModel):
-    """`response_format`: free text, any JSON object, or JSON that follows a schema."""
-
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError('type "json_schema" needs a `json_schema` object: {"name": ..., "schema": {...}}')
-        return self
-
-    def structured_outputs(self) -> dict[str, Any] | None:
-        """vLLM's structured-output constraint for this format (None: free text), as vLLM's own
-        server maps it: json_object onto `json_object`, json_schema onto `json` (a missing
-        schema: any JSON object)."""
-        if self.type == "json_object":
-            return {"json_object": True}
-        if self.type == "json_schema":
-            assert self.json_schema is not None
-            schema = self.json_schema.json_schema
-            return {"json": schema} if schema is not None else {"json_object": True}
-        return None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-    tool_calls: list[MessageToolCall] | None = None  # assistant: the calls it made
-    tool_call_id: str | None = None  # tool: the call this message answers
-
-    def for_template(self) -> dict[str, Any]:
-        """The message as the chat template gets it (developer is system, as vLLM renders it)."""
-        msg: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
-        if self.tool_calls:
-            msg["tool_calls"] = [c.for_template() for c in self.tool_calls]
-        if self.tool_call_id is not None:
-            msg["tool_call_id"] = self.tool_call_id
-        if self.name is not None and self.role == "tool":
-            msg["name"] = self.name
-        return msg
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return _unicode(self.content, "the content")
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text":
-                raise ValueError(f"content part type {part.get('type')!r} is not supported; send text parts only")
-            if not isinstance(part.get("text"), str):
-                raise ValueError("a text content part needs a string `text`")
-            parts.append(_unicode(part["text"], "the content"))
-        return "".join(parts)
-
-
-class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[ChatTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-    response_format: ResponseFormat | None = None
-    audio: Any = None
-    modalities: list[str] | None = None
-    prediction: Any = None
-    web_search_options: Any = None
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_needs_logprobs(cls, v: int | None, info: Any) -> int | None:
-        return _reject_unless(
-            v, not v or bool(info.data.get("logprobs")), "top_logprobs needs logprobs: send `logprobs: true` too"
-        )
-
-    @field_validator("tools")
-    @classmethod
-    def _some_tools(cls, v: list[ChatTool] | None) -> list[ChatTool] | None:
-        if v is not None and not v:
-            raise ValueError("tools must not be an empty array: send at least one function, or omit tools")
-        names = [t.function.name for t in v or ()]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        return _reject_unless(v, not dup, f"function names must be unique; repeated: {dup}")
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _choice_among_tools(cls, v: Any, info: Any) -> Any:
-        tools: list[ChatTool] | None = info.data.get("tools")
-        if v in (None, "none"):
-            return v
-        if not tools:
-            raise ValueError(f"tool_choice {v if isinstance(v, str) else 'naming a function'} needs `tools`")
-        if isinstance(v, NamedToolChoice) and v.function.name not in {t.function.name for t in tools}:
-            raise ValueError(f"tool_choice names function {v.function.name!r}, which is not in `tools`")
-        return v
-
-    # What this server cannot do is refused, never accepted and dropped.
-    @field_validator("functions", "function_call")
-    @classmethod
-    def _no_legacy_functions(cls, v: Any, info: Any) -> Any:
-        return _reject_unless(
-            v,
-            v is None,
-            f"the legacy `{info.field_name}` is not supported; send `tools` "
-            '([{"type": "function", "function": {...}}]) and `tool_choice` instead',
-        )
-
-    @field_validator("audio", "prediction", "web_search_options")
-    @classmethod
-    def _unsupported(cls, v: Any, info: Any) -> Any:
-        return _reject_unless(v, v is None, f"{info.field_name} is not supported by this server; omit it")
-
-    @field_validator("modalities")
-    @classmethod
-    def _text_modality(cls, v: list[str] | None) -> list[str] | None:
-        return _reject_unless(
-            v, not v or set(v) <= {"text"}, 'this server answers in text only; omit modalities or send ["text"]'
-        )
-
-    @field_validator("messages")
-    @classmethod
-    def _texts(cls, v: list[ChatMessage]) -> list[ChatMessage]:
-        for i, m in enumerate(v):
-            try:
-                m.text()
-            except ValueError as exc:
-                raise ValueError(f"messages[{i}].content: {exc}") from None
-        return v
-
-    def effective_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
-
-    def template_kwargs(self) -> dict[str, Any]:
-        """`chat_template_kwargs`, plus `reasoning_effort` as vLLM passes it (and thinking on unless
-        it is `none`, when the client did not say)."""
-        kwargs = dict(self.chat_template_kwargs or {})
-        if self.reasoning_effort is not None:
-            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
-            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
-        return kwargs
-
-    def chat_messages(self) -> list[dict[str, Any]]:
-        return [m.for_template() for m in self.messages]
-
-    def effective_tool_choice(self) -> str | NamedToolChoice:
-        """vLLM's default: `auto` when tools are given, `none` without."""
-        if self.tool_choice is not None:
-            return self.tool_choice
-        return "auto" if self.tools else "none"
-
-    def function_tools(self) -> list[dict[str, Any]] | None:
-        """The tools as the chat template and the call schemas take them."""
-        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
-
-    def plain_features(self) -> list[str]:
-        """The fields asking for what only plain generation (THOR off) can give: token logprobs
-        (a THOR answer follows tool outputs the model did not write), a constrained output format,
-        client function calls (THOR's tool is its own Python sandbox)."""
-        used = []
-        if self.logprobs:
-            used.append("logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
-            used.append("response_format")
-        if self.tools:
-            used.append("tools")
-        return used
-
-
-class CompletionRequest(_SamplingRequest):
-    """`/v1/completions`: one prompt or a batch (a list of texts or of token-id lists), served as
-    vLLM does; `echo` prepends each prompt (and, with `logprobs`, its tokens' logprobs). The checks
-    that need the server's settings or several fields together (batch size, `thor` with a batch
-    or `echo`, `max_tokens: 0` without `echo`) are the route's."""
-
-    prompt: str | list[int] | list[str] | list[list[int]]
-    # 0 only with `echo` (vLLM: the prompt and its logprobs, nothing generated)
-    max_tokens: int | None = Field(default=16, ge=0)
-    echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=20)
-    include_stop_str_in_output: bool = False
-    # vLLM's: each choice also carries `token_ids` (and `prompt_token_ids`); plain completions only
-    return_token_ids: bool | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-
-    _more_nulls = field_validator("echo", "include_stop_str_in_output", mode="before")(classmethod(_none_is_default))
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v: str | None) -> str | None:
-        return _reject_unless(v, not v, "suffix is not supported by this server")
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, v: int | None) -> int | None:
-        return _reject_unless(
-            v,
-            v in (None, 1),
-            "best_of is not supported (vLLM's engine dropped it); sample with n and pick on the client",
-        )
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _one_kind_of_batch(cls, v: Any) -> Any:
-        if isinstance(v, list) and len({type(p) for p in v if isinstance(p, str | list)}) > 1:
-            raise ValueError("a batch of prompts mixes texts and token-id lists: send all texts or all token-id lists")
-        return v
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_texts(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("the prompt is empty: send a text, a list of token ids, or a list of either")
-        for text in [v] if isinstance(v, str) else [p for p in v if isinstance(p, str)]:
-            _unicode(text, "the prompt")
-        return v
-
-    @property
-    def batched(self) -> bool:
-        """Whether `prompt` is a list of prompts (texts or token-id lists), even a list of one."""
-        p = self.prompt
-        return isinstance(p, list) and bool(p) and isinstance(p[0], (str, list))
-
-    def prompts(self) -> list[str | list[int]]:
-        """The prompts in order: one for a text or a token-id list, each of a batch otherwise."""
-        return list(self.prompt) if self.batched else [self.prompt]  # type: ignore[list-item]
-
-
-# --- vLLM's tokenizer utilities: POST /tokenize, POST /detokenize -------------------------------
-
-
-class TokenizeRequest(BaseModel):
-    """vLLM's `/tokenize`: `prompt` (raw text) or `messages` (rendered by the chat template as
-    given, without THOR's instructions), never both."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    # vLLM's defaults: special tokens for raw text, none on top of the template for messages
-    add_special_tokens: bool | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    return_token_strs: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _one_input(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("send either `prompt` (text) or `messages` (a conversation), not both or neither")
-        if self.continue_final_message and self.add_generation_prompt and self.messages is not None:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
-        if self.prompt is not None and (self.continue_final_message or self.chat_template_kwargs):
-            raise ValueError("continue_final_message and chat_template_kwargs apply to `messages` only")
-        return self
-
-    def chat_messages(self) -> list[dict[str, Any]] | None:
-        if self.messages is None:
-            return None
-        return [m.for_template() for m in self.messages]
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    tokens: list[int] = Field(min_length=1)

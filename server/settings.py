@@ -3,7 +3,7 @@
 Owns: every setting of the API server with its default (engine arguments in
 vLLM's vocabulary, sandbox and store endpoints, API keys, rate limits, THOR
 defaults for requests that do not say otherwise). Does not own: applying them
-(app.py, routes/, checks.py, guards.py, __main__.py) or the engine's own option types (thor_engine).
+(api_server.py, the surfaces, admission/limits.py, admission/guards.py, __main__.py) or the engine's own option types (thor_engine).
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.admission.keys import ApiKeys, normalize_key, read_key_file
 from thor_engine.config import RepetitionConfig, ThorConfig
-
-from .auth import ApiKeys, normalize_key, read_key_file
 
 
 class ServerSettings(BaseSettings):

@@ -6,7 +6,7 @@ callable type `create_app` takes, and `server_state`, the FastAPI dependency tha
 the state from `app.state` (a 503 while the server is still starting).
 
 Does not own: creating the state (`build`, in __main__.py), putting it on `app.state`
-(the lifespan in app.py) or anything the routes do with it.
+(the lifespan in api_server.py) or anything the routes do with it.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from server.admission.keys import ApiKeys
+from server.errors import ApiError
+from server.metrics import ServerMetrics
+from server.settings import ServerSettings
+from server.store import Store
 from thor_engine.engine import ThorEngine
 from thor_sandbox.client import SandboxClient
-
-from .auth import ApiKeys
-from .errors import ApiError
-from .metrics import ServerMetrics
-from .settings import ServerSettings
-from .store import Store
 
 #: the attribute of `app.state` that holds the ServerState once the lifespan has built it
 STATE_ATTR = "thor"

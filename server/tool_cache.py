@@ -15,10 +15,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+from server.metrics import ServerMetrics
+from server.store import Store, is_cacheable, tool_cache_key
 from thor_engine.tools import ToolExecutor, ToolResult
-
-from .metrics import ServerMetrics
-from .store import Store, is_cacheable, tool_cache_key
 
 UNCACHED_OUTCOMES = {"timeout", "sandbox_error", "oom"}
 

@@ -18,8 +18,8 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from server.chat.plain import PlainChatBuilder
 from server.metrics import ServerMetrics
-from server.plain_chat import PlainChatBuilder
 from tests.support.openapi import validate
 from tests.support.thor_server import run_server, tiny_server_args
 from thor_engine.engine import PlainChunk

@@ -387,7 +387,7 @@ def test_rl_presets_are_the_reference_settings():
 
 
 def test_every_finish_reason_maps_to_an_openai_one():
-    from server.responses import OPENAI_FINISH
+    from server.thor.builder import OPENAI_FINISH
 
     assert set(OPENAI_FINISH) == set(FinishReason)
     assert OPENAI_FINISH[FinishReason.tool_executed] == "stop"

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from server.metrics import ServerMetrics
-from server.response_items import ResponsesBuilder
-from server.response_request import CreateResponseRequest, items_to_messages
+from server.responses.builder import ResponsesBuilder
+from server.responses.protocol import CreateResponseRequest, items_to_messages
 from tests.support.openapi import response_event_schemas, validate
 from tests.support.scripted_backend import ScriptedBackend
 from tests.test_responses_api import without_ids
@@ -186,7 +186,7 @@ def test_tool_switches():
         assert not off.code_interpreter() and not off.thor_options(False).enabled
 
 
-# --- storing and ending a stream (server/generation.py with this builder) ---------------------
+# --- storing and ending a stream (server/streaming.py with this builder) ---------------------
 
 
 def _state(store) -> Any:
@@ -207,8 +207,8 @@ def _state(store) -> Any:
 
 async def stream_through_respond(state, events, *, key: str = "client-a", tools: bool = True):
     """`respond` as the Responses route calls it, streaming: (the builder, the SSE body iterator)."""
-    from server.generation import StreamFormat, respond
-    from server.guards import RateLimiter
+    from server.admission.guards import RateLimiter
+    from server.streaming import StreamFormat, respond
 
     builder = ResponsesBuilder(
         response_id="resp_" + key,

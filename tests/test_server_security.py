@@ -171,7 +171,7 @@ def test_image_and_compose_defaults_need_a_key(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_only_key_digests_are_kept(tmp_path: Path) -> None:
-    from server.auth import ApiKeys, key_digest
+    from server.admission.keys import ApiKeys, key_digest
     from server.settings import ServerSettings
 
     digest3 = key_digest(K3)
@@ -193,7 +193,7 @@ def test_only_key_digests_are_kept(tmp_path: Path) -> None:
 
 def test_key_check_compares_every_digest(monkeypatch: pytest.MonkeyPatch) -> None:
     """Constant time: hmac.compare_digest on all configured digests, also after a match."""
-    import server.auth as auth
+    import server.admission.keys as auth
 
     keys = auth.ApiKeys([auth.key_digest(k) for k in (K1, K2, K3)])
     calls: list[tuple[bytes, bytes]] = []
@@ -211,14 +211,14 @@ def test_key_check_compares_every_digest(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_digest_helper_cli() -> None:
-    r = subprocess.run([sys.executable, "-m", "server.auth", K1], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "server.admission.keys", K1], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "sha256:" + hashlib.sha256(K1.encode()).hexdigest()
-    r = subprocess.run([sys.executable, "-m", "server.auth", ""], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "server.admission.keys", ""], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "empty" in r.stderr
 
 
 def test_client_ids() -> None:
-    from server.auth import KEY_ID_SCOPE, address_id, client_id
+    from server.admission.keys import KEY_ID_SCOPE, address_id, client_id
 
     assert address_id({"client": ("203.0.113.7", 5000)}) == "addr:203.0.113.7"
     assert address_id({"client": ("::ffff:203.0.113.7", 5000)}) == "addr:203.0.113.7"
@@ -248,7 +248,7 @@ def tokenizer(default_model):
 
 @pytest.mark.sandbox
 async def test_meter_counts_generated_tokens_of_all_samples_and_discarded_attempts(tokenizer, sandbox) -> None:
-    from server.metering import MeteredBackend, TokenMeter, metered
+    from server.admission.metering import MeteredBackend, TokenMeter, metered
     from tests.support.scripted_backend import ScriptedBackend
     from thor_engine.config import SamplingOptions, SelfCorrectionConfig, ThorConfig
     from thor_engine.engine import ThorEngine
@@ -404,7 +404,7 @@ def redis_srv():
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny_tir_model, sandbox, redis_srv) -> Iterator:
-    from server.auth import key_digest
+    from server.admission.keys import key_digest
 
     keyfile = Path(tempfile.mkdtemp(prefix="thor-keys-")) / "keys"
     keyfile.write_text(f"{K2}\n# stored as a digest only:\n{key_digest(K3)}\n")
@@ -468,7 +468,7 @@ def test_key_file_digests_authenticate(keyed_server) -> None:
 def test_redis_holds_no_key_in_clear(keyed_server, redis_srv) -> None:
     import redis
 
-    from server.auth import key_digest, key_id
+    from server.admission.keys import key_digest, key_id
 
     for key in (K1, K2):
         resp = sdk(keyed_server, key).chat.completions.create(**chat(MUL, max_tokens=200))

@@ -1,4 +1,4 @@
-"""`server.generation.with_keepalive`: the events a stream sends, batched when they are ready together."""
+"""`server.streaming.with_keepalive`: the events a stream sends, batched when they are ready together."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from server.generation import KEEPALIVE, with_keepalive
+from server.streaming import KEEPALIVE, with_keepalive
 
 
 async def collect(events, interval_s: float, consumer_delay_s: float = 0.0) -> list:

@@ -5,7 +5,7 @@ reasoning-style tokenizer, concatenating a stream's deltas gives exactly the non
 field by field; and text that self-correction discards never reaches the plain fields (no
 retraction is ever needed by a client that ignores `thor` events).
 
-Here: the decoder (scripted backend, real sandbox) through the server's `ResponseBuilder`,
+Here: the decoder (scripted backend, real sandbox) through the server's `ThorBuilder`,
 run twice (one stream, one not) per case. The same property on the real server (vLLM, tiny
 TIR model, official `openai` SDK) is `tests/test_server.py::test_server_stream_equals_non_stream`.
 """
@@ -18,7 +18,7 @@ from collections.abc import Callable
 import pytest
 
 from server.metrics import ServerMetrics
-from server.responses import ResponseBuilder
+from server.thor.builder import ThorBuilder
 from tests.support.scripted_backend import ScriptedBackend
 from thor_engine.config import RepetitionConfig, SamplingOptions, SelfCorrectionConfig, ThorConfig
 from thor_engine.decoder import ThorDecoder
@@ -128,12 +128,12 @@ THINK_CASES: dict[str, tuple[Callable[[], Callable[[str], str]], dict, str | Non
 
 async def build(
     tokenizer, executor, make_responder, cfg: ThorConfig, *, kind: str, tools: bool, stream: bool, n: int = 1
-) -> tuple[list[dict], ResponseBuilder, list[Final]]:
+) -> tuple[list[dict], ThorBuilder, list[Final]]:
     backend = ScriptedBackend(tokenizer, make_responder())
     dec = ThorDecoder(backend, executor)
     if not tools:
         cfg = cfg.model_copy(update={"max_tool_calls": 0})
-    builder = ResponseBuilder(
+    builder = ThorBuilder(
         kind=kind,
         response_id="x",
         model="m",
@@ -234,7 +234,7 @@ def test_plain_completion_logprob_offsets_do_not_depend_on_chunking() -> None:
     chunk's text can lag its tokens (the detokeniser holds a lone space or a partial character
     back). The logprobs, offsets included, must not depend on that grouping, or a stream and
     the same request without streaming disagree."""
-    from server.plain_responses import PlainCompletionBuilder
+    from server.completions.plain import PlainCompletionBuilder
     from thor_engine.engine import PlainChunk
 
     tokens = [(" ", -1.5, [(" ", -1.5)]), ("3", -0.1, [("3", -0.1)]), ("36", -0.2, [("36", -0.2)])]
@@ -280,7 +280,7 @@ async def client_call_turn(
     from thor_engine.function_calls import TOOL_CALL_END, FunctionCallParser
 
     dec = ThorDecoder(ScriptedBackend(tokenizer, continuing(text)), executor)
-    builder = ResponseBuilder(
+    builder = ThorBuilder(
         kind="chat",
         response_id="x",
         model="m",

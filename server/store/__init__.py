@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import STORE_UNAVAILABLE, RateDecision, Store
-from .cacheable import is_cacheable, tool_cache_key
-from .memory import MemoryStore
-from .redis_backend import RedisBackend
-from .resilient import RedisStore, ResilientStore
+from server.store.base import STORE_UNAVAILABLE, RateDecision, Store
+from server.store.cacheable import is_cacheable, tool_cache_key
+from server.store.memory import MemoryStore
+from server.store.redis_backend import RedisBackend
+from server.store.resilient import RedisStore, ResilientStore
 
 __all__ = [
     "STORE_UNAVAILABLE",

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .base import RateDecision, check_limits, check_owner, trace_for, trace_record
+from server.store.base import RateDecision, check_limits, check_owner, trace_for, trace_record
 
 log = logging.getLogger(__name__)
 

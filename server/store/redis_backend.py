@@ -31,7 +31,7 @@ import json
 import math
 from typing import Any
 
-from .base import RateDecision, check_limits
+from server.store.base import RateDecision, check_limits
 
 # Both buckets of one key live in one hash: r/rts (requests level, last update),
 # t/tts/tcap (tokens level, last update, capacity for later charges). Time is Redis's

@@ -25,8 +25,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from .base import STORE_UNAVAILABLE, RateDecision, check_limits, check_owner, trace_for, trace_record
-from .redis_backend import RedisBackend
+from server.store.base import STORE_UNAVAILABLE, RateDecision, check_limits, check_owner, trace_for, trace_record
+from server.store.redis_backend import RedisBackend
 
 log = logging.getLogger("server.store")
 

@@ -8,7 +8,7 @@ exit), and the key id (`key:` + the first 16 hex digits of the digest) that rate
 limits and traces use. Only digests are kept: the running server holds no key in
 clear, and nothing a client sends is written to the store in clear.
 
-Does not own: where keys come from (settings.py), the HTTP side of auth (guards.py) or
+Does not own: where keys come from (settings.py), the HTTP side of auth (admission/guards.py) or
 the bind-address policy (__main__.py).
 """
 
@@ -47,7 +47,7 @@ def normalize_key(entry: str, source: str) -> str:
         if not _HEX64.fullmatch(hexpart):
             raise ValueError(
                 f"{source}: {value[:20]}... is not a sha256 digest (expected sha256: and 64 hex digits; "
-                "make one with `python -m server.auth KEY`)"
+                "make one with `python -m server.admission.keys KEY`)"
             )
         return DIGEST_PREFIX + hexpart
     return key_digest(value)
@@ -143,13 +143,14 @@ def client_id(scope: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m server.auth KEY...`: print the `sha256:` digest of each key, for a key file."""
+    """`python -m server.admission.keys KEY...`: print the `sha256:` digest of each key, for a key file."""
     import sys
 
     keys = sys.argv[1:] if argv is None else argv
     if not keys:
         print(
-            "usage: python -m server.auth KEY [KEY...]  (prints sha256:<hex> lines for --api-key-file)", file=sys.stderr
+            "usage: python -m server.admission.keys KEY [KEY...]  (prints sha256:<hex> lines for --api-key-file)",
+            file=sys.stderr,
         )
         return 2
     for k in keys:

@@ -2,7 +2,7 @@
 
 Owns: `PlainChatBuilder`, one per `/v1/chat/completions` request that asks for what only
 plain generation gives (`logprobs`, `response_format`, client function `tools`), with the
-interface of generation.Builder, so it goes through the same stream and non-stream paths
+interface of streaming.Builder, so it goes through the same stream and non-stream paths
 as every other request. It consumes the engine's `PlainChunk`s (n choices interleaved)
 and produces `chat.completion.chunk`s whose deltas carry the message's `content`, its
 `logprobs.content` entries (`token`, `logprob`, `bytes`, `top_logprobs`, for every
@@ -11,7 +11,7 @@ generated token, on the chunk of the engine output that produced the token), and
 (so concatenating a stream's deltas gives the non-stream message, field by field), and
 `usage`.
 
-A reasoning model's text is split at its think tags as the THOR path does it (responses.py):
+A reasoning model's text is split at its think tags as the THOR path does it (thor/builder.py):
 inside `<think>` it streams as the reasoning field(s) (`reasoning_content` / `reasoning`), the
 tags go nowhere, and the rest is the message's text below, from its first visible character.
 
@@ -27,9 +27,9 @@ Client function calls, by `tool_choice`, on that text:
   as OpenAI and vLLM say it). A `required` text cut short (max_tokens) holds no call and is
   sent as content, finish_reason `length`.
 
-Does not own: THOR's responses (responses.py), plain completions (plain_responses.py),
+Does not own: THOR's responses (thor/builder.py), plain completions (completions/plain.py),
 parsing calls out of text (thor_engine.function_calls, through the engine), HTTP plumbing
-(generation.py, routes/), or anything about tokens beyond the texts and counts the engine reports.
+(streaming.py, chat/serving.py), or anything about tokens beyond the texts and counts the engine reports.
 """
 
 from __future__ import annotations
@@ -40,12 +40,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.completions.plain import PlainTokenCounts
+from server.metrics import ServerMetrics
+from server.thor.records import trace_head
 from thor_engine.engine import PlainChunk
 from thor_engine.function_calls import FunctionCallParser, forced_calls, partial_overlap
-
-from .metrics import ServerMetrics
-from .plain_responses import PlainTokenCounts
-from .tool_records import trace_head
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 

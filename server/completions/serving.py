@@ -1,19 +1,19 @@
 """`POST /v1/completions`: text prompts, through the THOR engine (`thor` given) or plain.
 
 Owns: the prompts and sampling of a CompletionRequest; with `thor` the engine's THOR
-events for its one prompt go to a ResponseBuilder (kind "completion", the whole trajectory
+events for its one prompt go to a ThorBuilder (kind "completion", the whole trajectory
 in `text`), without it the engine's plain generation of every prompt of a batch (choice
 index = prompt index x n + sample index, each prompt length-checked and clamped on its own,
 logprobs, include_stop_str_in_output, `echo` with the prompt tokens' logprobs, vLLM's
 `max_tokens: 0` with `echo`) goes to a PlainCompletionBuilder; both through the same
-generation.respond. The checks that need settings or several fields: at most
+streaming.respond. The checks that need settings or several fields: at most
 `max_batch_prompts` prompts, prompts x n x max_tokens within `max_request_tokens`, and so is
 `echo`'s work (prompt tokens x n x (1 + logprobs): what it sends back), no batch
 and no `echo` with `thor` (one trajectory per request; its text is not the prompt's
 continuation alone), `max_tokens: 0` only with `echo`. Admission (after the checks; the request
 itself is counted on arrival) debits every prompt's tokens, or echo's work when larger.
-Does not own: auth and rate limits (guards.py), request checks (checks.py), running
-and streaming the request (generation.py) or rendering it (the builders).
+Does not own: auth and rate limits (admission/guards.py), request checks (admission/limits.py), running
+and streaming the request (streaming.py) or rendering it (the builders).
 """
 
 from __future__ import annotations
@@ -25,17 +25,16 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import Response
 
+from server.admission.guards import LimiterDep, v1_router
+from server.admission.limits import check_model, check_thor_limits, sampling
+from server.completions.plain import PlainCompletionBuilder
+from server.completions.protocol import CompletionRequest
+from server.errors import ApiError
+from server.state import ServerState, StateDep
+from server.streaming import respond
+from server.thor.builder import ThorBuilder
 from thor_engine.engine import PlainChunk, Prompt, PromptTooLong
 from thor_engine.streams import merge
-
-from ..checks import check_model, check_thor_limits, sampling
-from ..errors import ApiError
-from ..generation import respond
-from ..guards import LimiterDep, v1_router
-from ..plain_responses import PlainCompletionBuilder
-from ..protocol import CompletionRequest
-from ..responses import ResponseBuilder
-from ..state import ServerState, StateDep
 
 router = v1_router()
 
@@ -147,7 +146,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     if body.thor is not None:
         prompt = prompts[0]
         cfg = body.thor.to_config(state.settings.thor)
-        builder = ResponseBuilder(
+        builder = ThorBuilder(
             kind="completion",
             response_id=rid,
             model=body.model,

@@ -10,8 +10,8 @@ OpenAI answers), `GET /v1/responses/{id}/input_items` lists its input and `DELET
 (not the copies of its conversation in responses that continued it); another client's
 response is a 404 exactly like a missing one). Streams are framed as the Responses API does (named events, no `[DONE]`).
 
-Does not own: the request shape (response_request.py), the output items and events
-(response_items.py), running and streaming (generation.py), auth and rate limits (guards.py).
+Does not own: the request shape (responses/protocol.py), the output items and events
+(responses/builder.py), running and streaming (streaming.py), auth and rate limits (admission/guards.py).
 """
 
 from __future__ import annotations
@@ -22,16 +22,15 @@ from typing import Annotated, Any, Literal
 from fastapi import Query, Request
 from fastapi.responses import Response
 
+from server.admission.guards import ClientKeyDep, LimiterDep, v1_router
+from server.admission.limits import check_model, check_thor_limits, sampling
+from server.errors import ApiError
+from server.responses.builder import ResponsesBuilder
+from server.responses.protocol import CreateResponseRequest
+from server.state import ServerState, StateDep
+from server.streaming import StreamFormat, respond
 from thor_engine.engine import InvalidParameter, PromptTooLong
 from thor_engine.prompting import TIR_INSTRUCTIONS
-
-from ..checks import check_model, check_thor_limits, sampling
-from ..errors import ApiError
-from ..generation import StreamFormat, respond
-from ..guards import ClientKeyDep, LimiterDep, v1_router
-from ..response_items import ResponsesBuilder
-from ..response_request import CreateResponseRequest
-from ..state import ServerState, StateDep
 
 router = v1_router()
 

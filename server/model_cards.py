@@ -2,7 +2,7 @@
 
 Owns: the model card (served name, context length, the model it was loaded from) and the
 list holding it; retrieving it by any name `check_model_name` accepts, 404 otherwise.
-Does not own: auth (guards.py) or which names a request may use (checks.py).
+Does not own: auth (admission/guards.py) or which names a request may use (admission/limits.py).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..checks import check_model_name
-from ..guards import v1_router
-from ..state import ServerState, StateDep
+from server.admission.guards import v1_router
+from server.admission.limits import check_model_name
+from server.state import ServerState, StateDep
 
 router = v1_router()
 

@@ -13,9 +13,9 @@ calls. However the request ends, the client is charged with every token the engi
 generated, in a `finally`; a completed request's trace is stored, bound to its client,
 unless it asked for none (a stream stores it before sending its terminal event). Also `with_keepalive`.
 
-Does not own: what the chunks and bodies say (the builders: responses.py,
-plain_responses.py, plain_chat.py, response_items.py), checking the request (checks.py,
-guards.py), the engine, or anything about tokens beyond the counts the engine reports.
+Does not own: what the chunks and bodies say (the builders: thor/builder.py,
+completions/plain.py, chat/plain.py, responses/builder.py), checking the request (admission/limits.py,
+admission/guards.py), the engine, or anything about tokens beyond the counts the engine reports.
 """
 
 from __future__ import annotations
@@ -31,21 +31,20 @@ from typing import Any, Protocol
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from server.admission.guards import RateLimiter
+from server.admission.metering import TokenMeter, metered
+from server.errors import ApiError, error_body, generation_error
+from server.state import ServerState
 from thor_engine.streams import cancel_and_wait
 from thor_engine.tools import sandbox_request_scope
-
-from .errors import ApiError, error_body, generation_error
-from .guards import RateLimiter
-from .metering import TokenMeter, metered
-from .state import ServerState
 
 log = logging.getLogger("server")
 
 
 class Builder(Protocol):
-    """What `respond` needs of a response builder (responses.ResponseBuilder,
-    plain_responses.PlainCompletionBuilder, plain_chat.PlainChatBuilder,
-    response_items.ResponsesBuilder)."""
+    """What `respond` needs of a response builder (responses.ThorBuilder,
+    completions.plain.PlainCompletionBuilder, chat.plain.PlainChatBuilder,
+    responses.builder.ResponsesBuilder)."""
 
     id: str
     include_usage: bool

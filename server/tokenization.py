@@ -1,6 +1,6 @@
 """`POST /tokenize` and `POST /detokenize`, as vLLM's server names and shapes them.
 
-Owns: the two routes (authenticated like /v1: they run the model's tokenizer; each request
+Owns: the two routes, their requests (`TokenizeRequest`, `DetokenizeRequest`) (authenticated like /v1: they run the model's tokenizer; each request
 counted against its client's rate limits before any work) and their answers: `count`,
 `max_model_len`, `tokens` (and `token_strs` on request) for /tokenize, `prompt` for
 /detokenize, serialised off the event loop. Inputs longer than the context are 400s as vLLM
@@ -9,7 +9,7 @@ answers them (`context_length_exceeded` naming `prompt` or `messages`; `tokens` 
 Chat messages are rendered by the model's template exactly as sent (THOR adds its
 instructions only when it generates).
 Does not own: tokenisation itself (`ThorEngine.tokenize` / `detokenize`, on its render
-thread, which also bounds their inputs), rate limits (guards.py) or request shapes (protocol.py).
+thread, which also bounds their inputs), rate limits (admission/guards.py) or the chat messages' shape (chat/protocol.py).
 """
 
 from __future__ import annotations
@@ -20,22 +20,60 @@ from typing import Any
 
 from fastapi import Depends
 from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.admission.guards import rate_limiter, v1_router
+from server.admission.limits import check_model_name
+from server.chat.protocol import ChatMessage
+from server.errors import ApiError
+from server.state import StateDep
 from thor_engine.engine import InvalidParameter, PromptTooLong
 
-from ..checks import check_model_name
-from ..errors import ApiError
-from ..guards import rate_limiter, v1_router
-from ..protocol import DetokenizeRequest, TokenizeRequest
-from ..state import StateDep
 
-router = v1_router()
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize`: `prompt` (raw text) or `messages` (rendered by the chat template as
+    given, without THOR's instructions), never both."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    # vLLM's defaults: special tokens for raw text, none on top of the template for messages
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either `prompt` (text) or `messages` (a conversation), not both or neither")
+        if self.continue_final_message and self.add_generation_prompt and self.messages is not None:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        if self.prompt is not None and (self.continue_final_message or self.chat_template_kwargs):
+            raise ValueError("continue_final_message and chat_template_kwargs apply to `messages` only")
+        return self
+
+    def chat_messages(self) -> list[dict[str, Any]] | None:
+        if self.messages is None:
+            return None
+        return [m.for_template() for m in self.messages]
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int] = Field(min_length=1)
 
 
 async def _json(answer: dict[str, Any]) -> Response:
     """`answer` as a JSON response, encoded on a worker thread (an answer of many tokens is big)."""
     body = await asyncio.to_thread(lambda: json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode())
     return Response(body, media_type="application/json")
+
+
+router = v1_router()
 
 
 @router.post("/tokenize", dependencies=[Depends(rate_limiter)])

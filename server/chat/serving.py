@@ -4,18 +4,18 @@ Owns: turning a ChatCompletionRequest into the engine's prompt (chat template, T
 instructions with THOR tools on, function `tools` for the template, template refusals
 as 400s naming `messages`), the THOR config and sampling (max_tokens clamped to the
 context as vLLM does), and the trace summary; then hands the engine's events to
-generation.respond with a ResponseBuilder. Requests with THOR off that ask for
+streaming.respond with a ThorBuilder. Requests with THOR off that ask for
 `logprobs`, a `response_format` or function `tools` go to the engine's plain generation
 (the JSON format or forced call as a structured-output constraint) and a
 PlainChatBuilder. With THOR on, function `tools` with tool_choice `auto` or `none` run
 the THOR loop with the tools in the prompt (`auto`: `</tool_call>` is a stop string and
-the ResponseBuilder turns the calls the answer ends with into `tool_calls`); logprobs, a
+the ThorBuilder turns the calls the answer ends with into `tool_calls`); logprobs, a
 response_format and a forced call are 400s naming them and saying to send
 `thor: {"enabled": false}`, as are the combinations that cannot work (a forced call with
 a response_format, `auto` on a model whose template writes no calls, a constrained output
 on a reasoning model with thinking on).
-Does not own: auth and rate limits (guards.py), request checks (checks.py), running
-and streaming the request (generation.py) or rendering it (responses.py).
+Does not own: auth and rate limits (admission/guards.py), request checks (admission/limits.py), running
+and streaming the request (streaming.py) or rendering it (thor/builder.py).
 """
 
 from __future__ import annotations
@@ -28,19 +28,18 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
+from server.admission.guards import LimiterDep, RateLimiter, v1_router
+from server.admission.limits import check_model, check_thor_limits, sampling
+from server.chat.plain import PlainChatBuilder
+from server.chat.protocol import ChatCompletionRequest, NamedToolChoice
+from server.errors import ApiError
+from server.state import ServerState, StateDep
+from server.streaming import respond
+from server.thor.builder import ThorBuilder
 from thor_engine.config import SamplingOptions
 from thor_engine.engine import InvalidParameter, PlainChunk, Prompt, PromptTooLong
 from thor_engine.function_calls import TOOL_CALL_END, forced_call_schema
 from thor_engine.prompting import TIR_INSTRUCTIONS
-
-from ..checks import check_model, check_thor_limits, sampling
-from ..errors import ApiError
-from ..generation import respond
-from ..guards import LimiterDep, RateLimiter, v1_router
-from ..plain_chat import PlainChatBuilder
-from ..protocol import ChatCompletionRequest, NamedToolChoice
-from ..responses import ResponseBuilder
-from ..state import ServerState, StateDep
 
 router = v1_router()
 
@@ -123,7 +122,7 @@ async def chat_completions(
     parser = state.engine.function_calls if mixed and choice == "auto" else None
     if parser is not None:  # the turn ends where the model closes a call to a client function
         options = options.model_copy(update={"stop": (*options.stop, TOOL_CALL_END)})
-    builder = ResponseBuilder(
+    builder = ThorBuilder(
         kind="chat",
         response_id=rid,
         model=body.model,

@@ -15,8 +15,8 @@ and its route class authenticates a request whose body FastAPI could not decode 
 error comes before any dependency runs), so an unauthenticated client gets its 401 or
 429 whatever it sent.
 
-Does not own: key digests and client ids (auth.py), the buckets (server/store/),
-counting the generated tokens (metering.py) or deciding when to charge (generation.py).
+Does not own: key digests and client ids (admission/keys.py), the buckets (server/store/),
+counting the generated tokens (admission/metering.py) or deciding when to charge (streaming.py).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .auth import KEY_ID_SCOPE, address_id, client_id
-from .errors import ApiError
-from .state import ServerState, StateDep, current_state
-from .store import STORE_UNAVAILABLE
+from server.admission.keys import KEY_ID_SCOPE, address_id, client_id
+from server.errors import ApiError
+from server.state import ServerState, StateDep, current_state
+from server.store import STORE_UNAVAILABLE
 
 
 def _retry_after(seconds: float) -> int:

@@ -12,8 +12,8 @@ template renders. A code interpreter call comes back as the fenced code and the 
 block the model read, so a continued conversation shows the model its own trajectory, and
 thinking items (`THINKING`) go back inside <think>...</think>.
 
-Does not own: rendering the response (response_items.py), storing responses (the store,
-through generation.py) or routing (routes/responses.py).
+Does not own: rendering the response (responses/builder.py), storing responses (the store,
+through streaming.py) or routing (responses/serving.py).
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from server.protocol import SamplingRequest, ThorOptions, checked_unicode, none_is_default
 from thor_engine.config import SamplingOptions
 from thor_engine.observation import injection
-
-from .protocol import ThorOptions, _none_is_default, _SamplingRequest, _unicode
 
 #: what a code interpreter call's `container_id` says (the calls run in this server's sandbox)
 CONTAINER_ID = "thor-sandbox"
@@ -69,7 +68,7 @@ class ReasoningParam(BaseModel):
         return v
 
 
-class CreateResponseRequest(_SamplingRequest):
+class CreateResponseRequest(SamplingRequest):
     """`POST /v1/responses`. `n` is not a Responses field: one output per response."""
 
     model: str | None = None  # type: ignore[assignment]  # optional here: the served model
@@ -93,7 +92,7 @@ class CreateResponseRequest(_SamplingRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
 
-    _resp_nulls = field_validator("store", mode="before")(classmethod(_none_is_default))
+    _resp_nulls = field_validator("store", mode="before")(classmethod(none_is_default))
 
     @field_validator("metadata")
     @classmethod
@@ -103,8 +102,8 @@ class CreateResponseRequest(_SamplingRequest):
         if len(v) > METADATA_MAX_PAIRS:
             raise ValueError(f"metadata has {len(v)} pairs; at most {METADATA_MAX_PAIRS} are allowed")
         for key, value in v.items():
-            _unicode(key, "metadata")
-            _unicode(value, "metadata")
+            checked_unicode(key, "metadata")
+            checked_unicode(value, "metadata")
             if len(key) > METADATA_MAX_KEY:
                 raise ValueError(f"metadata key {key[:20]!r}... is {len(key)} characters; at most {METADATA_MAX_KEY}")
             if len(value) > METADATA_MAX_VALUE:
@@ -188,7 +187,7 @@ class CreateResponseRequest(_SamplingRequest):
     @classmethod
     def _input(cls, v: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
         if isinstance(v, str):
-            _unicode(v, "input")
+            checked_unicode(v, "input")
         else:
             items_to_messages(v)  # every item must be one this server can render
         return v
@@ -307,7 +306,7 @@ def _part_text(part: Any, where: str) -> str:
     if kind in ("input_text", "output_text", "text", "reasoning_text", "summary_text") and isinstance(
         part.get("text"), str
     ):
-        return _unicode(part["text"], where)
+        return checked_unicode(part["text"], where)
     raise ValueError(f"{where}: content part type {kind!r} is not supported; send text parts (input_text) only")
 
 
@@ -315,7 +314,7 @@ def _content_text(content: Any, where: str) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
-        return _unicode(content, where)
+        return checked_unicode(content, where)
     if isinstance(content, list):
         return "".join(_part_text(p, where) for p in content)
     raise ValueError(f"{where}: content must be a string or a list of text parts")

@@ -6,7 +6,7 @@ gets the same 401 (or 429 once its address is throttled) as on a real route. An
 authenticated client then gets what Starlette's router gives when no route matches:
 405 with Allow for a known path with another method, a redirect for a known path with
 or without its trailing slash, 404 otherwise.
-Does not own: auth (guards.py) or the real routes (the other modules here).
+Does not own: auth (admission/guards.py) or the real routes (the other modules here).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from starlette.datastructures import URL
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from ..guards import v1_router
+from server.admission.guards import v1_router
 
 router = v1_router()
 

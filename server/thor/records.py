@@ -3,7 +3,7 @@
 Owns: the records of a code block (`call_record`), its result (`result_record`), a
 self-correction backtrack (`backtrack_record`) and a finished trajectory (`trajectory_record`),
 the head of a stored trace (`trace_head`), as the `thor` objects, stream events and traces
-of chat, completions (responses.py) and the Responses API (response_items.py) show them, and
+of chat, completions (thor/builder.py) and the Responses API (responses/builder.py) show them, and
 `retract`: taking the last characters of held text back when a backtrack discards them.
 Does not own: when text is held or released (the builders) or the events (thor_engine.events).
 """

@@ -14,7 +14,7 @@ the event stream; the engine calls the backend in that step, or in tasks it crea
 there (which copy the context), so `MeteredBackend.generate` sees the meter.
 
 Does not own: the backend itself, the rate-limit buckets (server/store) or deciding
-what to charge (generation.py).
+what to charge (streaming.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Turning the engine's typed events into a Responses API response: output items and stream events.
 
-Owns: `ResponsesBuilder`, one per `POST /v1/responses`, with the interface generation.respond
+Owns: `ResponsesBuilder`, one per `POST /v1/responses`, with the interface streaming.respond
 needs (`feed`, `response`, `generated_tokens`, `trace`, `choices`) plus the stream's opening
 events and its error event. It produces, in order, the output items OpenAI's Responses API
 defines for server-side code execution:
@@ -19,7 +19,7 @@ Stream events follow OpenAI's published sequence (`response.created`, `.in_progr
 and an engine abort is `response.failed` too, never a completed response), numbered by
 `sequence_number`; the final response is built from exactly the items the stream sent.
 
-The one rule, as for chat (responses.py): a client never sees what self-correction takes
+The one rule, as for chat (thor/builder.py): a client never sees what self-correction takes
 back. Text a backtrack may still retract is held until its tool call is committed; a
 discarded attempt never becomes an item (it is kept in `thor.tool_calls` and the trace).
 With the code interpreter on, a round's text is held until it is known to be reasoning (a
@@ -29,7 +29,7 @@ the model writes it; the call is `interpreting` while the sandbox runs and its o
 the moment the sandbox returns. A trajectory cut inside a code block leaves that call
 `incomplete` (never run, no outputs).
 
-Does not own: the request (response_request.py), HTTP and SSE framing (generation.py),
+Does not own: the request (responses/protocol.py), HTTP and SSE framing (streaming.py),
 storage, or anything about tokens.
 """
 
@@ -40,13 +40,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from server.errors import ApiError
+from server.metrics import ServerMetrics
+from server.responses.protocol import CONTAINER_ID, THINKING, items_to_messages
+from server.thor.records import backtrack_record, call_record, result_record, retract, trace_head, trajectory_record
 from thor_engine.codeblocks import find_blocks, is_code_language
 from thor_engine.events import Backtrack, CodeBlock, Event, Final, FinishReason, TextDelta, ToolCall, Vote
-
-from .errors import ApiError
-from .metrics import ServerMetrics
-from .response_request import CONTAINER_ID, THINKING, items_to_messages
-from .tool_records import backtrack_record, call_record, result_record, retract, trace_head, trajectory_record
 
 #: finish reasons that leave a response `incomplete` (OpenAI: max_output_tokens; thor.finish_reason says which)
 INCOMPLETE = {FinishReason.length, FinishReason.context_length, FinishReason.generation_cap, FinishReason.repetition}

@@ -7,18 +7,17 @@ request's sampling with the checkpoint's defaults, within the n x max_tokens cap
 the engine accepts it). Each refusal is a 400 (404 for an unknown model) naming the
 parameter and the limit.
 
-Does not own: request shapes (protocol.py), rate limits (guards.py) or running the
-request (generation.py).
+Does not own: request shapes (protocol.py and each surface's protocol.py), rate limits (admission/guards.py) or running the
+request (streaming.py).
 """
 
 from __future__ import annotations
 
+from server.errors import ApiError
+from server.protocol import SamplingRequest
+from server.state import ServerState
 from thor_engine.config import SamplingOptions, ThorConfig
 from thor_engine.engine import InvalidParameter
-
-from .errors import ApiError
-from .protocol import _SamplingRequest
-from .state import ServerState
 
 
 def check_model_name(state: ServerState, model: str | None) -> None:
@@ -37,7 +36,7 @@ def check_model_name(state: ServerState, model: str | None) -> None:
         )
 
 
-def check_model(state: ServerState, body: _SamplingRequest) -> None:
+def check_model(state: ServerState, body: SamplingRequest) -> None:
     check_model_name(state, body.model)
     if body.n > state.settings.max_n:
         raise ApiError(400, f"n must be at most {state.settings.max_n}", param="n")
@@ -69,7 +68,7 @@ def check_thor_limits(state: ServerState, cfg: ThorConfig) -> None:
         )
 
 
-def sampling(state: ServerState, body: _SamplingRequest, max_tokens: int, param: str) -> SamplingOptions:
+def sampling(state: ServerState, body: SamplingRequest, max_tokens: int, param: str) -> SamplingOptions:
     """The request's sampling (with the checkpoint's defaults), within the server's n x max_tokens cap."""
     limit = state.settings.max_request_tokens
     if body.n * max_tokens > limit:

@@ -16,10 +16,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from server.metrics import ServerMetrics
+from server.state import current_state
 from thor_sandbox.client import SandboxError
-
-from ..metrics import ServerMetrics
-from ..state import current_state
 
 router = APIRouter()
 

@@ -1,6 +1,6 @@
-"""Turning the engine's typed events into OpenAI responses, stream chunks and traces.
+"""Chat and completions through the THOR engine: its typed events as OpenAI responses, stream chunks and traces.
 
-Owns: one `ResponseBuilder` per request that consumes `thor_engine.events` and
+Owns: one `ThorBuilder` per request that consumes `thor_engine.events` and
 produces (a) SSE chunks for `/v1/chat/completions` and `/v1/completions`, (b) the
 non-stream response body, (c) the `thor` extension object (tool calls, backtracks,
 answers, vote), and (d) the trace stored for `GET /v1/traces/{id}`, while keeping
@@ -27,7 +27,7 @@ The one rule for the message fields, streamed or not:
 The non-stream body is built from exactly the deltas the stream sends, so
 concatenating a stream's deltas gives the non-stream message, field by field.
 
-Does not own: HTTP plumbing (app.py) or anything about tokens.
+Does not own: HTTP plumbing (api_server.py) or anything about tokens.
 """
 
 from __future__ import annotations
@@ -38,11 +38,10 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from server.metrics import ServerMetrics
+from server.thor.records import backtrack_record, call_record, result_record, retract, trace_head, trajectory_record
 from thor_engine.events import Backtrack, CodeBlock, Event, Final, FinishReason, TextDelta, ToolCall, Vote
 from thor_engine.function_calls import TOOL_CALL_START, FunctionCallParser
-
-from .metrics import ServerMetrics
-from .tool_records import backtrack_record, call_record, result_record, retract, trace_head, trajectory_record
 
 #: THOR's finish reasons onto OpenAI's enum (chat and completions share stop/length).
 OPENAI_FINISH = {
@@ -77,7 +76,7 @@ class ChoiceState:
     function_calls: list[dict[str, Any]] = field(default_factory=list)  # calls to the client's functions
 
 
-class ResponseBuilder:
+class ThorBuilder:
     def __init__(
         self,
         *,

@@ -2,16 +2,16 @@
 
 Owns: looking a trace up for its owner (the key id, or the client address on an open
 server); another client's trace is a 404 exactly like a missing one.
-Does not own: auth (guards.py), storing traces (generation.py) or the store.
+Does not own: auth (admission/guards.py), storing traces (streaming.py) or the store.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ApiError
-from ..guards import ClientKeyDep, v1_router
-from ..state import StateDep
+from server.admission.guards import ClientKeyDep, v1_router
+from server.errors import ApiError
+from server.state import StateDep
 
 router = v1_router()
 

@@ -1,9 +1,9 @@
 """`GET /openapi.json`, `/docs` and `/redoc`: the API's schema and its viewers, behind the server's auth.
 
-Owns: the three routes FastAPI would otherwise serve to anyone (app.py turns its own off).
+Owns: the three routes FastAPI would otherwise serve to anyone (api_server.py turns its own off).
 They are on a `v1_router`, so with API keys configured they need a key like /v1 does (a
 401, or a 429 once an address is throttled, otherwise); an open server serves them openly.
-Does not own: the schema itself (FastAPI builds it from the routes) or auth (guards.py).
+Does not own: the schema itself (FastAPI builds it from the routes) or auth (admission/guards.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from ..guards import v1_router
+from server.admission.guards import v1_router
 
 router = v1_router()
 

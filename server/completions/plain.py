@@ -1,9 +1,9 @@
 """Turning plain (tool-free) `/v1/completions` output into OpenAI responses and stream chunks.
 
 Owns: `PlainCompletionBuilder`, one per plain completion request, with the interface of
-responses.ResponseBuilder (`feed`, `usage_chunk`, `response`, `generated_tokens`,
+responses.ThorBuilder (`feed`, `usage_chunk`, `response`, `generated_tokens`,
 `choices`, `trace`), so plain completions go through the same stream and non-stream
-paths (generation.py) as chat and THOR completions. It consumes the engine's
+paths (streaming.py) as chat and THOR completions. It consumes the engine's
 `PlainChunk`s (n choices per prompt, every prompt of a batch, interleaved as vLLM does:
 choice index = prompt index x n + sample index) and produces `text_completion`
 chunks carrying text, logprobs (tokens, token_logprobs, top_logprobs, and text_offset
@@ -17,9 +17,9 @@ the prompt alone and drops the one token the engine had to generate.
 With vLLM's `return_token_ids`, each chunk also carries its new `token_ids` (and a choice's
 first chunk `prompt_token_ids`), as vLLM 0.32 puts them; the non-stream choices carry both whole.
 Also `PlainTokenCounts`: the generated tokens and `usage` both plain builders (this one and
-plain_chat.PlainChatBuilder) count alike.
+chat.plain.PlainChatBuilder) count alike.
 
-Does not own: THOR's responses (responses.py), HTTP plumbing (generation.py, routes/),
+Does not own: THOR's responses (thor/builder.py), HTTP plumbing (streaming.py, completions/serving.py),
 or anything about tokens beyond the counts the engine reports.
 """
 
@@ -29,10 +29,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.metrics import ServerMetrics
+from server.thor.records import trace_head
 from thor_engine.engine import LogprobEntry, PlainChunk
-
-from .metrics import ServerMetrics
-from .tool_records import trace_head
 
 
 def _empty_logprobs() -> dict[str, list[Any]]:
@@ -40,7 +39,7 @@ def _empty_logprobs() -> dict[str, list[Any]]:
 
 
 class PlainTokenCounts:
-    """What the plain builders (completions here, chat in plain_chat.py) count alike: the tokens
+    """What the plain builders (completions here, chat in chat/plain.py) count alike: the tokens
     the engine generated (what rate limits charge) and `usage`, which a stream's last chunk carries."""
 
     choices: list[Any]  # each with the `completion_tokens` the engine reported
