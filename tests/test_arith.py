@@ -18,8 +18,9 @@ from thor_engine.config import ObservationConfig
 from thor_engine.observation import injection, judge
 from thor_engine.prompting import render_chat
 from trainer.arith import ArithTask, build_task
+from trainer.arith.build import MARKER
 from trainer.arith.coldstart import GUESS_SPREAD, MIX, OPENING, Mix, rounded_estimate
-from trainer.arith.task import MARKER, evaluate_expression, make_problems, read_problems
+from trainer.arith.task import evaluate_expression, make_problems, read_problems
 from trainer.sft.encode import encode_segments, end_token_id
 from trainer.tirgen.prompts import training_messages
 from trainer.tirgen.sample import read_samples

@@ -19,7 +19,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.support.thor_server import run_server, tiny_server_args
-from trainer.arith.task import build_task
+from trainer.arith.build import build_task
 
 pytestmark = [pytest.mark.vllm, pytest.mark.sandbox, pytest.mark.slow]
 

@@ -363,7 +363,7 @@ def test_lora_merged_export(tmp_path, samples_file, tiny_tir_model) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainer.sft.train import load_base_model
+    from trainer.sft.base_model import load_base_model
 
     out = tmp_path / "lora"
     argv = ["--data", samples_file, "--model", tiny_tir_model, "--out", out, *BASE_ARGS]

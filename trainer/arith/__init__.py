@@ -1,8 +1,9 @@
 """A synthetic arithmetic tool-use task and its from-scratch tiny model: THOR's RL demonstration on 2 cores.
 
-Owns nothing itself: task.py (problems, `build_task` / `ArithTask`), tokenizer.py (a
-~500-token byte-level BPE with single-digit tokens), model.py (an untied ~1M-parameter
-Qwen2), coldstart.py (the designed cold start), __main__.py (the CLI).
+Owns nothing itself: task.py (the problems), build.py (`build_task` / `ArithTask`: the
+whole task directory), tokenizer.py (a ~500-token byte-level BPE with single-digit tokens),
+model.py (an untied ~1M-parameter Qwen2), coldstart.py (the designed cold start),
+__main__.py (the CLI).
 
 The task: ``What is 37 * 48 + 12?`` / ``Compute 37 * 48 - 12.`` (two-digit factors). The
 cold start prints the expression (right: the tool's output is copied into ``\\boxed{}``),
@@ -39,6 +40,6 @@ cold start before RL. Rounded guesses are learnable exactly, so they do not comp
 the copy; they are the safer choice for new seeds.
 """
 
-from .task import ArithTask, build_task
+from .build import ArithTask, build_task
 
 __all__ = ["ArithTask", "build_task"]

@@ -3,7 +3,7 @@
 Owns: the command line (flags -> `build_task`) and turning errors into one clear line and
 exit status 1. Prints the paths of the built task.
 
-Does not own: anything the build does (task.py).
+Does not own: anything the build does (build.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .build import DEFAULT_HELDOUT_SIZE, DEFAULT_TRAIN_SIZE, build_task
 from .coldstart import MIX
-from .task import DEFAULT_HELDOUT_SIZE, DEFAULT_TRAIN_SIZE, build_task
 
 
 def build_parser() -> argparse.ArgumentParser:

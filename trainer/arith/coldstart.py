@@ -32,7 +32,8 @@ instruction, as the ``thor-rl`` evaluation mode sends it); observations are exac
 ``thor_engine.observation.judge`` + ``injection`` under the reference profile. The SFT
 trainer appends the end-of-turn token itself.
 
-Does not own: the problems (task.py), the tokenizer (tokenizer.py) or training (trainer.sft).
+Does not own: the problems (task.py), building the task directory (build.py), the tokenizer
+(tokenizer.py) or training (trainer.sft).
 """
 
 from __future__ import annotations

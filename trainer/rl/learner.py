@@ -155,7 +155,7 @@ class Learner:
         import torch
         from accelerate import Accelerator
 
-        from trainer.sft.train import load_base_model
+        from trainer.sft.base_model import load_base_model
 
         if temperature <= 0:
             raise LearnerError(f"temperature must be > 0 (the rollouts' sampling temperature), got {temperature}")

@@ -4,7 +4,7 @@ Owns: the command line (flags -> `SftConfig`) and turning errors into one clear 
 exit status 1. Works the same under ``accelerate launch`` (configs in
 trainer/configs/accelerate/: ddp_cpu.yaml, fsdp2.yaml, deepspeed_zero3.yaml).
 
-Does not own: anything the run does (train.py, data.py, export.py, report.py).
+Does not own: anything the run does (train.py, base_model.py, data.py, export.py, report.py).
 
 Example::
 
@@ -20,8 +20,9 @@ from pathlib import Path
 
 from .data import DataError
 from .encode import SegmentError
+from .errors import SftError
 from .export import ExportError
-from .train import SftConfig, SftError, run_sft
+from .train import SftConfig, run_sft
 
 
 def build_parser() -> argparse.ArgumentParser:

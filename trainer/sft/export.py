@@ -10,7 +10,8 @@ results from a ``trainer.evaluate`` summary.json, now or later with `update_card
 card's inputs are kept in ``thor_sft.json`` so the card can be re-rendered.
 Written into a temporary directory and moved into place, so a crash leaves no half export.
 
-Does not own: training (train.py) or the evaluation itself (trainer/evaluate/).
+Does not own: training (train.py), loading the base model untied (base_model.py) or the
+evaluation itself (trainer/evaluate/).
 
 CLI (add evaluation results to an exported card)::
 
@@ -26,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from .base_model import load_base_model
 
 __all__ = [
     "CARD_FILE",
@@ -82,8 +85,6 @@ def check_untied(model_dir: str | Path) -> None:
 
 def _load_trained(weights: Path, base: Path) -> Any:
     """The trained model in fp32: the saved full model, or the base with the LoRA adapter merged."""
-    from .train import load_base_model
-
     if (weights / "adapter_config.json").is_file():
         from peft import PeftModel
 

@@ -1,18 +1,16 @@
 """Cold-start SFT training: the HF ``Trainer`` on pre-tokenised trajectories.
 
 Owns: `SftConfig` (every setting of a run), `run_sft` (load tokenizer and data, load the
-base model and untie its output layer, optionally wrap it in a peft LoRA adapter, train
-with ``transformers.Trainer`` on ``accelerate``, resume from the last checkpoint, then
-export the served checkpoint, write the loss log/plot and ``sft.json``), and
-`PaddingCollator` (right-pads ``input_ids`` with the pad token and ``labels`` with -100).
-Under ``accelerate launch`` every rank trains; only rank 0 exports and writes reports.
+base model untied, optionally wrap it in a peft LoRA adapter, train with
+``transformers.Trainer`` on ``accelerate``, resume from the last checkpoint, then export
+the served checkpoint, write the loss log/plot and ``sft.json``), and `PaddingCollator`
+(right-pads ``input_ids`` with the pad token and ``labels`` with -100). Under
+``accelerate launch`` every rank trains; only rank 0 exports and writes reports. What is
+trained is exactly what is exported (the base is untied before training).
 
-Untying: vLLM's in-place weight reload (the RL stage) is silently wrong with tied
-embeddings, so a tied base gets its embedding copied into a separate ``lm_head`` before
-training; what is trained is exactly what is exported.
-
-Does not own: tokenisation (encode.py), reading the data (data.py), the checkpoint layout
-and model card (export.py), plots and logs (report.py), the CLI (__main__.py).
+Does not own: loading and untying the base model (base_model.py), `SftError` (errors.py),
+tokenisation (encode.py), reading the data (data.py), the checkpoint layout and model card
+(export.py), plots and logs (report.py), the CLI (__main__.py).
 """
 
 from __future__ import annotations
@@ -27,8 +25,11 @@ from typing import Any
 
 from trainer.splits import TrainingProblems
 
+from .base_model import load_base_model
 from .data import DataStats, load_sft_dataset, training_problem_ids
 from .encode import IGNORE_INDEX
+from .errors import SftError
+from .export import export_checkpoint
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -36,21 +37,14 @@ __all__ = [
     "SFT_JSON",
     "PaddingCollator",
     "SftConfig",
-    "SftError",
     "SftResult",
-    "load_base_model",
     "run_sft",
-    "untie_output_embeddings",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 SFT_JSON = "sft.json"
 _WEIGHTS_DIR = ".trained-weights"
-
-
-class SftError(RuntimeError):
-    """An SFT run that cannot start or continue (bad settings, output dir in the way)."""
 
 
 @dataclass
@@ -134,34 +128,6 @@ class PaddingCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def untie_output_embeddings(model: Any) -> bool:
-    """Give a tied model its own ``lm_head`` (a copy of the embedding); True when it was tied."""
-    import torch
-
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    cfgs = [model.config, getattr(model.config, "text_config", None)]
-    tied_cfg = any(c is not None and getattr(c, "tie_word_embeddings", False) for c in cfgs)
-    shared = head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
-    for c in cfgs:
-        if c is not None and hasattr(c, "tie_word_embeddings"):
-            c.tie_word_embeddings = False
-    if head is not None and shared:
-        head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
-    if head is not None and head.weight.data_ptr() == emb.weight.data_ptr():
-        raise SftError("could not untie the output layer from the embedding; the export would be tied")
-    return tied_cfg or shared
-
-
-def load_base_model(path: str | Path, dtype: Any = None) -> tuple[Any, bool]:
-    """The base causal LM (fp32 by default: master weights for training), untied. Returns (model, was_tied)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
-    was_tied = untie_output_embeddings(model)
-    return model, was_tied
-
-
 def _checkpoints(out: Path) -> list[Path]:
     d = out / CHECKPOINTS_DIR
     if not d.is_dir():
@@ -198,7 +164,6 @@ def run_sft(cfg: SftConfig) -> SftResult:
     from accelerate import PartialState
     from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from .export import export_checkpoint
     from .report import write_reports
 
     t0 = time.monotonic()
