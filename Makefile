@@ -3,7 +3,7 @@
 #   make test      the whole test suite (what .ci/run calls)
 #   make lint      ruff lint + format check (what .ci/run calls before the tests)
 #   make sandbox   the sandbox service in the foreground (127.0.0.1:8080)
-#   make bench-sandbox  sandbox latency/throughput benchmark (figures in README)
+#   make bench-sandbox  sandbox latency/throughput benchmark (figures in docs/benchmarks.md)
 #   make compose-test   the compose stack's cpu profile built, started and checked (Docker engine included)
 
 SHELL := /bin/bash
@@ -124,7 +124,7 @@ bench-tir: models sandbox-env
 bench-eval: models sandbox-env
 	$(VENV)/bin/python benchmarks/eval_bench.py
 
-# the README's RL demonstration: arithmetic task, cold-start SFT, RL, ablation, evaluations (~30 min on 2 cores)
+# the RL demonstration of docs/training.md: arithmetic task, cold-start SFT, RL, ablation, evaluations (~30 min on 2 cores)
 rl-demo: venv sandbox-env
 	scripts/rl-demo.sh $(OUT)
 

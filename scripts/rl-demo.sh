@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's hierarchical-RL demonstration on this machine kind (2 cores, no GPU), end to end:
+# The hierarchical-RL demonstration of docs/training.md on this machine kind (2 cores, no GPU), end to end:
 #   1. the synthetic arithmetic tool-use task and a from-scratch ~1M-parameter model (trainer.arith),
 #   2. its cold-start SFT (trainer.sft),
 #   3. RL with trajectory + step-level groups (trainer.rl, trainer/configs/rl/arith-demo.yaml),
