@@ -297,7 +297,7 @@ def test_documented_figures_match_their_sources():
     doc = DOC.read_text()
     flat = " ".join(doc.split())
 
-    # sandbox benchmark (README "Benchmarks > Sandbox")
+    # sandbox benchmark (docs/benchmarks.md, "Sandbox")
     bench = json.loads((ROOT / "benchmarks" / "results" / "sandbox.json").read_text())
     lat = bench["latency"]
     assert f"p50 **{lat['trivial']['api']['p50_ms']:.1f} ms**" in flat

@@ -141,7 +141,9 @@ def test_ordinary_text_never_trips(tokenizer):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    text = "".join((root / p).read_text() for p in ("README.md", "thor_engine/decoder.py", "server/thor/builder.py"))
+    files = ["README.md", *sorted(str(p.relative_to(root)) for p in (root / "docs").glob("*.md"))]
+    files += ["thor_engine/decoder.py", "server/thor/builder.py"]
+    text = "".join((root / p).read_text() for p in files)
     det = RepetitionDetector(RepetitionConfig())
     assert not det.feed(tokenizer.encode(text))
 

@@ -4,7 +4,7 @@ Owns: the split definitions (by problem id, per benchmark) and the checks that k
 training and evaluation apart:
 
 - ``gsm8k`` (the 500-problem file in the shared data): rows 0-199 are held out
-  (``eval``; the README's GSM8K figures use the first 100 of them); rows 200-499
+  (``eval``; the GSM8K figures in docs/evaluation.md use the first 100 of them); rows 200-499
   (300 problems) are ``train``.
 - every other named benchmark (math500, aime24, aime25, amc23, minerva, olympiadbench)
   is ``eval`` only: they are small and they are the sets we report.
