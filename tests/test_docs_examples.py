@@ -7,12 +7,14 @@ model, shared with other modules) with its address substituted for `localhost:80
 marked `<!-- example: gpu -->` / `<!-- example: long (why) -->` are not run; the test output
 lists them (tests/conftest.py's terminal summary). The convention and the parser live in
 tests/support/docs_examples.py; the parser's own tests here keep a parser bug from making the
-suite pass with nothing checked.
+suite pass with nothing checked. One example: `pytest -k README.md:42 tests/test_docs_examples.py`.
 """
 
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,6 +133,30 @@ def test_substitution_of_the_server_and_sandbox_addresses() -> None:
     assert dx.substitute("http://localhost:80001 and 10.127.0.0.1:8000", "h:1") == (
         "http://localhost:80001 and 10.127.0.0.1:8000"
     )
+
+
+def test_runner_exit_codes_path_substitution_and_timeout(tmp_path: Path) -> None:
+    """The runner itself: a failing block fails, the venv's bin leads PATH, addresses are substituted,
+    a block past its timeout is killed with what it started in the background."""
+    shell = dx.parse(
+        '```bash\necho "$(command -v python)" http://localhost:8000/v1\nfalse\necho not reached\n```\n', "d.md"
+    ).blocks[0]
+    r = dx.run_example(shell, server_url="http://127.0.0.1:4321", sandbox_url=None, workdir=tmp_path / "a")
+    assert r.returncode == 1 and not r.ok
+    assert r.stdout == f"{Path(sys.executable).parent / 'python'} http://127.0.0.1:4321/v1\n", r.stdout
+    assert "d.md:1: the `bash` example exited with 1" in r.report()
+    assert "    3 | false" in r.report()  # the block's lines numbered as in the file
+
+    py = dx.parse("```python\nimport tests.support.docs_examples as m\nprint(m.__name__)\n```\n", "d.md").blocks[0]
+    r = dx.run_example(py, server_url=None, sandbox_url=None, workdir=tmp_path / "b")
+    assert (r.returncode, r.stdout) == (0, "tests.support.docs_examples\n"), r.report()
+
+    marker = tmp_path / "child-alive"
+    slow = dx.parse(f"```sh\n(sleep 3; touch {marker}) &\nsleep 30\n```\n", "d.md").blocks[0]
+    r = dx.run_example(slow, server_url=None, sandbox_url=None, workdir=tmp_path / "c", timeout_s=1)
+    assert r.returncode is None and "was killed after 1 s" in r.report()
+    time.sleep(3)
+    assert not marker.exists(), "the example's background child outlived its process group"
 
 
 def test_links_slugs_and_broken_links(tmp_path: Path) -> None:
