@@ -1,7 +1,13 @@
-"""Shared fixtures: real services started once per test session."""
+"""Shared fixtures: real services started once per test session.
+
+Also: the one `make serve`-like server on the default model that several modules share
+(`default_server`, stopped right after the last test that uses it), and the test output's
+listing of documentation examples that are not run (`pytest_terminal_summary`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,3 +89,55 @@ async def executor(sandbox: SandboxService):
 
     async with SandboxClient(sandbox.url) as client:
         yield SandboxExecutor(client)
+
+
+# --- the shared default-model server ------------------------------------------------------
+
+_DEFAULT_SERVER_LAST_USER = pytest.StashKey[str | None]()
+_DEFAULT_SERVER_STOP = pytest.StashKey[contextlib.ExitStack]()
+_DOCS_COLLECTED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(scope="session")
+def default_server(request: pytest.FixtureRequest, default_model: Path, sandbox: SandboxService):
+    """The server as `make serve` runs it (default preset and served name, the Makefile's flags)
+    on the shared sandbox: one process for every module that needs the default model over HTTP
+    (test_chat_extras, test_docs_examples, test_lm_eval). Stopped after the last test using it."""
+    from tests.support.thor_server import make_serve_args, run_server
+
+    require_vllm()
+    del default_model  # provisioned before the server's ready timeout starts
+    with contextlib.ExitStack() as stack:
+        request.config.stash[_DEFAULT_SERVER_STOP] = stack
+        yield stack.enter_context(run_server(make_serve_args(sandbox.url)))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    users = [item for item in items if "default_server" in getattr(item, "fixturenames", ())]
+    config.stash[_DEFAULT_SERVER_LAST_USER] = users[-1].nodeid if users else None
+    config.stash[_DOCS_COLLECTED] = any(item.path.name == "test_docs_examples.py" for item in items)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    result = yield
+    # the module fixtures built on it are torn down by now: free its memory for the rest of the session
+    if item.nodeid == item.config.stash.get(_DEFAULT_SERVER_LAST_USER, None):
+        stack = item.config.stash.get(_DEFAULT_SERVER_STOP, None)
+        if stack is not None:
+            stack.close()
+    return result
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """List the documentation examples the run did not run (marked gpu or long), file:line and why."""
+    if not config.stash.get(_DOCS_COLLECTED, False):
+        return
+    from tests.support.docs_examples import collect, excluded_listing
+
+    parsed = collect()
+    rows = excluded_listing(parsed)
+    terminalreporter.write_sep("=", f"docs examples not run: {len(rows)} of {len(parsed.examples)} (marked gpu/long)")
+    for row in rows or ["(none)"]:
+        terminalreporter.write_line(row)

@@ -21,11 +21,11 @@ from pydantic import BaseModel
 from server.chat.plain import PlainChatBuilder
 from server.metrics import ServerMetrics
 from tests.support.openapi import validate
-from tests.support.thor_server import run_server, tiny_server_args
 from thor_engine.engine import PlainChunk
 from thor_engine.function_calls import FunctionCallParser
+from thor_engine.models.provision import PRESETS
 
-MODEL = "qwen-extras"
+MODEL = PRESETS["default"].name  # the served name of the shared `make serve`-like server
 OFF = {"thor": {"enabled": False}}
 ASK = [{"role": "user", "content": "What is 2+3? Answer in one short sentence."}]
 WEATHER = {
@@ -55,9 +55,9 @@ ADD = {
 
 
 @pytest.fixture(scope="module")
-def server(default_model, sandbox):
-    with run_server(tiny_server_args(default_model, MODEL, sandbox_url=sandbox.url)) as srv:
-        yield srv
+def server(default_server):
+    """The session's shared default-model server (tests/conftest.py)."""
+    return default_server
 
 
 @pytest.fixture(scope="module")

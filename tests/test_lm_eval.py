@@ -22,21 +22,21 @@ from typing import Any
 
 import pytest
 
-from tests.support.thor_server import run_server, tiny_server_args
+from thor_engine.models.provision import PRESETS
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.sandbox]
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "fixtures" / "lm_eval"
-SERVED = "qwen-coder"
+SERVED = PRESETS["default"].name  # the served name of the shared `make serve`-like server
 MAX_TOKENS = 192  # the tasks' max_gen_toks
 PROBLEMS = [json.loads(line) for line in (TASKS / "arith.jsonl").read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
-def server(default_model, sandbox):
-    with run_server(tiny_server_args(default_model, SERVED, sandbox_url=sandbox.url)) as srv:
-        yield srv
+def server(default_server):
+    """The session's shared default-model server (tests/conftest.py)."""
+    return default_server
 
 
 def offline_env(tmp: Path) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,27 @@ def tiny_server_args(
     """`python -m server` flags for a test model under a served name (plus a sandbox URL)."""
     args = ["--model", str(model), "--served-model-name", served_name, "--max-model-len", str(max_model_len)]
     return args + (["--sandbox-url", sandbox_url] if sandbox_url else [])
+
+
+def make_serve_args(sandbox_url: str) -> list[str]:
+    """`python -m server` flags as `make serve` gives them, read from the Makefile's serve recipe
+    (the default preset, so its served name, and the context length), minus `--host` and
+    `$(SERVE_ARGS)`, on the given sandbox instead of the local one."""
+    recipe = [line for line in (ROOT / "Makefile").read_text().splitlines() if " -m server " in line]
+    if len(recipe) != 1:
+        raise RuntimeError(f"expected one `python -m server` line in the Makefile (make serve), found {len(recipe)}")
+    words = shlex.split(recipe[0].split(" -m server ", 1)[1])
+    args: list[str] = []
+    skip = False
+    for word in words:
+        if skip or word.startswith("$("):
+            skip = False
+            continue
+        if word == "--host":
+            skip = True
+            continue
+        args.append(word)
+    return [*args, "--sandbox-url", sandbox_url]
 
 
 @contextlib.contextmanager
