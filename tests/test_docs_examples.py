@@ -121,6 +121,13 @@ def test_an_unknown_marker_does_not_exclude_the_block() -> None:
     assert [b.id for b in parsed.runnable] == ["doc.md:2"]
 
 
+def test_a_marker_named_in_prose_is_no_marker() -> None:
+    """Docs that explain the convention mention `<!-- example: gpu -->` inside a sentence."""
+    parsed = dx.parse("A block marked `<!-- example: gpu -->` is listed.\n\n```bash\ntrue\n```\n", "doc.md")
+    assert parsed.problems == []
+    assert [b.id for b in parsed.runnable] == ["doc.md:3"]
+
+
 def test_substitution_of_the_server_and_sandbox_addresses() -> None:
     text = (
         "curl http://localhost:8000/v1/models; OpenAI(base_url='http://127.0.0.1:8000/v1')\ncurl 127.0.0.1:8080/health"

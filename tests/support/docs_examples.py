@@ -49,7 +49,7 @@ SANDBOX_ADDRESSES = ("localhost:8080", "127.0.0.1:8080")
 DEFAULT_TIMEOUT_S = 120.0
 
 _FENCE_OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
-_MARKER_ANY = re.compile(r"<!--\s*example\b", re.IGNORECASE)
+_MARKER_ANY = re.compile(r"^\s*<!--\s*example\b", re.IGNORECASE)  # a marker starts its line
 _MARKER = re.compile(r"^\s*<!--\s*example:\s*(?P<kind>[A-Za-z0-9_-]+)\s*(?:\((?P<reason>.*)\))?\s*-->\s*$")
 
 
