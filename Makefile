@@ -18,6 +18,10 @@ VENV := .venv
 SBX_VENV := .venv-sandbox
 JAIL_PY := .cache/jail-python
 STAMPS := .cache/stamps
+# `make test` runs the suite on TEST_WORKERS processes (pytest-xdist): each test file, or the group
+# of files that share the default-model server, runs whole on one worker, the longest handed out
+# first (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .PHONY: help serve venv vllm models sandbox-env sandbox test lint bench-sandbox bench-engine bench-server bench-tir bench-eval rl-demo clean-envs docker-tools compose-test
@@ -102,7 +106,7 @@ serve: vllm sandbox-env
 # --- tests and benchmarks ----------------------------------------------------
 test: venv vllm sandbox-env docker-tools
 	$(VENV)/bin/python -m thor_engine.models.provision --preset default
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 # ruff's rules and line length live in pyproject.toml ([tool.ruff]); `ruff format .` fixes layout.
 lint: venv

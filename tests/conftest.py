@@ -93,9 +93,8 @@ async def executor(sandbox: SandboxService):
 
 # --- the shared default-model server ------------------------------------------------------
 
-_DEFAULT_SERVER_LAST_USER = pytest.StashKey[str | None]()
+_DEFAULT_SERVER_LAST_USER = pytest.StashKey[pytest.Item | None]()
 _DEFAULT_SERVER_STOP = pytest.StashKey[contextlib.ExitStack]()
-_DOCS_COLLECTED = pytest.StashKey[bool]()
 
 
 @pytest.fixture(scope="session")
@@ -112,18 +111,83 @@ def default_server(request: pytest.FixtureRequest, default_model: Path, sandbox:
         yield stack.enter_context(run_server(make_serve_args(sandbox.url)))
 
 
-@pytest.hookimpl(trylast=True)
+# --- two workers (pytest-xdist, `make test`) ----------------------------------------------
+
+#: The unit a worker runs whole is a test file (its module fixtures, often a server, start once),
+#: except these files, which share the default-model server (`default_server`, started once):
+#: they run as one group, on one worker. A file that uses `default_server` must be listed here.
+DEFAULT_SERVER_FILES = frozenset(
+    {"test_chat_extras.py", "test_deploy_scale.py", "test_docs_examples.py", "test_lm_eval.py"}
+)
+DEFAULT_SERVER_GROUP = "default-server"
+
+#: Groups in the order they are handed to the workers: the longest first (measured with
+#: `--durations`, docs/testing.md), so that neither worker is left running a long file alone at
+#: the end; every other file follows in collection order. A scheduling hint only.
+LONGEST_FIRST = (
+    "test_rl",
+    "test_sft",
+    "test_tirgen",
+    DEFAULT_SERVER_GROUP,
+    "test_evaluate",
+    "test_api_surface",
+    "test_server",
+    "test_server_security",
+    "test_responses_api",
+    "test_hostile_clients",
+    "test_completions_batch",
+    "test_eval_client_loop",
+    "test_model_provision",
+    "test_decoder_rl",
+    "test_fuzz_openapi",
+    "test_model_written_code",
+    "test_tiny_tir_model",
+    "test_engine_vllm",
+    "test_rl_learner",
+    "test_cli",
+)
+
+
+def group_of(path: str | Path) -> str:
+    """The scheduling group of a test file (a path or a node id's file part)."""
+    name = Path(str(path).split("::", 1)[0]).name
+    return DEFAULT_SERVER_GROUP if name in DEFAULT_SERVER_FILES else Path(name).stem
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Hand out whole groups (`group_of`), in collection order: xdist's `loadscope` by file, with
+    the default-server files as one scope."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return GroupScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put the longest groups first (the order xdist hands them out in; a worker runs a group's
+    tests in this order too); then note the last user of the default server (its stop)."""
     users = [item for item in items if "default_server" in getattr(item, "fixturenames", ())]
-    config.stash[_DEFAULT_SERVER_LAST_USER] = users[-1].nodeid if users else None
-    config.stash[_DOCS_COLLECTED] = any(item.path.name == "test_docs_examples.py" for item in items)
+    unlisted = sorted({item.path.name for item in users} - DEFAULT_SERVER_FILES)
+    if unlisted:
+        raise pytest.UsageError(
+            f"{', '.join(unlisted)} use(s) the shared default_server: add the file to DEFAULT_SERVER_FILES "
+            "in tests/conftest.py, so that its tests run on the worker that holds that server"
+        )
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group_of(item.path), len(rank)))  # stable: collection order within
+    users = [item for item in items if "default_server" in getattr(item, "fixturenames", ())]
+    config.stash[_DEFAULT_SERVER_LAST_USER] = users[-1] if users else None
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
     result = yield
     # the module fixtures built on it are torn down by now: free its memory for the rest of the session
-    if item.nodeid == item.config.stash.get(_DEFAULT_SERVER_LAST_USER, None):
+    if item is item.config.stash.get(_DEFAULT_SERVER_LAST_USER, None):
         stack = item.config.stash.get(_DEFAULT_SERVER_STOP, None)
         if stack is not None:
             stack.close()
@@ -132,7 +196,9 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     """List the documentation examples the run did not run (marked gpu or long), file:line and why."""
-    if not config.stash.get(_DOCS_COLLECTED, False):
+    # the reports, not the collection: under xdist only the workers collect
+    ran = [r for reports in terminalreporter.stats.values() for r in reports if hasattr(r, "nodeid")]
+    if not any(r.nodeid.startswith("tests/test_docs_examples.py") for r in ran):
         return
     from tests.support.docs_examples import collect, excluded_listing
 

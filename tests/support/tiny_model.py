@@ -17,11 +17,14 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +95,16 @@ def _fingerprint(tokenizer_source: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def build_lock(out_dir: Path) -> Iterator[None]:
+    """One build of *out_dir* at a time across processes: two test workers asking for the same
+    cached model wait for one build (and a reader never sees a directory being swapped)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, force: bool = False) -> Path:
     """Write the tiny model into *out_dir* (reused when already built from the same source).
 
@@ -105,7 +118,11 @@ def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, force: bool = Fal
         and not (tokenizer_source / "tokenizer_config.json").is_file()
     ):
         raise FileNotFoundError(f"{tokenizer_source} holds no tokenizer files")
-    fp = _fingerprint(tokenizer_source)
+    with build_lock(out_dir):
+        return _build(out_dir, tokenizer_source, _fingerprint(tokenizer_source), force)
+
+
+def _build(out_dir: Path, tokenizer_source: Path, fp: str, force: bool) -> Path:
     if not force and is_complete(out_dir, MARKER, fp):
         return out_dir
 

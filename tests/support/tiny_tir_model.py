@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tests.support.tiny_model import TINY_SPEC, copy_tokenizer, hash_tokenizer_source, is_complete
+from tests.support.tiny_model import TINY_SPEC, build_lock, copy_tokenizer, hash_tokenizer_source, is_complete
 from thor_engine.models.provision import publish_dir
 
 __all__ = ["DEFAULT_STEPS", "TIR_PROBLEMS", "TirProblem", "build_tiny_tir_model", "training_sequences"]
@@ -453,8 +453,22 @@ def build_tiny_tir_model(
     ):
         raise FileNotFoundError(f"{tokenizer_source} holds no tokenizer files")
     fp = _fingerprint(tokenizer_source, steps, seed, extra) + ("" if verify else "-unverified")
-    if not force and is_complete(out_dir, MARKER, fp):
-        return out_dir
+    with build_lock(out_dir):
+        if not force and is_complete(out_dir, MARKER, fp):
+            return out_dir
+        return _build(out_dir, tokenizer_source, fp, steps, seed, verify, log, extra)
+
+
+def _build(
+    out_dir: Path,
+    tokenizer_source: Path,
+    fp: str,
+    steps: int,
+    seed: int,
+    verify: bool,
+    log: Any,
+    extra: Sequence[tuple[str, str]],
+) -> Path:
 
     import torch
     from transformers import AutoTokenizer
