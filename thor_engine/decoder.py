@@ -57,6 +57,7 @@ from .codeblocks import FenceEvent, FenceWatch, find_blocks, is_code_language, t
 from .config import SamplingOptions, ThorConfig
 from .detokenize import TokenText
 from .events import Backtrack, CodeBlock, Event, Final, FinishReason, TextDelta, ToolCall, ToolStats, Usage, Vote
+from .final_answer import FinalAnswer
 from .observation import injection, judge
 from .prompting import encode_plain, is_reasoning_model
 from .repetition import RepetitionDetector
@@ -136,9 +137,12 @@ class ThorDecoder:
         vote: bool = False,
         request_id: str | None = None,
         include_trajectory: bool = True,
+        final: FinalAnswer | None = None,
     ) -> AsyncIterator[Event]:
         """Events of n concurrent trajectories, interleaved as they happen (then a `Vote` if asked).
 
+        With `final`, each trajectory that ends by the model's own stop continues into a
+        constrained answer (final_answer.py); with the tools off, that answer is the whole output.
         Closing the iterator (or cancelling its consumer) aborts every engine request
         and in-flight sandbox call of this request.
         """
@@ -157,7 +161,7 @@ class ThorDecoder:
 
         def sample(i: int) -> Callable[[], AsyncIterator[Event]]:
             seeded = sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + i})
-            return lambda: self._run(prompt, config, seeded, i, rid, include_trajectory)
+            return lambda: self._run(prompt, config, seeded, i, rid, include_trajectory, final)
 
         answers: list[str | None] = [None] * n
         async with contextlib.aclosing(merge([sample(i) for i in range(n)]) if n > 1 else sample(0)()) as events:
@@ -325,6 +329,7 @@ class ThorDecoder:
         sample: int,
         rid: str,
         include_trajectory: bool,
+        final: FinalAnswer | None = None,
     ) -> AsyncIterator[Event]:
         tail = self.tokenizer.decode(prompt[-16:], skip_special_tokens=False) if self.reasoning_model else ""
         st = _State(
@@ -351,8 +356,8 @@ class ThorDecoder:
             ev.sample = sample  # type: ignore[union-attr]
             return ev
 
-        finish: FinishReason
-        while True:
+        finish = FinishReason.stop
+        while final is None or st.tools_on:  # tools off and a constrained answer: that answer is all
             remaining = budget - len(st.text)
             room = max_len - len(st.traj)
             if remaining <= 0:
@@ -496,7 +501,75 @@ class ThorDecoder:
 
         for ev in self._emit(st, len(st.text.text), False):
             yield emit(ev)
+        if final is not None and finish is FinishReason.stop:
+            async for item in self._answer_phase(st, final, sampling, budget, f"{rid}-{sample}"):
+                if isinstance(item, FinishReason):
+                    finish = item
+                else:
+                    yield emit(item)
         yield emit(self._final(st, finish, include_trajectory))
+
+    async def _answer_phase(
+        self, st: _State, final: FinalAnswer, sampling: SamplingOptions, budget: int, rid: str
+    ) -> AsyncIterator[Event | FinishReason]:
+        """Phase 2: the model's end-of-turn token dropped, the instruction injected (and committed),
+        then one engine request under the constraint, within what is left of the token budget and
+        the context. Yields its text as answer deltas, then a finish reason other than stop, if any."""
+        eos = self.backend.eos_token_ids
+        if len(st.text) and st.traj.token_ids[-1] in eos and len(st.traj) - 1 >= st.traj.protected:
+            st.traj.truncate(len(st.traj) - 1)  # the answer continues the model's turn
+            st.text.truncate(len(st.text) - 1)
+            st.counters.discarded += 1
+            self._after_cut(st)
+        if final.instruction and st.tools_on:  # tools off: plain constrained generation, as vLLM's
+            instruction = final.instruction
+            if self.reasoning_model and self._in_think(st, len(st.text.text)):
+                instruction = "\n" + THINK_CLOSE + instruction  # the answer is given outside the thinking
+            self._append(st, self.tokenizer.encode(instruction, add_special_tokens=False), SegmentKind.injected)
+            for ev in self._emit(st, len(st.text.text), False, source="injected"):
+                yield ev
+        st.traj.protect()
+        remaining, room = budget - len(st.text), self.backend.max_model_len - len(st.traj)
+        if remaining <= 0 or room <= 0:
+            yield FinishReason.length if remaining <= room else FinishReason.context_length
+            return
+        params = GenParams(
+            max_tokens=min(remaining, room),
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=None if sampling.seed is None else sampling.seed + 7919 * st.counters.engine_requests,
+            structured_outputs=dict(final.structured_outputs),
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty,
+            min_p=sampling.min_p,
+            logit_bias=dict(sampling.logit_bias) or None,
+            skip_special_tokens=sampling.skip_special_tokens,
+            logprobs=0 if sampling.logprobs else None,
+        )
+        req_id = f"{rid}-{st.counters.engine_requests}"
+        st.counters.engine_requests += 1
+        request_prompt_len = len(st.traj)
+        last: GenChunk | None = None
+        async with contextlib.aclosing(self.backend.generate(st.traj.token_ids, params, req_id)) as gen:
+            async for chunk in gen:
+                last = chunk
+                if chunk.num_cached_tokens is not None and st.counters.engine_requests == 1:
+                    st.counters.prompt_cached = chunk.num_cached_tokens
+                elif chunk.num_cached_tokens is not None:
+                    st.counters.cached_prompt += chunk.num_cached_tokens
+                    st.counters.prefilled_prompt += request_prompt_len - chunk.num_cached_tokens
+                if chunk.token_ids:
+                    lps = _sampled_logprobs(chunk) if sampling.logprobs else None
+                    self._append(st, chunk.token_ids, SegmentKind.model, lps)
+                    st.counters.generated += len(chunk.token_ids)
+                for ev in self._emit(st, len(st.text.text), False):
+                    yield ev
+        if last is None or not last.finished or last.finish_reason == "abort":
+            yield FinishReason.aborted
+        elif last.finish_reason == "length":
+            yield FinishReason.length if remaining <= room else FinishReason.context_length
 
     def _sync_loop(self, st: _State) -> bool:
         """Bring the loop detector up to the kept trajectory's model tokens; True if they end in a loop.

@@ -38,6 +38,7 @@ from .backend import EngineUnavailable, GenerationBackend, GenParams, InvalidPar
 from .config import SamplingOptions, ThorConfig
 from .decoder import ThorDecoder
 from .events import Event
+from .final_answer import FinalAnswer
 from .function_calls import FunctionCallParser
 from .prompting import TIR_INSTRUCTIONS, TirMode, render_chat
 from .streams import merge
@@ -397,9 +398,13 @@ class ThorEngine:
         n: int = 1,
         vote: bool = False,
         request_id: str | None = None,
+        final: FinalAnswer | None = None,
     ) -> AsyncIterator[Event]:
-        """THOR trajectories as typed events (see thor_engine.events)."""
-        return self.decoder.stream(list(prompt._ids), config, sampling, n=n, vote=vote, request_id=request_id)
+        """THOR trajectories as typed events (see thor_engine.events); with `final`, each ends in a
+        constrained answer (thor_engine.final_answer)."""
+        return self.decoder.stream(
+            list(prompt._ids), config, sampling, n=n, vote=vote, request_id=request_id, final=final
+        )
 
     async def generate_plain(
         self,
