@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 from tests.support.thor_server import run_server, tiny_server_args
 from trainer.arith.build import build_task
 
-pytestmark = [pytest.mark.vllm, pytest.mark.sandbox, pytest.mark.slow]
+# a test's bound covers its fixtures: on a fresh clone the first test also builds the cold start (1200 SFT steps,
+# ~4 minutes on 2 quiet cores, more beside the other test worker) before its own RL runs
+pytestmark = [pytest.mark.vllm, pytest.mark.sandbox, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "rl-test"

@@ -104,6 +104,9 @@ class GenerationBackend(Protocol):
     def generate(self, prompt_token_ids: list[int], params: GenParams, request_id: str) -> AsyncIterator[GenChunk]:
         """Stream one generation request. Closing the iterator early aborts the request."""
 
+    def check_structured_outputs(self, structured: Mapping[str, Any]) -> None:
+        """Raise InvalidParameter for a structured-output constraint `generate` would refuse."""
+
     async def abort(self, request_id: str) -> None:
         """Abort a running request (no-op if it already finished)."""
 

@@ -109,6 +109,7 @@ class _State:
     loop: RepetitionDetector | None = None  # ThorConfig.repetition: fed the model's kept tokens
     loop_fed: int = 0  # model tokens of the trajectory the detector has seen...
     loop_cuts: int = 0  # ...as of this many truncations of the trajectory
+    stop_string: str | None = None  # the request's stop string that ended the trajectory
 
     @property
     def round_start(self) -> int:
@@ -278,7 +279,9 @@ class ThorDecoder:
             text = text[idx + len(tag) :]
         return out, in_think
 
-    def _emit(self, st: _State, upto: int, retractable: bool, source: str = "model") -> list[TextDelta]:
+    def _emit(
+        self, st: _State, upto: int, retractable: bool, source: str = "model", constrained: bool = False
+    ) -> list[TextDelta]:
         if upto <= st.emitted:
             return []
         pieces, st.emit_in_think = self._pieces(st.text.text[st.emitted : upto], st.emit_in_think)
@@ -290,6 +293,7 @@ class ThorDecoder:
                 markup=m,
                 retractable=retractable and source == "model",  # type: ignore[arg-type]
                 source=source,
+                constrained=constrained,
             )
             for t, ch, m in pieces
         ]  # type: ignore[arg-type]
@@ -465,6 +469,7 @@ class ThorDecoder:
                     finish = bound
                     break
                 if last.stop_reason is not None and last.stop_reason in sampling.stop:
+                    st.stop_string = str(last.stop_reason)
                     text = st.text.text
                     at = text.rfind(str(last.stop_reason), st.round_start)
                     if at >= 0:
@@ -501,7 +506,7 @@ class ThorDecoder:
 
         for ev in self._emit(st, len(st.text.text), False):
             yield emit(ev)
-        if final is not None and finish is FinishReason.stop:
+        if final is not None and finish is FinishReason.stop and st.stop_string not in final.not_after:
             async for item in self._answer_phase(st, final, sampling, budget, f"{rid}-{sample}"):
                 if isinstance(item, FinishReason):
                     finish = item
@@ -564,7 +569,7 @@ class ThorDecoder:
                     lps = _sampled_logprobs(chunk) if sampling.logprobs else None
                     self._append(st, chunk.token_ids, SegmentKind.model, lps)
                     st.counters.generated += len(chunk.token_ids)
-                for ev in self._emit(st, len(st.text.text), False):
+                for ev in self._emit(st, len(st.text.text), False, constrained=True):
                     yield ev
         if last is None or not last.finished or last.finish_reason == "abort":
             yield FinishReason.aborted

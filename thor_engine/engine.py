@@ -389,6 +389,10 @@ class ThorEngine:
 
     # --- generation ----------------------------------------------------------------------
 
+    def check_structured_outputs(self, structured: Mapping[str, Any]) -> None:
+        """Refuse (InvalidParameter) a constraint the engine could not compile, before generating."""
+        self.backend.check_structured_outputs(structured)
+
     def stream(
         self,
         prompt: Prompt,

@@ -50,6 +50,11 @@ class TextDelta(_Event):
         description="A later Backtrack may still take this text back (self-correction can still fire). Text "
         "before a committed ToolCall, and all text once this is False, is final.",
     )
+    constrained: bool = Field(
+        default=False,
+        description="Text of the constrained final answer (thor_engine.final_answer): the answer a structured "
+        "request asked for, generated after the loop; all other text of such a request is reasoning.",
+    )
 
 
 class CodeBlock(_Event):

@@ -33,6 +33,8 @@ class FinalAnswer(BaseModel):
     structured_outputs: dict[str, Any]
     #: text injected after the model's reasoning (its end-of-turn token dropped), before the answer
     instruction: str = ""
+    #: stop strings that end the turn without an answer phase (a client function call's closing tag)
+    not_after: tuple[str, ...] = ()
 
 
 def _compact(schema: Any) -> str:

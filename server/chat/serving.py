@@ -4,16 +4,21 @@ Owns: turning a ChatCompletionRequest into the engine's prompt (chat template, T
 instructions with THOR tools on, function `tools` for the template, template refusals
 as 400s naming `messages`), the THOR config and sampling (max_tokens clamped to the
 context as vLLM does), and the trace summary; then hands the engine's events to
-streaming.respond with a ThorBuilder. Requests with THOR off that ask for
-`logprobs`, a `response_format` or function `tools` go to the engine's plain generation
-(the JSON format or forced call as a structured-output constraint) and a
-PlainChatBuilder. With THOR on, function `tools` with tool_choice `auto` or `none` run
-the THOR loop with the tools in the prompt (`auto`: `</tool_call>` is a stop string and
-the ThorBuilder turns the calls the answer ends with into `tool_calls`); logprobs, a
-response_format and a forced call are 400s naming them and saying to send
-`thor: {"enabled": false}`, as are the combinations that cannot work (a forced call with
-a response_format, `auto` on a model whose template writes no calls, a constrained output
-on a reasoning model with thinking on).
+streaming.respond with a ThorBuilder. With THOR on:
+- a `response_format` (json_object, json_schema) or a forced call (tool_choice "required" or
+  a named function) runs the loop, then the answer under vLLM's structured-output constraint
+  (thor_engine/final_answer.py): `content` (or `tool_calls`) holds only that answer, the
+  trajectory is the reasoning field; a schema the engine cannot compile is a 400 before any
+  generation;
+- function `tools` with tool_choice `auto` or `none` put the tools in the prompt (`auto`:
+  `</tool_call>` is a stop string and the ThorBuilder turns the calls the answer ends with
+  into `tool_calls`; with a response_format too, a call ends the turn without the JSON);
+- `logprobs` is a 400 naming it and saying to send `thor: {"enabled": false}`.
+Requests with THOR off that ask for `logprobs`, a `response_format` or function `tools` go
+to the engine's plain generation (the JSON format or forced call as a structured-output
+constraint) and a PlainChatBuilder. Refused as they cannot work: a forced call with a
+response_format, `auto` on a model whose template writes no calls, a constrained output on a
+reasoning model with thinking on and THOR off.
 Does not own: auth and rate limits (admission/guards.py), request checks (admission/limits.py), running
 and streaming the request (streaming.py) or rendering it (thor/builder.py).
 """
@@ -38,6 +43,7 @@ from server.streaming import respond
 from server.thor.builder import ThorBuilder
 from thor_engine.config import SamplingOptions
 from thor_engine.engine import InvalidParameter, PlainChunk, Prompt, PromptTooLong
+from thor_engine.final_answer import FinalAnswer, call_answer, json_answer
 from thor_engine.function_calls import TOOL_CALL_END, forced_call_schema
 from thor_engine.prompting import TIR_INSTRUCTIONS
 
@@ -53,38 +59,39 @@ async def chat_completions(
     tools = opts is None or opts.enabled
     plain = body.plain_features()
     choice = body.effective_tool_choice()
-    # THOR on with client functions: Python runs server-side, a call to a client function ends the turn
-    mixed = tools and plain == ["tools"] and choice in ("auto", "none")
-    if tools and plain == ["tools"] and not mixed:
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    json_format = body.response_format is not None and body.response_format.type != "text"
+    if tools and body.logprobs:
         raise ApiError(
             400,
-            'with THOR\'s tools on, tool_choice must be "auto" or "none": forcing a function call would keep the '
-            'model from writing its Python; send thor: {"enabled": false} to force a call',
-            param="tool_choice",
+            'logprobs needs THOR\'s tools off: send `thor: {"enabled": false}` (extra_body in the SDKs). With THOR '
+            "on, the answer follows tool outputs the model did not write, which have no logprobs",
+            param="logprobs",
         )
-    if plain and tools and not mixed:
-        raise ApiError(
-            400,
-            f'{plain[0]} needs THOR\'s tools off: send `thor: {{"enabled": false}}` (extra_body in the SDKs). '
-            "With THOR on, the answer follows tool outputs the model did not write and its own Python tool runs "
-            "server-side, so token logprobs, response_format and client function tools apply to plain chat only",
-            param=plain[0],
-        )
-    if choice == "auto" and plain and not state.engine.function_calls.supports_auto:
+    if choice == "auto" and body.tools and not state.engine.function_calls.supports_auto:
         raise ApiError(
             400,
             'tool_choice "auto" needs a model whose chat template writes function calls (<tool_call>); this '
             'one does not: send tool_choice "required" or a named function (the call is then forced)',
             param="tool_choice",
         )
-    forced = choice == "required" or isinstance(choice, NamedToolChoice)
-    if forced and body.response_format is not None and body.response_format.type != "text":
+    if forced and json_format:
         raise ApiError(
             400,
             'response_format cannot be combined with tool_choice "required" or a named function (the call '
             "itself is the constrained output); omit one of them",
             param="response_format",
         )
+    # THOR on with client functions (auto): Python runs server-side, a call to a client function ends the turn
+    mixed = tools and bool(body.tools) and choice in ("auto", "none")
+    # THOR on with a JSON format or a forced call: the loop, then the answer under the constraint
+    final = _final_answer(body, choice) if tools and (json_format or forced) else None
+    if final is not None:  # a schema the engine cannot compile: refused now, not after the reasoning
+        try:
+            state.engine.check_structured_outputs(final.structured_outputs)
+        except InvalidParameter as exc:
+            param = "tools" if forced else "response_format"
+            raise ApiError(400, f"{param}: {exc}", param=param) from exc
     cfg = opts.to_config(state.settings.thor) if opts else state.settings.thor
     check_thor_limits(state, cfg)
     tir_mode = opts.tir_mode(state.settings.tir_instructions) if opts else state.settings.tir_instructions
@@ -105,8 +112,12 @@ async def chat_completions(
     # as vLLM: asking for more than the context leaves is clamped, not refused
     max_tokens = state.engine.max_tokens_for(prompt, body.effective_max_tokens(), state.settings.default_max_tokens)
     options = sampling(state, body, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
-    constrained = forced or (body.response_format is not None and body.response_format.type != "text")
-    if plain and constrained and state.engine.reasoning_model and state.engine.thinking(prompt) != "closed":
+    if (
+        not tools
+        and (forced or json_format)
+        and state.engine.reasoning_model
+        and state.engine.thinking(prompt) != "closed"
+    ):
         param = "tool_choice" if forced else "response_format"
         raise ApiError(
             400,
@@ -117,7 +128,7 @@ async def chat_completions(
     await limiter.admit(prompt.num_tokens)
     rid = "chatcmpl-" + uuid.uuid4().hex
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    if plain and not mixed:
+    if plain and not tools:
         return await _plain_chat(state, request, limiter, body, prompt, options, rid, include_usage)
     parser = state.engine.function_calls if mixed and choice == "auto" else None
     if parser is not None:  # the turn ends where the model closes a call to a client function
@@ -133,8 +144,12 @@ async def chat_completions(
         metrics=state.metrics,
         function_calls=parser,
         function_names=[t["function"]["name"] for t in body.function_tools() or []],
+        forced_choice=_dumped(choice) if forced else None,
+        structured=final is not None,
     )
-    events = state.engine.stream(prompt, cfg, options, n=body.n, vote=bool(opts and opts.vote), request_id=rid)
+    events = state.engine.stream(
+        prompt, cfg, options, n=body.n, vote=bool(opts and opts.vote), request_id=rid, final=final
+    )
     summary = {
         "route": "/v1/chat/completions",
         "n": body.n,
@@ -142,6 +157,7 @@ async def chat_completions(
         "thor": cfg.model_dump(),
         "max_tokens": max_tokens,
         "messages": len(body.messages),
+        "final_answer": final.model_dump() if final else None,
     }
     return await respond(
         state,
@@ -153,6 +169,23 @@ async def chat_completions(
         include_usage=include_usage,
         summary=summary if opts is None or opts.trace else None,
     )
+
+
+def _dumped(choice: str | NamedToolChoice) -> str | dict[str, Any]:
+    return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+
+
+def _final_answer(body: ChatCompletionRequest, choice: str | NamedToolChoice) -> FinalAnswer:
+    """The constrained answer after the THOR loop: the forced call's JSON, or the response format's."""
+    if choice == "required" or isinstance(choice, NamedToolChoice):
+        final = call_answer(body.function_tools() or [], _dumped(choice), body.parallel_tool_calls)
+    else:
+        fmt = body.response_format
+        assert fmt is not None and fmt.type != "text"
+        schema = fmt.json_schema.json_schema if fmt.json_schema is not None else None
+        final = json_answer(schema, name=fmt.json_schema.name if fmt.json_schema is not None else None)
+    # with client functions offered (auto), a call to one ends the turn: no answer after it
+    return final.model_copy(update={"not_after": (TOOL_CALL_END,)}) if choice == "auto" else final
 
 
 async def _plain_chat(
@@ -168,7 +201,7 @@ async def _plain_chat(
     """THOR off with logprobs, response_format or function tools: plain generation on the chat
     prompt, under vLLM's structured outputs for a JSON format or a forced call."""
     choice = body.effective_tool_choice()
-    tool_choice: str | dict[str, Any] = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+    tool_choice = _dumped(choice)
     structured = body.response_format.structured_outputs() if body.response_format else None
     if choice == "required" or isinstance(choice, NamedToolChoice):
         tools = body.function_tools() or []

@@ -24,6 +24,11 @@ The one rule for the message fields, streamed or not:
   when the trajectory ends, and their text leaves `content`. Only a call the model
   completed (the trajectory ended as the model's own stop, not cut by max_tokens or the
   context) to a function the request offered is a call; otherwise its text stays `content`.
+- a structured request (a JSON format or a forced call, thor_engine/final_answer.py): `content`
+  is only the constrained answer, streamed as generated (a forced call's JSON becomes
+  `tool_calls` at the end, finish_reason `tool_calls`, or `stop` for a named function);
+  everything before it, the instruction included, is reasoning; a request cut before its
+  answer has no content (finish_reason `length`).
 The non-stream body is built from exactly the deltas the stream sends, so
 concatenating a stream's deltas gives the non-stream message, field by field.
 
@@ -34,14 +39,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from server.metrics import ServerMetrics
 from server.thor.records import backtrack_record, call_record, result_record, retract, trace_head, trajectory_record
 from thor_engine.events import Backtrack, CodeBlock, Event, Final, FinishReason, TextDelta, ToolCall, Vote
-from thor_engine.function_calls import TOOL_CALL_START, FunctionCallParser
+from thor_engine.function_calls import TOOL_CALL_START, FunctionCallParser, forced_calls
 
 #: THOR's finish reasons onto OpenAI's enum (chat and completions share stop/length).
 OPENAI_FINISH = {
@@ -74,6 +79,7 @@ class ChoiceState:
     final: Final | None = None
     started: bool = False
     function_calls: list[dict[str, Any]] = field(default_factory=list)  # calls to the client's functions
+    constrained: bool = False  # the constrained final answer has begun
 
 
 class ThorBuilder:
@@ -91,12 +97,18 @@ class ThorBuilder:
         include_usage: bool = False,
         function_calls: FunctionCallParser | None = None,
         function_names: Collection[str] = (),
+        forced_choice: str | Mapping[str, Any] | None = None,
+        structured: bool = False,
     ) -> None:
         self.kind, self.id, self.model = kind, response_id, model
         #: chat with THOR on and client functions (tool_choice auto): the answer's calls, parsed at the end
         self.function_calls = function_calls
         #: the functions the request offered: a call to any other is no call
         self.function_names = frozenset(function_names)
+        #: a forced call (tool_choice "required" or a named function): the constrained answer is the call
+        self.forced_choice = forced_choice
+        #: a constrained final answer was asked for: only its text is content; without it, all is reasoning
+        self.structured = structured
         self.created = int(time.time())
         self.choices = [ChoiceState(i) for i in range(n)]
         self.reasoning_fields = reasoning_fields
@@ -156,6 +168,8 @@ class ThorBuilder:
         """Must this text wait (for a commit, or for the end) before a plain client sees it?"""
         if ev.retractable:
             return True
+        if ev.constrained:  # the answer as generated; a forced call's JSON waits to become tool_calls
+            return self.forced_choice is not None
         # with tools on, model text of the current round becomes reasoning if a code block follows
         return self.kind == "chat" and self.tools_enabled and target == "content"
 
@@ -194,6 +208,7 @@ class ThorBuilder:
             st.started = True
             out.append(self._chunk([self._chat_choice(st.index, {"role": "assistant", "content": ""})]))
         if isinstance(ev, TextDelta):
+            st.constrained = st.constrained or ev.constrained
             if self.first_token_s is None:
                 self.first_token_s = time.monotonic() - self.t0
                 self.metrics.ttft.observe(self.first_token_s)
@@ -221,7 +236,8 @@ class ThorBuilder:
                 out.append(self._chunk([self._completion_choice(st.index, "", thor=thor)]))
         if isinstance(ev, Final):
             calls = self._client_calls(st, ev)
-            out.extend(self._release(st, final=True))
+            # a structured request that ended before its answer (cut, or a client call): its text is reasoning
+            out.extend(self._release(st, final=bool(calls) or st.constrained or not self.structured))
             if calls:
                 st.function_calls = calls
                 out.append(self._chunk([self._chat_choice(st.index, {"tool_calls": calls})]))
@@ -231,17 +247,26 @@ class ThorBuilder:
     def _client_calls(self, st: ChoiceState, ev: Final) -> list[dict[str, Any]]:
         """The calls to client functions the held answer ends with (its text is taken out of it):
         only calls the model completed (it stopped by itself: a call cut by max_tokens or the
-        context is unfinished, however well its text parses) to functions the request offered."""
-        if self.function_calls is None or ev.finish_reason != FinishReason.stop:
+        context is unfinished, however well its text parses) to functions the request offered.
+        A forced call is the whole constrained answer (vLLM's JSON for `tool_choice`)."""
+        if ev.finish_reason != FinishReason.stop:
             return []
         answer = "".join(p.text for p in st.pending if p.field == "content")
-        start = answer.find(TOOL_CALL_START)
-        if start < 0:
-            return []
-        _, calls = self.function_calls.parse(answer[start:])
-        if not calls or any(name not in self.function_names for name, _ in calls):
-            return []  # no call parses, or one names a function not offered: the text stays the answer
-        retract(st.pending, len(answer) - len(answer[:start].rstrip()))  # the call and the space before it
+        if self.forced_choice is not None:
+            calls = forced_calls(answer, self.forced_choice)
+            if not calls:
+                return []
+            retract(st.pending, len(answer))
+        else:
+            if self.function_calls is None:
+                return []
+            start = answer.find(TOOL_CALL_START)
+            if start < 0:
+                return []
+            _, calls = self.function_calls.parse(answer[start:])
+            if not calls or any(name not in self.function_names for name, _ in calls):
+                return []  # no call parses, or one names a function not offered: the text stays the answer
+            retract(st.pending, len(answer) - len(answer[:start].rstrip()))  # the call and the space before it
         return [
             {
                 "index": i,
@@ -282,11 +307,17 @@ class ThorBuilder:
     def _finish(self, st: ChoiceState, ev: Final) -> list[dict[str, Any]]:
         st.final = ev
         self.metrics.count_trajectory(ev)
-        finish = "tool_calls" if st.function_calls else OPENAI_FINISH[ev.finish_reason]
+        finish = self._finish_reason(st, ev)
         if self.kind == "chat":
             return [self._chunk([self._chat_choice(st.index, {}, finish)])]
         # the THOR loop does not report which user stop string ended it: stop_reason stays null
         return [self._chunk([self._completion_choice(st.index, "", finish, None)])]
+
+    def _finish_reason(self, st: ChoiceState, ev: Final) -> str:
+        # as OpenAI (and vLLM): `tool_calls` when the model chose to call (auto, required), `stop` for a named function
+        if st.function_calls and not isinstance(self.forced_choice, Mapping):
+            return "tool_calls"
+        return OPENAI_FINISH[ev.finish_reason]
 
     def usage(self) -> dict[str, Any]:
         done = [c.final for c in self.choices if c.final]
@@ -332,7 +363,7 @@ class ThorBuilder:
         choices = []
         for st in self.choices:
             assert st.final is not None
-            finish = "tool_calls" if st.function_calls else OPENAI_FINISH[st.final.finish_reason]
+            finish = self._finish_reason(st, st.final)
             if self.kind == "chat":
                 content = st.content if st.content or not st.function_calls else None
                 message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}

@@ -110,6 +110,9 @@ class ScriptedBackend:
             if not req.finished:
                 req.aborted = True
 
+    def check_structured_outputs(self, structured: Any) -> None:
+        """A script has no grammar: any constraint is accepted (and not enforced)."""
+
     async def abort(self, request_id: str) -> None:
         for r in self.requests:
             if r.request_id == request_id and not r.finished:

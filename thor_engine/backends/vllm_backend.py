@@ -25,7 +25,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -119,6 +119,14 @@ class VllmBackend:
             # tool round uncached; 32-token blocks raise continuation hits from ~81% to ~91%
             # (benchmarks/engine_bench.py) at the same decode speed.
             extra.setdefault("block_size", 32)
+        if "structured_outputs_config" not in extra:
+            from vllm.config import StructuredOutputsConfig
+
+            # JSON under a constraint without free whitespace between its tokens (xgrammar reads this engine-wide,
+            # not per request): a small model under a JSON grammar can otherwise spend its whole budget on spaces
+            extra["structured_outputs_config"] = StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=True
+            )
 
         args = AsyncEngineArgs(
             model=options.model,
@@ -160,6 +168,20 @@ class VllmBackend:
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos
+
+    def check_structured_outputs(self, structured: Mapping[str, Any]) -> None:
+        """vLLM's own check of a structured-output constraint (its grammar backend compiles the
+        schema), without generating: a constraint it would refuse is an InvalidParameter now."""
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import StructuredOutputsParams
+
+        sp = SamplingParams(max_tokens=1, structured_outputs=StructuredOutputsParams(**structured))
+        config = self.engine.vllm_config
+        try:
+            sp.verify(config.model_config, None, config.structured_outputs_config, self._tokenizer)
+        except (VLLMValidationError, ValueError) as exc:
+            raise InvalidParameter(getattr(exc, "parameter", None), str(exc)) from exc
 
     async def generate(
         self, prompt_token_ids: list[int], params: GenParams, request_id: str

@@ -283,10 +283,18 @@ class CompletionsBackend:
             body["return_tokens_as_token_ids"] = True  # top_logprobs keyed "token_id:N"
         return body
 
+    def check_structured_outputs(self, structured: Mapping[str, Any]) -> None:
+        """The client-side loop sends no structured-output constraint: refused, named."""
+        raise InvalidParameter(
+            "structured_outputs", "a constrained answer needs the engine in process or a THOR server, not this loop"
+        )
+
     async def generate(
         self, prompt_token_ids: list[int], params: GenParams, request_id: str
     ) -> AsyncIterator[GenChunk]:
         """Stream one request. Closing this iterator closes the HTTP stream, which aborts it server-side."""
+        if params.structured_outputs:
+            self.check_structured_outputs(params.structured_outputs)
         body = self.request_body(prompt_token_ids, params)
         self._live.add(request_id)
         try:
