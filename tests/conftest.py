@@ -117,7 +117,13 @@ def default_server(request: pytest.FixtureRequest, default_model: Path, sandbox:
 #: except these files, which share the default-model server (`default_server`, started once):
 #: they run as one group, on one worker. A file that uses `default_server` must be listed here.
 DEFAULT_SERVER_FILES = frozenset(
-    {"test_chat_extras.py", "test_deploy_scale.py", "test_docs_examples.py", "test_lm_eval.py"}
+    {
+        "test_chat_extras.py",
+        "test_deploy_scale.py",
+        "test_docs_examples.py",
+        "test_lm_eval.py",
+        "test_structured_answers.py",
+    }
 )
 DEFAULT_SERVER_GROUP = "default-server"
 

@@ -12,6 +12,10 @@ import json
 
 import pytest
 
+from server.metrics import ServerMetrics
+from server.responses.builder import ResponsesBuilder
+from server.responses.protocol import CreateResponseRequest
+from server.thor.builder import ThorBuilder
 from tests.support.scripted_backend import ScriptedBackend
 from tests.test_decoder import fixed_model, prompt_ids
 from thor_engine.config import SamplingOptions, ThorConfig
@@ -24,6 +28,7 @@ pytestmark = pytest.mark.sandbox
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
 PHASE1 = "Let me compute.\n```python\nprint(123*457)\n```\n```output\n56211\n```\nSo the product is \\boxed{56211}."
 JSON = '{"answer": 56211}'
+QUESTION = "What is 123*457?"
 
 
 def two_phase_model(final: FinalAnswer, answer: str = JSON):
@@ -132,3 +137,106 @@ def test_instructions_name_the_shape():
     assert "`submit`, `other`" in required.instruction
     with pytest.raises(ValueError, match="forces no call"):
         call_answer(tools, "auto")
+
+
+# --- through the server's builders (chat and Responses): stream == non-stream, where each text goes ---
+
+
+async def built(tokenizer, executor, responder, final, *, stream: bool, max_tokens: int = 600, forced=None):
+    backend = ScriptedBackend(tokenizer, responder)
+    dec = ThorDecoder(backend, executor)
+    builder = ThorBuilder(
+        kind="chat",
+        response_id="x",
+        model="m",
+        n=1,
+        reasoning_fields="reasoning_content",
+        tools_enabled=True,
+        reasoning_model=False,
+        metrics=ServerMetrics(),
+        include_usage=stream,
+        forced_choice=forced,
+        structured=True,
+    )
+    chunks = []
+    async for ev in dec.stream(
+        prompt_ids(tokenizer), ThorConfig(), SamplingOptions(max_tokens=max_tokens), final=final
+    ):
+        chunks.extend(builder.feed(ev))
+    return chunks, builder
+
+
+def streamed_message(chunks) -> dict:
+    msg = {"content": "", "reasoning_content": "", "tool_calls": [], "finish_reason": None}
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            msg["content"] += c["delta"].get("content") or ""
+            msg["reasoning_content"] += c["delta"].get("reasoning_content") or ""
+            msg["tool_calls"] += c["delta"].get("tool_calls") or []
+            msg["finish_reason"] = c["finish_reason"] or msg["finish_reason"]
+    return msg
+
+
+@pytest.mark.parametrize("case", ["json", "named-call", "required-call", "cut"])
+async def test_chat_stream_equals_non_stream_and_content_is_only_the_answer(tokenizer, executor, case):
+    tools = [{"type": "function", "function": {"name": "submit", "parameters": SCHEMA}}]
+    forced = {"named-call": {"type": "function", "function": {"name": "submit"}}, "required-call": "required"}.get(case)
+    final = call_answer(tools, forced) if forced else json_answer(SCHEMA)
+    answer = '[{"name": "submit", "parameters": {"answer": 56211}}]' if case == "required-call" else JSON
+    max_tokens = 12 if case == "cut" else 600
+    chunks, _ = await built(tokenizer, executor, two_phase_model(final, answer), final, stream=True,
+                            max_tokens=max_tokens, forced=forced)  # fmt: skip
+    _, builder = await built(tokenizer, executor, two_phase_model(final, answer), final, stream=False,
+                             max_tokens=max_tokens, forced=forced)  # fmt: skip
+    body = builder.response()
+    (choice,) = body["choices"]
+    message = choice["message"]
+    live = streamed_message(chunks)
+    assert live["finish_reason"] == choice["finish_reason"]
+    assert live["content"] == (message["content"] or "") and live["reasoning_content"] == message["reasoning_content"]
+    assert [c["function"] for c in live["tool_calls"]] == [c["function"] for c in message.get("tool_calls", [])]
+    if case == "cut":
+        assert choice["finish_reason"] == "length" and not message["content"] and "tool_calls" not in message
+        assert message["reasoning_content"]  # what phase 1 wrote is reasoning, never the answer
+        return
+    assert message["reasoning_content"].endswith("\\boxed{56211}." + final.instruction)
+    assert "```python\nprint(123*457)\n```" in message["reasoning_content"]
+    if case == "json":
+        assert message["content"] == JSON and choice["finish_reason"] == "stop"
+        # the answer streamed as generated (not held to the end): more than one content delta
+        assert sum(1 for ch in chunks for c in ch["choices"] if c["delta"].get("content")) > 1
+    else:
+        assert message["content"] is None
+        (call,) = message["tool_calls"]
+        assert call["function"]["name"] == "submit" and json.loads(call["function"]["arguments"]) == {"answer": 56211}
+        assert choice["finish_reason"] == ("stop" if case == "named-call" else "tool_calls")
+
+
+async def test_responses_message_is_only_the_answer(tokenizer, executor):
+    """The response is built from exactly the events the stream sent: one run checks both."""
+    final = json_answer(SCHEMA)
+    backend = ScriptedBackend(tokenizer, two_phase_model(final))
+    dec = ThorDecoder(backend, executor)
+    builder = ResponsesBuilder(
+        response_id="resp_x",
+        model="m",
+        params=CreateResponseRequest(input=QUESTION, text={"format": {"type": "json_object"}}).response_fields(
+            SamplingOptions(), tools_on=True, store=False
+        ),
+        tools_enabled=True,
+        reasoning_model=False,
+        metrics=ServerMetrics(),
+        structured=True,
+    )
+    events = builder.opening()
+    async for ev in dec.stream(prompt_ids(tokenizer), ThorConfig(), SamplingOptions(max_tokens=600), final=final):
+        events += builder.feed(ev)
+        events += builder.end_batch()
+    response = builder.response()
+    kinds = [item["type"] for item in response["output"]]
+    assert kinds == ["reasoning", "code_interpreter_call", "reasoning", "message"], kinds
+    assert response["output"][-1]["content"][0]["text"] == JSON
+    last_reasoning = response["output"][2]["content"][0]["text"]
+    assert last_reasoning.endswith("\\boxed{56211}." + final.instruction)
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert deltas == JSON

@@ -348,7 +348,7 @@ def test_input_items_and_delete(server, client):
         ({"tools": [{"type": "web_search"}]}, 400, "tools"),
         ({"tool_choice": "required"}, 400, "tool_choice"),
         ({"reasoning": {"summary": "auto"}}, 400, "reasoning.summary"),
-        ({"text": {"format": {"type": "json_object"}}}, 400, "text"),
+        ({"text": {"format": {"type": "xml"}}}, 400, "text"),
         ({"background": True}, 400, "background"),
         ({"truncation": "auto"}, 400, "truncation"),
         ({"top_logprobs": 2}, 400, "top_logprobs"),

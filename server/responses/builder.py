@@ -10,7 +10,10 @@ defines for server-side code execution:
   observation the model read), status `completed`, `failed` (the code failed; no
   `.completed` event) or `incomplete` (not run: the tool budget was spent; never
   `.interpreting`, which waits for the end of the batch of engine events that holds the call);
-- the `message` with the answer: the model's text after the last tool output.
+- the `message` with the answer: the model's text after the last tool output; for a
+  `text.format` of JSON, only the constrained answer generated after the loop
+  (thor_engine/final_answer.py), streamed live, everything before it reasoning (no message
+  when the response ended before its answer).
 Stream events follow OpenAI's published sequence (`response.created`, `.in_progress`,
 `output_item.added`, `content_part.added`, `reasoning_text.delta`/`.done`,
 `code_interpreter_call.in_progress`, `_code.delta`/`.done`, `.interpreting`, `.completed`,
@@ -121,6 +124,8 @@ class ResponsesBuilder:
     #: the fence info strings the engine runs (ThorConfig.code_languages)
     code_languages: tuple[str, ...] = ("python", "py")
     include_usage: bool = False  # the Responses API carries usage in its final event only
+    #: `text.format` asked for JSON: the message is only the constrained answer, the rest reasoning
+    structured: bool = False
 
     def __post_init__(self) -> None:
         self.id = self.response_id
@@ -141,6 +146,7 @@ class ResponsesBuilder:
         self.backtracks: list[dict[str, Any]] = []
         self._failure: dict[str, str] | None = None  # the response's `error` when it failed
         self._interpreting: dict[str, Any] = {}  # the open call whose `interpreting` event waits
+        self._answered = False  # the constrained answer has begun (a structured request)
 
     # --- events -------------------------------------------------------------------------------
 
@@ -369,12 +375,22 @@ class ResponsesBuilder:
         """The trajectory ended: its held text is the answer (and reasoning inside <think>)."""
         if self._call is not None:  # it ended inside a code block streamed live: the call never ran
             return self._abandon_call()
+        if self.structured:  # a structured request's answer is only its constrained text
+            return self._release_reasoning()
         out: list[dict[str, Any]] = []
         skip, self._prose_sent = self._prose_sent, 0  # already sent as reasoning (a fence had opened)
         for piece in self._pending:
             text, skip = piece.text[skip:], max(0, skip - len(piece.text))
             out += self._text("thinking" if piece.channel == "reasoning" else "message", text)
         self._pending.clear()
+        return out
+
+    def _release_reasoning(self) -> list[dict[str, Any]]:
+        """Held text that can only be reasoning now (a structured request's answer is generated apart)."""
+        text_len = sum(len(p.text) for p in self._pending)
+        out = self._prose(self._prose_sent, text_len)
+        self._pending.clear()
+        self._prose_sent = 0
         return out
 
     def _abandon_call(self) -> list[dict[str, Any]]:
@@ -451,6 +467,10 @@ class ResponsesBuilder:
             self.metrics.ttft.observe(self.first_token_s)
         if ev.markup or ev.source == "observation":  # an observation is its call's output, in the call's item
             return []
+        if ev.constrained:  # the structured answer: what the loop left held is reasoning; the answer streams live
+            out = [] if self._answered else self._release_reasoning()
+            self._answered = True
+            return out + self._text("message", ev.text)
         if not self.tools_enabled and not ev.retractable:
             return self._text("thinking" if ev.channel == "reasoning" else "message", ev.text)
         self._pending.append(_Piece(ev.text, ev.channel, ev.retractable))

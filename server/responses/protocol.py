@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.protocol import SamplingRequest, ThorOptions, checked_unicode, none_is_default
 from thor_engine.config import SamplingOptions
+from thor_engine.final_answer import FinalAnswer, json_answer
 from thor_engine.observation import injection
 
 #: what a code interpreter call's `container_id` says (the calls run in this server's sandbox)
@@ -147,8 +148,10 @@ class CreateResponseRequest(SamplingRequest):
     @classmethod
     def _text(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         fmt = (v or {}).get("format") or {"type": "text"}
-        if fmt.get("type") != "text":
-            raise ValueError('structured output is not supported on /v1/responses; omit text.format or send "text"')
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise ValueError('text.format.type must be "text", "json_object" or "json_schema"')
+        if fmt["type"] == "json_schema" and not isinstance(fmt.get("schema"), dict):
+            raise ValueError('text.format of type "json_schema" needs `schema` (a JSON schema object) and `name`')
         return v
 
     @field_validator("top_logprobs")
@@ -193,6 +196,15 @@ class CreateResponseRequest(SamplingRequest):
         return v
 
     # --- what the request asks for ---------------------------------------------------------
+
+    def final_answer(self) -> FinalAnswer | None:
+        """`text.format` as the constrained answer after the loop (or the whole output, tools off)."""
+        fmt = (self.text or {}).get("format") or {"type": "text"}
+        if fmt["type"] == "json_object":
+            return json_answer(None)
+        if fmt["type"] == "json_schema":
+            return json_answer(fmt["schema"], name=fmt.get("name"))
+        return None
 
     def code_interpreter(self) -> bool:
         """Does the request turn the THOR loop on?"""

@@ -87,6 +87,12 @@ async def create_response(
     cfg = opts.to_config(state.settings.thor)
     tools = opts.enabled and cfg.max_tool_calls > 0  # no call allowed: the code interpreter is off
     check_thor_limits(state, cfg)
+    final = body.final_answer()
+    if final is not None:  # a schema the engine cannot compile: refused now, not after the reasoning
+        try:
+            state.engine.check_structured_outputs(final.structured_outputs)
+        except InvalidParameter as exc:
+            raise ApiError(400, f"text.format: {exc}", param="text.format") from exc
     try:  # template and tokeniser run on the engine's render thread, off the event loop
         prompt = await state.engine.prepare_chat(
             messages,
@@ -115,14 +121,16 @@ async def create_response(
         conversation=conversation,
         input_items=body.input_items(),
         code_languages=cfg.code_languages,
+        structured=final is not None,
     )
-    events = state.engine.stream(prompt, cfg, options, n=1, request_id=rid)
+    events = state.engine.stream(prompt, cfg, options, n=1, request_id=rid, final=final)
     summary = {
         "route": "/v1/responses",
         "stream": body.stream,
         "thor": cfg.model_dump(),
         "max_tokens": max_tokens,
         "previous_response_id": body.previous_response_id,
+        "final_answer": final.model_dump() if final else None,
     }
     return await respond(
         state,
