@@ -24,11 +24,12 @@ STAMPS := .cache/stamps
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: help serve venv vllm models sandbox-env sandbox test lint bench-sandbox bench-engine bench-server bench-tir bench-eval rl-demo clean-envs docker-tools compose-test
+.PHONY: help serve venv vllm models sandbox-env sandbox test test-long lint bench-sandbox bench-engine bench-server bench-tir bench-eval rl-demo clean-envs docker-tools compose-test
 
 help:
 	@echo "make serve          start the THOR server on 127.0.0.1:8000 (default model, local sandbox, in-memory store)"
 	@echo "make test           run the whole test suite (sets up everything it needs)"
+	@echo "make test-long      the long end-to-end demonstrations the suite leaves out (training runs)"
 	@echo "make lint           ruff check + ruff format --check (config in pyproject.toml)"
 	@echo "make sandbox        run the sandbox service in the foreground (127.0.0.1:8080)"
 	@echo "make bench-sandbox  run the sandbox benchmark, print and save figures"
@@ -107,6 +108,11 @@ serve: vllm sandbox-env
 test: venv vllm sandbox-env docker-tools
 	$(VENV)/bin/python -m thor_engine.models.provision --preset default
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
+
+# the long end-to-end demonstrations (`@pytest.mark.long`, docs/testing.md) that `make test` leaves out
+test-long: venv vllm sandbox-env docker-tools
+	$(VENV)/bin/python -m thor_engine.models.provision --preset default
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder -m long $(PYTEST_ARGS)
 
 # ruff's rules and line length live in pyproject.toml ([tool.ruff]); `ruff format .` fixes layout.
 lint: venv

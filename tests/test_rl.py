@@ -126,6 +126,7 @@ def _rl(task, model: Path, out: Path, *extra: str, steps: int = 2) -> subprocess
     )
 
 
+@pytest.mark.long  # an RL training run end to end: `make test-long`
 def test_rl_runs_checkpoints_resumes_and_the_server_serves_it(cold_start, tmp_path):
     task, sft = cold_start
     out = tmp_path / "run"
@@ -219,6 +220,7 @@ def test_rl_reports_bad_configuration(tmp_path):
     assert r.returncode == 1 and "held out for evaluation" in r.stderr
 
 
+@pytest.mark.long  # an RL training run end to end: `make test-long`
 def test_rl_runs_under_accelerate_ddp_with_two_cpu_processes(cold_start, tmp_path):
     """The whole loop under `accelerate launch` (2 CPU processes, gloo): the main process samples
     and syncs vLLM, both update on the broadcast batch, the checkpoint is written once."""

@@ -407,6 +407,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.long  # two training processes under accelerate: `make test-long`
 @pytest.mark.slow
 def test_ddp_with_two_cpu_processes(tmp_path, samples_file, tiny_tir_model) -> None:
     out = tmp_path / "ddp"

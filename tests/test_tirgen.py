@@ -120,6 +120,7 @@ def run(server, sandbox, tirgen_model: Path, problems_file: Path, tmp_path_facto
     return out
 
 
+@pytest.mark.long  # TIRGen end to end on its memorising model: `make test-long`
 def test_kept_sample_has_the_real_tool_output_and_the_rewritten_ending(run: Path) -> None:
     from trainer.tirgen.sample import read_samples
 
@@ -169,6 +170,7 @@ def test_the_critic_judges_tool_outputs_by_the_rules_rl_rolls_out_with() -> None
     assert critic.observation.profile == "reference" and critic.observation.require_stdout
 
 
+@pytest.mark.long  # TIRGen end to end on its memorising model: `make test-long`
 def test_funnel_counts_the_critic_failure_the_wrong_answer_and_the_duplicate(run: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["attempted"] == 6  # 3 problems x 2 samples
@@ -190,6 +192,7 @@ def test_funnel_counts_the_critic_failure_the_wrong_answer_and_the_duplicate(run
     ).read_text()
 
 
+@pytest.mark.long  # TIRGen end to end on its memorising model: `make test-long`
 def test_resume_redoes_nothing_and_samples_load_with_datasets(run: Path, server, sandbox, tirgen_model, problems_file):
     import datasets
 
@@ -206,6 +209,7 @@ def test_resume_redoes_nothing_and_samples_load_with_datasets(run: Path, server,
     assert ds.num_rows == 1 and ds[0]["segments"][2]["kind"] == "observation"
 
 
+@pytest.mark.long  # TIRGen end to end on its memorising model: `make test-long`
 def test_rerun_without_resume_and_changed_settings_are_refused(run: Path, server, tirgen_model, problems_file):
     base = ["--actor-url", server.url, "--actor-tokenizer", str(tirgen_model), "--problems", str(problems_file)]
     r = tirgen(*base, "--out", str(run))
@@ -214,6 +218,7 @@ def test_rerun_without_resume_and_changed_settings_are_refused(run: Path, server
     assert r.returncode == 2 and "different settings" in r.stderr and "config" in r.stderr
 
 
+@pytest.mark.long  # TIRGen end to end on its memorising model: `make test-long`
 def test_unreachable_endpoint_and_unknown_model_are_clear_errors(server, problems_file, tmp_path: Path) -> None:
     r = tirgen("--actor-url", "http://127.0.0.1:9", "--problems", str(problems_file), "--out", str(tmp_path / "a"))
     assert r.returncode == 1 and "unreachable" in r.stderr, r.stderr
