@@ -18,10 +18,11 @@ VENV := .venv
 SBX_VENV := .venv-sandbox
 JAIL_PY := .cache/jail-python
 STAMPS := .cache/stamps
-# `make test` runs the suite on TEST_WORKERS processes (pytest-xdist): each test file, or the group
+# TEST_WORKERS > 0 runs the suite on that many pytest-xdist processes: each test file, or the group
 # of files that share the default-model server, runs whole on one worker, the longest handed out
-# first (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
+# first (tests/conftest.py). For machines with more cores: on 2 cores the suite is CPU-bound and two
+# workers took longer (docs/testing.md), so the default is one process.
+TEST_WORKERS ?= 0
 PYTEST_ARGS ?=
 
 .PHONY: help serve venv vllm models sandbox-env sandbox test test-long lint bench-sandbox bench-engine bench-server bench-tir bench-eval rl-demo clean-envs docker-tools compose-test

@@ -112,6 +112,7 @@ def test_in_process_run_writes_every_output(in_process_run: Path) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+@pytest.mark.long  # two evaluation runs, one SIGKILLed: `make test-long`
 def test_resume_after_a_killed_run_redoes_nothing(tiny_tir_model: Path, sandbox, problems_file: Path, tmp_path) -> None:
     out = tmp_path / "run"
     args = [

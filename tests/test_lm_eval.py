@@ -114,6 +114,7 @@ def by_problem(samples: list[dict[str, Any]]) -> dict[str, bool]:
     return {s["doc"]["id"]: bool(s["correct"]) for s in samples}
 
 
+@pytest.mark.long  # lm-evaluation-harness and trainer.evaluate over two task sets: `make test-long`
 def test_lm_eval_scores_agree_with_trainer_evaluate_cot(server, default_model, tmp_path):
     from transformers import AutoTokenizer
 

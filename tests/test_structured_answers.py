@@ -4,7 +4,8 @@ then the answer is generated under vLLM's structured-output constraint (two phas
 
 Checked: `chat.completions.parse` and `responses.parse` return the pydantic object (and the
 trajectory is in the reasoning field / reasoning and code_interpreter_call items); a forced
-function call (named, `required`) comes back as `tool_calls` the SDK parses; stream equals
+function call comes back as `tool_calls` the SDK parses (`required` and the builders' rules:
+tests/test_final_answer.py); stream equals
 non-stream for both phases; a request cut before its answer says so (`length`, which the SDK's
 parse turns into its LengthFinishReasonError); a schema the engine cannot compile is a 400
 before any generation; logprobs with THOR on stay a 400 naming the field.
@@ -96,23 +97,6 @@ def test_a_named_function_is_called_with_parsed_arguments(client):
     assert call.function.name == "submit" and call.function.parsed_arguments == Product(answer=56211)
     assert choice.message.content is None and choice.finish_reason == "stop"  # as OpenAI for a named function
     assert "```python" in reasoning_of(choice.message)
-
-
-def test_required_tool_choice_calls_one_of_the_functions(client):
-    other = {"type": "function", "function": {"name": "give_up", "parameters": {"type": "object"}}}
-    completion = client.chat.completions.create(
-        model=MODEL,
-        messages=ASK,
-        tools=[openai.pydantic_function_tool(Product, name="submit"), other],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        **SAMPLING,
-    )
-    choice = completion.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    (call,) = choice.message.tool_calls
-    assert call.function.name in ("submit", "give_up")
-    json.loads(call.function.arguments)
 
 
 def _stream(server, payload: dict[str, Any]) -> tuple[str, str, str | None]:
