@@ -193,6 +193,17 @@ class ThorDecoder:
         st.traj.append(ids, kind, logprobs)
         st.text.extend(ids)
 
+    def _take(self, st: _State, chunk: GenChunk, request_prompt_len: int, logprobs: bool) -> None:
+        """One engine chunk into the trajectory: the prefix-cache counters, then its tokens."""
+        if chunk.num_cached_tokens is not None and st.counters.engine_requests == 1:
+            st.counters.prompt_cached = chunk.num_cached_tokens
+        elif chunk.num_cached_tokens is not None:
+            st.counters.cached_prompt += chunk.num_cached_tokens
+            st.counters.prefilled_prompt += request_prompt_len - chunk.num_cached_tokens
+        if chunk.token_ids:
+            self._append(st, chunk.token_ids, SegmentKind.model, _sampled_logprobs(chunk) if logprobs else None)
+            st.counters.generated += len(chunk.token_ids)
+
     def _fence_token(self, st: _State, block: FencedBlock) -> int:
         """Index in the trajectory (prompt included) of the token holding the opening fence's first backtick."""
         text = st.text.text
@@ -434,15 +445,7 @@ class ThorDecoder:
             async with contextlib.aclosing(self.backend.generate(st.traj.token_ids, params, req_id)) as gen:
                 async for chunk in gen:
                     last = chunk
-                    if chunk.num_cached_tokens is not None and st.counters.engine_requests == 1:
-                        st.counters.prompt_cached = chunk.num_cached_tokens
-                    elif chunk.num_cached_tokens is not None:
-                        st.counters.cached_prompt += chunk.num_cached_tokens
-                        st.counters.prefilled_prompt += request_prompt_len - chunk.num_cached_tokens
-                    if chunk.token_ids:
-                        lps = _sampled_logprobs(chunk) if sampling.logprobs else None
-                        self._append(st, chunk.token_ids, SegmentKind.model, lps)
-                        st.counters.generated += len(chunk.token_ids)
+                    self._take(st, chunk, request_prompt_len, sampling.logprobs)
                     if st.watch is not None and (fence := st.watch.feed(st.text.text)) is not None:
                         break  # leaving the block aborts the engine request: nothing after the fence is kept
                     for ev in self._emit(st, self._safe_end(st, holds), retractable):
@@ -560,15 +563,7 @@ class ThorDecoder:
         async with contextlib.aclosing(self.backend.generate(st.traj.token_ids, params, req_id)) as gen:
             async for chunk in gen:
                 last = chunk
-                if chunk.num_cached_tokens is not None and st.counters.engine_requests == 1:
-                    st.counters.prompt_cached = chunk.num_cached_tokens
-                elif chunk.num_cached_tokens is not None:
-                    st.counters.cached_prompt += chunk.num_cached_tokens
-                    st.counters.prefilled_prompt += request_prompt_len - chunk.num_cached_tokens
-                if chunk.token_ids:
-                    lps = _sampled_logprobs(chunk) if sampling.logprobs else None
-                    self._append(st, chunk.token_ids, SegmentKind.model, lps)
-                    st.counters.generated += len(chunk.token_ids)
+                self._take(st, chunk, request_prompt_len, sampling.logprobs)
                 for ev in self._emit(st, len(st.text.text), False, constrained=True):
                     yield ev
         if last is None or not last.finished or last.finish_reason == "abort":
