@@ -502,10 +502,21 @@ def _engine_core_pid(server_pid: int) -> int:
     raise AssertionError(f"no vLLM engine core among the server's children {children}")
 
 
-def test_engine_death_health_503_and_stream_error_event(tiny_tir_model, sandbox):
-    args = tiny_server_args(tiny_tir_model, MODEL, sandbox_url=sandbox.url)
-    with run_server(args) as srv:
+def test_sandbox_death_then_engine_death_are_503s_and_a_stream_error_event(tiny_tir_model):
+    """One throwaway server on its own sandbox, its dependencies killed in turn: first the sandbox
+    (a chat request that needs it is a 503 naming it; /health is a 503), then vLLM's engine core
+    mid-stream (an in-band error event, /health says the engine is dead, every route a 503)."""
+    with run_sandbox() as sbx, run_server(tiny_server_args(tiny_tir_model, MODEL, sandbox_url=sbx.url)) as srv:
         assert httpx.get(srv.url + "/health").json()["engine"]["status"] == "ok"
+        sbx.process.terminate()
+        sbx.process.wait(timeout=30)
+        r = httpx.post(srv.url + "/v1/chat/completions", json=chat(MUL, max_tokens=200), timeout=60)
+        assert r.status_code == 503, r.text
+        validate(r.json(), "ErrorResponse")
+        assert "sandbox" in r.json()["error"]["message"]
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and health.json()["engine"]["status"] == "ok", health.text
+
         body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1900, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=120) as r:
             lines = r.iter_lines()

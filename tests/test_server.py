@@ -16,7 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.openapi import validate
 from tests.support.redis_server import run_redis
-from tests.support.sandbox_service import run_sandbox
 from tests.support.thor_server import run_server, tiny_server_args
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.sandbox]
@@ -549,20 +548,7 @@ def test_metrics_exposition(server, client):
     assert metric(server.url, "thor_requests_total", route="/v1/chat/completions", status="200") >= 1
 
 
-# --- separate servers: sandbox down (auth, rate limits, traces: tests/test_server_security.py) ---
-
-
-def test_sandbox_down_is_503(tiny_tir_model):
-    with run_sandbox() as sbx:
-        args = tiny_server_args(tiny_tir_model, MODEL, sandbox_url=sbx.url)
-        with run_server(args) as srv:
-            sbx.process.terminate()
-            sbx.process.wait(timeout=30)
-            r = httpx.post(srv.url + "/v1/chat/completions", json=chat(MUL, max_tokens=200), timeout=60)
-            assert r.status_code == 503, r.text
-            validate(r.json(), "ErrorResponse")
-            assert "sandbox" in r.json()["error"]["message"]
-            assert httpx.get(srv.url + "/health").status_code == 503
+# (a killed sandbox, then a killed engine, on one throwaway server: tests/test_api_surface.py)
 
 
 # --- streaming equals non-streaming (issue 7, S3) ------------------------------------------------
