@@ -119,6 +119,7 @@ def default_server(request: pytest.FixtureRequest, default_model: Path, sandbox:
 DEFAULT_SERVER_FILES = frozenset(
     {
         "test_chat_extras.py",
+        "test_client_libraries.py",
         "test_deploy_scale.py",
         "test_docs_examples.py",
         "test_lm_eval.py",

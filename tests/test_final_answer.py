@@ -21,7 +21,7 @@ from tests.test_decoder import fixed_model, prompt_ids
 from thor_engine.config import SamplingOptions, ThorConfig
 from thor_engine.decoder import ThorDecoder, collect, finals
 from thor_engine.events import FinishReason, TextDelta
-from thor_engine.final_answer import FinalAnswer, call_answer, json_answer
+from thor_engine.final_answer import NON_EMPTY_OBJECT, FinalAnswer, call_answer, json_answer
 
 pytestmark = pytest.mark.sandbox
 
@@ -116,7 +116,7 @@ async def test_with_tools_off_the_answer_is_the_whole_output(tokenizer, executor
         cfg=ThorConfig(max_tool_calls=0, on_tool_budget="continue"),
     )
     (req,) = backend.requests
-    assert req.params.structured_outputs == {"json_object": True}
+    assert req.params.structured_outputs == {"json": NON_EMPTY_OBJECT}
     assert req.prompt_token_ids == prompt_ids(tokenizer)
     (fin,) = finals(events)
     assert fin.answer_text == '{"x": 1}' and fin.finish_reason is FinishReason.stop
@@ -124,7 +124,7 @@ async def test_with_tools_off_the_answer_is_the_whole_output(tokenizer, executor
 
 
 def test_instructions_name_the_shape():
-    assert json_answer(None).structured_outputs == {"json_object": True}
+    assert json_answer(None).structured_outputs == {"json": NON_EMPTY_OBJECT}
     assert "`Product`" in json_answer(SCHEMA, name="Product").instruction
     tools = [
         {"type": "function", "function": {"name": "submit", "parameters": SCHEMA}},

@@ -29,7 +29,7 @@ class FinalAnswer(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: vLLM's structured-output constraint, e.g. {"json": schema} or {"json_object": True}
+    #: vLLM's structured-output constraint, e.g. {"json": schema}
     structured_outputs: dict[str, Any]
     #: text injected after the model's reasoning (its end-of-turn token dropped), before the answer
     instruction: str = ""
@@ -41,11 +41,24 @@ def _compact(schema: Any) -> str:
     return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
 
 
+#: The constraint for a `json_object` answer: any JSON object with at least one member, its names not
+#: empty. After a worked solution `{}` is never the answer, yet under a grammar with no free whitespace
+#: the default model closed the brace at once (instructor's JSON mode, whose schema is in the system
+#: message), and with one member required it wrote `{"":{"answer":56211}}`: names must be written.
+NON_EMPTY_OBJECT: dict[str, Any] = {
+    "type": "object",
+    "minProperties": 1,
+    "additionalProperties": True,
+    "propertyNames": {"minLength": 1},
+}
+
+
 def json_answer(schema: Mapping[str, Any] | None, *, name: str | None = None) -> FinalAnswer:
-    """A JSON answer: matching `schema` (a `response_format` json_schema), or any JSON object."""
+    """A JSON answer: matching `schema` (a `response_format` json_schema), or any non-empty JSON object."""
     if schema is None:
         return FinalAnswer(
-            structured_outputs={"json_object": True}, instruction="\n\nFinal answer, as a JSON object:\n"
+            structured_outputs={"json": NON_EMPTY_OBJECT},
+            instruction="\n\nFinal answer, as a JSON object:\n",
         )
     label = f" `{name}`" if name else ""
     return FinalAnswer(
