@@ -46,14 +46,14 @@ $(STAMPS):
 	@mkdir -p $(STAMPS)
 
 # --- main environment (Python 3.11): engine, server, tests -------------------
+# instructor (tests/test_client_libraries.py) pins jiter<0.15 and rich<15, which the OpenAI SDK and
+# the other tools here are past; it runs on both, so it goes in without its pins (its other
+# dependencies are all in the environment already: `pip check` lists only those two).
 $(STAMPS)/venv: pyproject.toml sandbox_image/pyproject.toml | $(STAMPS)
 	@test -n "$(PY311)" || { echo "error: Python 3.11 not found; set PY311=/path/to/python3.11"; exit 1; }
 	test -x $(VENV)/bin/python || $(PY311) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e ./sandbox_image -e '.[test,train]'
-	# instructor (tests/test_client_libraries.py) pins jiter<0.15 and rich<15, which the OpenAI SDK
-	# and the other tools here are past; it runs on both, so it goes in without its pins (its other
-	# dependencies are all in the environment already: `pip check` lists only those two)
 	$(VENV)/bin/pip install -q --no-deps instructor==1.17.0
 	touch $@
 
