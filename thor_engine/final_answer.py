@@ -3,7 +3,7 @@
 Owns: `FinalAnswer`, what the decoder does once a trajectory ends by itself (phase 2): it
 continues the same token trajectory with a short instruction (injected text, as observations
 are) and generates the answer under a structured-output constraint (vLLM's
-`StructuredOutputsParams` fields: a JSON schema, any JSON object, or a forced function call's
+`StructuredOutputsParams` fields: a JSON schema, a non-empty JSON object, or a forced function call's
 schema); and the instructions for those three shapes. With the tools off there is no phase 1:
 the constrained answer is the whole output, as plain structured generation.
 
