@@ -13,6 +13,7 @@ structured outputs, xgrammar on CPU), or how a server shows the answer (content,
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -57,7 +58,7 @@ def json_answer(schema: Mapping[str, Any] | None, *, name: str | None = None) ->
     """A JSON answer: matching `schema` (a `response_format` json_schema), or any non-empty JSON object."""
     if schema is None:
         return FinalAnswer(
-            structured_outputs={"json": NON_EMPTY_OBJECT},
+            structured_outputs={"json": copy.deepcopy(NON_EMPTY_OBJECT)},  # callers may mutate theirs
             instruction="\n\nFinal answer, as a JSON object:\n",
         )
     label = f" `{name}`" if name else ""
