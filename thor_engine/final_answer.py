@@ -46,6 +46,12 @@ def _compact(schema: Any) -> str:
 #: empty. After a worked solution `{}` is never the answer, yet under a grammar with no free whitespace
 #: the default model closed the brace at once (instructor's JSON mode, whose schema is in the system
 #: message), and with one member required it wrote `{"":{"answer":56211}}`: names must be written.
+#:
+#: The instructions end by opening a ```json block, as the model opens JSON itself, and ask for one line
+#: (the grammar allows no free whitespace). Measured on the default model after a worked solution
+#: (vLLM, greedy, this constraint): "Final answer, as a JSON object:" gave the schema of instructor's
+#: system message, `{".value":56211}` and `{".0":15}`; this wording gave `{"answer":56211}` (instructor),
+#: `{"answer":56211}` and `{"answer":15}`.
 NON_EMPTY_OBJECT: dict[str, Any] = {
     "type": "object",
     "minProperties": 1,
@@ -59,12 +65,12 @@ def json_answer(schema: Mapping[str, Any] | None, *, name: str | None = None) ->
     if schema is None:
         return FinalAnswer(
             structured_outputs={"json": copy.deepcopy(NON_EMPTY_OBJECT)},  # callers may mutate theirs
-            instruction="\n\nFinal answer, as a JSON object:\n",
+            instruction="\n\nFinal answer, as one line of JSON:\n```json\n",
         )
     label = f" `{name}`" if name else ""
     return FinalAnswer(
         structured_outputs={"json": dict(schema)},
-        instruction=f"\n\nFinal answer, as JSON matching the schema{label} {_compact(schema)}:\n",
+        instruction=f"\n\nFinal answer, as one line of JSON matching the schema{label} {_compact(schema)}:\n```json\n",
     )
 
 
