@@ -1,7 +1,7 @@
 """Shared fixtures: real services started once per test session.
 
-Also: the one `make serve`-like server on the default model that several modules share
-(`default_server`, stopped right after the last test that uses it), and the test output's
+Also: the servers that several modules share (`default_server`, as `make serve` runs it, and
+`tiny_server`, the tiny TIR model; each stopped right after the last test that uses it), and the test output's
 listing of documentation examples that are not run (`pytest_terminal_summary`).
 """
 
@@ -93,29 +93,51 @@ async def executor(sandbox: SandboxService):
 
 # --- the shared default-model server ------------------------------------------------------
 
-_DEFAULT_SERVER_LAST_USER = pytest.StashKey[pytest.Item | None]()
-_DEFAULT_SERVER_STOP = pytest.StashKey[contextlib.ExitStack]()
+#: per shared server fixture: the last test that uses it (its stop), and what stops it
+_LAST_USERS = pytest.StashKey[dict[str, pytest.Item]]()
+_STOPS = pytest.StashKey[dict[str, contextlib.ExitStack]]()
+
+
+def _shared_server(request: pytest.FixtureRequest, name: str, args: list[str]):
+    """Start `python -m server args` for the session; `pytest_runtest_teardown` stops it after the
+    last test that uses fixture `name` (its memory is free for the rest of the session)."""
+    from tests.support.thor_server import run_server
+
+    require_vllm()
+    stack = contextlib.ExitStack()
+    request.config.stash.setdefault(_STOPS, {})[name] = stack
+    with stack:
+        yield stack.enter_context(run_server(args))
 
 
 @pytest.fixture(scope="session")
 def default_server(request: pytest.FixtureRequest, default_model: Path, sandbox: SandboxService):
     """The server as `make serve` runs it (default preset and served name, the Makefile's flags)
     on the shared sandbox: one process for every module that needs the default model over HTTP
-    (test_chat_extras, test_docs_examples, test_lm_eval). Stopped after the last test using it."""
-    from tests.support.thor_server import make_serve_args, run_server
+    (DEFAULT_SERVER_FILES). Stopped after the last test using it."""
+    from tests.support.thor_server import make_serve_args
 
-    require_vllm()
     del default_model  # provisioned before the server's ready timeout starts
-    with contextlib.ExitStack() as stack:
-        request.config.stash[_DEFAULT_SERVER_STOP] = stack
-        yield stack.enter_context(run_server(make_serve_args(sandbox.url)))
+    yield from _shared_server(request, "default_server", make_serve_args(sandbox.url))
+
+
+@pytest.fixture(scope="session")
+def tiny_server(request: pytest.FixtureRequest, tiny_tir_model: Path, sandbox: SandboxService):
+    """The tiny TIR model served as `TINY_SERVED` with the server's defaults, on the shared sandbox:
+    one process for the modules that only need it as a client would (TINY_SERVER_FILES: the
+    evaluation harness against a live server). Stopped after the last test using it."""
+    from tests.support.thor_server import TINY_SERVED, tiny_server_args
+
+    yield from _shared_server(
+        request, "tiny_server", tiny_server_args(tiny_tir_model, TINY_SERVED, sandbox_url=sandbox.url)
+    )
 
 
 # --- two workers (pytest-xdist, `make test`) ----------------------------------------------
 
 #: The unit a worker runs whole is a test file (its module fixtures, often a server, start once),
-#: except these files, which share the default-model server (`default_server`, started once):
-#: they run as one group, on one worker. A file that uses `default_server` must be listed here.
+#: except the files that share a session server: each server's files run as one group, on one
+#: worker. A file that uses a shared server must be listed with it.
 DEFAULT_SERVER_FILES = frozenset(
     {
         "test_chat_extras.py",
@@ -127,6 +149,13 @@ DEFAULT_SERVER_FILES = frozenset(
     }
 )
 DEFAULT_SERVER_GROUP = "default-server"
+TINY_SERVER_FILES = frozenset({"test_evaluate.py", "test_eval_client_loop.py"})
+TINY_SERVER_GROUP = "tiny-server"
+#: shared server fixture -> (its group, the files that use it)
+SHARED_SERVERS = {
+    "default_server": (DEFAULT_SERVER_GROUP, DEFAULT_SERVER_FILES),
+    "tiny_server": (TINY_SERVER_GROUP, TINY_SERVER_FILES),
+}
 
 #: Groups in the order they are handed to the workers: the longest first (measured with
 #: `--durations`, docs/testing.md), so that neither worker is left running a long file alone at
@@ -136,14 +165,13 @@ LONGEST_FIRST = (
     "test_sft",
     "test_tirgen",
     DEFAULT_SERVER_GROUP,
-    "test_evaluate",
+    TINY_SERVER_GROUP,
     "test_api_surface",
     "test_server",
     "test_server_security",
     "test_responses_api",
     "test_hostile_clients",
     "test_completions_batch",
-    "test_eval_client_loop",
     "test_model_provision",
     "test_decoder_rl",
     "test_fuzz_openapi",
@@ -158,12 +186,15 @@ LONGEST_FIRST = (
 def group_of(path: str | Path) -> str:
     """The scheduling group of a test file (a path or a node id's file part)."""
     name = Path(str(path).split("::", 1)[0]).name
-    return DEFAULT_SERVER_GROUP if name in DEFAULT_SERVER_FILES else Path(name).stem
+    for group, files in SHARED_SERVERS.values():
+        if name in files:
+            return group
+    return Path(name).stem
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """Hand out whole groups (`group_of`), in collection order: xdist's `loadscope` by file, with
-    the default-server files as one scope."""
+    each shared server's files as one scope."""
     from xdist.scheduler import LoadScopeScheduling
 
     class GroupScheduling(LoadScopeScheduling):
@@ -176,28 +207,34 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Put the longest groups first (the order xdist hands them out in; a worker runs a group's
-    tests in this order too); then note the last user of the default server (its stop)."""
-    users = [item for item in items if "default_server" in getattr(item, "fixturenames", ())]
-    unlisted = sorted({item.path.name for item in users} - DEFAULT_SERVER_FILES)
-    if unlisted:
-        raise pytest.UsageError(
-            f"{', '.join(unlisted)} use(s) the shared default_server: add the file to DEFAULT_SERVER_FILES "
-            "in tests/conftest.py, so that its tests run on the worker that holds that server"
-        )
+    tests in this order too); then note the last user of each shared server (its stop)."""
+    for fixture, (_, files) in SHARED_SERVERS.items():
+        users = [item for item in items if fixture in getattr(item, "fixturenames", ())]
+        unlisted = sorted({item.path.name for item in users} - files)
+        if unlisted:
+            raise pytest.UsageError(
+                f"{', '.join(unlisted)} use(s) the shared {fixture}: add the file to its list in "
+                "tests/conftest.py (SHARED_SERVERS), so that its tests run on the worker that holds that server"
+            )
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(group_of(item.path), len(rank)))  # stable: collection order within
-    users = [item for item in items if "default_server" in getattr(item, "fixturenames", ())]
-    config.stash[_DEFAULT_SERVER_LAST_USER] = users[-1] if users else None
+    last: dict[str, pytest.Item] = {}
+    for item in items:
+        for fixture in SHARED_SERVERS:
+            if fixture in getattr(item, "fixturenames", ()):
+                last[fixture] = item
+    config.stash[_LAST_USERS] = last
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
     result = yield
     # the module fixtures built on it are torn down by now: free its memory for the rest of the session
-    if item is item.config.stash.get(_DEFAULT_SERVER_LAST_USER, None):
-        stack = item.config.stash.get(_DEFAULT_SERVER_STOP, None)
-        if stack is not None:
-            stack.close()
+    for fixture, user in item.config.stash.get(_LAST_USERS, {}).items():
+        if item is user:
+            stack = item.config.stash.get(_STOPS, {}).pop(fixture, None)
+            if stack is not None:
+                stack.close()
     return result
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.thor_server import run_server, tiny_server_args
+from tests.support.thor_server import TINY_SERVED
 from tests.support.tiny_tir_model import TIR_PROBLEMS, TirProblem
 from tests.support.vllm_server import free_port, vllm_process, wait_healthy
 from thor_engine.backend import GenParams
@@ -35,7 +35,7 @@ from trainer.evaluate.targets import Generation, TargetError
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.sandbox]
 
 PROBLEMS = [p for p in TIR_PROBLEMS if p.kind in ("single", "two_call")]
-SERVED = "tiny"  # our server's name for the model; vLLM serves it under its directory path
+SERVED = TINY_SERVED  # our server's name for the model (the shared tiny_server); vLLM serves it under its path
 
 
 @dataclass
@@ -46,12 +46,13 @@ class Endpoints:
 
 
 @pytest.fixture(scope="module")
-def endpoints(tiny_tir_model: Path, sandbox) -> Iterator[Endpoints]:
-    """Both servers, started together (vLLM loads while the THOR server starts)."""
+def endpoints(request: pytest.FixtureRequest, tiny_tir_model: Path) -> Iterator[Endpoints]:
+    """Plain vLLM, started here, and our THOR server (the session's shared `tiny_server`, which
+    starts while vLLM loads if it is not up yet)."""
     with vllm_process(tiny_tir_model) as (vllm_url, proc, log_path):
-        with run_server(tiny_server_args(tiny_tir_model, SERVED, sandbox_url=sandbox.url)) as thor:
-            wait_healthy(vllm_url, proc, log_path)
-            yield Endpoints(vllm=vllm_url, thor=thor.url, vllm_log=log_path)
+        thor = request.getfixturevalue("tiny_server")
+        wait_healthy(vllm_url, proc, log_path)
+        yield Endpoints(vllm=vllm_url, thor=thor.url, vllm_log=log_path)
 
 
 async def _run_problems(target: ClientLoopTarget) -> list[Generation]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.thor_server import ROOT, run_server, tiny_server_args
+from tests.support.thor_server import ROOT
 from tests.support.tiny_tir_model import TIR_PROBLEMS
 
 pytestmark = pytest.mark.timeout(900)
@@ -112,13 +112,14 @@ def test_in_process_run_writes_every_output(in_process_run: Path) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
-@pytest.mark.long  # two evaluation runs, one SIGKILLed: `make test-long`
-def test_resume_after_a_killed_run_redoes_nothing(tiny_tir_model: Path, sandbox, problems_file: Path, tmp_path) -> None:
+@pytest.mark.long  # two evaluation runs against the live server, one SIGKILLed: `make test-long`
+def test_resume_after_a_killed_run_redoes_nothing(tiny_server, problems_file: Path, tmp_path) -> None:
+    # against the shared live server: the harness's records and resume are the same for every target,
+    # and no engine loads twice (the in-process target is `in_process_run`'s)
     out = tmp_path / "run"
     args = [
-        "--model", str(tiny_tir_model), *custom(problems_file), "--modes", "thor,cot", "--k", "3", "--temperature", "0",
-        "--max-tokens", "320", "--max-model-len", "2048", "--sandbox-url", sandbox.url, "--out", str(out),
-        "--concurrency", "1",
+        "--endpoint", tiny_server.url, *custom(problems_file), "--modes", "thor,cot", "--k", "3", "--temperature", "0",
+        "--max-tokens", "320", "--out", str(out), "--concurrency", "1",
     ]  # fmt: skip
     total = len(TIR_PROBLEMS) * 2 * 3
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TQDM_DISABLE": "1"}
@@ -136,7 +137,7 @@ def test_resume_after_a_killed_run_redoes_nothing(tiny_tir_model: Path, sandbox,
             assert time.monotonic() < deadline, "no records after 600 s:\n" + errlog.read_text()[-3000:]
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole run, vLLM's engine process included
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole run: the harness and anything it started
         proc.wait()
     done_before = len(records(out)) if (out / "records.jsonl").read_bytes().endswith(b"\n") else None
     assert done_before is None or done_before < total, "the run finished before it was killed"
@@ -153,20 +154,19 @@ def test_resume_after_a_killed_run_redoes_nothing(tiny_tir_model: Path, sandbox,
 
 
 def test_through_a_live_thor_server_matches_in_process(
-    tiny_tir_model: Path, sandbox, problems_file: Path, in_process_run: Path, tmp_path
+    tiny_server, tiny_tir_model: Path, sandbox, problems_file: Path, in_process_run: Path, tmp_path
 ) -> None:
     out, client_out = tmp_path / "run", tmp_path / "client"
-    with run_server(tiny_server_args(tiny_tir_model, "tiny", sandbox_url=sandbox.url)) as server:
-        r = evaluate(
-            "--endpoint", server.url, *custom(problems_file), "--modes", "thor,thor-nosc", "--k", "1",
-            "--max-tokens", "320", "--out", str(out),
-        )  # fmt: skip
-        # the same server's plain /v1/completions, the THOR loop run here (as for any vLLM server)
-        client = evaluate(
-            "--endpoint", server.url, "--endpoint-kind", "completions", "--tokenizer", str(tiny_tir_model),
-            *custom(problems_file), "--modes", "thor-nosc", "--k", "1", "--max-tokens", "320",
-            "--sandbox-url", sandbox.url, "--out", str(client_out),
-        )  # fmt: skip
+    r = evaluate(
+        "--endpoint", tiny_server.url, *custom(problems_file), "--modes", "thor,thor-nosc", "--k", "1",
+        "--max-tokens", "320", "--out", str(out),
+    )  # fmt: skip
+    # the same server's plain /v1/completions, the THOR loop run here (as for any vLLM server)
+    client = evaluate(
+        "--endpoint", tiny_server.url, "--endpoint-kind", "completions", "--tokenizer", str(tiny_tir_model),
+        *custom(problems_file), "--modes", "thor-nosc", "--k", "1", "--max-tokens", "320",
+        "--sandbox-url", sandbox.url, "--out", str(client_out),
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-4000:]
     assert client.returncode == 0, client.stderr[-4000:]
     client_recs = records(client_out)

@@ -3,12 +3,12 @@ shared `make serve`-like server on the default model: the THOR loop writes and r
 then the answer is generated under vLLM's structured-output constraint (two phases, one request).
 
 Checked: `chat.completions.parse` and `responses.parse` return the pydantic object (and the
-trajectory is in the reasoning field / reasoning and code_interpreter_call items); a forced
-function call comes back as `tool_calls` the SDK parses (`required` and the builders' rules:
-tests/test_final_answer.py); stream equals
+trajectory is in the reasoning field / reasoning and code_interpreter_call items); stream equals
 non-stream for both phases; a request cut before its answer says so (`length`, which the SDK's
 parse turns into its LengthFinishReasonError); a schema the engine cannot compile is a 400
-before any generation; logprobs with THOR on stay a 400 naming the field.
+before any generation; logprobs with THOR on stay a 400 naming the field. A forced named function
+comes back as `tool_calls` through instructor's TOOLS mode (tests/test_client_libraries.py);
+`required` and the builders' rules are in tests/test_final_answer.py.
 """
 
 from __future__ import annotations
@@ -82,21 +82,6 @@ def test_responses_parse_returns_the_pydantic_object_with_code_interpreter_items
     assert json.loads(response.output_text) == {"answer": 56211}
     calls = [item for item in response.output if item.type == "code_interpreter_call"]
     assert any("56211" in (out.logs or "") for call in calls for out in call.outputs or [])
-
-
-def test_a_named_function_is_called_with_parsed_arguments(client):
-    completion = client.chat.completions.parse(
-        model=MODEL,
-        messages=ASK,
-        tools=[openai.pydantic_function_tool(Product, name="submit")],
-        tool_choice={"type": "function", "function": {"name": "submit"}},
-        **SAMPLING,
-    )
-    choice = completion.choices[0]
-    (call,) = choice.message.tool_calls
-    assert call.function.name == "submit" and call.function.parsed_arguments == Product(answer=56211)
-    assert choice.message.content is None and choice.finish_reason == "stop"  # as OpenAI for a named function
-    assert "```python" in reasoning_of(choice.message)
 
 
 def _stream(server, payload: dict[str, Any]) -> tuple[str, str, str | None]:

@@ -28,6 +28,10 @@ class ThorServer:
         return self.log_path.read_text(errors="replace")
 
 
+#: the served name of the tiny TIR model on the shared `tiny_server` (tests/conftest.py)
+TINY_SERVED = "tiny"
+
+
 def tiny_server_args(
     model: Path | str, served_name: str, *, sandbox_url: str | None = None, max_model_len: int = 2048
 ) -> list[str]:
