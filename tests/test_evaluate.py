@@ -21,7 +21,7 @@ from tests.support.tiny_tir_model import TIR_PROBLEMS
 
 pytestmark = pytest.mark.timeout(900)
 
-MODES = "thor,thor-nosc,cot"
+MODES = "thor,thor-nosc,cot,thor-json"
 TOOL_PROBLEMS = {p.name for p in TIR_PROBLEMS if p.kind in ("single", "two_call")}
 
 
@@ -69,7 +69,7 @@ def test_in_process_run_writes_every_output(in_process_run: Path) -> None:
     out = in_process_run
     recs = records(out)
     keys = Counter((r["benchmark"], r["problem_id"], r["mode"], r["sample"]) for r in recs)
-    assert len(keys) == len(TIR_PROBLEMS) * 3 * 2 and set(keys.values()) == {1}
+    assert len(keys) == len(TIR_PROBLEMS) * 4 * 2 and set(keys.values()) == {1}
     assert {r["target"] for r in recs} == {"in-process"} and {r["benchmark"] for r in recs} == {"tiny"}
     for r in recs:
         assert r["prompt"][-1] == {
@@ -79,6 +79,15 @@ def test_in_process_run_writes_every_output(in_process_run: Path) -> None:
         if r["mode"] == "cot":
             assert r["prompt"][0]["role"] == "system" and "step by step" in r["prompt"][0]["content"]
             assert r["tool_calls"] == [] and r["tools"]["calls"] == 0  # no tools: nothing ran
+        elif r["mode"] == "thor-json" and r["problem_id"] in TOOL_PROBLEMS:
+            # the memorised trajectory ran, then the answer under the constraint: the JSON's `answer` is
+            # the one scored (this model never learnt to write it: any integer, or none if cut by length)
+            p = next(p for p in TIR_PROBLEMS if p.name == r["problem_id"])
+            assert [c["code"] for c in r["tool_calls"]] == p.code_blocks
+            head, _, answer = r["text"].partition("\n\nFinal answer, as one line of JSON matching the schema `answer`")
+            assert head == p.completion and answer.count("```json\n") == 1, r["text"]
+            assert r["answer"] is None or r["answer"].lstrip("-").isdigit(), r["answer"]
+            assert r["answer"] is None or f'{{"answer":{r["answer"]}}}' in answer, r["text"]
         elif r["problem_id"] in TOOL_PROBLEMS:
             # the memorised trajectory: real sandbox runs, the answer from the real output
             p = next(p for p in TIR_PROBLEMS if p.name == r["problem_id"])
@@ -158,7 +167,7 @@ def test_through_a_live_thor_server_matches_in_process(
 ) -> None:
     out, client_out = tmp_path / "run", tmp_path / "client"
     r = evaluate(
-        "--endpoint", tiny_server.url, *custom(problems_file), "--modes", "thor,thor-nosc", "--k", "1",
+        "--endpoint", tiny_server.url, *custom(problems_file), "--modes", "thor,thor-nosc,thor-json", "--k", "1",
         "--max-tokens", "320", "--out", str(out),
     )  # fmt: skip
     # the same server's plain /v1/completions, the THOR loop run here (as for any vLLM server)
@@ -177,9 +186,9 @@ def test_through_a_live_thor_server_matches_in_process(
         assert (rec["text"], rec["answer"], rec["correct"]) == (mine["text"], mine["answer"], mine["correct"])
     remote = {(x["problem_id"], x["mode"]): x for x in records(out)}
     local = {(x["problem_id"], x["mode"]): x for x in records(in_process_run) if x["sample"] == 0}
-    assert {x["target"] for x in remote.values()} == {"thor-server"} and len(remote) == len(TIR_PROBLEMS) * 2
+    assert {x["target"] for x in remote.values()} == {"thor-server"} and len(remote) == len(TIR_PROBLEMS) * 3
     for key, rec in remote.items():
-        if key[0] not in TOOL_PROBLEMS and key[1] == "thor":
+        if key[0] not in TOOL_PROBLEMS and key[1] in ("thor", "thor-json"):
             continue  # self-correction resamples at temperature: not comparable sample for sample
         mine = local[key]
         assert rec["text"] == mine["text"] and rec["answer"] == mine["answer"] and rec["correct"] == mine["correct"]
@@ -264,3 +273,29 @@ def test_rescore_after_a_scoring_fix(tmp_path) -> None:
     assert "rescored 3 records: 2 changed" in r.stderr
     assert [x["correct"] for x in records(out)] == [True, False, False]
     assert "| cot |" in (out / "table.md").read_text() and (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content,answer",
+    [
+        ('{"answer":56211}', "56211"),
+        ('{"answer": -3}', "-3"),
+        ('{"answer":"1/2"}', "1/2"),
+        ("{}", None),
+        ('{"answer":null}', None),
+        ('{"answer":[1]}', None),
+        ("[1]", None),
+        ('{"answer":56', None),  # cut by max_tokens
+        ("The answer is 5.", None),
+    ],
+)
+def test_a_json_answer_is_read_from_its_answer_field(content: str, answer: str | None) -> None:
+    from trainer.evaluate.modes import INTEGER_ANSWER, MODES
+
+    for name in ("thor-json", "json"):
+        mode = MODES[name]
+        assert mode.structured_answer(content) == answer
+        assert mode.response_format == {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": INTEGER_ANSWER},
+        }

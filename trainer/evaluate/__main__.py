@@ -343,7 +343,8 @@ async def run(args: argparse.Namespace) -> int:
             raise InputError(
                 f"{target.kind} target {args.endpoint} cannot run mode(s) {', '.join(unsupported)}{why}: tools need "
                 "a THOR server, an endpoint with token ids (vLLM) and --tokenizer, or an in-process model; "
-                "use --modes cot for plain chat"
+                "use --modes cot for plain chat; a JSON answer (thor-json, json) needs a THOR server or an "
+                "in-process model (json: any chat endpoint)"
             )
         spec = RunSpec(
             model=target.model,

@@ -41,7 +41,7 @@ class ClientLoopTarget:
         self._loop = InProcessTarget(engine, model)  # one event-to-Generation path for both targets
 
     def supports(self, mode: Mode) -> bool:
-        return True
+        return mode.answer_schema is None  # this loop sends no structured-output constraint
 
     async def generate(self, mode: Mode, messages: list[dict[str, str]], sampling: SamplingOptions) -> Generation:
         """One sample, as `InProcessTarget.generate` makes it. Raises TargetError when the endpoint stops serving."""

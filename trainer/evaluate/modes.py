@@ -15,12 +15,18 @@ the same prompts and settings.
 - ``thor-rl``: what RL rollouts optimise (reference observation profile, 5 calls, no
   self-correction), without stopping at a failed call: a trained checkpoint's tool use
   as it is, with nothing resampled away.
+- ``thor-json``: ``thor``, then the answer as JSON `{"answer": <integer>}` under the
+  structured-output constraint (`response_format` json_schema with THOR on: the loop, then
+  the constrained answer); the answer scored is the JSON's, not a boxed one.
+- ``json``: the same request with THOR off: the constrained JSON is the whole output (what a
+  client asking for structured output gets from plain generation).
 
 Does not own: sampling (the run's), scoring, or the targets that run a mode.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +39,7 @@ from thor_engine.config import (
 )
 from thor_engine.prompting import TIR_INSTRUCTIONS
 
-__all__ = ["COT_PROMPT", "MODES", "Mode", "parse_modes"]
+__all__ = ["COT_PROMPT", "INTEGER_ANSWER", "MODES", "Mode", "parse_modes"]
 
 #: Qwen2.5-Math's CoT prompt (its evaluation's system message), as THOR's Table 1 baselines use.
 COT_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -52,6 +58,26 @@ class Mode:
     server_options: dict[str, Any] = field(default_factory=dict)
     #: Text appended to the user message (on a new line), as a user would write it.
     user_suffix: str | None = None
+    #: A JSON answer asked for as a client asks (`response_format` json_schema): its schema has an
+    #: `answer` property, and the answer scored is that value (`structured_answer`), not a boxed one.
+    answer_schema: dict[str, Any] | None = None
+
+    @property
+    def response_format(self) -> dict[str, Any] | None:
+        """The chat request's `response_format` for this mode (None: free text)."""
+        if self.answer_schema is None:
+            return None
+        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": self.answer_schema}}
+
+    def structured_answer(self, content: str) -> str | None:
+        """The `answer` of a JSON answer as text (None when it is not a JSON object with one)."""
+        try:
+            value = json.loads(content)
+        except ValueError:
+            return None
+        if not isinstance(value, dict) or value.get("answer") is None or isinstance(value["answer"], (dict, list)):
+            return None
+        return str(value["answer"])
 
     def messages(self, problem: str) -> list[dict[str, str]]:
         """The chat messages of a problem (THOR's tool instructions are added by the engine)."""
@@ -61,6 +87,15 @@ class Mode:
 
 
 _THOR = ThorConfig()
+_NO_TOOLS = _THOR.model_copy(update={"max_tool_calls": 0, "on_tool_budget": "continue"})
+
+#: The structured answer of the `*-json` modes: an integer (GSM8K's answers are integers).
+INTEGER_ANSWER: dict[str, Any] = {
+    "type": "object",
+    "properties": {"answer": {"type": "integer"}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
 
 MODES: dict[str, Mode] = {
     m.name: m
@@ -91,7 +126,7 @@ MODES: dict[str, Mode] = {
             "cot",
             "no tools, Qwen2.5-Math CoT prompt",
             tools=False,
-            config=_THOR.model_copy(update={"max_tool_calls": 0, "on_tool_budget": "continue"}),
+            config=_NO_TOOLS,
             system_prompt=COT_PROMPT,
             tir_instructions=None,
             server_options={"enabled": False},
@@ -125,6 +160,23 @@ MODES: dict[str, Mode] = {
                 "observation": {"profile": TRAINING_OBSERVATION_PROFILE},
                 "self_correction": False,
             },
+        ),
+        Mode(
+            "thor-json",
+            "tools + self-correction, then the answer as JSON {answer: integer} under the constraint",
+            tools=True,
+            config=_THOR,
+            server_options={},
+            answer_schema=INTEGER_ANSWER,
+        ),
+        Mode(
+            "json",
+            "no tools: the answer as JSON {answer: integer} from the first token (THOR off)",
+            tools=False,
+            config=_NO_TOOLS,
+            tir_instructions=None,
+            server_options={"enabled": False},
+            answer_schema=INTEGER_ANSWER,
         ),
     )
 }

@@ -32,7 +32,8 @@ import httpx
 
 from thor_engine.answer import extract_boxed
 from thor_engine.config import SamplingOptions
-from thor_engine.events import Backtrack, CodeBlock, Final, ToolCall
+from thor_engine.events import Backtrack, CodeBlock, Final, TextDelta, ToolCall
+from thor_engine.final_answer import json_answer
 
 from .modes import Mode
 from .records import ToolCallRecord, ToolTotals, UsageRecord
@@ -175,9 +176,14 @@ class InProcessTarget:
         calls: list[ToolCallRecord] = []
         pending: dict[int, CodeBlock] = {}
         final: Final | None = None
+        # a JSON answer: the loop, then the answer under the constraint, as the server's chat route asks it
+        constrained = None if mode.answer_schema is None else json_answer(mode.answer_schema, name="answer")
+        answer_text = ""
         try:
-            async for ev in self.engine.stream(prompt, mode.config, sampling):
-                if isinstance(ev, CodeBlock):
+            async for ev in self.engine.stream(prompt, mode.config, sampling, final=constrained):
+                if isinstance(ev, TextDelta) and ev.constrained:
+                    answer_text += ev.text
+                elif isinstance(ev, CodeBlock):
                     pending[ev.execution] = ev
                 elif isinstance(ev, ToolCall):
                     block = pending.pop(ev.execution, None)
@@ -205,7 +211,7 @@ class InProcessTarget:
         t, u = final.tools, final.usage
         return Generation(
             text=final.text,
-            answer=final.answer,
+            answer=final.answer if constrained is None else mode.structured_answer(answer_text),
             finish_reason=final.finish_reason.value,
             tool_calls=calls,
             tools=ToolTotals(
@@ -271,16 +277,21 @@ class ThorServerTarget(_Endpoint):
             **self._sampling_body(sampling),
             "thor": {**mode.server_options, "trace": False},
         }
+        if mode.response_format is not None:
+            body["response_format"] = mode.response_format
         data = await self._post("/v1/chat/completions", body)
         choice = data["choices"][0]
         msg = choice["message"]
         reasoning = msg.get("reasoning_content") or msg.get("reasoning") or ""
+        content = msg.get("content") or ""
+        if "thor" not in data:  # THOR off with a response_format: plain generation, no `thor` object
+            return _plain_generation(data, reasoning, content, mode.structured_answer(content))
         thor = data["thor"]["choices"][0]
         tools = thor.get("tools") or {}
         usage = thor.get("usage") or {}
         return Generation(
-            text=reasoning + (msg.get("content") or ""),
-            answer=thor.get("answer"),
+            text=reasoning + content,
+            answer=thor.get("answer") if mode.response_format is None else mode.structured_answer(content),
             finish_reason=thor.get("finish_reason") or choice["finish_reason"],
             tool_calls=[
                 ToolCallRecord(
@@ -310,26 +321,36 @@ class ChatTarget(_Endpoint):
         return not mode.tools
 
     async def generate(self, mode: Mode, messages: list[dict[str, str]], sampling: SamplingOptions) -> Generation:
-        data = await self._post(
-            "/v1/chat/completions", {"model": self.model, "messages": messages, **self._sampling_body(sampling)}
-        )
-        choice = data["choices"][0]
-        msg = choice["message"]
+        body = {"model": self.model, "messages": messages, **self._sampling_body(sampling)}
+        if mode.response_format is not None:
+            body["response_format"] = mode.response_format
+        data = await self._post("/v1/chat/completions", body)
+        msg = data["choices"][0]["message"]
         reasoning = msg.get("reasoning_content") or msg.get("reasoning") or ""
         content = msg.get("content") or ""
-        usage = data.get("usage") or {}
-        return Generation(
-            text=reasoning + content,
-            answer=extract_boxed(content) or extract_boxed(reasoning),
-            finish_reason=choice.get("finish_reason") or "unknown",
-            tool_calls=[],
-            tools=ToolTotals(),
-            usage=UsageRecord(
-                prompt_tokens=usage.get("prompt_tokens", 0),
-                completion_tokens=usage.get("completion_tokens", 0),
-                generated_tokens=usage.get("completion_tokens", 0),
-            ),
-        )
+        if mode.response_format is not None:
+            answer = mode.structured_answer(content)
+        else:
+            answer = extract_boxed(content) or extract_boxed(reasoning)
+        return _plain_generation(data, reasoning, content, answer)
+
+
+def _plain_generation(data: dict[str, Any], reasoning: str, content: str, answer: str | None) -> Generation:
+    """A chat completion without a `thor` object (no tool loop ran) as a `Generation`."""
+    choice = data["choices"][0]
+    usage = data.get("usage") or {}
+    return Generation(
+        text=reasoning + content,
+        answer=answer,
+        finish_reason=choice.get("finish_reason") or "unknown",
+        tool_calls=[],
+        tools=ToolTotals(),
+        usage=UsageRecord(
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            completion_tokens=usage.get("completion_tokens", 0),
+            generated_tokens=usage.get("completion_tokens", 0),
+        ),
+    )
 
 
 def _base(url: str) -> str:
