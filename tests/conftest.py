@@ -206,8 +206,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Put the longest groups first (the order xdist hands them out in; a worker runs a group's
-    tests in this order too); then note the last user of each shared server (its stop)."""
+    """Check that every file using a shared server is listed with it, then put the longest groups
+    first (the order xdist hands them out in; a worker runs a group's tests in this order too)."""
     for fixture, (_, files) in SHARED_SERVERS.items():
         users = [item for item in items if fixture in getattr(item, "fixturenames", ())]
         unlisted = sorted({item.path.name for item in users} - files)
@@ -218,12 +218,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             )
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(group_of(item.path), len(rank)))  # stable: collection order within
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Note the last test that uses each shared server, among the tests that run (after `-m` and
+    `-k` deselected theirs: a deselected last user would keep its server up to the session's end)."""
     last: dict[str, pytest.Item] = {}
-    for item in items:
+    for item in session.items:
         for fixture in SHARED_SERVERS:
             if fixture in getattr(item, "fixturenames", ()):
                 last[fixture] = item
-    config.stash[_LAST_USERS] = last
+    session.config.stash[_LAST_USERS] = last
 
 
 @pytest.hookimpl(wrapper=True)
