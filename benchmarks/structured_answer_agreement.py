@@ -25,10 +25,12 @@ from pathlib import Path
 
 from thor_engine.answer import extract_boxed
 from thor_engine.answer.verification import AnswerChecker
+from thor_engine.final_answer import json_answer
 from trainer.evaluate.metrics import bootstrap_interval, paired_bootstrap
+from trainer.evaluate.modes import INTEGER_ANSWER
 
-#: where phase 2 starts in a `thor-json` record's text (thor_engine/final_answer.py, schema named `answer`)
-INSTRUCTION = "\n\nFinal answer, as one line of JSON matching the schema `answer`"
+#: where phase 2 starts in a `thor-json` record's text: the instruction the targets inject (one source)
+INSTRUCTION = json_answer(INTEGER_ANSWER, name="answer").instruction
 
 
 def load(run_dir: Path) -> list[dict]:
